@@ -1,0 +1,332 @@
+"""Find CSM weights (local directory or hub repo id) and load every published format.
+
+Formats:
+- Hugging Face transformers (`CsmForConditionalGeneration`): `config.json` with model_type
+  "csm", `model.safetensors` or sharded safetensors with `model.safetensors.index.json`. The
+  codec lives in the same files under `codec_model.*`.
+- Original Sesame: `model.safetensors` or `ckpt.pt` with torchtune names, `config.json` with
+  `backbone_flavor` (or no config: the shapes are then matched against known flavours). Its q/k
+  rows are in the interleaved-pair RoPE order and are permuted here to rotate-half.
+
+Tensors are read one at a time, converted to the target device and dtype, and assigned into a
+model built on the meta device, so a checkpoint never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import FLAVORS, CsmConfig
+from .model import CSM
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, of an unknown format, or does not fit the model."""
+
+
+# -- finding the files ------------------------------------------------------------------------
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "ckpt.pt", "*.model"]
+
+
+def resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local directory (or a weights file inside one), else a hub repo id fetched through
+    huggingface_hub (with its progress bars; from the local cache when offline)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_file():
+        return path.parent
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name!r} is neither an existing directory nor a hub repo id like 'sesame/csm-1b'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as online_error:  # network down, gated repo, unknown id...
+        try:
+            return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS, local_files_only=True))
+        except Exception:
+            raise CheckpointError(
+                f"could not download {name!r} and it is not in the local hub cache ({online_error}). "
+                "If the repo is gated, accept its terms on huggingface.co and run `huggingface-cli login`; "
+                "or pass the path of a directory that holds the weights."
+            ) from online_error
+
+
+@dataclass
+class CheckpointFiles:
+    root: Path
+    format: str  # "hf" or "sesame"
+    config: CsmConfig
+    weights: list[Path]
+
+
+def inspect(root: Path) -> CheckpointFiles:
+    """Decide the format of the checkpoint in `root` and read (or infer) its config."""
+    cfg_path = root / "config.json"
+    raw = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = [root / s for s in shards]
+        missing = [str(w) for w in weights if not w.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not there: {missing}")
+    elif (root / "model.safetensors").is_file():
+        weights = [root / "model.safetensors"]
+    elif (root / "ckpt.pt").is_file():
+        weights = [root / "ckpt.pt"]
+    else:
+        raise CheckpointError(
+            f"no CSM weights in {root}: expected model.safetensors, model.safetensors.index.json with shards, "
+            "or ckpt.pt"
+        )
+    if raw is not None and (raw.get("model_type") == "csm" or "depth_decoder_config" in raw):
+        return CheckpointFiles(root, "hf", CsmConfig.from_dict(raw), weights)
+    if raw is not None and "backbone_flavor" in raw:
+        return CheckpointFiles(root, "sesame", CsmConfig.from_dict(raw), weights)
+    if raw is not None and raw.get("model_type") not in (None, "csm"):
+        raise CheckpointError(f"{cfg_path} describes a {raw.get('model_type')!r} model, not CSM")
+    with TensorReader(weights) as reader:
+        names = set(reader.names())
+        if not any(n.startswith("backbone.layers.") for n in names):
+            raise CheckpointError(f"unknown checkpoint format in {root}: no config.json and no Sesame tensor names")
+        return CheckpointFiles(root, "sesame", _infer_sesame_config(reader), weights)
+
+
+def _infer_sesame_config(reader: TensorReader) -> CsmConfig:
+    """Match a config-less original checkpoint against the known flavours by its shapes."""
+
+    def flavor(prefix: str) -> str:
+        layers = len({n.split(".")[2] for n in reader.names() if n.startswith(f"{prefix}.layers.")})
+        dim = reader.shape(f"{prefix}.norm.scale")[0]
+        hidden = reader.shape(f"{prefix}.layers.0.mlp.w1.weight")[0]
+        for name, f in FLAVORS.items():
+            if (f.num_layers, f.dim, f.intermediate_size) == (layers, dim, hidden):
+                return name
+        raise CheckpointError(
+            f"the {prefix} has {layers} layers of width {dim} (MLP {hidden}), which matches no known flavour; "
+            "add a config.json with backbone_flavor/decoder_flavor"
+        )
+
+    text_vocab = reader.shape("text_embeddings.weight")[0]
+    k_minus_1, _, audio_vocab = reader.shape("audio_head")
+    return CsmConfig.from_dict({
+        "backbone_flavor": flavor("backbone"), "decoder_flavor": flavor("decoder"),
+        "text_vocab_size": text_vocab, "audio_vocab_size": audio_vocab, "audio_num_codebooks": k_minus_1 + 1,
+    })
+
+
+# -- reading tensors one at a time ------------------------------------------------------------
+
+class TensorReader:
+    """Lazy access to the tensors of one or more safetensors files or a torch `ckpt.pt`."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._where: dict[str, object] = {}
+        self._handles = []
+
+    def __enter__(self) -> TensorReader:
+        from safetensors import safe_open
+
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                h = safe_open(str(f), framework="pt")
+                self._handles.append(h)
+                for name in h.keys():
+                    self._where[name] = h
+            else:
+                state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                state = state.get("model", state) if isinstance(state, dict) else state
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{f} does not hold a state dict")
+                self._handles.append(state)
+                for name in state:
+                    self._where[name] = state
+        return self
+
+    def __exit__(self, *exc):
+        self._handles.clear()
+        self._where.clear()
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._where[name]
+        if isinstance(src, dict):
+            return tuple(src[name].shape)
+        return tuple(src.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self._where[name]
+        return src[name] if isinstance(src, dict) else src.get_tensor(name)
+
+
+# -- name maps --------------------------------------------------------------------------------
+
+_HF_LAYER = {
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.output_proj.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "input_layernorm.weight": "sa_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+}
+_HF_TOP = {
+    "embed_text_tokens.weight": "text_embeddings.weight",
+    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
+    "depth_decoder.model.embed_tokens.weight": "audio_embeddings.weight",  # tied copy
+    "lm_head.weight": "codebook0_head.weight",
+    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
+    "depth_decoder.codebooks_head.weight": "audio_head",
+    "backbone_model.norm.weight": "backbone.norm.scale",
+    "depth_decoder.model.norm.weight": "decoder.norm.scale",
+}
+_HF_STACKS = {"backbone_model.layers.": "backbone.layers.", "depth_decoder.model.layers.": "decoder.layers."}
+# Buffers some exporters save that carry no weights.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|pos_embeddings\.(theta|cache)|kv_cache\.|_causal_mask)")
+CODEC_PREFIX = "codec_model."
+
+
+def hf_name(name: str) -> str | None:
+    """transformers name -> fastcsm name (None for tensors that are not part of the network)."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    for src, dst in _HF_STACKS.items():
+        if name.startswith(src):
+            idx, rest = name[len(src):].split(".", 1)
+            if rest in _HF_LAYER:
+                return f"{dst}{idx}.{_HF_LAYER[rest]}"
+    return None
+
+
+def interleaved_to_half(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from interleaved-pair RoPE to rotate-half RoPE."""
+    out, d = w.shape
+    return w.view(heads, out // heads // 2, 2, d).transpose(1, 2).reshape(out, d)
+
+
+def half_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    out, d = w.shape
+    return w.view(heads, 2, out // heads // 2, d).transpose(1, 2).reshape(out, d)
+
+
+_QK = re.compile(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$")
+
+
+def _rope_heads(name: str, cfg: CsmConfig) -> int | None:
+    m = _QK.match(name)
+    if not m:
+        return None
+    stack = cfg.backbone if m.group(1) == "backbone" else cfg.decoder
+    return stack.num_heads if m.group(2) == "q" else stack.num_kv_heads
+
+
+def to_sesame_state_dict(state: dict[str, torch.Tensor], cfg: CsmConfig) -> dict[str, torch.Tensor]:
+    """fastcsm state dict -> original Sesame naming and RoPE order (for export and tests)."""
+    out = {}
+    for name, t in state.items():
+        heads = _rope_heads(name, cfg)
+        out[name] = half_to_interleaved(t, heads).contiguous() if heads else t
+    return out
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill `model` (built on the meta device) from `files`, tensor by tensor. The HF codec
+    tensors (`codec_model.*`) are left for the codec loader (`iter_codec_tensors`)."""
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
+    with TensorReader(files.weights) as reader:
+        for name in reader.names():
+            if files.format == "hf":
+                if name.startswith(CODEC_PREFIX):
+                    continue
+                target = hf_name(name)
+            else:
+                target = name if name in expected else None
+            if target is None:
+                if not _IGNORED.search(name):
+                    unexpected.append(name)
+                continue
+            found = reader.shape(name)
+            if found != expected[target]:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(found)}, expected {list(expected[target])} for this config"
+                )
+            if target in loaded:  # the tied audio table saved under both names
+                continue
+            t = reader.get(name)
+            heads = _rope_heads(target, model.cfg) if files.format == "sesame" else None
+            if heads:
+                t = interleaved_to_half(t, heads)
+            loaded[target] = t.to(device=device, dtype=dtype).contiguous()
+        if unexpected:
+            raise CheckpointError(f"checkpoint holds tensors this model does not have: {sorted(unexpected)[:10]}")
+        missing = sorted(set(expected) - set(loaded))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint lacks tensors: " + ", ".join(f"{n} {list(expected[n])}" for n in missing[:10])
+            )
+    model.load_state_dict(loaded, assign=True, strict=True)
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA if present with bf16, else CPU with fp32. Refuses what the device cannot run."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but it is not available; use device='cpu'")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        dtype = names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) cannot run bfloat16; use dtype=float16")
+    return device, dtype
+
+
+def load_model(path_or_repo, device=None, dtype=None) -> tuple[CSM, CheckpointFiles]:
+    device, dtype = resolve_device_dtype(device, dtype)
+    files = inspect(resolve(path_or_repo))
+    with torch.device("meta"):
+        model = CSM(files.config)
+    load_weights(model, files, device, dtype)
+    # Buffers computed from the config (not stored in checkpoints) are rebuilt on the device.
+    for stack in (model.backbone, model.decoder):
+        stack.inv_freq = stack.cfg.inv_freq().to(device)
+    model.codebook_offsets = torch.arange(files.config.num_codebooks, device=device) * files.config.audio_vocab_size
+    return model.eval(), files
+
+
+def iter_codec_tensors(files: CheckpointFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """The `codec_model.*` tensors of an HF checkpoint, prefix removed."""
+    if files.format != "hf":
+        return
+    with TensorReader(files.weights) as reader:
+        for name in reader.names():
+            if name.startswith(CODEC_PREFIX):
+                yield name[len(CODEC_PREFIX):], reader.get(name)

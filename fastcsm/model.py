@@ -1,0 +1,212 @@
+"""The CSM network: embeddings, Llama-style backbone, depth decoder and heads, in plain PyTorch.
+
+The network holds weights only. Generation state (KV caches, positions, random streams) lives
+outside it in `KVCache` objects that the caller allocates once and passes in, so the same
+module serves one request or a batch of slots, eagerly or inside a captured graph.
+
+Module names follow the original Sesame checkpoint (torchtune naming) so that format loads
+as-is; attention uses the rotate-half RoPE convention of the Hugging Face port (the original
+checkpoint's interleaved-pair q/k rows are permuted once at load time, see `checkpoints.py`).
+
+Shapes: B batch (= cache rows), S new rows, T cache length, D width, H heads, G kv heads,
+K codebooks, V audio vocabulary per codebook.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import CsmConfig, TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.scale * x.to(dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer of one stack: k, v [L, B, G, T, hd].
+
+    Row b of the batch is cache row b. `rows(start, stop)` is a view for a sub-range of rows
+    (prefill of one new request into its slot writes through it). Stale entries beyond a
+    row's current position are never read: attention masks keys by position.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @staticmethod
+    def allocate(cfg: TransformerConfig, batch: int, length: int, device=None, dtype=None) -> KVCache:
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=False)
+        self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, pos, mask, k_cache, v_cache):
+        # x: [B, S, D]; cos/sin: [B, S, hd]; pos: [B, S]; mask: [B, 1, S, T]; k/v_cache: [B, G, T, hd]
+        B, S, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
+        index = pos[:, None, :, None].expand(B, k.shape[1], S, hd)
+        k_cache.scatter_(2, index, k.to(k_cache.dtype))
+        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        out = F.scaled_dot_product_attention(
+            q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask,
+            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads,
+        )
+        return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.sa_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, pos, mask, k_cache, v_cache):
+        x = x + self.attn(self.sa_norm(x), cos, sin, pos, mask, k_cache, v_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A Llama-style stack with external KV cache; returns final-normed hidden states."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position)
+        freqs = pos[..., None].float() * self.inv_freq.float()  # [B, S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Causal by position: a query at position p sees cache entries 0..p of its own row.
+        key_pos = torch.arange(cache.length, device=x.device)
+        mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # [B, 1, S, T]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, pos, mask, cache.k[i], cache.v[i])
+        return self.norm(x)
+
+
+class CSM(nn.Module):
+    """Backbone + depth decoder over Mimi codes. See DESIGN.md for the frame step."""
+
+    def __init__(self, cfg: CsmConfig):
+        super().__init__()
+        self.cfg = cfg
+        b, d, K, V = cfg.backbone, cfg.decoder, cfg.num_codebooks, cfg.audio_vocab_size
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, b.dim)
+        self.audio_embeddings = nn.Embedding(K * V, b.dim)  # row = code + codebook * V
+        self.backbone = Transformer(b)
+        self.decoder = Transformer(d)
+        self.projection = nn.Linear(b.dim, d.dim, bias=False)
+        self.codebook0_head = nn.Linear(b.dim, V, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(K - 1, d.dim, V))  # codebook i uses audio_head[i-1]
+        self.register_buffer("codebook_offsets", torch.arange(K) * V, persistent=False)
+
+    # -- caches -------------------------------------------------------------------------------
+
+    def backbone_cache(self, batch: int, length: int | None = None, device=None, dtype=None) -> KVCache:
+        p = self.codebook0_head.weight
+        return KVCache.allocate(self.cfg.backbone, batch, length or self.cfg.max_seq_len,
+                                device or p.device, dtype or p.dtype)
+
+    def decoder_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        """Sized for one frame (positions 0..K-1); it restarts every frame, nothing is cleared."""
+        p = self.codebook0_head.weight
+        return KVCache.allocate(self.cfg.decoder, batch, self.cfg.num_codebooks, device or p.device, dtype or p.dtype)
+
+    # -- pieces of the frame step --------------------------------------------------------------
+
+    def embed_rows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens, mask: [B, S, K+1] (audio codes, then the text token) -> masked sum [B, S, D]."""
+        K = self.cfg.num_codebooks
+        text = self.text_embeddings(tokens[..., K])  # [B, S, D]
+        audio = self.audio_embeddings(tokens[..., :K] + self.codebook_offsets)  # [B, S, K, D]
+        m = mask.to(text.dtype)
+        return text * m[..., K:] + (audio * m[..., :K, None]).sum(dim=2)
+
+    def embed_frame(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, K] one audio frame -> backbone input [B, 1, D] (a fully masked audio row)."""
+        return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
+
+    def embed_code(self, code: torch.Tensor, codebook: int) -> torch.Tensor:
+        """code: [B] -> [B, D], the audio embedding of `code` in `codebook`."""
+        return self.audio_embeddings(code + codebook * self.cfg.audio_vocab_size)
+
+    def run_backbone(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x: [B, S, D] embedded rows at positions pos [B, S] -> final-normed hidden [B, S, D]."""
+        return self.backbone(x, pos, cache)
+
+    def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.codebook0_head(h)
+
+    def run_decoder(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x: [B, S, D_backbone] -> decoder hidden [B, S, d] (projection applied here)."""
+        return self.decoder(self.projection(x), pos, cache)
+
+    def codebook_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
+        """h: [B, d] decoder hidden -> logits [B, V] for codebook 1..K-1."""
+        return h @ self.audio_head[codebook - 1]

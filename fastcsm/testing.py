@@ -1,0 +1,94 @@
+"""Tiny stand-ins for tests and benchmarks: a byte-level tokenizer and random checkpoints.
+
+Real checkpoints are loaded by the same code paths; only the sizes differ. Writing a
+transformers-format checkpoint needs the `transformers` package (a test dependency).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import CsmConfig, tiny_config
+
+
+def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001) -> dict:
+    """A byte-level BPE tokenizer (no merges: one token per UTF-8 byte, ids 0..255) with the
+    Llama-3 special tokens at their real ids."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+
+    def special(i, text):
+        return {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [special(bos_id, "<|begin_of_text|>"), special(eos_id, "<|end_of_text|>")],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": []},
+    }
+
+
+def write_tokenizer(root: str | Path) -> Path:
+    path = Path(root) / "tokenizer.json"
+    path.write_text(json.dumps(byte_tokenizer_json()))
+    return path
+
+
+def tiny_mimi_hf_config() -> dict:
+    """A small transformers `MimiConfig` (real strides and codebook count, tiny widths)."""
+    return dict(
+        model_type="mimi", hidden_size=32, num_filters=4, codebook_dim=16,
+        vector_quantization_hidden_dimension=16, upsample_groups=32, num_hidden_layers=1,
+        intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        num_quantizers=32, codebook_size=2048, sliding_window=8, max_position_embeddings=512,
+    )
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    """Replace every parameter with N(0, std) noise (norm scales near 1) so no weight hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + 0.1 * noise if name.endswith(("norm.weight", "layernorm.weight", "norm.scale")) else noise)
+
+
+def hf_model(cfg: CsmConfig | None = None, seed: int = 0):
+    """A random transformers `CsmForConditionalGeneration` with fastcsm's `cfg` shapes (fp32, eval)."""
+    from transformers import CsmConfig as HFCsmConfig, CsmForConditionalGeneration
+
+    cfg = cfg or tiny_config()
+    d = cfg.to_hf_dict()
+    d.pop("model_type")
+    torch.manual_seed(seed)
+    model = CsmForConditionalGeneration(HFCsmConfig(**d, codec_config=tiny_mimi_hf_config()))
+    randomize_(model.backbone_model, seed + 1)
+    randomize_(model.depth_decoder, seed + 2)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 3)
+        for p in (model.lm_head.weight, model.embed_text_tokens.weight):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.backbone_model.embed_tokens.embed_audio_tokens.weight = model.depth_decoder.model.embed_tokens.weight
+    return model.eval()
+
+
+def write_hf_checkpoint(root: str | Path, cfg: CsmConfig | None = None, seed: int = 0, **save_kwargs):
+    """Save a random transformers CSM (+ byte tokenizer) to `root`; returns the HF model."""
+    root = Path(root)
+    model = hf_model(cfg, seed)
+    model.save_pretrained(root, **save_kwargs)
+    write_tokenizer(root)
+    return model
