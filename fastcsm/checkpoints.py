@@ -319,7 +319,7 @@ def load_model(path_or_repo, device=None, dtype=None) -> tuple[CSM, CheckpointFi
     for stack in (model.backbone, model.decoder):
         stack.inv_freq = stack.cfg.inv_freq().to(device)
     model.codebook_offsets = torch.arange(files.config.num_codebooks, device=device) * files.config.audio_vocab_size
-    return model.eval(), files
+    return model.eval().requires_grad_(False), files
 
 
 def iter_codec_tensors(files: CheckpointFiles) -> Iterator[tuple[str, torch.Tensor]]:

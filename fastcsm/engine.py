@@ -1,39 +1,105 @@
-"""The frame step: from the backbone's last hidden state to one sampled Mimi frame, and back.
+"""The engine: slots, KV caches, the frame step, CUDA graphs and the decode loop.
 
-Everything here works on a batch of cache rows with static shapes and without host syncs, so
-the same functions serve one request or many slots, eagerly or compiled.
+A fixed number of slots is allocated at start-up. Each slot owns a row of the backbone and
+depth-decoder KV caches and a row of every per-slot state tensor (`SlotState`): last hidden
+state, position, frame counter, seed and sampling parameters. A request takes the lowest free
+slot, is prefilled in chunks, then advances one frame per `Engine.step()` together with every
+other active slot; leaving frees the slot for reuse without reallocation.
 
 One frame (DESIGN.md):
   h --codebook0_head--> c0 ; decoder([h, emb0(c0)]) --audio_head[0]--> c1 ;
-  decoder(emb1(c1)) --audio_head[1]--> c2 ; ... ; c31.
-  Then the 32 codes are embedded as one row and fed to the backbone at the slot's next position.
+  decoder(emb1(c1)) --audio_head[1]--> c2 ; ... ; c31 ; then the 32 codes, embedded as one
+  row, go through the backbone at the slot's next position to give the next h.
+
+`frame_step` does all of it for rows 0..B-1 with static shapes, in place, without host syncs:
+it runs eagerly, under `torch.compile(fullgraph=True)`, or captured as one CUDA graph per batch
+bucket (1, 2, 4, ... slots). The host learns each frame's codes through a copy it reads one
+step later, so it never waits on the GPU inside a step; a frame produced after a slot's end
+frame is discarded, never emitted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
 from .model import CSM, KVCache
-from .sampling import sample
+from .prompt import Prompt
+from .sampling import SamplingParams, counter_noise, sample
 
+
+# -- the frame step ---------------------------------------------------------------------------
 
 @dataclass
-class SamplingTensors:
-    """Per-row sampling parameters as tensors, so rows can differ without recompiling."""
+class SlotState:
+    """Per-slot tensors, one row per slot. `rows(n)` gives views of the first n rows."""
 
-    temperature: torch.Tensor  # [B] float
-    topk: torch.Tensor  # [B] long
-    topp: torch.Tensor  # [B] float
+    h: torch.Tensor  # [S, D] backbone hidden state the next frame is sampled from
+    pos: torch.Tensor  # [S] long, position the next frame is written at
+    frame: torch.Tensor  # [S] long, frames sampled so far (the noise counter)
+    seed: torch.Tensor  # [S] long
+    active: torch.Tensor  # [S] bool
+    temperature: torch.Tensor  # [S] float
+    topk: torch.Tensor  # [S] long
+    topp: torch.Tensor  # [S] float
+    codes: torch.Tensor  # [S, K] long, the newest frame
 
     @staticmethod
-    def fill(batch: int, temperature: float, topk: int, topp: float, device) -> SamplingTensors:
-        return SamplingTensors(
-            torch.full((batch,), float(temperature), device=device),
-            torch.full((batch,), int(topk), device=device, dtype=torch.long),
-            torch.full((batch,), float(topp), device=device),
+    def allocate(slots: int, dim: int, num_codebooks: int, device, dtype) -> SlotState:
+        long = dict(device=device, dtype=torch.long)
+        return SlotState(
+            h=torch.zeros(slots, dim, device=device, dtype=dtype),
+            pos=torch.zeros(slots, **long),
+            frame=torch.zeros(slots, **long),
+            seed=torch.zeros(slots, **long),
+            active=torch.zeros(slots, device=device, dtype=torch.bool),
+            temperature=torch.ones(slots, device=device),
+            topk=torch.zeros(slots, **long),
+            topp=torch.ones(slots, device=device),
+            codes=torch.zeros(slots, num_codebooks, **long),
         )
+
+    def rows(self, n: int) -> SlotState:
+        return SlotState(**{name: t[:n] for name, t in vars(self).items()})
+
+
+def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache) -> torch.Tensor:
+    """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0)."""
+    K, V = model.cfg.num_codebooks, model.cfg.audio_vocab_size
+    h = state.h
+    B = h.shape[0]
+
+    def pick(logits, codebook):
+        noise = counter_noise(state.seed, state.frame, codebook, V)
+        return sample(logits, noise, state.temperature, state.topk, state.topp)
+
+    c = pick(model.codebook0_logits(h), 0)
+    codes = [c]
+    x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
+    pos = torch.arange(2, device=h.device).expand(B, 2)
+    for i in range(1, K):
+        out = model.run_decoder(x, pos, decoder_cache)[:, -1]  # [B, d]
+        c = pick(model.codebook_logits(out, i), i)
+        codes.append(c)
+        x = model.embed_code(c, i)[:, None]  # [B, 1, D]
+        pos = pos[:, -1:] + 1
+    return torch.stack(codes, dim=1)
+
+
+def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache) -> None:
+    """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
+    codes = sample_frame(model, state, decoder_cache)
+    pos = state.pos.clamp(max=cache.length - 1)  # inactive rows may sit at the end of the window
+    h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
+    active = state.active
+    state.codes.copy_(codes)
+    state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
+    state.pos.add_(active.long())
+    state.frame.add_(active.long())
 
 
 def prefill(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -44,29 +110,278 @@ def prefill(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, start: torch.T
     """
     S = tokens.shape[1]
     pos = start[:, None] + torch.arange(S, device=tokens.device)
-    h = model.run_backbone(model.embed_rows(tokens, mask), pos, cache)
-    return h[:, -1]
+    return model.run_backbone(model.embed_rows(tokens, mask), pos, cache)[:, -1]
 
 
-def sample_frame(
-    model: CSM, h: torch.Tensor, decoder_cache: KVCache, params: SamplingTensors, noise: torch.Tensor
-) -> torch.Tensor:
-    """h: [B, D] backbone hidden; noise: [B, K, V] Exp(1). Returns codes [B, K]."""
-    K = model.cfg.num_codebooks
-    B = h.shape[0]
-    c = sample(model.codebook0_logits(h), noise[:, 0], params.temperature, params.topk, params.topp)
-    codes = [c]
-    x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
-    pos = torch.arange(2, device=h.device).expand(B, 2)
-    for i in range(1, K):
-        out = model.run_decoder(x, pos, decoder_cache)[:, -1]  # [B, d]
-        c = sample(model.codebook_logits(out, i), noise[:, i], params.temperature, params.topk, params.topp)
-        codes.append(c)
-        x = model.embed_code(c, i)[:, None]  # [B, 1, D]
-        pos = pos[:, -1:] + 1
-    return torch.stack(codes, dim=1)
+# -- requests ---------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Request:
+    """One utterance to generate. `prefix_rows` > 0 marks the first rows of the prompt (a voice
+    prompt, a conversation so far) as worth keeping: their KV is reused by later requests with
+    the same rows."""
+
+    prompt: Prompt
+    max_frames: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    prefix_rows: int = 0
+    # Set by the engine.
+    slot: int = -1
+    prefilled: int = 0  # prompt rows in the cache so far
+    frames: int = 0  # frames emitted
+    done: bool = False
+    reused_rows: int = 0  # rows taken from the prefix cache
+
+    def __post_init__(self):
+        if self.seed is None:
+            self.seed = secrets.randbits(63)
 
 
-def feed_frame(model: CSM, codes: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """codes: [B, K] at positions pos: [B] -> the backbone's hidden state for the next frame [B, D]."""
-    return model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
+@dataclass
+class Emitted:
+    request: Request
+    codes: torch.Tensor | None  # [K] long on CPU, or None when the request just ended
+    slot: int
+
+
+class PrefixCache:
+    """KV rows of recently seen prompt prefixes, keyed by their content, within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @staticmethod
+    def key(prompt: Prompt, rows: int) -> str:
+        h = hashlib.sha256(prompt.tokens[:rows].numpy().tobytes())
+        h.update(prompt.mask[:rows].numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.nbytes + v.nbytes > self.budget:
+            return
+        self.entries[key] = (k, v)
+        while sum(a.nbytes + b.nbytes for a, b in self.entries.values()) > self.budget:
+            self.entries.popitem(last=False)
+
+
+class Engine:
+    """Many streams in fixed slots over one model. Not thread-safe: one loop drives it.
+
+    compile: wrap the frame step in `torch.compile` (kernel fusion).
+    cuda_graphs: capture one graph per batch bucket (default: on when the model is on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: CSM,
+        max_slots: int = 1,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
+        prefix_cache_bytes: int = 256 << 20,
+    ):
+        self.model = model
+        self.cfg = model.cfg
+        p = model.codebook0_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len or self.cfg.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.cache = model.backbone_cache(max_slots, self.max_seq_len)
+        self.decoder_cache = model.decoder_cache(max_slots)
+        self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device, self.dtype)
+        self.host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long,
+                                      pin_memory=self.device.type == "cuda")
+        self.slots: list[Request | None] = [None] * max_slots
+        self.waiting: list[Request] = []  # admitted, prompt not fully in the cache yet
+        self.pending: list[tuple[int, Request]] = []  # (batch, request) of the step whose codes are in flight
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.buckets = [b for b in (1 << i for i in range(max_slots.bit_length() + 1)) if b < max_slots] + [max_slots]
+        self._step = torch.compile(frame_step, fullgraph=True, dynamic=False) if compile else frame_step
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._copy_event = torch.cuda.Event() if self.device.type == "cuda" else None
+        self.stats = {"prefill_rows": 0, "reused_rows": 0, "frames": 0, "steps": 0}
+
+    # -- slots --------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    @property
+    def active(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    def add(self, request: Request) -> int:
+        """Take the lowest free slot for `request`; its prompt is prefilled by later steps."""
+        if len(request.prompt) + request.max_frames > self.max_seq_len:
+            raise ValueError(
+                f"the prompt takes {len(request.prompt)} rows and {request.max_frames} frames were requested, "
+                f"but a slot holds {self.max_seq_len} rows"
+            )
+        try:
+            slot = self.slots.index(None)
+        except ValueError:
+            raise RuntimeError(f"all {self.max_slots} slots are busy") from None
+        request.slot, request.prefilled, request.frames, request.done = slot, 0, 0, False
+        self.slots[slot] = request
+        st = self.state
+        st.active[slot] = False
+        st.seed[slot] = request.seed
+        st.frame[slot] = 0
+        st.temperature[slot] = request.params.temperature
+        st.topk[slot] = request.params.topk
+        st.topp[slot] = request.params.topp
+        self._reuse_prefix(request)
+        self.waiting.append(request)
+        return slot
+
+    def release(self, request: Request) -> None:
+        """Free the request's slot now (finished, cancelled, or its client went away)."""
+        slot = request.slot
+        if slot >= 0 and self.slots[slot] is request:
+            self.slots[slot] = None
+            self.state.active[slot] = False
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.done = True
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    def _reuse_prefix(self, request: Request) -> None:
+        P = min(request.prefix_rows, len(request.prompt) - 1)
+        if P <= 0:
+            return
+        hit = self.prefix_cache.get(PrefixCache.key(request.prompt, P))
+        if hit is not None:
+            k, v = hit
+            self.cache.k[:, request.slot, :, :P].copy_(k)
+            self.cache.v[:, request.slot, :, :P].copy_(v)
+            request.prefilled = request.reused_rows = P
+            self.stats["reused_rows"] += P
+
+    def _prefill_chunk(self, request: Request) -> None:
+        """Put the next chunk of the request's prompt into its cache row."""
+        slot, start = request.slot, request.prefilled
+        stop = min(len(request.prompt), start + self.prefill_chunk)
+        P = min(request.prefix_rows, len(request.prompt) - 1)
+        if start < P < stop and request.reused_rows == 0:
+            stop = P  # end a chunk at the prefix boundary so its KV can be kept
+        tokens = request.prompt.tokens[None, start:stop].to(self.device, non_blocking=True)
+        mask = request.prompt.mask[None, start:stop].to(self.device, non_blocking=True)
+        start_t = torch.full((1,), start, device=self.device, dtype=torch.long)
+        with torch.inference_mode():
+            h = prefill(self.model, tokens, mask, start_t, self.cache.rows(slot, slot + 1))
+        request.prefilled = stop
+        self.stats["prefill_rows"] += stop - start
+        if stop == P and request.reused_rows == 0:
+            key = PrefixCache.key(request.prompt, P)
+            self.prefix_cache.put(key, self.cache.k[:, slot, :, :P].clone(), self.cache.v[:, slot, :, :P].clone())
+        if stop == len(request.prompt):
+            st = self.state
+            st.h[slot] = h[0]
+            st.pos[slot] = stop
+            st.active[slot] = True
+            self.waiting.remove(request)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def bucket(self) -> int:
+        """The smallest bucket holding every active slot (active slots sit low: lowest-free-first)."""
+        top = max((i for i, r in enumerate(self.slots) if r is not None and r not in self.waiting), default=-1)
+        return next(b for b in self.buckets if b > top)
+
+    def _run_step(self, batch: int) -> None:
+        if self.cuda_graphs:
+            graph = self._graphs.get(batch)
+            if graph is None:
+                graph = self._graphs[batch] = self._capture(batch)
+            graph.replay()
+        else:
+            with torch.inference_mode():
+                self._step(self.model, self.state.rows(batch), self.cache.rows(0, batch),
+                           self.decoder_cache.rows(0, batch))
+
+    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then capture the frame step for `batch` rows."""
+        args = (self.model, self.state.rows(batch), self.cache.rows(0, batch), self.decoder_cache.rows(0, batch))
+        saved = {name: t.clone() for name, t in vars(self.state).items()}  # warm-up must not advance slots
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._step(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self._step(*args)
+        for name, t in vars(self.state).items():
+            t.copy_(saved[name])
+        return graph
+
+    def step(self) -> list[Emitted]:
+        """One prefill chunk (if any request waits), then one frame for every active slot.
+
+        Returns what the host learnt this step: the previous step's frame per request (codes),
+        and requests that ended (codes None; their slot is free again).
+        """
+        if self.waiting:
+            self._prefill_chunk(self.waiting[0])
+        # Read back the previous step's codes (copied asynchronously) before launching the next.
+        previous = self.pending
+        if previous and self._copy_event is not None:
+            self._copy_event.synchronize()
+        codes = self.host_codes.clone() if previous else None
+        running = [(r.slot, r) for r in self.slots if r is not None and r not in self.waiting and not r.done]
+        batch = self.bucket() if running else 0
+        if batch:
+            self._run_step(batch)
+            self.host_codes[:batch].copy_(self.state.codes[:batch], non_blocking=True)
+            if self._copy_event is not None:
+                self._copy_event.record()
+            self.stats["steps"] += 1
+        self.pending = running
+        return self._emit(previous, codes)
+
+    def _emit(self, previous: list[tuple[int, Request]], codes: torch.Tensor | None) -> list[Emitted]:
+        out = []
+        eos = self.cfg.codebook_eos_id
+        for slot, request in previous:
+            if request.done or self.slots[slot] is not request:
+                continue  # cancelled while its frame was in flight: the frame is dropped
+            frame = codes[slot]
+            if bool((frame == eos).all()):
+                self.release(request)
+                out.append(Emitted(request, None, slot))
+                continue
+            request.frames += 1
+            self.stats["frames"] += 1
+            out.append(Emitted(request, frame, slot))
+            if request.frames >= request.max_frames:
+                self.release(request)
+                out.append(Emitted(request, None, slot))
+        return out
+
+    def busy(self) -> bool:
+        return any(r is not None for r in self.slots) or bool(self.pending)
+
+    def run(self, request: Request):
+        """Generate one request alone; yields its frames [K] (CPU long). Closing the iterator frees the slot."""
+        self.add(request)
+        try:
+            while not request.done:
+                for e in self.step():
+                    if e.request is request and e.codes is not None:
+                        yield e.codes
+        finally:
+            self.release(request)

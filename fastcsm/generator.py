@@ -6,16 +6,15 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 
 import torch
 
 from .checkpoints import load_model, resolve
-from .engine import SamplingTensors, feed_frame, prefill, sample_frame
+from .engine import Engine, Request
 from .model import CSM
 from .prompt import Prompt, Segment, TextTokenizer, build_prompt
-from .sampling import SamplingParams, exponential_noise
+from .sampling import SamplingParams
 
 
 class Generator:
@@ -26,6 +25,7 @@ class Generator:
         self.codec = codec
         self.device = model.codebook0_head.weight.device
         self.dtype = model.codebook0_head.weight.dtype
+        self.engine: Engine | None = None  # created on first use
 
     @classmethod
     def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None) -> Generator:
@@ -89,23 +89,11 @@ class Generator:
 
     def _frames(self, prompt: Prompt, max_frames: int, params: SamplingParams, seed: int | None):
         """Yield each generated frame [1, K] (CPU long) until the end frame or `max_frames`."""
-        model, dev = self.model, self.device
-        K, V = self.cfg.num_codebooks, self.cfg.audio_vocab_size
-        rng = torch.Generator(dev).manual_seed(seed if seed is not None else secrets.randbits(63))
-        cache = model.backbone_cache(1)
-        decoder_cache = model.decoder_cache(1)
-        sampling = SamplingTensors.fill(1, params.temperature, params.topk, params.topp, dev)
-        tokens, mask = prompt.tokens[None].to(dev), prompt.mask[None].to(dev)
-        pos = torch.tensor([len(prompt)], device=dev)
-        h = prefill(model, tokens, mask, pos - len(prompt), cache)
-        for i in range(max_frames):
-            codes = sample_frame(model, h, decoder_cache, sampling, exponential_noise((1, K, V), rng))
-            if bool((codes == self.cfg.codebook_eos_id).all()):
-                return
-            yield codes.cpu()
-            if i + 1 < max_frames:
-                h = feed_frame(model, codes, pos, cache)
-                pos += 1
+        if self.engine is None:
+            self.engine = Engine(self.model, max_slots=1)
+        request = Request(prompt, max_frames, params, seed)
+        for codes in self.engine.run(request):
+            yield codes[None]
 
 
 def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:

@@ -1,7 +1,7 @@
 """Sync-free sampling: temperature, top-k and top-p with caller-supplied noise.
 
 Sampling is split in two so that a request's codes depend only on its own random stream:
-`exponential_noise` draws Exp(1) noise from a request's `torch.Generator`, and `sample` picks
+`counter_noise` derives Exp(1) noise from the request's seed and frame counter, and `sample` picks
 `argmax(logits / T - log(noise))` over the kept tokens, which is an exact draw from the
 softmax (the exponential race, equivalently the Gumbel-max trick). No `.item()`, no
 data-dependent shapes, no host branches: the same code runs on CPU, on GPU and inside a
@@ -32,10 +32,30 @@ class SamplingParams:
             raise ValueError(f"topp must be in (0, 1] (1 disables it), got {self.topp!r}")
 
 
-def exponential_noise(shape, generator: torch.Generator | None, device=None) -> torch.Tensor:
-    """Exp(1) noise [*shape] in fp32 from `generator` (on the generator's device)."""
-    dev = generator.device if generator is not None else device
-    return torch.empty(shape, device=dev, dtype=torch.float32).exponential_(generator=generator)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32.
+
+    Products stay below 2**59, so int64 arithmetic never overflows on any device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab] that is a pure function of (seed, frame, codebook, token).
+
+    seed, frame: [B] int64. A counter-based stream: a row's draws never depend on which other
+    rows share the batch or on any generator state, and replaying a seed reproduces them.
+    """
+    s = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))  # [B]
+    key = _mix32((s + frame * 64 + codebook) & _MASK32)  # [B]; codebooks < 64
+    token = torch.arange(vocab, device=seed.device)
+    bits = _mix32((_mix32(key[:, None] ^ token) + s[:, None]) & _MASK32)  # [B, vocab]
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits
+    return -torch.log(uniform)
 
 
 def sample(
