@@ -1,0 +1,205 @@
+"""The slot engine: compiled equals eager, batched equals alone, slots reuse cleanly, end frames
+detected a frame late never leak."""
+
+import pytest
+import torch
+
+from fastcsm.config import tiny_config
+from fastcsm.engine import Engine, Request, SlotState, frame_step
+from fastcsm.model import CSM
+from fastcsm.prompt import Segment, TextTokenizer, build_prompt
+from fastcsm.sampling import SamplingParams
+from fastcsm.testing import byte_tokenizer_json, randomize_
+
+CFG = tiny_config()
+K = CFG.num_codebooks
+TOK = TextTokenizer.from_json(byte_tokenizer_json())
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = CSM(CFG)
+    randomize_(m, seed=0)
+    return m.eval().requires_grad_(False)
+
+
+def prompt(text, speaker=0, frames=4, seed=0):
+    codes = torch.randint(0, 2048, (frames, K), generator=torch.Generator().manual_seed(seed))
+    return build_prompt(text, speaker, [Segment(1, "Voice sample.", codes=codes)], TOK, CFG)
+
+
+def run_alone(model, request, **engine_kw):
+    return torch.stack(list(Engine(model, max_slots=1, **engine_kw).run(request)))
+
+
+def run_together(engine, requests):
+    out = {id(r): [] for r in requests}
+    for r in requests:
+        engine.add(r)
+    while any(not r.done for r in requests):
+        for e in engine.step():
+            if e.codes is not None:
+                out[id(e.request)].append(e.codes)
+    return [torch.stack(out[id(r)]) for r in requests]
+
+
+def requests(n=4, frames=6):
+    texts = ["Hello there.", "A longer line to speak, with more rows.", "Short.", "Fourth one!"]
+    return [Request(prompt(texts[i % 4], i % 3, frames=2 + i, seed=i), frames,
+                    SamplingParams(temperature=[0.9, 0.0, 1.2, 0.7][i % 4], topk=[50, 0, 10, 0][i % 4],
+                                   topp=[1.0, 1.0, 0.9, 0.8][i % 4]), seed=100 + i) for i in range(n)]
+
+
+def test_batched_equals_alone(model):
+    together = run_together(Engine(model, max_slots=4), requests())
+    for r, codes in zip(requests(), together):
+        alone = run_alone(model, r)
+        assert codes.shape == (6, K)
+        assert torch.equal(codes, alone)
+
+
+def test_three_requests_pad_to_bucket_four(model):
+    engine = Engine(model, max_slots=8)
+    rs = requests(3)
+    for r in rs:
+        engine.add(r)
+    for _ in range(4):  # the prefills, one chunk a step
+        engine.step()
+    assert engine.bucket() == 4
+
+
+def test_freed_slots_reused_give_fresh_results(model):
+    engine = Engine(model, max_slots=2)
+    first = run_together(engine, requests(2))
+    assert engine.free_slots == 2
+    again = run_together(engine, requests(2))  # same slots, stale KV beyond each prompt
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # A request joining while another runs, in a slot someone else used before.
+    rs = requests(4)
+    late = run_together(engine, rs[2:3])
+    assert torch.equal(late[0], run_alone(model, requests(4)[2]))
+
+
+def test_join_mid_stream_does_not_change_others(model):
+    engine = Engine(model, max_slots=4)
+    a, b = requests(2)
+    engine.add(a)
+    got = {id(a): [], id(b): []}
+    steps = 0
+    while not (a.done and b.done):
+        if steps == 3:
+            engine.add(b)
+        for e in engine.step():
+            if e.codes is not None:
+                got[id(e.request)].append(e.codes)
+        steps += 1
+    ref_a, ref_b = (run_alone(model, r) for r in requests(2))
+    assert torch.equal(torch.stack(got[id(a)]), ref_a)
+    assert torch.equal(torch.stack(got[id(b)]), ref_b)
+
+
+def test_chunked_prefill_and_prefix_reuse_equal_plain(model):
+    ref = run_alone(model, requests(1)[0])
+    chunked = run_alone(model, requests(1)[0], prefill_chunk=5)
+    assert torch.equal(ref, chunked)
+    engine = Engine(model, max_slots=2, prefill_chunk=7)
+    r1 = requests(1)[0]
+    r1.prefix_rows = 10
+    first = torch.stack(list(engine.run(r1)))
+    assert engine.stats["reused_rows"] == 0
+    r2 = requests(1)[0]
+    r2.prefix_rows = 10
+    prefill_before = engine.stats["prefill_rows"]
+    second = torch.stack(list(engine.run(r2)))
+    assert engine.stats["reused_rows"] == 10
+    assert engine.stats["prefill_rows"] - prefill_before == len(r2.prompt) - 10
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+
+
+def test_seed_changes_codes(model):
+    a, b = requests(1)[0], requests(1)[0]
+    b.seed += 1
+    assert not torch.equal(run_alone(model, a), run_alone(model, b))
+
+
+@pytest.mark.parametrize("backend, codebooks", [("aot_eager", 8), ("inductor", 2)])
+def test_compiled_frame_step_equals_eager(backend, codebooks):
+    """fullgraph=True: the whole frame is one graph (no breaks, no host syncs), and fused kernels
+    give the eager numbers. Fewer codebooks than CSM's 32 keep CPU compile times short; the
+    step's code is the same for any count."""
+    torch._dynamo.reset()
+    cfg = tiny_config(num_codebooks=codebooks)
+    m = CSM(cfg)
+    randomize_(m, seed=1)
+    m = m.eval().requires_grad_(False)
+    B = 2
+    engines = [Engine(m, max_slots=B), Engine(m, max_slots=B)]
+    for e in engines:
+        for i in range(B):
+            codes = torch.randint(0, 2048, (3, codebooks), generator=torch.Generator().manual_seed(i))
+            p = build_prompt("Compile me.", i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
+            e.add(Request(p, 8, SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
+        while e.waiting:
+            e._prefill_chunk(e.waiting[0])
+    compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
+    eager_e, comp_e = engines
+    with torch.inference_mode():
+        for _ in range(3):
+            frame_step(m, eager_e.state.rows(B), eager_e.cache.rows(0, B), eager_e.decoder_cache.rows(0, B))
+            compiled(m, comp_e.state.rows(B), comp_e.cache.rows(0, B), comp_e.decoder_cache.rows(0, B))
+            assert torch.equal(eager_e.state.codes, comp_e.state.codes)
+            assert torch.allclose(eager_e.state.h, comp_e.state.h, atol=1e-4)
+            assert torch.equal(eager_e.state.pos, comp_e.state.pos)
+            assert torch.allclose(eager_e.cache.k, comp_e.cache.k, atol=1e-4)
+
+
+def scripted_step(end_at):
+    """A frame step whose codes are scripted: slot s emits frame number f+1 everywhere, and
+    the all-zero end frame when f == end_at[s]."""
+
+    def step(model, state: SlotState, cache, decoder_cache):
+        ends = torch.tensor(end_at[: state.codes.shape[0]])
+        codes = (state.frame + 1)[:, None].expand_as(state.codes)
+        codes = torch.where((state.frame == ends)[:, None], torch.zeros_like(codes), codes)
+        state.codes.copy_(codes)
+        state.frame.add_(state.active.long())
+        state.pos.add_(state.active.long())
+
+    return step
+
+
+def test_end_frame_found_a_frame_late_never_leaks(model):
+    engine = Engine(model, max_slots=2)
+    engine._step = scripted_step([3, 5])
+    a, b = requests(2, frames=50)
+    out = run_together(engine, [a, b])
+    # Frames 1..3 for slot 0 and 1..5 for slot 1: the end frame and the frame computed after it
+    # (before the host saw the end) are both dropped.
+    assert out[0][:, 0].tolist() == [1, 2, 3]
+    assert out[1][:, 0].tolist() == [1, 2, 3, 4, 5]
+    assert a.done and b.done and engine.free_slots == 2
+
+
+def test_max_frames_stops_exactly(model):
+    engine = Engine(model, max_slots=1)
+    engine._step = scripted_step([1000])
+    r = requests(1, frames=4)[0]
+    assert [int(c[0]) for c in engine.run(r)] == [1, 2, 3, 4]
+
+
+def test_closing_the_iterator_frees_the_slot(model):
+    engine = Engine(model, max_slots=1)
+    it = engine.run(requests(1, frames=20)[0])
+    next(it)
+    it.close()
+    assert engine.free_slots == 1
+    assert len(list(engine.run(requests(1, frames=3)[0]))) == 3
+
+
+def test_prompt_longer_than_slot_is_refused(model):
+    engine = Engine(model, max_slots=1, max_seq_len=64)
+    r = requests(1, frames=60)[0]
+    with pytest.raises(ValueError, match="a slot holds 64 rows"):
+        engine.add(r)
+    assert engine.free_slots == 1
