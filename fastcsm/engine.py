@@ -20,6 +20,7 @@ frame is discarded, never emitted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections import OrderedDict
@@ -69,13 +70,14 @@ class SlotState:
 
 def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache) -> torch.Tensor:
     """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0)."""
-    K, V = model.cfg.num_codebooks, model.cfg.audio_vocab_size
+    K, C = model.cfg.num_codebooks, model.cfg.codebook_size
     h = state.h
     B = h.shape[0]
 
     def pick(logits, codebook):
-        noise = counter_noise(state.seed, state.frame, codebook, V)
-        return sample(logits, noise, state.temperature, state.topk, state.topp)
+        # Only real Mimi codes are drawn: ids from codebook_size up (padding) are never audio.
+        noise = counter_noise(state.seed, state.frame, codebook, C)
+        return sample(logits[:, :C], noise, state.temperature, state.topk, state.topp)
 
     c = pick(model.codebook0_logits(h), 0)
     codes = [c]
@@ -100,6 +102,26 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
     state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
     state.pos.add_(active.long())
     state.frame.add_(active.long())
+
+
+def engine_step(model: CSM, codec, state: SlotState, cache: KVCache, decoder_cache: KVCache,
+                codec_state, pcm: torch.Tensor | None) -> None:
+    """One frame for rows 0..B-1 and, with a codec, its 80 ms of audio into pcm [B, frame_size]."""
+    frame_step(model, state, cache, decoder_cache)
+    if codec is not None:
+        pcm.copy_(codec.decode_step(state.codes[:, :, None], codec_state)[:, 0].to(pcm.dtype))
+
+
+def first_rows(obj, n: int):
+    """A view of the first n rows of every tensor in a (nested) state object."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(first_rows(o, n) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: first_rows(getattr(obj, f.name), n)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
 
 
 def prefill(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -143,6 +165,7 @@ class Emitted:
     request: Request
     codes: torch.Tensor | None  # [K] long on CPU, or None when the request just ended
     slot: int
+    pcm: torch.Tensor | None = None  # [frame_size] float32 on CPU when the engine has a codec
 
 
 class PrefixCache:
@@ -175,7 +198,9 @@ class PrefixCache:
 class Engine:
     """Many streams in fixed slots over one model. Not thread-safe: one loop drives it.
 
-    compile: wrap the frame step in `torch.compile` (kernel fusion).
+    codec: a Mimi codec; when given, every step also decodes each slot's new frame to PCM in
+      per-slot streaming state, inside the same compiled / captured step.
+    compile: wrap the step in `torch.compile` (kernel fusion).
     cuda_graphs: capture one graph per batch bucket (default: on when the model is on CUDA).
     """
 
@@ -183,6 +208,7 @@ class Engine:
         self,
         model: CSM,
         max_slots: int = 1,
+        codec=None,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         compile: bool = False,
@@ -199,14 +225,22 @@ class Engine:
         self.cache = model.backbone_cache(max_slots, self.max_seq_len)
         self.decoder_cache = model.decoder_cache(max_slots)
         self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device, self.dtype)
-        self.host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long,
-                                      pin_memory=self.device.type == "cuda")
+        pinned = self.device.type == "cuda"
+        self.host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long, pin_memory=pinned)
+        self.codec = codec
+        if codec is not None:
+            self.codec_state = codec.init_decoder_state(max_slots, 1)
+            frame_size = codec.config.frame_size
+            self.pcm = torch.zeros(max_slots, frame_size, device=self.device)
+            self.host_pcm = torch.zeros(max_slots, frame_size, pin_memory=pinned)
+        else:
+            self.codec_state = self.pcm = self.host_pcm = None
         self.slots: list[Request | None] = [None] * max_slots
         self.waiting: list[Request] = []  # admitted, prompt not fully in the cache yet
         self.pending: list[tuple[int, Request]] = []  # (batch, request) of the step whose codes are in flight
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.buckets = [b for b in (1 << i for i in range(max_slots.bit_length() + 1)) if b < max_slots] + [max_slots]
-        self._step = torch.compile(frame_step, fullgraph=True, dynamic=False) if compile else frame_step
+        self._step = torch.compile(engine_step, fullgraph=True, dynamic=False) if compile else engine_step
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._copy_event = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -242,6 +276,10 @@ class Engine:
         st.temperature[slot] = request.params.temperature
         st.topk[slot] = request.params.topk
         st.topp[slot] = request.params.topp
+        if self.codec is not None:
+            fresh = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+            fresh[slot] = True
+            self.codec_state.reset(fresh)
         self._reuse_prefix(request)
         self.waiting.append(request)
         return slot
@@ -301,6 +339,10 @@ class Engine:
         top = max((i for i, r in enumerate(self.slots) if r is not None and r not in self.waiting), default=-1)
         return next(b for b in self.buckets if b > top)
 
+    def _step_args(self, batch: int) -> tuple:
+        return (self.model, self.codec, self.state.rows(batch), self.cache.rows(0, batch),
+                self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch))
+
     def _run_step(self, batch: int) -> None:
         if self.cuda_graphs:
             graph = self._graphs.get(batch)
@@ -309,13 +351,13 @@ class Engine:
             graph.replay()
         else:
             with torch.inference_mode():
-                self._step(self.model, self.state.rows(batch), self.cache.rows(0, batch),
-                           self.decoder_cache.rows(0, batch))
+                self._step(*self._step_args(batch))
 
     def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream, then capture the frame step for `batch` rows."""
-        args = (self.model, self.state.rows(batch), self.cache.rows(0, batch), self.decoder_cache.rows(0, batch))
-        saved = {name: t.clone() for name, t in vars(self.state).items()}  # warm-up must not advance slots
+        """Warm up on a side stream, then capture the step for `batch` rows."""
+        args = self._step_args(batch)
+        # Warm-up must not advance any stream: save and restore every piece of per-slot state.
+        saved = [t.clone() for t in _tensors([self.state, self.codec_state])]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -325,8 +367,8 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
             self._step(*args)
-        for name, t in vars(self.state).items():
-            t.copy_(saved[name])
+        for t, copy in zip(_tensors([self.state, self.codec_state]), saved):
+            t.copy_(copy)
         return graph
 
     def step(self) -> list[Emitted]:
@@ -342,18 +384,21 @@ class Engine:
         if previous and self._copy_event is not None:
             self._copy_event.synchronize()
         codes = self.host_codes.clone() if previous else None
+        pcm = self.host_pcm.clone() if previous and self.codec is not None else None
         running = [(r.slot, r) for r in self.slots if r is not None and r not in self.waiting and not r.done]
         batch = self.bucket() if running else 0
         if batch:
             self._run_step(batch)
             self.host_codes[:batch].copy_(self.state.codes[:batch], non_blocking=True)
+            if self.codec is not None:
+                self.host_pcm[:batch].copy_(self.pcm[:batch], non_blocking=True)
             if self._copy_event is not None:
                 self._copy_event.record()
             self.stats["steps"] += 1
         self.pending = running
-        return self._emit(previous, codes)
+        return self._emit(previous, codes, pcm)
 
-    def _emit(self, previous: list[tuple[int, Request]], codes: torch.Tensor | None) -> list[Emitted]:
+    def _emit(self, previous: list[tuple[int, Request]], codes, pcm) -> list[Emitted]:
         out = []
         eos = self.cfg.codebook_eos_id
         for slot, request in previous:
@@ -366,7 +411,7 @@ class Engine:
                 continue
             request.frames += 1
             self.stats["frames"] += 1
-            out.append(Emitted(request, frame, slot))
+            out.append(Emitted(request, frame, slot, pcm[slot] if pcm is not None else None))
             if request.frames >= request.max_frames:
                 self.release(request)
                 out.append(Emitted(request, None, slot))
@@ -385,3 +430,14 @@ class Engine:
                         yield e.codes
         finally:
             self.release(request)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state object."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    return []

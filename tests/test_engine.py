@@ -158,7 +158,7 @@ def scripted_step(end_at):
     """A frame step whose codes are scripted: slot s emits frame number f+1 everywhere, and
     the all-zero end frame when f == end_at[s]."""
 
-    def step(model, state: SlotState, cache, decoder_cache):
+    def step(model, codec, state: SlotState, cache, decoder_cache, codec_state, pcm):
         ends = torch.tensor(end_at[: state.codes.shape[0]])
         codes = (state.frame + 1)[:, None].expand_as(state.codes)
         codes = torch.where((state.frame == ends)[:, None], torch.zeros_like(codes), codes)
@@ -203,3 +203,34 @@ def test_prompt_longer_than_slot_is_refused(model):
     with pytest.raises(ValueError, match="a slot holds 64 rows"):
         engine.add(r)
     assert engine.free_slots == 1
+
+
+def test_engine_decodes_each_slot_to_pcm(model):
+    """PCM that leaves the engine every frame equals decoding each request's codes whole,
+    with slots starting at different times and a slot reused by a later request."""
+    from fastcsm.mimi import Mimi, tiny_mimi_config
+
+    torch.manual_seed(0)
+    codec = Mimi(tiny_mimi_config()).eval()
+    engine = Engine(model, max_slots=2, codec=codec)
+    rs = requests(3, frames=5)
+    got = {id(r): ([], []) for r in rs}
+    engine.add(rs[0])
+    step = 0
+    while not all(r.done for r in rs):
+        if step == 2:
+            engine.add(rs[1])
+        if step == 4:
+            engine.add(rs[2])  # waits for a free slot below
+        for e in engine.step():
+            if e.codes is not None:
+                got[id(e.request)][0].append(e.codes)
+                got[id(e.request)][1].append(e.pcm)
+        step += 1
+        if step == 4 and engine.free_slots == 0:
+            step = 3  # hold the third request until a slot frees
+    for r in rs:
+        codes, pcm = got[id(r)]
+        assert len(codes) == 5 and all(p.shape == (1920,) for p in pcm)
+        whole = codec.decode(torch.stack(codes).T[None])[0, 0]
+        assert torch.allclose(torch.cat(pcm), whole, atol=1e-5)

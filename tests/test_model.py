@@ -117,8 +117,9 @@ def test_greedy_generation_matches_oracle(hf_dir, gen):
     _, hf = hf_dir
     prompt = gen.prompt("Say something.", 0, conversation())
     frames = 20
+    padding = list(range(CFG.codebook_size, CFG.audio_vocab_size))  # never sampled: not audio codes
     ref = hf.generate(inputs_embeds=oracle_embeds(hf, prompt), max_new_tokens=frames, do_sample=False,
-                      depth_decoder_do_sample=False)
+                      depth_decoder_do_sample=False, suppress_tokens=padding, depth_decoder_suppress_tokens=padding)
     ref = ref[0]  # [frames, K]
     ours = gen.generate_codes("Say something.", 0, conversation(), max_audio_length_ms=frames * 80, temperature=0)
     assert ours.shape == (frames, K), "random weights should not emit the end frame this early"
@@ -175,7 +176,7 @@ def test_seed_reproduces_and_seeds_differ(gen):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert a.dtype == torch.long and a.shape[1] == K
-    assert int(a.min()) >= 0 and int(a.max()) < CFG.audio_vocab_size
+    assert int(a.min()) >= 0 and int(a.max()) < CFG.codebook_size
 
 
 def test_interleaved_rope_permutation_is_the_original_convention(hf_dir, tmp_path):
