@@ -1,0 +1,307 @@
+"""The server's wire contract: HTTP request/response bodies and the WebSocket message schema.
+
+Everything a client (the `openai` package, the browser page, a voice agent) sends or receives
+is declared here as a pydantic model, so the OpenAPI schema at `/openapi.json` and this file
+agree by construction. Audio is always 24 kHz mono.
+
+HTTP
+----
+`POST /v1/audio/speech` (`SpeechRequest`) -> audio bytes, streamed by chunked transfer as frames
+  are generated (the first 80 ms frame is sent as soon as it exists). Formats: `wav` (16-bit,
+  header sizes set to 0xFFFFFFFF because the length is unknown while streaming), `pcm` (raw
+  signed 16-bit little-endian, as OpenAI's), `flac`, `mp3`, `opus` (Ogg). Response headers:
+  `X-Fastcsm-Seed` (the seed used), `X-Fastcsm-Sample-Rate`.
+`GET /v1/voices` -> `VoiceList`; `GET /v1/voices/{name}` -> `VoiceInfo`;
+`POST /v1/voices` (multipart form: `name`, `text`, `speaker`, `overwrite`, file `audio`) -> `VoiceInfo`;
+`DELETE /v1/voices/{name}` -> `VoiceDeleted`.
+`GET /v1/models` -> `ModelList` (OpenAI-style); `GET /v1/info` -> `ServerInfo` (limits, formats).
+`GET /healthz` -> `Health`; `GET /readyz` -> `Ready` (503 until the model is loaded);
+`GET /metrics` -> Prometheus text.
+Errors are `ErrorResponse` (OpenAI's shape) with a 4xx status that says what to fix:
+400 bad input, 401 missing/bad API key, 404 unknown voice/route, 409 voice exists, 413 body or
+upload too large, 503 busy (with `Retry-After` seconds) or not ready.
+With API keys configured every `/v1/*` route needs `Authorization: Bearer <key>`; the WebSocket
+takes the key the same way or as `?api_key=<key>` (browsers cannot set WebSocket headers).
+
+WebSocket `/v1/conversations`
+----------------------------
+Text messages are JSON objects with a `type`; binary messages are audio. After the server's
+`ready`, the client sends `ClientMessage`s:
+
+    configure   pin voices at the head of the conversation, pick the PCM format and defaults
+    add_turn    a turn of the other party: speaker id, text, optionally their audio
+    speak       speak a line (as a speaker id or a registered voice); one at a time
+    interrupt   stop the current utterance now (barge-in)
+    reset       forget the conversation (keeps the configuration)
+
+and receives `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`,
+`done`, `context_dropped`, `error`; between `started` and `done` come binary messages, one per
+80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by default, or
+`pcm_f32le`). After `interrupt`, no binary message of that utterance follows the `done`
+(reason `interrupted`). The spoken line (with the audio generated for it, cut where it was
+interrupted) becomes part of the conversation, so the next line continues from it; the server
+keeps the conversation's KV cache, so the next `speak` prefills only the rows added since
+(`done.prefill_rows` / `done.reused_rows` report it). When the 2048-row window is full the
+oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
+prefilled again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
+SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
+PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors (a misspelt option must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+class ErrorBody(BaseModel):
+    message: str = Field(description="what was wrong and what to do about it")
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
+                                  "conflict_error, request_too_large, server_busy, server_error")
+    param: str | None = Field(None, description="the offending field, when there is one")
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the shape OpenAI's API uses (so its clients show the message)."""
+
+    error: ErrorBody
+
+
+# -- speech ---------------------------------------------------------------------------------------
+
+class VoiceRef(_Strict):
+    """OpenAI's custom-voice object form of `voice`."""
+
+    id: str = Field(min_length=1, max_length=64)
+
+
+class ContextTurn(_Strict):
+    """An earlier turn of the conversation, oldest first."""
+
+    speaker: int = Field(ge=0, le=1_000_000, description="speaker id of the turn")
+    text: str = Field(min_length=1, description="what was said")
+    audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate) of the "
+                                                "turn; gives that speaker its voice")
+
+
+class SpeechRequest(_Strict):
+    """OpenAI's speech request, plus fastcsm's own fields (which `openai` clients pass via `extra_body`)."""
+
+    model: str = Field("csm-1b", max_length=256,
+                       description="accepted for compatibility; the server speaks with the model it loaded")
+    input: str = Field(min_length=1, description="the text to speak (limit: `ServerInfo.max_input_chars`)")
+    voice: str | VoiceRef = Field(
+        description='a registered voice name (see GET /v1/voices) or a bare speaker id such as "0" '
+                    "(the model's own voice for that id, no prompt)")
+    response_format: Literal["wav", "pcm", "flac", "mp3", "opus"] = Field(
+        "mp3", description="pcm is raw signed 16-bit little-endian, 24 kHz mono")
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="accepted for compatibility; CSM speaks at its own pace")
+    instructions: str | None = Field(None, max_length=4096,
+                                     description="accepted for compatibility; CSM takes no instructions")
+    stream_format: Literal["audio"] = Field("audio", description="only raw audio streaming is offered")
+    # fastcsm
+    speaker: int | None = Field(None, ge=0, le=1_000_000,
+                                description="speaker id of the line (default: the voice's own id, or `voice` itself)")
+    context: list[ContextTurn] = Field(default_factory=list, description="earlier turns, oldest first")
+    seed: int | None = Field(None, ge=0, lt=2**62, description="sampling seed, for a reproducible take")
+    temperature: float = Field(0.9, ge=0.0, le=10.0, description="0 is greedy")
+    topk: int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
+    max_audio_length_ms: float | None = Field(
+        None, gt=0, description="longest audio to generate (default and upper limit: `ServerInfo.max_audio_length_ms`)")
+
+
+# -- voices ---------------------------------------------------------------------------------------
+
+class VoiceInfo(BaseModel):
+    object: Literal["voice"] = "voice"
+    name: str
+    speaker: int
+    text: str = Field(description="transcript of the reference recording")
+    duration_ms: int
+    created: int | None = Field(None, description="unix time")
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VoiceInfo]
+
+
+class VoiceDeleted(BaseModel):
+    object: Literal["voice.deleted"] = "voice.deleted"
+    name: str
+    deleted: bool = True
+
+
+# -- service --------------------------------------------------------------------------------------
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "fastcsm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class ServerInfo(BaseModel):
+    """What a client needs to know before it speaks: audio layout, formats and limits."""
+
+    model: str
+    sample_rate: int = SAMPLE_RATE
+    frame_samples: int = FRAME_SAMPLES
+    frame_ms: int = 80
+    speech_formats: list[str]
+    pcm_formats: list[str] = list(PCM_FORMATS)
+    max_input_chars: int
+    max_audio_length_ms: int
+    max_upload_bytes: int
+    max_voice_audio_s: float
+    auth_required: bool
+    slots: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    ready: bool
+    slots: int = 0
+    free_slots: int = 0
+    queued: int = 0
+
+
+# -- WebSocket: client -> server ------------------------------------------------------------------
+
+class Configure(_Strict):
+    """Session settings; send before the first turn (sending it later resets the conversation)."""
+
+    type: Literal["configure"] = "configure"
+    voices: list[str] = Field(default_factory=list, max_length=8,
+                              description="registered voices pinned at the head of the conversation, never "
+                                          "dropped; each speaks under its own speaker id")
+    audio_format: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
+    temperature: float = Field(0.9, ge=0.0, le=10.0)
+    topk: int = Field(50, ge=0, le=2048)
+    max_audio_length_ms: float | None = Field(None, gt=0)
+
+
+class AddTurn(_Strict):
+    """A turn of the other party (or any speaker), appended to the conversation."""
+
+    type: Literal["add_turn"] = "add_turn"
+    speaker: int = Field(ge=0, le=1_000_000)
+    text: str = Field(min_length=1)
+    audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate)")
+
+
+class Speak(_Strict):
+    """Speak a line. `voice` (a registered name or a bare id like "1") or `speaker` picks who speaks."""
+
+    type: Literal["speak"] = "speak"
+    text: str = Field(min_length=1)
+    speaker: int | None = Field(None, ge=0, le=1_000_000)
+    voice: str | None = Field(None, max_length=64)
+    id: str | None = Field(None, max_length=128, description="echoed in this utterance's events")
+    seed: int | None = Field(None, ge=0, lt=2**62)
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    topk: int | None = Field(None, ge=0, le=2048)
+    max_audio_length_ms: float | None = Field(None, gt=0)
+
+
+class Interrupt(_Strict):
+    type: Literal["interrupt"] = "interrupt"
+
+
+class Reset(_Strict):
+    type: Literal["reset"] = "reset"
+
+
+ClientMessage = Annotated[Union[Configure, AddTurn, Speak, Interrupt, Reset], Field(discriminator="type")]
+
+
+# -- WebSocket: server -> client ------------------------------------------------------------------
+
+class ReadyEvent(BaseModel):
+    type: Literal["ready"] = "ready"
+    sample_rate: int = SAMPLE_RATE
+    frame_samples: int = FRAME_SAMPLES
+    audio_format: str = "pcm_s16le"
+    max_rows: int = Field(description="the context window, in rows")
+
+
+class ConfiguredEvent(BaseModel):
+    type: Literal["configured"] = "configured"
+    voices: list[str]
+    audio_format: str
+    pinned_rows: int
+
+
+class TurnAdded(BaseModel):
+    type: Literal["turn_added"] = "turn_added"
+    index: int = Field(description="position of the turn in the conversation")
+    speaker: int
+    rows: int
+    conversation_rows: int
+
+
+class Started(BaseModel):
+    type: Literal["started"] = "started"
+    id: str | None
+    utterance: int = Field(description="counts utterances in this session from 0")
+    speaker: int
+    prompt_rows: int
+    max_frames: int
+
+
+class FirstAudio(BaseModel):
+    type: Literal["first_audio"] = "first_audio"
+    id: str | None
+    utterance: int
+    ms: float = Field(description="from the speak message to the first frame leaving the server")
+
+
+class Done(BaseModel):
+    type: Literal["done"] = "done"
+    id: str | None
+    utterance: int
+    reason: Literal["end", "max_length", "interrupted", "deadline", "error"]
+    frames: int
+    audio_ms: int
+    prefill_rows: int = Field(description="prompt rows this utterance had to prefill")
+    reused_rows: int = Field(description="prompt rows taken from the session's KV cache")
+
+
+class ContextDropped(BaseModel):
+    type: Literal["context_dropped"] = "context_dropped"
+    dropped_turns: int
+    dropped_rows: int
+    remaining_rows: int = Field(description="conversation rows kept; they are prefilled again")
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    message: str
+    code: str = Field(description="bad_request, not_found, busy, unauthorized, internal")
+    id: str | None = None
+
+
+ServerMessage = Annotated[
+    Union[ReadyEvent, ConfiguredEvent, TurnAdded, Started, FirstAudio, Done, ContextDropped, ErrorEvent],
+    Field(discriminator="type"),
+]
