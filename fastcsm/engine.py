@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from .model import CSM, KVCache
 from .prompt import Prompt
@@ -112,6 +115,16 @@ def engine_step(model: CSM, codec, state: SlotState, cache: KVCache, decoder_cac
         pcm.copy_(codec.decode_step(state.codes[:, :, None], codec_state)[:, 0].to(pcm.dtype))
 
 
+def enable_compile_cache() -> Path:
+    """Keep compiled kernels on disk (`$FASTCSM_CACHE/inductor`, default ~/.cache/fastcsm), so a
+    restart loads them instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    root = Path(os.environ.get("FASTCSM_CACHE", "~/.cache/fastcsm")).expanduser() / "inductor"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))
+    torch._inductor.config.fx_graph_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def first_rows(obj, n: int):
     """A view of the first n rows of every tensor in a (nested) state object."""
     if isinstance(obj, torch.Tensor):
@@ -176,16 +189,37 @@ class PrefixCache:
         self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @staticmethod
+    def _rows(prompt: Prompt):
+        # [T, 2(K+1)] int64: a row's tokens and mask side by side, so a prefix is a byte prefix.
+        return torch.cat([prompt.tokens, prompt.mask.long()], dim=1).contiguous().numpy()
+
+    @staticmethod
     def key(prompt: Prompt, rows: int) -> str:
-        h = hashlib.sha256(prompt.tokens[:rows].numpy().tobytes())
-        h.update(prompt.mask[:rows].numpy().tobytes())
-        return h.hexdigest()
+        return hashlib.sha256(PrefixCache._rows(prompt)[:rows].tobytes()).hexdigest()
 
     def get(self, key: str):
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
         return None
+
+    def longest(self, prompt: Prompt, rows: int):
+        """The longest stored prefix of `prompt`'s first `rows` rows: (n, k, v), or None.
+
+        A conversation grows turn by turn: the prefix stored for one turn is a prefix of the next
+        turn's, so the next turn prefills only the rows added since."""
+        lengths = sorted({k.shape[2] for k, _ in self.entries.values() if k.shape[2] <= rows})
+        data, h, done, best = self._rows(prompt), hashlib.sha256(), 0, None
+        for n in lengths:  # one pass over the rows, a digest at every stored length
+            h.update(data[done:n].tobytes())
+            done = n
+            key = h.copy().hexdigest()
+            if key in self.entries:
+                best = key
+        if best is None:
+            return None
+        k, v = self.get(best)
+        return k.shape[2], k, v
 
     def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.nbytes + v.nbytes > self.budget:
@@ -240,6 +274,8 @@ class Engine:
         self.pending: list[tuple[int, Request]] = []  # (batch, request) of the step whose codes are in flight
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.buckets = [b for b in (1 << i for i in range(max_slots.bit_length() + 1)) if b < max_slots] + [max_slots]
+        if compile:
+            enable_compile_cache()
         self._step = torch.compile(engine_step, fullgraph=True, dynamic=False) if compile else engine_step
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -300,20 +336,20 @@ class Engine:
         P = min(request.prefix_rows, len(request.prompt) - 1)
         if P <= 0:
             return
-        hit = self.prefix_cache.get(PrefixCache.key(request.prompt, P))
+        hit = self.prefix_cache.longest(request.prompt, P)
         if hit is not None:
-            k, v = hit
-            self.cache.k[:, request.slot, :, :P].copy_(k)
-            self.cache.v[:, request.slot, :, :P].copy_(v)
-            request.prefilled = request.reused_rows = P
-            self.stats["reused_rows"] += P
+            n, k, v = hit
+            self.cache.k[:, request.slot, :, :n].copy_(k)
+            self.cache.v[:, request.slot, :, :n].copy_(v)
+            request.prefilled = request.reused_rows = n
+            self.stats["reused_rows"] += n
 
     def _prefill_chunk(self, request: Request) -> None:
         """Put the next chunk of the request's prompt into its cache row."""
         slot, start = request.slot, request.prefilled
         stop = min(len(request.prompt), start + self.prefill_chunk)
         P = min(request.prefix_rows, len(request.prompt) - 1)
-        if start < P < stop and request.reused_rows == 0:
+        if start < P < stop and request.reused_rows < P:
             stop = P  # end a chunk at the prefix boundary so its KV can be kept
         tokens = request.prompt.tokens[None, start:stop].to(self.device, non_blocking=True)
         mask = request.prompt.mask[None, start:stop].to(self.device, non_blocking=True)
@@ -322,7 +358,7 @@ class Engine:
             h = prefill(self.model, tokens, mask, start_t, self.cache.rows(slot, slot + 1))
         request.prefilled = stop
         self.stats["prefill_rows"] += stop - start
-        if stop == P and request.reused_rows == 0:
+        if stop == P and request.reused_rows < P:
             key = PrefixCache.key(request.prompt, P)
             self.prefix_cache.put(key, self.cache.k[:, slot, :, :P].clone(), self.cache.v[:, slot, :, :P].clone())
         if stop == len(request.prompt):
