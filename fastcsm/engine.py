@@ -71,8 +71,9 @@ class SlotState:
         return SlotState(**{name: t[:n] for name, t in vars(self).items()})
 
 
-def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache) -> torch.Tensor:
-    """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0)."""
+def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, candidates: int | None = None) -> torch.Tensor:
+    """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0).
+    `candidates`: see `sampling.sample`."""
     K, C = model.cfg.num_codebooks, model.cfg.codebook_size
     h = state.h
     B = h.shape[0]
@@ -80,7 +81,7 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache) -> torch.
     def pick(logits, codebook):
         # Only real Mimi codes are drawn: ids from codebook_size up (padding) are never audio.
         noise = counter_noise(state.seed, state.frame, codebook, C)
-        return sample(logits[:, :C], noise, state.temperature, state.topk, state.topp)
+        return sample(logits[:, :C], noise, state.temperature, state.topk, state.topp, candidates)
 
     c = pick(model.codebook0_logits(h), 0)
     codes = [c]
@@ -95,9 +96,10 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache) -> torch.
     return torch.stack(codes, dim=1)
 
 
-def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache) -> None:
+def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache,
+               candidates: int | None = None) -> None:
     """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
-    codes = sample_frame(model, state, decoder_cache)
+    codes = sample_frame(model, state, decoder_cache, candidates)
     pos = state.pos.clamp(max=cache.length - 1)  # inactive rows may sit at the end of the window
     h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     active = state.active
@@ -108,9 +110,9 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
 
 
 def engine_step(model: CSM, codec, state: SlotState, cache: KVCache, decoder_cache: KVCache,
-                codec_state, pcm: torch.Tensor | None) -> None:
+                codec_state, pcm: torch.Tensor | None, candidates: int | None) -> None:
     """One frame for rows 0..B-1 and, with a codec, its 80 ms of audio into pcm [B, frame_size]."""
-    frame_step(model, state, cache, decoder_cache)
+    frame_step(model, state, cache, decoder_cache, candidates)
     if codec is not None:
         pcm.copy_(codec.decode_step(state.codes[:, :, None], codec_state)[:, 0].to(pcm.dtype))
 
@@ -236,6 +238,8 @@ class Engine:
       per-slot streaming state, inside the same compiled / captured step.
     compile: wrap the step in `torch.compile` (kernel fusion).
     cuda_graphs: capture one graph per batch bucket (default: on when the model is on CUDA).
+    sample_candidates: rank only this many tokens per codebook while every request's top-k fits
+      (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
     """
 
     def __init__(
@@ -248,6 +252,7 @@ class Engine:
         compile: bool = False,
         cuda_graphs: bool | None = None,
         prefix_cache_bytes: int = 256 << 20,
+        sample_candidates: int = 64,
     ):
         self.model = model
         self.cfg = model.cfg
@@ -278,7 +283,8 @@ class Engine:
             enable_compile_cache()
         self._step = torch.compile(engine_step, fullgraph=True, dynamic=False) if compile else engine_step
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
+        self.sample_candidates = sample_candidates
         self._copy_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stats = {"prefill_rows": 0, "reused_rows": 0, "frames": 0, "steps": 0}
 
@@ -375,23 +381,33 @@ class Engine:
         top = max((i for i, r in enumerate(self.slots) if r is not None and r not in self.waiting), default=-1)
         return next(b for b in self.buckets if b > top)
 
-    def _step_args(self, batch: int) -> tuple:
-        return (self.model, self.codec, self.state.rows(batch), self.cache.rows(0, batch),
-                self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch))
+    def candidates(self, running: list[tuple[int, Request]]) -> int | None:
+        """Tokens the sampler must rank this step: a partial top-k when every running request's
+        top-k fits in `sample_candidates` (the pick is the same), else a full sort."""
+        n = self.sample_candidates
+        if n and all(0 < r.params.topk <= n for _, r in running):
+            return n
+        return None
 
-    def _run_step(self, batch: int) -> None:
+    def _step_args(self, batch: int, candidates: int | None) -> tuple:
+        return (self.model, self.codec, self.state.rows(batch), self.cache.rows(0, batch),
+                self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch),
+                candidates)
+
+    def _run_step(self, batch: int, candidates: int | None) -> None:
         if self.cuda_graphs:
-            graph = self._graphs.get(batch)
+            key = (batch, candidates)
+            graph = self._graphs.get(key)
             if graph is None:
-                graph = self._graphs[batch] = self._capture(batch)
+                graph = self._graphs[key] = self._capture(batch, candidates)
             graph.replay()
         else:
             with torch.inference_mode():
-                self._step(*self._step_args(batch))
+                self._step(*self._step_args(batch, candidates))
 
-    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, batch: int, candidates: int | None) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then capture the step for `batch` rows."""
-        args = self._step_args(batch)
+        args = self._step_args(batch, candidates)
         # Warm-up must not advance any stream: save and restore every piece of per-slot state.
         saved = [t.clone() for t in _tensors([self.state, self.codec_state])]
         stream = torch.cuda.Stream()
@@ -424,7 +440,7 @@ class Engine:
         running = [(r.slot, r) for r in self.slots if r is not None and r not in self.waiting and not r.done]
         batch = self.bucket() if running else 0
         if batch:
-            self._run_step(batch)
+            self._run_step(batch, self.candidates(running))
             self.host_codes[:batch].copy_(self.state.codes[:batch], non_blocking=True)
             if self.codec is not None:
                 self.host_pcm[:batch].copy_(self.pcm[:batch], non_blocking=True)

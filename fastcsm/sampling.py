@@ -64,24 +64,31 @@ def sample(
     temperature: torch.Tensor,
     topk: torch.Tensor,
     topp: torch.Tensor,
+    candidates: int | None = None,
 ) -> torch.Tensor:
     """Pick one token per row.
 
-    logits: [B, V]; noise: [B, V] Exp(1); temperature, topp: [B] float; topk: [B] long.
-    Returns [B] long.
+    logits, noise: [B, V] (noise Exp(1), indexed by token id); temperature, topp: [B] float;
+    topk: [B] long. Returns [B] long.
+
+    `candidates` (static) limits the work to the best `candidates` tokens of each row (a partial
+    top-k instead of a full sort). The pick is the same as with all V tokens whenever every
+    row's top-k is within `candidates`; rows with top-k off (0) need candidates=None.
     """
     logits = logits.float()
     V = logits.shape[-1]
     greedy = logits.argmax(dim=-1)
     scores = logits / temperature.clamp_min(1e-6)[:, None]
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    rank = torch.arange(V, device=logits.device)
+    if candidates is not None and candidates < V:
+        best, order = scores.topk(candidates, dim=-1)  # [B, n], descending
+    else:
+        best, order = scores.sort(dim=-1, descending=True)
+    rank = torch.arange(best.shape[-1], device=logits.device)
     k = torch.where(topk > 0, topk, V)
     keep = rank[None, :] < k[:, None]
-    probs = torch.softmax(sorted_scores.masked_fill(~keep, float("-inf")), dim=-1)
+    probs = torch.softmax(best.masked_fill(~keep, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
     keep &= (probs.cumsum(dim=-1) - probs) < topp[:, None]
-    keep_mask = torch.zeros_like(keep).scatter(-1, order, keep)
-    race = scores.masked_fill(~keep_mask, float("-inf")) - noise.log()
-    picked = race.argmax(dim=-1)
+    race = (best - noise.gather(-1, order).log()).masked_fill(~keep, float("-inf"))
+    picked = order.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, picked, greedy)

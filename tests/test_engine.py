@@ -158,7 +158,7 @@ def scripted_step(end_at):
     """A frame step whose codes are scripted: slot s emits frame number f+1 everywhere, and
     the all-zero end frame when f == end_at[s]."""
 
-    def step(model, codec, state: SlotState, cache, decoder_cache, codec_state, pcm):
+    def step(model, codec, state: SlotState, cache, decoder_cache, codec_state, pcm, candidates):
         ends = torch.tensor(end_at[: state.codes.shape[0]])
         codes = (state.frame + 1)[:, None].expand_as(state.codes)
         codes = torch.where((state.frame == ends)[:, None], torch.zeros_like(codes), codes)
