@@ -238,6 +238,8 @@ class Engine:
       per-slot streaming state, inside the same compiled / captured step.
     compile: wrap the step in `torch.compile` (kernel fusion).
     cuda_graphs: capture one graph per batch bucket (default: on when the model is on CUDA).
+    prefill_chunk: prompt rows prefilled per step, across waiting requests, so running streams
+      never wait more than one chunk's time for their next frame.
     sample_candidates: rank only this many tokens per codebook while every request's top-k fits
       (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
     """
@@ -285,6 +287,7 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
         self.sample_candidates = sample_candidates
+        self._graph_pool = None
         self._copy_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stats = {"prefill_rows": 0, "reused_rows": 0, "frames": 0, "steps": 0}
 
@@ -350,10 +353,11 @@ class Engine:
             request.prefilled = request.reused_rows = n
             self.stats["reused_rows"] += n
 
-    def _prefill_chunk(self, request: Request) -> None:
-        """Put the next chunk of the request's prompt into its cache row."""
+    def _prefill_chunk(self, request: Request, rows: int | None = None) -> int:
+        """Put the next chunk (at most `rows` rows) of the request's prompt into its cache row.
+        Returns the rows prefilled."""
         slot, start = request.slot, request.prefilled
-        stop = min(len(request.prompt), start + self.prefill_chunk)
+        stop = min(len(request.prompt), start + (rows or self.prefill_chunk))
         P = min(request.prefix_rows, len(request.prompt) - 1)
         if start < P < stop and request.reused_rows < P:
             stop = P  # end a chunk at the prefix boundary so its KV can be kept
@@ -373,6 +377,7 @@ class Engine:
             st.pos[slot] = stop
             st.active[slot] = True
             self.waiting.remove(request)
+        return stop - start
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -417,8 +422,10 @@ class Engine:
                 self._step(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        # All buckets share one memory pool: only one graph runs at a time.
+        with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             self._step(*args)
+        self._graph_pool = self._graph_pool or graph.pool()
         for t, copy in zip(_tensors([self.state, self.codec_state]), saved):
             t.copy_(copy)
         return graph
@@ -429,8 +436,9 @@ class Engine:
         Returns what the host learnt this step: the previous step's frame per request (codes),
         and requests that ended (codes None; their slot is free again).
         """
-        if self.waiting:
-            self._prefill_chunk(self.waiting[0])
+        budget = self.prefill_chunk  # prompt rows per step, across waiting requests
+        while self.waiting and budget > 0:
+            budget -= self._prefill_chunk(self.waiting[0], budget)
         # Read back the previous step's codes (copied asynchronously) before launching the next.
         previous = self.pending
         if previous and self._copy_event is not None:

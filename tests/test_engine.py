@@ -234,3 +234,26 @@ def test_engine_decodes_each_slot_to_pcm(model):
         assert len(codes) == 5 and all(p.shape == (1920,) for p in pcm)
         whole = codec.decode(torch.stack(codes).T[None])[0, 0]
         assert torch.allclose(torch.cat(pcm), whole, atol=1e-5)
+
+
+def test_prefill_budget_is_shared_across_waiting_requests(model):
+    """A step prefills at most `prefill_chunk` rows, from as many waiting requests as fit, and
+    running streams keep getting a frame every step meanwhile."""
+    engine = Engine(model, max_slots=4, prefill_chunk=40)
+    first = requests(1, frames=30)[0]
+    engine.add(first)
+    engine.step()  # its prompt fits in one step
+    assert not engine.waiting
+    rows = []
+    late = requests(3, frames=4)[1:]
+    for r in late:
+        engine.add(r)
+    emitted_first = 0
+    while engine.waiting:
+        before = engine.stats["prefill_rows"]
+        emitted_first += sum(e.request is first and e.codes is not None for e in engine.step())
+        rows.append(engine.stats["prefill_rows"] - before)
+    total = sum(len(r.prompt) for r in late)
+    assert sum(rows) == total and max(rows) <= 40
+    assert len(rows) == -(-total // 40)  # no step left budget unused while requests waited
+    assert emitted_first == len(rows)  # the running stream advanced on every one of those steps
