@@ -1,0 +1,183 @@
+"""Voices: a speaker id, a reference recording and its transcript, saved as Mimi codes.
+
+CSM clones a voice from context: a segment of that speaker's audio with its words, placed
+before the line to speak. A `Voice` keeps that segment already encoded (codes [frames, K] plus
+the transcript), so cloning never re-encodes audio. On disk a voice is one small safetensors
+file (about 2 KB a second of audio): the codes as a tensor, the rest as string metadata.
+
+Named voices live in a directory: `$FASTCSM_VOICES` if set, else `~/.cache/fastcsm/voices`.
+Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it.
+`load_voice` accepts a name or the path of a voice file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .prompt import Segment, check_speaker, check_text
+
+VOICE_DIR_ENV = "FASTCSM_VOICES"
+SUFFIX = ".safetensors"
+FORMAT = "fastcsm-voice"
+VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class VoiceError(ValueError):
+    """A voice name, file or store operation that cannot be honoured."""
+
+
+@dataclass
+class Voice:
+    """A voice prompt: `speaker` says `text` in the recording whose Mimi codes are `codes`."""
+
+    speaker: int
+    text: str
+    codes: torch.Tensor  # [frames, K] int64
+    name: str | None = None
+    meta: dict = field(default_factory=dict)  # free-form: source file, creation time, ...
+
+    def __post_init__(self):
+        check_speaker(self.speaker)
+        check_text(self.text)
+        if not isinstance(self.codes, torch.Tensor) or self.codes.ndim != 2 or self.codes.shape[0] == 0:
+            raise VoiceError("a voice's codes must be a non-empty tensor [frames, codebooks]")
+        if self.codes.is_floating_point():
+            raise VoiceError(f"a voice's codes must be integers, got {self.codes.dtype}")
+        self.codes = self.codes.long().cpu()
+
+    @property
+    def frames(self) -> int:
+        return self.codes.shape[0]
+
+    def duration_ms(self, frame_ms: int = 80) -> int:
+        return self.frames * frame_ms
+
+    def segment(self, speaker: int | None = None) -> Segment:
+        """The context segment that carries this voice (optionally for another speaker id)."""
+        return Segment(self.speaker if speaker is None else check_speaker(speaker), self.text, codes=self.codes)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the voice to `path` (a `.safetensors` file), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        metadata = {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "speaker": str(self.speaker),
+            "text": self.text,
+            "name": self.name or "",
+            "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"codes": self.codes.contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Voice:
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise VoiceError(f"no voice file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                codes = f.get_tensor("codes") if "codes" in f.keys() else None
+        except Exception as e:  # not safetensors, truncated, unreadable
+            raise VoiceError(f"{path} is not a readable fastcsm voice file ({e})") from None
+        if metadata.get("format") != FORMAT or codes is None:
+            raise VoiceError(f"{path} is a safetensors file but not a fastcsm voice (no voice metadata or codes)")
+        if int(metadata.get("version", "0")) > VERSION:
+            raise VoiceError(f"{path} was written by a newer fastcsm (voice format {metadata['version']}); upgrade")
+        try:
+            return Voice(
+                speaker=int(metadata["speaker"]),
+                text=metadata["text"],
+                codes=codes,
+                name=metadata.get("name") or None,
+                meta=json.loads(metadata.get("meta") or "{}"),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise VoiceError(f"{path} holds a damaged voice: {e}") from None
+
+    @staticmethod
+    def from_audio(codec, audio: torch.Tensor, text: str, speaker: int = 0, name: str | None = None,
+                   **meta) -> Voice:
+        """Encode a 24 kHz mono waveform [samples] with `codec` (`encode_waveform`)."""
+        codes = codec.encode_waveform(audio)
+        return Voice(speaker, text, codes, name, {"created": int(time.time()), **meta})
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise VoiceError(
+            f"invalid voice name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def voice_dir() -> Path:
+    """Where named voices live: `$FASTCSM_VOICES`, else `~/.cache/fastcsm/voices`."""
+    env = os.environ.get(VOICE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fastcsm" / "voices"
+
+
+class VoiceStore:
+    """A directory of named voices (`<name>.safetensors`)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else voice_dir()
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{check_name(name)}{SUFFIX}"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[: -len(SUFFIX)] for p in self.root.glob(f"*{SUFFIX}")
+                      if _NAME.fullmatch(p.name[: -len(SUFFIX)]))
+
+    def __contains__(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def add(self, voice: Voice, name: str, overwrite: bool = False) -> Path:
+        path = self.path(name)
+        if path.exists() and not overwrite:
+            raise VoiceError(f"a voice named {name!r} already exists at {path}; remove it first or overwrite it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        voice.name = name
+        return voice.save(path)
+
+    def get(self, name: str) -> Voice:
+        path = self.path(name)
+        if not path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise VoiceError(f"no voice named {name!r} in {self.root} (known: {known})")
+        return Voice.load(path)
+
+    def remove(self, name: str) -> Path:
+        path = self.path(name)
+        if not path.is_file():
+            raise VoiceError(f"no voice named {name!r} in {self.root}")
+        path.unlink()
+        return path
+
+
+def load_voice(name_or_path: str | os.PathLike, store: VoiceStore | None = None) -> Voice:
+    """A voice by file path (anything with a `/` or the `.safetensors` suffix, or an existing
+    file) or else by name in `store` (the default voice directory)."""
+    s = os.fspath(name_or_path)
+    looks_like_path = os.sep in s or "/" in s or s.endswith(SUFFIX) or s.startswith("~")
+    if looks_like_path or (Path(s).is_file() and not _NAME.fullmatch(s)):
+        return Voice.load(s)
+    return (store or VoiceStore()).get(s)
