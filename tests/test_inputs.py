@@ -183,3 +183,22 @@ def test_bf16_on_cpu_runs(root):
     gen = Generator.from_pretrained(root, device="cpu", dtype="bf16")
     assert gen.model.codebook0_head.weight.dtype == torch.bfloat16
     assert gen.generate_codes("Hello.", 0, max_audio_length_ms=240, seed=1).shape == (3, K)
+
+
+def test_hub_id_resolves_offline_from_the_local_cache(root, tmp_path, monkeypatch):
+    """A repo id found in the hub cache loads with no network (HF_HUB_OFFLINE)."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-csm" / "snapshots" / ("0" * 40)
+    shutil.copytree(root, snapshot)
+    (cache / "models--someone--tiny-csm" / "refs").mkdir()
+    (cache / "models--someone--tiny-csm" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    gen = Generator.from_pretrained("someone/tiny-csm", device="cpu")
+    assert gen.generate_codes("Offline.", 0, max_audio_length_ms=160, seed=0).shape == (2, K)
+    with pytest.raises(checkpoints.CheckpointError, match="not in the local hub cache.*huggingface-cli login"):
+        Generator.from_pretrained("someone/not-cached", device="cpu")
