@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .checkpoints import load_model, resolve
+from .codec import resolve_codec
 from .engine import Engine, Request
 from .model import CSM
 from .prompt import Prompt, Segment, TextTokenizer, build_prompt
@@ -28,15 +29,17 @@ class Generator:
         self.engine: Engine | None = None  # created on first use
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None) -> Generator:
+    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto") -> Generator:
         """Load CSM from a local directory or hub repo id, in any published format.
 
         `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none.
+        `codec`: "auto" takes the Mimi stored in a transformers-format checkpoint (if any); a path
+        or hub id loads a separate Mimi checkpoint; a `Codec` is used as is; None loads none.
         """
         root = resolve(path_or_repo)
-        model, _ = load_model(root, device, dtype)
+        model, files = load_model(root, device, dtype)
         tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root)
-        return cls(model, tok)
+        return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device))
 
     # -- prompts --------------------------------------------------------------------------------
 
