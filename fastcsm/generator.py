@@ -1,21 +1,71 @@
-"""The user API: load a checkpoint, speak a line in a conversation, get Mimi codes (or audio).
+"""The user API: load a checkpoint, speak a line in a conversation, get audio (or Mimi codes).
 
     gen = Generator.from_pretrained("sesame/csm-1b")
-    codes = gen.generate_codes("Hello there.", speaker=0, context=[Segment(1, "Hi!", codes=...)])
+    audio = gen.generate("Hello there.", speaker=0, context=[Segment(1, "Hi!", audio=wav)])
+    for chunk in gen.stream("Hello there.", 0, voice="alice"): play(chunk)
+    codes = gen.generate_codes("Hello there.", speaker=0)
+
+Speaking (`speak`, `generate`, `stream`) plans a request once — voice prompts pinned, context
+rows built, the text split into pieces, each piece bounded by its length guard and checked to
+fit — then generates piece after piece, each with the earlier pieces' audio as context, fitting
+every prompt into the window by dropping the oldest context (see context.py, speech.py).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .checkpoints import load_model, resolve
 from .codec import resolve_codec
+from .context import check_line_fits, fit
 from .engine import Engine, Request
 from .model import CSM
-from .prompt import Prompt, Segment, TextTokenizer, build_prompt
+from .prompt import (Prompt, Segment, TextTokenizer, audio_rows, build_prompt, check_speaker, check_text, concat,
+                     segment_rows, text_rows)
 from .sampling import SamplingParams
+from .speech import AudioStream, Piece, SpeakOptions, Speech
+from .text import split_text
+
+log = logging.getLogger("fastcsm")
+
+
+@dataclass
+class _Plan:
+    """A checked request to speak: fixed rows, one (text, rows, max frames) per piece."""
+
+    speaker: int
+    pinned: list[Prompt]
+    context: list[Prompt]
+    lines: list[tuple[str, Prompt, int]]
+    params: SamplingParams
+    seed: int
+    options: SpeakOptions
+    pieces: list[Piece]
+
+
+def _as_voices(voice) -> list:
+    """None, a Voice, a voice name/path, or a sequence of those -> list of Voice."""
+    from .voices import Voice, load_voice
+
+    if voice is None:
+        return []
+    items = list(voice) if isinstance(voice, (list, tuple)) else [voice]
+    out = []
+    for v in items:
+        if isinstance(v, Voice):
+            out.append(v)
+        elif isinstance(v, (str, os.PathLike)):
+            out.append(load_voice(v))
+        else:
+            raise TypeError(f"voice must be a Voice, a voice name or a voice file path, got {type(v).__name__}")
+    return out
 
 
 class Generator:
@@ -89,6 +139,164 @@ class Generator:
         self.check_fits(len(prompt), frames)
         return torch.cat(list(self._frames(prompt, frames, params, seed)) or
                          [torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)])
+
+    # -- speaking: text to audio -----------------------------------------------------------------
+
+    def generate(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = 90_000,
+        temperature: float = 0.9,
+        topk: int = 50,
+        *,
+        topp: float = 1.0,
+        seed: int | None = None,
+        voice=None,
+        options: SpeakOptions | None = None,
+    ) -> torch.Tensor:
+        """Speak `text` as `speaker` after `context`: the 24 kHz waveform [samples] (fp32, CPU).
+
+        The signature and result of Sesame's reference `generate`; the keyword-only arguments
+        are `speak`'s. Long text is split into pieces (see `SpeakOptions`).
+        """
+        return self.speak(text, speaker, context, max_audio_length_ms=max_audio_length_ms,
+                          temperature=temperature, topk=topk, topp=topp, seed=seed, voice=voice,
+                          options=options).audio
+
+    def speak(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context: Sequence[Segment] = (),
+        *,
+        voice=None,
+        max_audio_length_ms: float = 90_000,
+        temperature: float = 0.9,
+        topk: int = 50,
+        topp: float = 1.0,
+        seed: int | None = None,
+        options: SpeakOptions | None = None,
+    ) -> Speech:
+        """Speak `text` and return the waveform with its codes and one record per piece.
+
+        voice: a `Voice` (or a voice name or file) pinned at the head of the prompt, never
+            dropped; its audio is placed under `speaker`, which defaults to the voice's own id.
+            A list of voices gives several speakers their voices, each under its own id.
+        context: earlier turns, oldest first; the oldest are dropped whole when the window is
+            short (each `Piece` says which, and a warning is logged).
+        max_audio_length_ms: the bound for each generated piece; the length guard of `options`
+            lowers it to what the piece's text can plausibly take.
+        seed: pieces use seed, seed+1, ...; None draws one (recorded in `pieces`).
+        """
+        codec = self._need_codec()
+        plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
+        frames = [f for f in self._speak_frames(plan) if f is not None]
+        codes = torch.cat(frames) if frames else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)
+        return Speech(codec.decode(codes), codes, codec.sample_rate, plan.pieces)
+
+    def stream(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context: Sequence[Segment] = (),
+        *,
+        voice=None,
+        max_audio_length_ms: float = 90_000,
+        temperature: float = 0.9,
+        topk: int = 50,
+        topp: float = 1.0,
+        seed: int | None = None,
+        options: SpeakOptions | None = None,
+        chunk_frames: int = 4,
+    ) -> AudioStream:
+        """Like `speak`, but yield PCM chunks (fp32 [samples], 24 kHz) as frames are generated:
+        the first after one frame, then `chunk_frames` frames at a time. The chunks concatenate
+        to `generate(...)` with the same seed. Input errors raise here, not at the first chunk;
+        `close()` the stream (or use it in a `with` block) to stop early.
+        """
+        codec = self._need_codec()
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
+        plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
+        return AudioStream(self._speak_frames(plan), codec.open_stream(), chunk_frames, codec.sample_rate,
+                           plan.pieces, len(plan.lines))
+
+    def _need_codec(self):
+        if self.codec is None:
+            raise ValueError(
+                "this generator has no audio codec (original Sesame checkpoints carry none): load one with "
+                "Generator.from_pretrained(..., codec='kyutai/mimi' or a Mimi directory), or use generate_codes()"
+            )
+        return self.codec
+
+    @torch.inference_mode()
+    def _plan(self, text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed,
+              options) -> _Plan:
+        """Check every input and build the rows that stay fixed while pieces are generated."""
+        options = options if options is not None else SpeakOptions()
+        params = SamplingParams(temperature, topk, topp)
+        if isinstance(max_audio_length_ms, (int, float)) and not math.isfinite(max_audio_length_ms):
+            raise ValueError(f"max_audio_length_ms must be a finite number, got {max_audio_length_ms!r}")
+        user_frames = self.frames_for(max_audio_length_ms)
+        voices = _as_voices(voice)
+        if speaker is None:
+            speaker = voices[0].speaker if voices else 0
+        speaker = check_speaker(speaker)
+        pinned_segments = [voices[0].segment(speaker)] if len(voices) == 1 else [v.segment() for v in voices]
+        if isinstance(context, Segment) or not all(isinstance(s, Segment) for s in context):
+            raise TypeError("context must be a sequence of Segment (oldest first)")
+        encode = self.codec.encode_waveform if self.codec is not None else None
+        pinned = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in pinned_segments]
+        history = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in context]
+        text = check_text(text)
+        texts = [text] if options.max_piece_chars is None else split_text(text, options.max_piece_chars)
+        lines = []
+        for piece in texts:
+            rows = text_rows(self.tokenizer, speaker, piece, self.cfg)
+            guard = options.guard_ms(piece)
+            frames = user_frames if guard is None else min(user_frames, math.ceil(guard / self.cfg.frame_ms))
+            check_line_fits(pinned, rows, frames, self.cfg)
+            lines.append((piece, rows, frames))
+        if seed is None:
+            seed = secrets.randbits(62)
+        return _Plan(speaker, pinned, history, lines, params, seed, options, [])
+
+    @torch.inference_mode()
+    def _speak_frames(self, plan: _Plan):
+        """Yield each generated frame [1, K], and None at the end of every piece."""
+        opts, cfg = plan.options, self.cfg
+        history = list(plan.context)
+        labels = [("context", i) for i in range(len(history))]
+        for i, (text, line, max_frames) in enumerate(plan.lines):
+            prompt, trim = fit(plan.pinned, history, line, max_frames, cfg, opts.older_audio, opts.keep_full_audio)
+            dropped = [labels[j] for j in trim.dropped]
+            piece = Piece(i, text, max_frames, len(prompt), trim, [j for kind, j in dropped if kind == "context"],
+                          [j for kind, j in dropped if kind == "piece"], plan.seed + i)
+            plan.pieces.append(piece)
+            if dropped:
+                log.warning("piece %d/%d: dropped context segments %s and earlier pieces %s "
+                            "(%d rows) so that %d frames fit the %d-row window", i + 1, len(plan.lines),
+                            piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, max_frames,
+                            cfg.max_seq_len)
+            got = []
+            frames = self._frames(prompt, max_frames, plan.params, piece.seed)
+            try:
+                for f in frames:
+                    got.append(f)
+                    piece.frames += 1
+                    yield f
+            finally:
+                frames.close()
+            piece.ended = piece.frames < max_frames
+            if not piece.ended:
+                log.warning("piece %d/%d stopped at its bound of %d ms without an end frame",
+                            i + 1, len(plan.lines), max_frames * cfg.frame_ms)
+            if opts.carry_pieces and got:
+                history.append(concat([line, audio_rows(torch.cat(got), cfg)]))
+                labels.append(("piece", i))
+            yield None
 
     def _frames(self, prompt: Prompt, max_frames: int, params: SamplingParams, seed: int | None):
         """Yield each generated frame [1, K] (CPU long) until the end frame or `max_frames`."""

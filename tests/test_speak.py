@@ -1,0 +1,204 @@
+"""Speaking end to end on a tiny random checkpoint: audio, streaming, voices, context, long text.
+
+Random weights almost never emit the end frame, so every generation here runs to its bound;
+bounds are a few frames to keep the module fast.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from fastcsm.config import tiny_config
+from fastcsm.context import ContextTooLong, Trim, fit
+from fastcsm.generator import Generator
+from fastcsm.prompt import Segment, audio_rows, text_rows
+from fastcsm.speech import SpeakOptions
+from fastcsm.voices import Voice
+
+CFG = tiny_config()
+K = CFG.num_codebooks
+FRAME = 1920
+FRAME_MS = CFG.frame_ms
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_csm_dir):
+    return Generator.from_pretrained(tiny_csm_dir, device="cpu")
+
+
+@pytest.fixture
+def prompts(gen, monkeypatch):
+    """Record the prompt of every generation and count the frames drawn from the engine."""
+    seen = {"prompts": [], "frames": 0}
+    frames = gen._frames
+
+    def recording(prompt, max_frames, params, seed):
+        seen["prompts"].append(prompt)
+        for f in frames(prompt, max_frames, params, seed):
+            seen["frames"] += 1
+            yield f
+
+    monkeypatch.setattr(gen, "_frames", recording)
+    return seen
+
+
+def random_codes(frames, seed):
+    return torch.randint(0, CFG.codebook_size, (frames, K), generator=torch.Generator().manual_seed(seed))
+
+
+def test_generate_decodes_the_generated_codes(gen):
+    speech = gen.speak("Hello there.", 0, max_audio_length_ms=3 * FRAME_MS, seed=5)
+    assert speech.sample_rate == 24_000
+    assert speech.codes.shape == (3, K) and speech.pieces[0].frames == 3 and not speech.pieces[0].ended
+    assert speech.audio.shape == (3 * FRAME,) and speech.audio.dtype == torch.float32
+    assert torch.equal(speech.codes, gen.generate_codes("Hello there.", 0, max_audio_length_ms=3 * FRAME_MS, seed=5))
+    assert torch.equal(speech.audio, gen.codec.decode(speech.codes))
+
+
+def test_stream_concatenates_to_generate(gen):
+    kw = dict(max_audio_length_ms=5 * FRAME_MS, seed=3)
+    whole = gen.generate("Streaming works.", 1, [], **kw)  # the reference's signature
+    with gen.stream("Streaming works.", 1, chunk_frames=2, **kw) as stream:
+        chunks = list(stream)
+    assert [c.numel() for c in chunks] == [FRAME, 2 * FRAME, 2 * FRAME]
+    torch.testing.assert_close(torch.cat(chunks), whole, rtol=1e-5, atol=1e-5)
+    assert stream.frames == 5 and stream.closed
+
+
+def test_first_chunk_after_one_frame_and_stopping_frees_everything(gen, prompts):
+    stream = gen.stream("Interrupt me.", 0, max_audio_length_ms=8 * FRAME_MS, seed=1, chunk_frames=4)
+    assert prompts["frames"] == 0, "nothing runs before the first chunk is asked for"
+    first = next(stream)
+    assert first.numel() == FRAME and prompts["frames"] == 1
+    assert gen.codec.open_streams == 1 and gen.engine.free_slots == 0
+    stream.close()
+    assert gen.codec.open_streams == 0 and gen.engine.free_slots == gen.engine.max_slots
+    assert list(stream) == []
+    # Breaking out of a loop and dropping the stream frees it too.
+    for _ in gen.stream("Again.", 0, max_audio_length_ms=8 * FRAME_MS, seed=1):
+        break
+    import gc
+
+    gc.collect()
+    assert gen.codec.open_streams == 0 and gen.engine.free_slots == gen.engine.max_slots
+    assert gen.generate_codes("Still works.", 0, max_audio_length_ms=2 * FRAME_MS, seed=1).shape == (2, K)
+
+
+def test_context_audio_is_encoded_and_voice_is_pinned(gen, prompts):
+    wav = 0.1 * torch.randn(3 * FRAME + 100, generator=torch.Generator().manual_seed(0))
+    voice = Voice.from_audio(gen.codec, wav, "Reference words.", speaker=2)
+    assert voice.codes.shape == (4, K)  # 3 frames and a partial one
+    context = [Segment(1, "A turn with audio.", audio=wav)]
+    speech = gen.speak("With a voice.", None, context, voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=0)
+    prompt = prompts["prompts"][-1]
+    voice_rows = text_rows(gen.tokenizer, 2, "Reference words.", CFG)
+    n = len(voice_rows)
+    assert torch.equal(prompt.tokens[:n], voice_rows.tokens), "the voice comes first, under the line's speaker"
+    assert torch.equal(prompt.tokens[n:n + 4, :K], voice.codes)
+    ctx_rows = text_rows(gen.tokenizer, 1, "A turn with audio.", CFG)
+    start = n + 5 + len(ctx_rows)
+    assert torch.equal(prompt.tokens[start:start + 4, :K], gen.codec.encode_waveform(wav))
+    assert speech.codes.shape == (2, K)
+
+
+def test_trimming_drops_oldest_context_and_reports(gen, prompts, caplog):
+    context = [Segment(i % 2, f"Turn {i}.", codes=random_codes(700, seed=i)) for i in range(4)]  # ~2850 rows
+    voice = Voice(0, "Pinned voice.", random_codes(50, seed=9))
+    with caplog.at_level(logging.WARNING, logger="fastcsm"):
+        speech = gen.speak("Reply.", 0, context, voice=voice, max_audio_length_ms=3 * FRAME_MS, seed=0)
+    piece = speech.pieces[0]
+    assert piece.dropped_context == [0, 1] and speech.dropped_context == [0, 1]
+    rows = [len(text_rows(gen.tokenizer, s.speaker, s.text, CFG)) + 701 for s in context]
+    assert piece.trim.dropped_rows == rows[0] + rows[1]
+    assert piece.prompt_rows + 3 <= CFG.max_seq_len < piece.prompt_rows + 3 + rows[1]
+    assert "dropped context segments [0, 1]" in caplog.text
+    prompt = prompts["prompts"][-1]
+    assert len(prompt) == piece.prompt_rows
+    vrows = len(text_rows(gen.tokenizer, 0, "Pinned voice.", CFG))
+    assert torch.equal(prompt.tokens[vrows:vrows + 50, :K], voice.codes), "the pinned voice is never dropped"
+    line = len(text_rows(gen.tokenizer, 0, "Reply.", CFG))
+    assert torch.equal(prompt.tokens[-line - 701:-line - 1, :K], context[-1].codes), "the newest turn is kept"
+
+
+def test_a_line_that_cannot_fit_alone_is_a_clear_error(gen):
+    huge_voice = Voice(0, "Long.", random_codes(2030, seed=1))
+    with pytest.raises(ContextTooLong, match="context window even with all other context dropped.*shorter voice"):
+        gen.speak("This line does not fit.", 0, voice=huge_voice, max_audio_length_ms=20 * FRAME_MS)
+    with pytest.raises(ContextTooLong, match="shorten the text"):
+        gen.speak("word " * 500, 0, options=SpeakOptions(max_piece_chars=None, guard_ms_per_char=None),
+                  max_audio_length_ms=100 * FRAME_MS)
+
+
+def test_fit_unit():
+    line = text_rows(_ByteTok(), 0, "Hi.", CFG)
+    pinned = [audio_rows(random_codes(10, 0), CFG)]
+    context = [audio_rows(random_codes(900, i), CFG) for i in range(3)]
+    prompt, trim = fit(pinned, context, line, 200, CFG)
+    assert trim.dropped == [0] and trim.dropped_rows == 901 and isinstance(trim, Trim) and trim
+    assert len(prompt) == 11 + 2 * 901 + len(line) and "dropped 1 oldest" in trim.describe()
+    # Experimental: older audio keeps codebook 0 only; rows are unchanged.
+    prompt2, trim2 = fit(pinned, context, line, 200, CFG, older_audio="codebook0", keep_full_audio=1)
+    assert trim2.reduced == [1] and len(prompt2) == len(prompt)
+    seg1 = slice(11, 11 + 901)
+    assert prompt2.mask[seg1, 0].all() and not prompt2.mask[seg1, 1:K].any()
+    assert torch.equal(prompt2.mask[11 + 901:], prompt.mask[11 + 901:])
+    with pytest.raises(ValueError, match="older_audio"):
+        fit(pinned, context, line, 200, CFG, older_audio="half")
+
+
+def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
+    text = "The first sentence is here. A second one follows it. And a third closes the text."
+    opts = SpeakOptions(max_piece_chars=30)
+    kw = dict(max_audio_length_ms=2 * FRAME_MS, seed=7, options=opts)
+    with caplog.at_level(logging.WARNING, logger="fastcsm"):
+        speech = gen.speak(text, 0, **kw)
+    assert [p.text for p in speech.pieces] == ["The first sentence is here.", "A second one follows it.",
+                                               "And a third closes the text."]
+    assert [p.seed for p in speech.pieces] == [7, 8, 9]
+    assert speech.codes.shape == (6, K) and speech.audio.numel() == 6 * FRAME
+    # Piece 3's prompt holds pieces 1 and 2 with the audio generated for them.
+    p3 = prompts["prompts"][2]
+    r1 = text_rows(gen.tokenizer, 0, speech.pieces[0].text, CFG)
+    assert torch.equal(p3.tokens[:len(r1)], r1.tokens)
+    assert torch.equal(p3.tokens[len(r1):len(r1) + 2, :K], speech.codes[:2])
+    assert (p3.tokens[len(r1) + 2, :K] == 0).all(), "each earlier piece ends with the EOS frame"
+    assert speech.pieces[2].prompt_rows == len(p3)
+    assert "piece 3/3 stopped at its bound" in caplog.text
+    # Streaming runs across pieces without a seam: the chunks equal one decode of all the codes.
+    with gen.stream(text, 0, chunk_frames=4, **kw) as stream:
+        chunks = list(stream)
+    assert [c.numel() // FRAME for c in chunks] == [1, 1, 2, 2], "a piece's last frames are flushed at its end"
+    torch.testing.assert_close(torch.cat(chunks), speech.audio, rtol=1e-5, atol=1e-5)
+    assert len(stream.pieces) == 3 and stream.num_pieces == 3
+
+
+def test_length_guard_bounds_a_piece_by_its_text(gen):
+    opts = SpeakOptions(guard_ms_per_char=20, guard_base_ms=100)
+    speech = gen.speak("Hi there.", 0, options=opts, seed=0)  # 100 + 9 * 20 = 280 ms -> 4 frames
+    assert speech.pieces[0].max_frames == 4 and speech.codes.shape[0] == 4
+    assert opts.guard_ms("Hi there.") == 280
+    assert SpeakOptions(guard_ms_per_char=None).guard_ms("anything") is None
+    with pytest.raises(ValueError, match="guard_ms_per_char"):
+        SpeakOptions(guard_ms_per_char=0)
+
+
+def test_input_errors_raise_before_any_generation(gen, prompts):
+    with pytest.raises(ValueError, match="text is empty"):
+        gen.stream("   ", 0)
+    with pytest.raises(ValueError, match="shorter than one 80 ms frame"):
+        gen.stream("Hi.", 0, max_audio_length_ms=40)
+    with pytest.raises(ValueError, match="finite"):
+        gen.speak("Hi.", 0, max_audio_length_ms=float("inf"))
+    with pytest.raises(ValueError, match="chunk_frames"):
+        gen.stream("Hi.", 0, chunk_frames=0)
+    with pytest.raises(TypeError, match="context must be a sequence of Segment"):
+        gen.speak("Hi.", 0, [("not", "a segment")])
+    with pytest.raises(ValueError, match="no voice named"):
+        gen.speak("Hi.", 0, voice="nobody-here-" + "x" * 8)
+    assert prompts["frames"] == 0 and gen.codec.open_streams == 0
+
+
+class _ByteTok:
+    def encode(self, text):
+        return list(text.encode())
