@@ -1,0 +1,150 @@
+"""The `fastcsm` command on a tiny random checkpoint: files it writes, and its error paths."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fastcsm.cli import EXIT_MODEL, EXIT_USAGE, build_parser, main
+
+FRAME = 1920
+
+
+def speak(tmp_path, model, *extra, text="Hello from the command line.", out="out.wav"):
+    path = tmp_path / out
+    argv = ["speak", text, "-o", str(path), "--model", str(model), "--device", "cpu", "--seed", "1",
+            "--max-ms", "240", "-q", "--voices-dir", str(tmp_path / "voices"), *extra]
+    return main(argv), path
+
+
+def written_frames(stdout: str) -> int:
+    return int(re.search(r"\((\d+) frames", stdout).group(1))
+
+
+def test_speak_writes_a_24khz_wav_of_whole_frames(tmp_path, tiny_csm_dir, capsys):
+    rc, path = speak(tmp_path, tiny_csm_dir)
+    out = capsys.readouterr().out
+    assert rc == 0
+    info = sf.info(str(path))
+    assert (info.samplerate, info.channels, info.subtype) == (24_000, 1, "PCM_16")
+    frames = written_frames(out)
+    assert 1 <= frames <= 3 and info.frames == frames * FRAME
+    assert "time to first audio" not in out
+
+    rc, streamed = speak(tmp_path, tiny_csm_dir, "--stream", "--chunk-ms", "80", out="streamed.wav")
+    out = capsys.readouterr().out
+    assert rc == 0 and re.search(r"time to first audio: \d+ ms", out)
+    a, _ = sf.read(str(path), dtype="int16")
+    b, _ = sf.read(str(streamed), dtype="int16")
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1, "same seed, same audio"
+
+
+def test_voices_add_list_speak_remove(tmp_path, tiny_csm_dir, capsys):
+    ref = tmp_path / "ref.wav"
+    sf.write(str(ref), 0.1 * np.sin(np.arange(48_000) / 30.0), 48_000)  # 1 s at 48 kHz: resampled to 24 kHz
+    vdir = str(tmp_path / "voices")
+    rc = main(["voices", "add", "alice", "--audio", str(ref), "--text", "A sine wave.", "--speaker", "2",
+               "--model", str(tiny_csm_dir), "--device", "cpu", "--voices-dir", vdir])
+    assert rc == 0 and "saved voice 'alice'" in capsys.readouterr().out
+    assert main(["voices", "list", "--voices-dir", vdir]) == 0
+    assert re.search(r"alice\tspeaker 2\t1\.0 s\tA sine wave\.", capsys.readouterr().out)
+
+    context = tmp_path / "conversation.json"
+    context.write_text(json.dumps([{"speaker": 1, "text": "How are you?", "audio": "ref.wav"},
+                                   {"speaker": 2, "text": "Fine."}]))
+    rc, path = speak(tmp_path, tiny_csm_dir, "--voice", "alice", "--context", str(context))
+    assert rc == 0 and sf.info(str(path)).frames % FRAME == 0
+    capsys.readouterr()
+
+    assert main(["voices", "remove", "alice", "--voices-dir", vdir]) == 0
+    assert main(["voices", "remove", "alice", "--voices-dir", vdir]) == EXIT_USAGE
+    assert "no voice named 'alice'" in capsys.readouterr().err
+
+
+def check_error(capsys, rc, code, message):
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fastcsm: error:")]
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+
+
+def test_missing_model(tmp_path, capsys):
+    rc, _ = speak(tmp_path, tmp_path / "no-such-model")
+    check_error(capsys, rc, EXIT_MODEL, "could not load the model .*neither an existing directory")
+    (tmp_path / "empty").mkdir()
+    rc, _ = speak(tmp_path, tmp_path / "empty")
+    check_error(capsys, rc, EXIT_MODEL, "no CSM weights")
+
+
+def test_unreadable_voice_file(tmp_path, tiny_csm_dir, capsys):
+    bad = tmp_path / "voice.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    rc, _ = speak(tmp_path, tiny_csm_dir, "--voice", str(bad))
+    check_error(capsys, rc, EXIT_USAGE, "not a readable fastcsm voice file")
+    rc, _ = speak(tmp_path, tiny_csm_dir, "--voice", str(tmp_path / "missing.safetensors"))
+    check_error(capsys, rc, EXIT_USAGE, "no voice file at")
+    rc, _ = speak(tmp_path, tiny_csm_dir, "--voice", "..")
+    check_error(capsys, rc, EXIT_USAGE, "invalid voice name")
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really")
+    rc, _ = speak(tmp_path, tiny_csm_dir, "--voice-audio", str(tmp_path / "noise.wav"), "--voice-text", "x")
+    check_error(capsys, rc, EXIT_USAGE, "--voice-audio: .*could not read audio")
+
+
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_empty_text(tmp_path, tiny_csm_dir, capsys, text):
+    rc, _ = speak(tmp_path, tiny_csm_dir, text=text)
+    check_error(capsys, rc, EXIT_USAGE, "text to speak is empty")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-ms", "0"], "too short: one audio frame takes 80 ms"),
+    (["--max-ms", "nan"], "too short"),
+    (["--max-ms", "1e9"], "cannot be honoured: at most 163840 ms"),
+    (["--chunk-ms", "10"], "--chunk-ms must be at least one frame"),
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--voice-audio", "x.wav"], "go together"),
+    (["--max-piece-chars", "-5"], "--max-piece-chars"),
+])
+def test_impossible_arguments(tmp_path, tiny_csm_dir, capsys, args, message):
+    rc, _ = speak(tmp_path, tiny_csm_dir, *args)
+    check_error(capsys, rc, EXIT_USAGE, message)
+
+
+def test_a_line_too_long_for_the_window(tmp_path, tiny_csm_dir, capsys):
+    rc, path = speak(tmp_path, tiny_csm_dir, "--max-piece-chars", "0", text="word " * 500)
+    check_error(capsys, rc, EXIT_USAGE, "more than the 2048-row context window")
+    assert not path.exists(), "nothing is written when speaking fails"
+
+
+def test_bad_context_files(tmp_path, tiny_csm_dir, capsys):
+    ctx = tmp_path / "c.json"
+    for content, message in [("{not json", "not valid JSON"), ('{"a": 1}', "must hold a list of turns"),
+                             ('[{"text": "hi"}]', 'needs at least "speaker" and "text"'),
+                             ('[{"speaker": 0, "text": "hi", "audio": "missing.wav"}]', "context audio: .*no such file")]:
+        ctx.write_text(content)
+        rc, _ = speak(tmp_path, tiny_csm_dir, "--context", str(ctx))
+        check_error(capsys, rc, EXIT_USAGE, message)
+
+
+def test_help_and_structure(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["speak", "--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ["--voice", "--voice-audio", "--voice-text", "--speaker", "--context", "--model", "--tokenizer",
+                 "--device", "--dtype", "--seed", "--temperature", "--topk", "--max-ms", "--stream", "examples:"]:
+        assert flag in help_text
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == EXIT_USAGE
+
+    def add_hello(sub):  # a new subcommand is one function
+        sub.add_parser("hello").set_defaults(func=lambda args: 0)
+
+    from fastcsm.cli import COMMANDS
+
+    args = build_parser([*COMMANDS, add_hello]).parse_args(["hello"])
+    assert args.func(args) == 0
