@@ -1,0 +1,88 @@
+"""The scheduler alone (no HTTP): frames reach asyncio consumers, equal to the engine run alone;
+cancellation frees a slot at once; a full queue refuses; deadlines and bad requests end only
+their own stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from fastcsm.config import tiny_config
+from fastcsm.engine import Engine, Request
+from fastcsm.model import CSM
+from fastcsm.prompt import TextTokenizer, build_prompt
+from fastcsm.sampling import SamplingParams
+from fastcsm.scheduler import Busy, End, Scheduler
+from fastcsm.testing import byte_tokenizer_json, randomize_
+
+CFG = tiny_config()
+TOK = TextTokenizer.from_json(byte_tokenizer_json())
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = CSM(CFG)
+    randomize_(m, seed=0)
+    return m.eval().requires_grad_(False)
+
+
+def request(i: int, frames: int) -> Request:
+    return Request(build_prompt(f"Line {i}.", i % 2, [], TOK, CFG), frames, SamplingParams(), seed=i)
+
+
+async def collect(stream) -> tuple[list[torch.Tensor], End]:
+    frames = [f.codes async for f in stream]
+    return frames, stream.end
+
+
+def test_streams_equal_the_engine_alone_and_cancel_frees_the_slot(model):
+    scheduler = Scheduler(Engine(model, max_slots=2), max_queue=8)
+
+    async def main():
+        streams = [scheduler.submit(request(i, 6)) for i in range(4)]  # two wait for a slot
+        doomed = scheduler.submit(request(9, 500))
+        first = await doomed.next()
+        assert first.index == 0
+        doomed.cancel()
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        end = await doomed.next()
+        return results, end
+
+    try:
+        results, end = asyncio.run(main())
+    finally:
+        scheduler.close()
+    for i, (frames, done) in enumerate(results):
+        assert done.reason == "max_length" and done.frames == 6
+        alone = torch.stack(list(Engine(model, max_slots=1).run(request(i, 6))))
+        assert torch.equal(torch.stack(frames), alone)
+    assert end.reason == "cancelled" and end.frames < 500
+    assert scheduler.metrics.cancelled == 1 and scheduler.active == 0
+
+
+def test_full_queue_refuses_and_bad_requests_fail_alone(model):
+    scheduler = Scheduler(Engine(model, max_slots=1), max_queue=1, timeout_s=60)
+
+    async def main():
+        hog = scheduler.submit(request(0, 1000))
+        await hog.next()  # running: the queue is empty again
+        too_long = scheduler.submit(request(1, 5000))  # more rows than a slot holds
+        with pytest.raises(Busy):
+            scheduler.submit(request(2, 5))
+        hog.cancel()
+        frames, end = await collect(too_long)
+        late = scheduler.submit(request(3, 3), timeout_s=0.0)  # its deadline has passed when it is seen
+        _, late_end = await collect(late)
+        fine, fine_end = await collect(scheduler.submit(request(4, 3)))
+        return end, late_end, fine_end
+
+    try:
+        end, late_end, fine_end = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert end.reason == "error" and "rows" in end.message
+    assert late_end.reason == "deadline"
+    assert fine_end.reason == "max_length" and fine_end.frames == 3
+    assert scheduler.metrics.rejected == 1 and scheduler.metrics.deadline == 1
