@@ -1,0 +1,320 @@
+"""The FastAPI application: routes, authentication, limits, errors, metrics.
+
+`create_app(settings)` returns an app that loads the model in the background when it starts
+(`/readyz` says when it is ready) and owns one `Service` (model, scheduler, voices). Routes
+check their input and turn every mistake into an `ErrorResponse` with a 4xx status; audio
+streams by chunked transfer straight from the scheduler's frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..scheduler import End
+from . import protocol as P
+from .audio_out import available_formats, encoder
+from .conversation import Conversation
+from .metrics import render_metrics
+from .service import ApiError, Service
+from .settings import Settings
+
+log = logging.getLogger("fastcsm")
+ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse},
+          503: {"model": P.ErrorResponse}}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 503: "server_busy"}
+
+
+def error_response(status: int, message: str, type: str | None = None, param: str | None = None,
+                   retry_after: int | None = None) -> JSONResponse:
+    body = P.ErrorResponse(error=P.ErrorBody(message=message, type=type or _TYPES.get(status, "server_error"),
+                                             param=param))
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 (by Content-Length, or once read)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = f"the request body is larger than this server's limit of {self.limit} bytes"
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, too_big)(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await error_response(413, too_big)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "the request body is not valid JSON; send a JSON object (Content-Type: application/json)", None
+    parts, param = [], None
+    for e in errors[:4]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")]
+        where = ".".join(loc)
+        param = param or where or None
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (see /docs for the accepted fields)"
+        if e.get("type") == "literal_error" and loc and loc[-1] == "response_format":
+            msg = f"{msg}; this server encodes {', '.join(available_formats())}"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request", param
+
+
+def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
+    """The app. `generator` (a loaded `Generator`) skips loading `settings.model`."""
+    settings = settings or Settings.from_env()
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.get_running_loop().run_in_executor(None, _load, service, generator)
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="fastcsm", version=_version(), lifespan=lifespan,
+                  description="Fast, streaming speech with Sesame's CSM: an OpenAI-compatible speech API, voices, "
+                              "and live conversations over a WebSocket.")
+    app.state.service = service
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "Retry-After"])
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    keys = [k for k in settings.api_keys if k]
+    formats = available_formats()
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal error; the server log has the details", "server_error")
+
+    # -- auth -----------------------------------------------------------------------------------
+
+    def check_key(token: str | None) -> bool:
+        return not keys or (token is not None and any(secrets.compare_digest(token, k) for k in keys))
+
+    async def auth(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if not check_key(token):
+            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           "authentication_error")
+
+    v1 = [Depends(auth)]
+
+    # -- service --------------------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=P.Health, tags=["service"])
+    async def healthz():
+        return P.Health()
+
+    @app.get("/readyz", response_model=P.Ready, responses={503: {"model": P.Ready}}, tags=["service"])
+    async def readyz():
+        if not service.ready:
+            return JSONResponse(P.Ready(ready=False).model_dump(), status_code=503, headers={"Retry-After": "5"})
+        s = service.scheduler
+        return P.Ready(ready=True, slots=s.slots, free_slots=s.engine.free_slots, queued=s.queued)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    async def metrics():
+        return PlainTextResponse(render_metrics(service), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=P.ModelList, dependencies=v1, responses=ERRORS, tags=["service"])
+    async def models():
+        return P.ModelList(data=[P.ModelInfo(id=settings.model)])
+
+    @app.get("/v1/info", response_model=P.ServerInfo, dependencies=v1, responses=ERRORS, tags=["service"])
+    async def info():
+        return P.ServerInfo(model=settings.model, speech_formats=formats, max_input_chars=settings.max_input_chars,
+                            max_audio_length_ms=settings.max_audio_length_ms, max_upload_bytes=settings.max_body_bytes,
+                            max_voice_audio_s=settings.max_voice_audio_s, auth_required=bool(keys),
+                            slots=settings.slots)
+
+    # -- speech ---------------------------------------------------------------------------------
+
+    @app.post("/v1/audio/speech", dependencies=v1, tags=["speech"], response_class=StreamingResponse,
+              responses={**ERRORS, 200: {"content": {t: {} for t in ("audio/mpeg", "audio/wav", "audio/flac",
+                                                                      "audio/ogg", "audio/pcm")},
+                                         "description": "the audio, streamed as it is generated"}})
+    async def speech(req: P.SpeechRequest):
+        """Speak `input` (OpenAI's `audio.speech.create`, plus fastcsm's fields)."""
+        if req.response_format not in formats:
+            raise ApiError(400, f"response_format {req.response_format!r} is not available on this server; "
+                                f"choose one of {', '.join(formats)}", param="response_format")
+        service.need_ready()
+        plan = await run_in_threadpool(service.speech_plan, req)
+        stream = service.submit(plan.request)
+        enc = encoder(req.response_format, P.SAMPLE_RATE)
+        headers = {"X-Fastcsm-Seed": str(plan.request.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
+                   "Cache-Control": "no-store"}
+        if plan.dropped_turns:
+            headers["X-Fastcsm-Context-Dropped"] = str(plan.dropped_turns)
+        return StreamingResponse(_audio(stream, enc), media_type=enc.media_type, headers=headers)
+
+    # -- voices ---------------------------------------------------------------------------------
+
+    @app.get("/v1/voices", response_model=P.VoiceList, dependencies=v1, responses=ERRORS, tags=["voices"])
+    async def list_voices():
+        return P.VoiceList(data=await run_in_threadpool(service.list_voices))
+
+    @app.get("/v1/voices/{name}", response_model=P.VoiceInfo, dependencies=v1,
+             responses={**ERRORS, 404: {"model": P.ErrorResponse}}, tags=["voices"])
+    async def get_voice(name: str):
+        try:
+            voice = await run_in_threadpool(service.voice, name)
+        except ApiError:
+            raise ApiError(404, f"no voice named {name!r}; list them with GET /v1/voices", "not_found_error",
+                           param="name") from None
+        from .service import voice_info
+
+        return voice_info(name, voice)
+
+    @app.post("/v1/voices", response_model=P.VoiceInfo, status_code=201, dependencies=v1,
+              responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
+    async def create_voice(name: str = Form(..., max_length=64, description="letters, digits, '.', '_' or '-'"),
+                           text: str = Form(..., min_length=1, description="what is said in the recording"),
+                           audio: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any rate"),
+                           speaker: int = Form(0, ge=0, le=1_000_000),
+                           overwrite: bool = Form(False)):
+        """Register a voice: the recording is encoded once and stored as Mimi codes."""
+        data = await audio.read()
+        return await run_in_threadpool(service.create_voice, name, text, speaker, data, audio.filename, overwrite)
+
+    @app.delete("/v1/voices/{name}", response_model=P.VoiceDeleted, dependencies=v1,
+                responses={**ERRORS, 404: {"model": P.ErrorResponse}}, tags=["voices"])
+    async def delete_voice(name: str):
+        await run_in_threadpool(service.delete_voice, name)
+        return P.VoiceDeleted(name=name)
+
+    # -- conversations --------------------------------------------------------------------------
+
+    @app.websocket("/v1/conversations")
+    async def conversation(ws: WebSocket):
+        header = ws.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ws.query_params.get("api_key")
+        await ws.accept()
+        if not check_key(token):
+            await ws.send_text(P.ErrorEvent(message="missing or invalid API key: send `Authorization: Bearer <key>` "
+                                                    "or ?api_key=<key>", code="unauthorized").model_dump_json())
+            await ws.close(code=4401)
+            return
+        if not service.ready:
+            await ws.send_text(P.ErrorEvent(message="the model is not loaded yet; retry shortly",
+                                            code="busy").model_dump_json())
+            await ws.close(code=1013)
+            return
+        await Conversation(ws, service).run()
+
+    _mount_page(app)
+    return app
+
+
+async def _audio(stream, enc):
+    """The response body: encoded frames as they come; the slot is freed if the client leaves."""
+    try:
+        head = enc.start()
+        if head:
+            yield head
+        while True:
+            item = await stream.next()
+            if isinstance(item, End):
+                break
+            if item.pcm is not None:
+                data = enc.write(item.pcm)
+                if data:
+                    yield data
+        tail = enc.finish()
+        if tail:
+            yield tail
+    finally:
+        if stream.end is None:  # the client went away (or the server is stopping): free the slot
+            stream.cancel()
+
+
+def _load(service: Service, generator) -> None:
+    try:
+        service.load(generator)
+    except Exception:
+        log.exception("fastcsm: loading the model failed")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _mount_page(app: FastAPI) -> None:
+    """The browser page at `/` (package data in fastcsm/server/static), mounted after the API
+    routes so they take precedence."""
+    static = Path(__file__).parent / "static"
+    if (static / "index.html").is_file():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=str(static), html=True), name="page")

@@ -1,0 +1,230 @@
+"""One live conversation over a WebSocket: turns in, spoken lines out, barge-in.
+
+The session keeps the conversation as prompt rows: pinned voices, then every turn (the other
+party's text and audio, and each line spoken here with the audio generated for it). A line is
+spoken with `prefix_rows` = everything before it, so the engine keeps that prefix's KV and the
+next line reuses it and prefills only what was added since. When the window would overflow,
+the oldest turns are dropped for good (`context_dropped`), the new prefix no longer matches,
+and what remains is prefilled again once.
+
+One utterance at a time: its frames are pumped to the socket by a task; `interrupt` cancels
+that task (no frame of the utterance is sent after its `done`) and the stream (the engine slot
+is freed before the next frame step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..prompt import Prompt, Segment, audio_rows, concat, segment_rows
+from ..sampling import SamplingParams
+from ..scheduler import End
+from . import protocol as P
+from .service import ApiError, Service
+
+log = logging.getLogger("fastcsm")
+_CLIENT = TypeAdapter(P.ClientMessage)
+
+
+def _error_code(status: int) -> str:
+    return {401: "unauthorized", 404: "not_found", 503: "busy"}.get(status, "bad_request" if status < 500 else "internal")
+
+
+class Conversation:
+    def __init__(self, ws: WebSocket, service: Service):
+        self.ws = ws
+        self.service = service
+        self.config = P.Configure()
+        self.pinned: list[Prompt] = []
+        self.pinned_voices: list[str] = []
+        self.turns: list[Prompt] = []
+        self.utterances = 0
+        self.pump: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def send(self, event) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(event.model_dump_json())
+
+    async def send_audio(self, pcm: np.ndarray) -> None:
+        data = pcm.astype("<f4").tobytes() if self.config.audio_format == "pcm_f32le" else \
+            (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+        async with self._send_lock:
+            await self.ws.send_bytes(data)
+
+    async def error(self, message: str, code: str = "bad_request", id: str | None = None) -> None:
+        await self.send(P.ErrorEvent(message=message, code=code, id=id))
+
+    # -- the session ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send(P.ReadyEvent(audio_format=self.config.audio_format,
+                                     max_rows=self.service.cfg.max_seq_len))
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if msg.get("text") is None:
+                    await self.error("send JSON text messages; binary messages are not accepted from clients")
+                    continue
+                try:
+                    command = _CLIENT.validate_json(msg["text"])
+                except ValidationError as e:
+                    await self.error(_describe(e))
+                    continue
+                try:
+                    await self.handle(command)
+                except ApiError as e:
+                    await self.error(e.message, _error_code(e.status), getattr(command, "id", None))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self.stop_pump()
+
+    async def handle(self, command) -> None:
+        if isinstance(command, P.Interrupt):
+            await self.stop_pump()
+        elif isinstance(command, P.Reset):
+            await self.stop_pump()
+            self.turns = []
+        elif isinstance(command, P.Configure):
+            await self.stop_pump()
+            pinned = [await self.pin(name) for name in command.voices]
+            self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
+            await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
+                                              pinned_rows=sum(map(len, pinned))))
+        elif isinstance(command, P.AddTurn):
+            await self.add_turn(command)
+        elif isinstance(command, P.Speak):
+            await self.speak(command)
+
+    async def pin(self, name: str) -> Prompt:
+        voice = self.service.voice(name)
+        gen = self.service.generator
+        return segment_rows(voice.segment(), gen.tokenizer, gen.cfg)
+
+    async def add_turn(self, m: P.AddTurn) -> None:
+        svc = self.service
+        gen = svc.need_ready()
+        text = svc.check_input(m.text, "text")
+
+        def rows():
+            audio = svc.audio_b64(m.audio, "audio") if m.audio is not None else None
+            try:
+                return segment_rows(Segment(m.speaker, text, audio=audio), gen.tokenizer, gen.cfg,
+                                    gen.codec.encode_waveform)
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+
+        turn = await run_in_threadpool(rows)
+        self.turns.append(turn)
+        await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=m.speaker, rows=len(turn),
+                                    conversation_rows=self.rows()))
+
+    def rows(self) -> int:
+        return sum(map(len, self.pinned)) + sum(map(len, self.turns))
+
+    async def speak(self, m: P.Speak) -> None:
+        svc = self.service
+        svc.need_ready()
+        if self.pump is not None and not self.pump.done():
+            raise ApiError(409, "a line is being spoken: wait for its done event, or interrupt it first")
+        t0 = time.perf_counter()
+        text = svc.check_input(m.text, "text")
+        if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()) and m.voice not in self.pinned_voices:
+            # A voice not pinned yet joins the head of the conversation (the next prefill is whole).
+            self.pinned.append(await self.pin(m.voice))
+            self.pinned_voices.append(m.voice)
+        speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
+        c = self.config
+        frames = svc.frames_for(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
+                                text)
+        params = SamplingParams(c.temperature if m.temperature is None else m.temperature,
+                                c.topk if m.topk is None else m.topk)
+        plan = svc.plan(text, speaker, self.pinned, self.turns, frames, params, m.seed)
+        if plan.dropped_turns:
+            self.turns = self.turns[plan.dropped_turns:]
+            await self.send(P.ContextDropped(dropped_turns=plan.dropped_turns, dropped_rows=plan.dropped_rows,
+                                             remaining_rows=self.rows()))
+        stream = svc.submit(plan.request)
+        index = self.utterances
+        self.utterances += 1
+        await self.send(P.Started(id=m.id, utterance=index, speaker=speaker, prompt_rows=len(plan.request.prompt),
+                                  max_frames=frames))
+        self.pump = asyncio.create_task(self.play(stream, plan, m.id, index, t0))
+
+    async def play(self, stream, plan, id, index: int, t0: float) -> None:
+        """Send the utterance's frames as they come; always ends with its `done`."""
+        codes: list[torch.Tensor] = []
+        reason = "error"
+        try:
+            while True:
+                item = await stream.next()
+                if isinstance(item, End):
+                    reason = {"cancelled": "interrupted"}.get(item.reason, item.reason)
+                    if item.reason == "error":
+                        await self.error(item.message or "generation failed", "internal", id)
+                    break
+                if item.pcm is not None:
+                    await self.send_audio(item.pcm)
+                codes.append(item.codes)
+                if len(codes) == 1:
+                    await self.send(P.FirstAudio(id=id, utterance=index, ms=(time.perf_counter() - t0) * 1000))
+        except asyncio.CancelledError:
+            reason = "interrupted"
+            stream.cancel()
+        except Exception:  # the socket went away mid-send
+            stream.cancel()
+            reason = "error"
+        finally:
+            self.remember(plan, codes)
+        r = plan.request
+        try:
+            await self.send(P.Done(id=id, utterance=index, reason=reason, frames=len(codes),
+                                   audio_ms=len(codes) * self.service.cfg.frame_ms,
+                                   prefill_rows=max(0, r.prefilled - r.reused_rows), reused_rows=r.reused_rows))
+        except Exception:
+            pass
+
+    def remember(self, plan, codes: list[torch.Tensor]) -> None:
+        """The spoken line, with the audio generated for it, joins the conversation."""
+        cfg = self.service.cfg
+        rows = [plan.line]
+        if codes:
+            rows.append(audio_rows(torch.stack(codes), cfg))
+        self.turns.append(concat(rows))
+
+    async def stop_pump(self) -> None:
+        """Interrupt the utterance being spoken (if any) and wait for its `done`."""
+        task, self.pump = self.pump, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("configure", "add_turn", "speak",
+                                                                        "interrupt", "reset"))
+        if err.get("type") == "json_invalid":
+            return f"the message is not valid JSON ({err.get('msg')}); send one JSON object per text message"
+        if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            return ('the message needs a "type": one of configure, add_turn, speak, interrupt, reset')
+        parts.append(f"{where}: {err.get('msg')}" if where else err.get("msg", ""))
+    return "invalid message: " + "; ".join(parts)

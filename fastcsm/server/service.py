@@ -1,0 +1,284 @@
+"""What the routes call: the loaded model, the scheduler, the voice store, and prompt building.
+
+Everything here checks its input and raises `ApiError` (status + message) for what a client
+got wrong; nothing here knows about HTTP requests or sockets. Building a prompt can mean
+decoding and encoding audio, so routes run it in a worker thread, never in the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import secrets
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..audio import AudioError, read_audio
+from ..context import ContextTooLong, fit
+from ..engine import Engine, Request
+from ..prompt import Prompt, Segment, check_text, segment_rows, text_rows
+from ..sampling import SamplingParams
+from ..scheduler import Scheduler, Stream
+from ..speech import SpeakOptions
+from ..voices import Voice, VoiceError, VoiceStore, check_name
+from .protocol import SpeechRequest, VoiceInfo, VoiceRef
+from .settings import Settings
+
+log = logging.getLogger("fastcsm")
+LIST_VOICES_HINT = 'list the registered voices with GET /v1/voices, or give a bare speaker id such as "0"'
+
+
+class ApiError(Exception):
+    """A request the server refuses: `status` (4xx), a message that says what to fix."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.retry_after = status, message, type, param, retry_after
+
+
+@dataclass
+class Planned:
+    """A checked utterance, ready to submit."""
+
+    request: Request
+    speaker: int
+    line: Prompt  # the text rows of the line (the prompt's tail)
+    dropped_turns: int
+    dropped_rows: int
+
+
+def voice_info(name: str, voice: Voice) -> VoiceInfo:
+    return VoiceInfo(name=name, speaker=voice.speaker, text=voice.text, duration_ms=voice.duration_ms(),
+                     created=voice.meta.get("created"))
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = VoiceStore(settings.voices_dir)
+        self.generator = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self._voices: dict[str, tuple[int, Voice]] = {}  # name -> (mtime_ns, voice)
+        self._lock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def load(self, generator=None) -> None:
+        """Load the model (or take `generator`), build the engine and start the scheduler."""
+        from ..generator import Generator
+
+        s = self.settings
+        try:
+            gen = generator or Generator.from_pretrained(s.model, device=s.device, dtype=s.dtype,
+                                                         tokenizer=s.tokenizer, codec=s.codec or "auto")
+            if gen.codec is None:
+                raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
+            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
+                            compile=s.compile)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            raise
+        self.generator = gen
+        self.scheduler = Scheduler(engine, max_queue=s.max_queue, timeout_s=s.request_timeout_s)
+        log.info("fastcsm: %s loaded on %s, %d slots", s.model, gen.device, s.slots)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def need_ready(self):
+        if not self.ready:
+            why = f" (loading failed: {self.load_error})" if self.load_error else ""
+            raise ApiError(503, f"the model is not loaded yet{why}; retry shortly", "server_busy", retry_after=5)
+        return self.generator
+
+    @property
+    def cfg(self):
+        return self.generator.cfg
+
+    # -- voices ---------------------------------------------------------------------------------
+
+    def voice(self, name: str) -> Voice:
+        """A registered voice (cached while its file is unchanged); 400 if there is none."""
+        try:
+            check_name(name)
+            path = self.store.path(name)
+            mtime = path.stat().st_mtime_ns
+        except (VoiceError, OSError):
+            raise ApiError(400, f"unknown voice {name!r}: {LIST_VOICES_HINT}", param="voice") from None
+        with self._lock:
+            hit = self._voices.get(name)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+        try:
+            voice = Voice.load(path)
+        except VoiceError as e:
+            raise ApiError(400, f"voice {name!r} cannot be used: {e}", param="voice") from None
+        with self._lock:
+            self._voices[name] = (mtime, voice)
+        return voice
+
+    def list_voices(self) -> list[VoiceInfo]:
+        out = []
+        for name in self.store.names():
+            try:
+                out.append(voice_info(name, self.voice(name)))
+            except ApiError:
+                continue  # an unreadable file is not a voice
+        return out
+
+    def create_voice(self, name: str, text: str, speaker: int, audio: bytes, filename: str | None,
+                     overwrite: bool) -> VoiceInfo:
+        gen = self.need_ready()
+        try:
+            check_name(name)
+        except VoiceError as e:
+            raise ApiError(400, str(e), param="name") from None
+        if not overwrite and name in self.store:
+            raise ApiError(409, f"a voice named {name!r} already exists; delete it first or pass overwrite=true",
+                           "conflict_error", param="name")
+        if isinstance(speaker, bool) or not 0 <= speaker <= 1_000_000:
+            raise ApiError(400, f"speaker must be an integer id from 0, got {speaker!r}", param="speaker")
+        if not text or not text.strip():
+            raise ApiError(400, "text is empty: give the transcript of the recording", param="text")
+        if len(text) > self.settings.max_input_chars:
+            raise ApiError(400, f"the transcript has {len(text)} characters; at most "
+                                f"{self.settings.max_input_chars} are allowed", param="text")
+        wav = self._read_audio(audio, "audio")
+        try:
+            voice = Voice.from_audio(gen.codec, wav, text, speaker, source=filename or "upload")
+            self.store.add(voice, name, overwrite=overwrite)
+        except (VoiceError, AudioError, ValueError) as e:
+            raise ApiError(400, str(e), param="audio") from None
+        with self._lock:
+            self._voices.pop(name, None)
+        return voice_info(name, voice)
+
+    def delete_voice(self, name: str) -> None:
+        try:
+            check_name(name)
+            self.store.remove(name)
+        except VoiceError:
+            raise ApiError(404, f"no voice named {name!r}: {LIST_VOICES_HINT}", "not_found_error",
+                           param="name") from None
+        with self._lock:
+            self._voices.pop(name, None)
+
+    def _read_audio(self, data: bytes, what: str) -> torch.Tensor:
+        if not data:
+            raise ApiError(400, f"{what}: the audio is empty", param=what)
+        try:
+            return read_audio(data, max_duration_s=self.settings.max_voice_audio_s)
+        except AudioError as e:
+            msg = str(e).replace("<BytesIO>", what)
+            raise ApiError(400, f"{msg} (at most {self.settings.max_voice_audio_s:g} s)", param=what) from None
+
+    def audio_b64(self, text: str, what: str) -> torch.Tensor:
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{what} must be base64 of an audio file (WAV, FLAC, OGG, MP3)", param=what) from None
+        return self._read_audio(data, what)
+
+    # -- utterances -----------------------------------------------------------------------------
+
+    def resolve_speaker(self, voice: str | VoiceRef | None, speaker: int | None) -> tuple[int, Voice | None]:
+        """`voice` is a registered name or a bare id ("0"); `speaker` overrides the id."""
+        name = voice.id if isinstance(voice, VoiceRef) else voice
+        if name is None:
+            return (speaker or 0), None
+        if name.isascii() and name.isdigit() and len(name) <= 7:
+            return (int(name) if speaker is None else speaker), None
+        v = self.voice(name)
+        return (v.speaker if speaker is None else speaker), v
+
+    def frames_for(self, max_audio_length_ms: float | None, text: str, param: str = "max_audio_length_ms") -> int:
+        """The frame bound of an utterance: the request's (at most the server's limit), else the
+        server's limit lowered by a generous length guard for the text (an untrained or confused
+        model may never emit its end frame)."""
+        limit = self.settings.max_audio_length_ms
+        frame_ms = self.cfg.frame_ms
+        if max_audio_length_ms is None:
+            guard = SpeakOptions().guard_ms(text)
+            ms = limit if guard is None else min(limit, guard)
+        else:
+            ms = max_audio_length_ms
+            if not math.isfinite(ms) or ms > limit:
+                raise ApiError(400, f"max_audio_length_ms={ms:g} is above this server's limit of {limit} ms",
+                               param=param)
+            if ms < frame_ms:
+                raise ApiError(400, f"max_audio_length_ms={ms:g} is shorter than one {frame_ms} ms frame",
+                               param=param)
+        return max(1, int(ms // frame_ms))
+
+    def check_input(self, text: str, param: str = "input") -> str:
+        limit = self.settings.max_input_chars
+        if len(text) > limit:
+            raise ApiError(400, f"{param} has {len(text)} characters; this server speaks at most {limit} "
+                                "at a time: split the text into several requests", param=param)
+        try:
+            return check_text(text)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def plan(self, text: str, speaker: int, pinned: list[Prompt], history: list[Prompt], frames: int,
+             params: SamplingParams, seed: int | None) -> Planned:
+        """Fit pinned + history + the line into the window (oldest history dropped first)."""
+        gen = self.generator
+        try:
+            line = text_rows(gen.tokenizer, speaker, text, self.cfg)
+            prompt, trim = fit(pinned, history, line, frames, self.cfg)
+        except ContextTooLong as e:
+            raise ApiError(400, str(e)) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="input") from None
+        if seed is None:
+            seed = secrets.randbits(62)
+        request = Request(prompt, frames, params, seed=seed, prefix_rows=len(prompt) - len(line))
+        return Planned(request, speaker, line, len(trim.dropped), trim.dropped_rows)
+
+    def speech_plan(self, req: SpeechRequest) -> Planned:
+        """A checked `POST /v1/audio/speech` (runs in a worker thread: it may encode audio)."""
+        gen = self.need_ready()
+        text = self.check_input(req.input)
+        if len(req.context) > self.settings.max_context_turns:
+            raise ApiError(400, f"context has {len(req.context)} turns; at most {self.settings.max_context_turns}",
+                           param="context")
+        speaker, voice = self.resolve_speaker(req.voice, req.speaker)
+        frames = self.frames_for(req.max_audio_length_ms, text)
+        encode = gen.codec.encode_waveform
+        pinned = [segment_rows(voice.segment(speaker), gen.tokenizer, self.cfg)] if voice is not None else []
+        history = []
+        for i, turn in enumerate(req.context):
+            what = f"context[{i}].audio"
+            try:
+                self.check_input(turn.text, f"context[{i}].text")
+                audio = self.audio_b64(turn.audio, what) if turn.audio is not None else None
+                history.append(segment_rows(Segment(turn.speaker, turn.text, audio=audio), gen.tokenizer, self.cfg,
+                                            encode))
+            except (AudioError, ValueError) as e:
+                raise ApiError(400, f"context[{i}]: {e}", param=f"context[{i}]") from None
+        params = SamplingParams(req.temperature, req.topk)
+        return self.plan(text, speaker, pinned, history, frames, params, req.seed)
+
+    def submit(self, request: Request) -> Stream:
+        """Queue an utterance; 503 (with Retry-After) when the waiting queue is full."""
+        from ..scheduler import Busy, Closed
+
+        self.need_ready()
+        try:
+            return self.scheduler.submit(request)
+        except Busy as e:
+            raise ApiError(503, str(e), "server_busy", retry_after=e.retry_after) from None
+        except Closed as e:
+            raise ApiError(503, str(e), "server_busy", retry_after=5) from None

@@ -1,0 +1,72 @@
+"""Server settings: one dataclass, filled from flags, `FASTCSM_*` environment variables, or code.
+
+Every field has an environment variable named `FASTCSM_<FIELD>` (upper case); `fastcsm serve`
+flags override them. Lists (API keys, CORS origins) are comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Settings:
+    # The model
+    model: str = "sesame/csm-1b"  # checkpoint directory or hub repo id
+    tokenizer: str | None = None  # tokenizer.json when the checkpoint has none
+    codec: str | None = None  # Mimi checkpoint when the CSM checkpoint carries none
+    device: str | None = None  # default: cuda if available, else cpu
+    dtype: str | None = None  # fp32, bf16, fp16 (default: bf16 on cuda, fp32 on cpu)
+    compile: bool = False  # torch.compile the frame step (minutes of warm-up)
+    # Listening
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Capacity
+    slots: int = 16  # concurrent streams generated in one batch
+    max_queue: int = 64  # requests that may wait for a slot; beyond that: 503 + Retry-After
+    request_timeout_s: float = 300.0  # deadline of one request, queueing included
+    prefill_chunk: int = 512  # prompt rows prefilled per engine step
+    # Security and limits
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser
+    max_body_bytes: int = 16 << 20  # any request body, uploads included
+    max_input_chars: int = 4096  # text of one line
+    max_audio_length_ms: int = 90_000  # longest utterance (and the default bound)
+    max_voice_audio_s: float = 60.0  # reference recordings, context audio
+    max_context_turns: int = 64  # turns in one speech request's `context`
+    voices_dir: str | None = None  # default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> Settings:
+        """Defaults, then `FASTCSM_<FIELD>` variables, then `overrides` (those not None)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"FASTCSM_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        if "voices_dir" not in values and environ.get("FASTCSM_VOICES"):
+            values["voices_dir"] = environ["FASTCSM_VOICES"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = str(f.type)
+    try:
+        if kind.startswith("list"):
+            return [x.strip() for x in raw.split(",") if x.strip()]
+        if kind == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"FASTCSM_{f.name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,77 @@
+"""A real uvicorn server on loopback for the server tests: a free port, a thread, a tiny model."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from fastcsm.server.app import create_app
+from fastcsm.server.settings import Settings
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_checkpoint() -> Path:
+    """A tiny random transformers-format CSM (with its tiny Mimi), written once per test run."""
+    from fastcsm.testing import write_hf_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="fastcsm-server-ckpt-"))
+    write_hf_checkpoint(root, seed=0)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`create_app(settings)` served by uvicorn in a background thread."""
+
+    def __init__(self, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = Settings(model=str(tiny_checkpoint()), device="cpu", host="127.0.0.1", port=self.port,
+                                 **settings)
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", ws="websockets",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def metrics(self) -> dict[str, float]:
+        """The plain (non-histogram) series of /metrics."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.split()
+                out[name] = float(value)
+        return out

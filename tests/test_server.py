@@ -1,0 +1,376 @@
+"""The server against real clients on loopback: the `openai` package, httpx, a WebSocket client.
+
+A tiny random checkpoint never emits its end frame, so every utterance runs to its
+`max_audio_length_ms` bound: lengths are exact (frames x 1920 samples).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+openai = pytest.importorskip("openai")
+from websockets.sync.client import connect  # noqa: E402
+
+from server_harness import LiveServer  # noqa: E402
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FRAME = 1920
+MAX_BODY = 512 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(slots=16, max_queue=64, api_keys=[KEY], max_body_bytes=MAX_BODY, max_input_chars=500,
+                    max_audio_length_ms=8000, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
+        yield s
+
+
+def client(server, key=KEY):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def speak_bytes(server, frames: int, fmt: str = "pcm", **extra) -> bytes:
+    body = {"model": "csm-1b", "input": "Hello there.", "voice": "0", "response_format": fmt,
+            "max_audio_length_ms": 80 * frames, **extra}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return r.read()
+
+
+def flac_with_length(data: bytes, samples: int) -> bytes:
+    """A streamed FLAC says "unknown length" in its STREAMINFO; libsndfile needs it filled in."""
+    assert data[:4] == b"fLaC"
+    word = int.from_bytes(data[18:26], "big")
+    assert word & ((1 << 36) - 1) == 0  # unknown while streaming
+    return data[:18] + (word | samples).to_bytes(8, "big") + data[26:]
+
+
+def decode(data: bytes, fmt: str, samples: int) -> np.ndarray:
+    if fmt == "pcm":
+        return np.frombuffer(data, "<i2").astype(np.float32) / 32768
+    if fmt == "flac":
+        data = flac_with_length(data, samples)
+    audio, sr = sf.read(io.BytesIO(data), dtype="float32")
+    assert sr == 24_000
+    return audio
+
+
+def wav_bytes(seconds: float = 1.0) -> bytes:
+    t = np.arange(int(24_000 * seconds)) / 24_000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24_000, format="WAV")
+    return buf.getvalue()
+
+
+# -- the OpenAI-compatible speech API -------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "flac", "mp3", "opus"])
+def test_openai_client_streams_valid_audio(server, fmt):
+    frames = 5
+    with client(server).audio.speech.with_streaming_response.create(
+            model="csm-1b", voice="0", input="Hello from fastcsm.", response_format=fmt,
+            extra_body={"max_audio_length_ms": 80 * frames, "seed": 7}) as response:
+        assert response.headers["x-fastcsm-seed"] == "7"
+        data = b"".join(response.iter_bytes())
+    audio = decode(data, fmt, frames * FRAME)
+    if fmt == "mp3":  # the encoder pads its own delay
+        assert frames * FRAME <= audio.shape[0] <= frames * FRAME + 3 * 1152
+    else:
+        assert audio.shape == (frames * FRAME,)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_audio_streams_before_generation_ends(server):
+    frames = 25
+    body = {"input": "A longer line.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 80 * frames}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        chunks = iter(r.iter_raw())
+        first = next(chunks)
+        t_first = time.perf_counter() - t0
+        rest = b"".join(chunks)
+    total = time.perf_counter() - t0
+    assert 0 < len(first) < frames * FRAME * 2
+    assert len(first) + len(rest) == frames * FRAME * 2
+    assert t_first < total / 2
+
+
+def test_32_concurrent_streams_complete_with_their_lengths(server):
+    lengths = [1 + i % 6 for i in range(32)]
+
+    async def one(http, frames, i):
+        body = {"input": f"Line number {i}.", "voice": str(i % 3), "response_format": "pcm",
+                "max_audio_length_ms": 80 * frames, "seed": i}
+        async with http.stream("POST", "/v1/audio/speech", json=body, headers=AUTH) as r:
+            assert r.status_code == 200
+            return len(await r.aread())
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as http:
+            return await asyncio.gather(*(one(http, n, i) for i, n in enumerate(lengths)))
+
+    before = server.metrics()
+    got = asyncio.run(main())
+    assert got == [n * FRAME * 2 for n in lengths]
+    after = server.metrics()
+    assert after["fastcsm_completed_total"] - before["fastcsm_completed_total"] == 32
+    assert after["fastcsm_active_streams"] == 0
+
+
+def test_client_disconnect_frees_its_slot_while_others_continue(server):
+    results = {}
+
+    def full(name, frames):
+        results[name] = len(speak_bytes(server, frames))
+
+    others = [threading.Thread(target=full, args=(f"s{i}", 30)) for i in range(2)]
+    for t in others:
+        t.start()
+    before = server.metrics()
+    body = {"input": "I will hang up.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 8000}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        next(r.iter_raw())  # audio is flowing; now leave
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["fastcsm_cancelled_total"] > before["fastcsm_cancelled_total"]:
+            break
+        time.sleep(0.02)
+    assert m["fastcsm_cancelled_total"] == before["fastcsm_cancelled_total"] + 1
+    assert m["fastcsm_active_streams"] <= 2  # the two others at most
+    for t in others:
+        t.join(60)
+    assert results == {"s0": 30 * FRAME * 2, "s1": 30 * FRAME * 2}
+    assert server.metrics()["fastcsm_active_streams"] == 0
+
+
+# -- bad input: clear 4xx, and nobody else notices -------------------------------------------------
+
+def test_bad_requests_get_clear_4xx_while_streams_continue(server):
+    results = {}
+    background = threading.Thread(target=lambda: results.update(n=len(speak_bytes(server, 40))))
+    background.start()
+    url = server.url
+    # malformed JSON
+    r = httpx.post(url + "/v1/audio/speech", content=b'{"input": "hi", ', headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # unknown voice: says how to list voices
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).audio.speech.create(model="csm-1b", voice="alloy", input="Hello.")
+    assert "GET /v1/voices" in str(e.value)
+    # unknown field, bad format, out-of-range sampling
+    for bad in ({"colour": "blue"}, {"response_format": "aac"}, {"temperature": -1}, {"voice": "x" * 100}):
+        r = httpx.post(url + "/v1/audio/speech", json={"input": "hi", "voice": "0", **bad}, headers=AUTH)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["message"]
+    # too-long text
+    r = httpx.post(url + "/v1/audio/speech", json={"input": "word " * 200, "voice": "0"}, headers=AUTH)
+    assert r.status_code == 400 and "at most 500" in r.json()["error"]["message"]
+    # audio longer than the server allows
+    r = httpx.post(url + "/v1/audio/speech", json={"input": "hi", "voice": "0", "max_audio_length_ms": 60_000},
+                   headers=AUTH)
+    assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
+    # bad API key, no API key
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").audio.speech.create(model="csm-1b", voice="0", input="Hello.")
+    assert httpx.get(url + "/v1/voices").status_code == 401
+    # oversized upload
+    big = b"\0" * (MAX_BODY + 1)
+    r = httpx.post(url + "/v1/voices", headers=AUTH, data={"name": "big", "text": "Too big."},
+                   files={"audio": ("big.wav", big, "audio/wav")})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    # an upload that is not audio
+    r = httpx.post(url + "/v1/voices", headers=AUTH, data={"name": "noise", "text": "Not audio."},
+                   files={"audio": ("x.wav", b"not audio at all", "audio/wav")})
+    assert r.status_code == 400 and "audio" in r.json()["error"]["message"]
+    # a voice name that tries to leave the voice directory
+    r = httpx.post(url + "/v1/voices", headers=AUTH, data={"name": "../escape", "text": "Hi."},
+                   files={"audio": ("v.wav", wav_bytes(0.5), "audio/wav")})
+    assert r.status_code == 400 and "invalid voice name" in r.json()["error"]["message"]
+    background.join(60)
+    assert results["n"] == 40 * FRAME * 2
+    assert server.metrics()["fastcsm_errors_total"] == 0
+
+
+def test_full_queue_gets_503_with_retry_after():
+    with LiveServer(slots=1, max_queue=1, max_audio_length_ms=20_000) as small:
+        body = {"input": "Hold the slot.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 20_000}
+        with httpx.Client(base_url=small.url, timeout=30) as http:
+            with http.stream("POST", "/v1/audio/speech", json=body) as running:
+                audio = running.iter_raw()  # keep the iterator: dropping it closes the connection
+                next(audio)
+                with http.stream("POST", "/v1/audio/speech", json=body) as queued:
+                    assert queued.status_code == 200
+                    assert small.metrics()["fastcsm_queue_depth"] == 1
+                    r = httpx.post(small.url + "/v1/audio/speech", json=body, timeout=5)
+                    assert r.status_code == 503
+                    assert r.headers["retry-after"] == "1"
+                    assert "busy" in r.json()["error"]["message"]
+        m = small.metrics()
+        assert m["fastcsm_rejected_total"] == 1
+
+
+# -- voices ---------------------------------------------------------------------------------------
+
+def test_voice_upload_list_speak_delete(server):
+    url = server.url
+    r = httpx.post(url + "/v1/voices", headers=AUTH, data={"name": "alice", "text": "Hello, this is Alice.",
+                                                             "speaker": "1"},
+                   files={"audio": ("alice.wav", wav_bytes(1.0), "audio/wav")})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["name"] == "alice" and info["speaker"] == 1 and info["duration_ms"] == 1040  # 13 frames
+    r = httpx.post(url + "/v1/voices", headers=AUTH, data={"name": "alice", "text": "Again."},
+                   files={"audio": ("alice.wav", wav_bytes(0.5), "audio/wav")})
+    assert r.status_code == 409
+    names = [v["name"] for v in httpx.get(url + "/v1/voices", headers=AUTH).json()["data"]]
+    assert "alice" in names
+    before = server.metrics()
+    for voice in ("alice", {"id": "alice"}):
+        with client(server).audio.speech.with_streaming_response.create(
+                model="csm-1b", voice=voice, input="Now in Alice's voice.", response_format="pcm",
+                extra_body={"max_audio_length_ms": 240}) as response:
+            assert len(response.read()) == 3 * FRAME * 2
+    # The second request reused the voice prompt's KV.
+    assert server.metrics()["fastcsm_reused_rows_total"] > before["fastcsm_reused_rows_total"]
+    assert httpx.delete(url + "/v1/voices/alice", headers=AUTH).status_code == 200
+    assert httpx.delete(url + "/v1/voices/alice", headers=AUTH).status_code == 404
+    r = httpx.post(url + "/v1/audio/speech", json={"input": "hi", "voice": "alice"}, headers=AUTH)
+    assert r.status_code == 400
+
+
+# -- live conversations ---------------------------------------------------------------------------
+
+def ws_connect(server, **kw):
+    return connect(server.url.replace("http", "ws") + "/v1/conversations", additional_headers=AUTH,
+                   open_timeout=10, **kw)
+
+
+def recv_json(ws, timeout=30) -> dict:
+    while True:
+        msg = ws.recv(timeout=timeout)
+        if isinstance(msg, str):
+            return json.loads(msg)
+
+
+def speak_and_collect(ws, **speak) -> tuple[list[dict], list[bytes]]:
+    ws.send(json.dumps({"type": "speak", **speak}))
+    events, audio = [], []
+    while True:
+        msg = ws.recv(timeout=30)
+        if isinstance(msg, bytes):
+            audio.append(msg)
+            continue
+        event = json.loads(msg)
+        events.append(event)
+        if event["type"] in ("done", "error"):
+            return events, audio
+
+
+def line_rows(speaker: int, text: str) -> int:
+    return len(f"[{speaker}]{text}".encode()) + 2  # byte tokenizer: begin + bytes + end
+
+
+def test_conversation_reuses_its_kv_cache_turn_by_turn(server):
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "configure", "audio_format": "pcm_f32le"}))
+        assert recv_json(ws)["type"] == "configured"
+        previous_prefix = 0
+        for turn, (heard, line) in enumerate([("Hi, how are you?", "Fine, thanks."),
+                                              ("What are you up to?", "Writing a server."),
+                                              ("Sounds fun.", "It is.")]):
+            ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": heard}))
+            added = recv_json(ws)
+            assert added["type"] == "turn_added" and added["index"] == 2 * turn
+            events, audio = speak_and_collect(ws, text=line, voice="0", max_audio_length_ms=320, id=f"t{turn}")
+            kinds = [e["type"] for e in events]
+            assert kinds == ["started", "first_audio", "done"], events
+            started, done = events[0], events[-1]
+            assert done["id"] == f"t{turn}" and done["reason"] == "max_length" and done["frames"] == 4
+            assert [len(a) for a in audio] == [FRAME * 4] * 4  # float32 frames
+            prompt = started["prompt_rows"]
+            assert done["reused_rows"] == previous_prefix
+            assert done["prefill_rows"] == prompt - previous_prefix
+            previous_prefix = prompt - line_rows(0, line)
+        assert done["reused_rows"] > done["prefill_rows"]  # the third turn mostly reuses
+
+
+def test_interrupt_stops_audio_within_a_frame(server):
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "speak", "text": "A long answer that will be cut short.", "voice": "0",
+                            "max_audio_length_ms": 8000}))
+        assert recv_json(ws)["type"] == "started"
+        while not isinstance(ws.recv(timeout=30), bytes):
+            pass
+        ws.send(json.dumps({"type": "interrupt"}))
+        after = 0
+        while True:
+            msg = ws.recv(timeout=10)
+            if isinstance(msg, bytes):
+                after += 1
+                continue
+            event = json.loads(msg)
+            if event["type"] == "done":
+                break
+        assert event["reason"] == "interrupted"
+        assert after <= 1 and event["frames"] < 100
+        # The conversation goes on: the next line speaks after the interrupted one.
+        events, audio = speak_and_collect(ws, text="Sorry, go on.", voice="0", max_audio_length_ms=160)
+        assert events[-1]["type"] == "done" and events[-1]["frames"] == 2 and len(audio) == 2
+    deadline = time.monotonic() + 5
+    while server.metrics()["fastcsm_active_streams"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metrics()["fastcsm_active_streams"] == 0
+
+
+def test_conversation_errors_are_events_and_the_session_survives(server):
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send("{not json")
+        e = recv_json(ws)
+        assert e["type"] == "error" and "not valid JSON" in e["message"]
+        ws.send(json.dumps({"type": "dance"}))
+        assert "type" in recv_json(ws)["message"]
+        ws.send(json.dumps({"type": "speak", "text": "Hi.", "voice": "nobody"}))
+        e = recv_json(ws)
+        assert e["type"] == "error" and "GET /v1/voices" in e["message"]
+        ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": "x", "audio": "%%%"}))
+        assert "base64" in recv_json(ws)["message"]
+        events, audio = speak_and_collect(ws, text="Still here.", voice="0", max_audio_length_ms=160)
+        assert events[-1]["type"] == "done" and len(audio) == 2
+    with connect(server.url.replace("http", "ws") + "/v1/conversations?api_key=wrong") as ws:
+        e = recv_json(ws)
+        assert e["type"] == "error" and e["code"] == "unauthorized"
+
+
+def test_conversation_window_slides_and_says_so(server):
+    turn = "blah " * 97  # ~500 rows with the byte tokenizer
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        for i in range(3):
+            ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": f"{i} {turn}"}))
+            assert recv_json(ws)["type"] == "turn_added"
+        events, _ = speak_and_collect(ws, text="Go on.", voice="0", max_audio_length_ms=160)
+        assert [e["type"] for e in events] == ["started", "first_audio", "done"]
+        for i in range(3, 5):  # now the conversation no longer fits the 2048-row window
+            ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": f"{i} {turn}"}))
+            assert recv_json(ws)["type"] == "turn_added"
+        events, audio = speak_and_collect(ws, text="Too much talk.", voice="0", max_audio_length_ms=160)
+        assert [e["type"] for e in events] == ["context_dropped", "started", "first_audio", "done"]
+        dropped, started, done = events[0], events[1], events[-1]
+        assert dropped["dropped_turns"] >= 1 and dropped["remaining_rows"] + 2 <= 2048
+        assert done["reused_rows"] == 0 and done["prefill_rows"] == started["prompt_rows"]  # prefilled again
+        assert len(audio) == 2
