@@ -458,7 +458,13 @@ def run_voices_remove(args) -> int:
 
 # -- the command --------------------------------------------------------------------------------
 
-COMMANDS = [add_speak, add_voices]
+def add_serve(sub) -> None:
+    from .server.cli import add_serve as add
+
+    add(sub)
+
+
+COMMANDS = [add_speak, add_voices, add_serve]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
