@@ -46,6 +46,8 @@
     utterances: [],        // summary of each finished utterance
     audioContextState: null,
     currentTime: () => (player.ctx ? player.ctx.currentTime : 0),
+    outputPeak: () => player.outputPeak(),
+    activeSources: () => player.sources.size,
   };
   window.fastcsm = stats;
 
@@ -97,6 +99,7 @@
     const key = $("api-key").value.trim();
     if (key) localStorage.setItem(KEY_STORAGE, key); else localStorage.removeItem(KEY_STORAGE);
     clearError();
+    loadInfo();
     loadVoices();
   });
 
@@ -117,6 +120,11 @@
           this.ctx = new AudioContext({ latencyHint: "interactive" });  // browser resamples
         }
         this.ctx.onstatechange = () => { stats.audioContextState = this.ctx.state; };
+        // Everything played passes one analyser, so the page (and its tests) can tell sound from silence.
+        this.out = this.ctx.createAnalyser();
+        this.out.fftSize = 2048;
+        this.out.connect(this.ctx.destination);
+        this.probe = new Float32Array(this.out.fftSize);
         stats.audioContextState = this.ctx.state;
       }
       if (this.ctx.state === "suspended") this.ctx.resume().catch(() => {});
@@ -132,7 +140,7 @@
       buffer.copyToChannel(samples, 0);
       const src = ctx.createBufferSource();
       src.buffer = buffer;
-      src.connect(ctx.destination);
+      src.connect(this.out);
       const now = ctx.currentTime;
       if (this.next < now + 0.005) {
         if (this.next > 0) stats.underruns += 1;
@@ -153,6 +161,14 @@
           if (this.onIdle) this.onIdle();
         }
       };
+    }
+    /* Peak of the last ~85 ms that reached the speakers (0 when silent). */
+    outputPeak() {
+      if (!this.out) return 0;
+      this.out.getFloatTimeDomainData(this.probe);
+      let peak = 0;
+      for (const v of this.probe) peak = Math.max(peak, Math.abs(v));
+      return peak;
     }
     stop() {
       for (const src of this.sources) {
@@ -267,6 +283,8 @@
     drawPending = true;
     requestAnimationFrame(() => { drawPending = false; drawWave(); if (stats.playing) scheduleDraw(); });
   }
+  /* One bar per few pixels: peak (light) with RMS (solid) inside it; what has played so far is
+   * drawn in the accent colour, what is still ahead in a paler one. */
   function drawWave() {
     const dpr = window.devicePixelRatio || 1;
     const w = Math.max(1, Math.round(canvas.clientWidth * dpr));
@@ -274,33 +292,41 @@
     if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
     const g = canvas.getContext("2d");
     const css = getComputedStyle(document.documentElement);
+    const mid = Math.floor(h / 2);
     g.clearRect(0, 0, w, h);
     g.fillStyle = css.getPropertyValue("--line").trim() || "#ddd";
-    g.fillRect(0, Math.floor(h / 2), w, Math.max(1, Math.round(dpr)));
+    g.fillRect(0, mid, w, Math.max(1, Math.round(dpr)));
     if (!utter || utter.total === 0) return;
     // The axis spans the longer of what arrived and 2 s, so a short line doesn't fill it all.
     const span = Math.max(utter.total, 2 * utter.rate);
-    const perPx = span / w;
+    const bar = Math.max(2, Math.round(3 * dpr)), gap = Math.max(1, Math.round(dpr));
+    const perBar = span * (bar + gap) / w;
     const played = stats.clockStart === null || !player.ctx ? 0
       : Math.max(0, Math.min(utter.total, (player.ctx.currentTime - stats.clockStart) * utter.rate));
     const colour = css.getPropertyValue("--wave").trim() || "#4f46e5";
-    const dim = css.getPropertyValue("--wave-played").trim() || "#a5b4fc";
+    const ahead = css.getPropertyValue("--wave-ahead").trim() || "#a5b4fc";
+    const half = h / 2 - 2 * dpr;
     let piece = 0, offset = 0;
-    for (let x = 0; x < w; x++) {
-      const end = Math.min(utter.total, Math.floor((x + 1) * perPx));
-      const start = Math.floor(x * perPx);
+    for (let x = 0, k = 0; x < w; x += bar + gap, k++) {
+      const start = Math.floor(k * perBar);
+      const end = Math.min(utter.total, Math.floor((k + 1) * perBar));
       if (start >= utter.total) break;
-      let lo = 1, hi = -1;
+      let peak = 0, sq = 0;
       for (let i = start; i < end; i++) {
         while (i - offset >= utter.pieces[piece].length) { offset += utter.pieces[piece].length; piece++; }
         const v = utter.pieces[piece][i - offset];
-        if (v < lo) lo = v;
-        if (v > hi) hi = v;
+        const a = v < 0 ? -v : v;
+        if (a > peak) peak = a;
+        sq += v * v;
       }
-      if (hi < lo) continue;
-      g.fillStyle = start < played ? dim : colour;
-      const y0 = Math.round((1 - hi) * h / 2), y1 = Math.round((1 - lo) * h / 2);
-      g.fillRect(x, y0, 1, Math.max(1, y1 - y0));
+      const rms = Math.sqrt(sq / Math.max(1, end - start));
+      const fill = start < played ? colour : ahead;
+      const ph = Math.max(dpr, peak * half), rh = Math.max(dpr, rms * half);
+      g.globalAlpha = 0.35;
+      g.fillStyle = fill;
+      g.fillRect(x, mid - ph, bar, 2 * ph);
+      g.globalAlpha = 1;
+      g.fillRect(x, mid - rh, bar, 2 * rh);
     }
   }
   window.addEventListener("resize", scheduleDraw);
@@ -342,6 +368,7 @@
       return;
     }
     if (!res.ok) {
+      if (res.status === 401) askForKey();
       const msg = await refusal(res);
       showError(msg);
       endUtterance({ error: msg });
@@ -590,7 +617,8 @@
       return;
     }
     if (!res.ok) {
-      setServerState(false, `voices: ${res.status}`);
+      setServerState(false, res.status === 401 ? "API key needed" : `voices: ${res.status}`);
+      if (res.status === 401) askForKey();
       showError(await refusal(res));
       return;
     }
@@ -625,7 +653,13 @@
       const li = document.createElement("li");
       const label = document.createElement("span");
       label.textContent = name;
-      if (v.duration_ms) label.title = `${(v.duration_ms / 1000).toFixed(1)} s · speaker ${v.speaker ?? "?"}`;
+      if (v.duration_ms) {
+        const meta = document.createElement("span");
+        meta.className = "muted small";
+        meta.textContent = ` · ${(v.duration_ms / 1000).toFixed(1)} s`;
+        label.append(meta);
+        label.title = `speaker ${v.speaker ?? "?"}: “${v.text || ""}”`;
+      }
       const del = document.createElement("button");
       del.type = "button";
       del.textContent = "×";
@@ -749,6 +783,10 @@
         return;
       }
       clearError();
+      $("voice-form").reset();
+      voiceAudio = null;
+      $("voice-preview").hidden = true;
+      $("audio-source").textContent = "no audio yet";
       $("voice-state").textContent = `created “${name}”`;
       stats.lastVoiceCreated = name;
       await loadVoices(name);
@@ -760,9 +798,34 @@
     }
   });
 
+  // -- server info: limits shown in the form, whether a key is needed ------------------------
+  async function loadInfo() {
+    let res;
+    try {
+      res = await fetch("/v1/info", { headers: authHeaders() });
+    } catch (_) {
+      return;  // loadVoices reports an unreachable server
+    }
+    if (res.status === 401) { askForKey(); return; }
+    if (!res.ok) return;
+    const info = await res.json();
+    stats.info = info;
+    if (info.max_input_chars) $("text").maxLength = info.max_input_chars;
+    if (info.max_audio_length_ms) {
+      $("max-ms").max = info.max_audio_length_ms;
+      if (+$("max-ms").value > info.max_audio_length_ms) $("max-ms").value = info.max_audio_length_ms;
+    }
+    $("server-state").title = `${info.model} · ${info.slots} streams at once · ${info.sample_rate} Hz`;
+  }
+  function askForKey() {
+    const box = document.querySelector(".apikey");
+    box.open = true;
+    $("api-key").focus();
+  }
+
   // -- start -----------------------------------------------------------------------------------
   renderVoices([]);
   updateFigures();
   drawWave();
-  loadVoices().then(() => { stats.ready = true; });
+  Promise.all([loadInfo(), loadVoices()]).then(() => { stats.ready = true; });
 })();
