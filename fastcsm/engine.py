@@ -240,6 +240,8 @@ class Engine:
     cuda_graphs: capture one graph per batch bucket (default: on when the model is on CUDA).
     prefill_chunk: prompt rows prefilled per step, across waiting requests, so running streams
       never wait more than one chunk's time for their next frame.
+    one_frame_late: learn each step's frames during the next step (default: on CUDA, where
+      the step runs asynchronously; on CPU the step is synchronous and waiting costs nothing).
     sample_candidates: rank only this many tokens per codebook while every request's top-k fits
       (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
     """
@@ -255,6 +257,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         prefix_cache_bytes: int = 256 << 20,
         sample_candidates: int = 64,
+        one_frame_late: bool | None = None,
     ):
         self.model = model
         self.cfg = model.cfg
@@ -288,6 +291,7 @@ class Engine:
         self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
         self.sample_candidates = sample_candidates
         self._graph_pool = None
+        self.one_frame_late = self.device.type == "cuda" if one_frame_late is None else one_frame_late
         self._copy_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self.stats = {"prefill_rows": 0, "reused_rows": 0, "frames": 0, "steps": 0}
 
@@ -431,20 +435,22 @@ class Engine:
         return graph
 
     def step(self) -> list[Emitted]:
-        """One prefill chunk (if any request waits), then one frame for every active slot.
+        """Prefill waiting prompts (one budget of rows), then one frame for every active slot.
 
-        Returns what the host learnt this step: the previous step's frame per request (codes),
-        and requests that ended (codes None; their slot is free again).
+        Returns what the host learnt this step: a frame per request (codes, and PCM with a
+        codec), and requests that ended (codes None; their slot is free again). With
+        `one_frame_late` (the default on CUDA) the frames are those of the previous step, read
+        through an asynchronous copy while this step's frame is computed; otherwise this
+        step's own frames, read when the step is done.
         """
         budget = self.prefill_chunk  # prompt rows per step, across waiting requests
         while self.waiting and budget > 0:
             budget -= self._prefill_chunk(self.waiting[0], budget)
-        # Read back the previous step's codes (copied asynchronously) before launching the next.
-        previous = self.pending
+        # Read back the previous step's frames before launching the next.
+        previous, self.pending = self.pending, []
         if previous and self._copy_event is not None:
             self._copy_event.synchronize()
-        codes = self.host_codes.clone() if previous else None
-        pcm = self.host_pcm.clone() if previous and self.codec is not None else None
+        read = self._read_host() if previous else (None, None)
         running = [(r.slot, r) for r in self.slots if r is not None and r not in self.waiting and not r.done]
         batch = self.bucket() if running else 0
         if batch:
@@ -455,8 +461,15 @@ class Engine:
             if self._copy_event is not None:
                 self._copy_event.record()
             self.stats["steps"] += 1
-        self.pending = running
-        return self._emit(previous, codes, pcm)
+        if self.one_frame_late:
+            self.pending = running
+            return self._emit(previous, *read)
+        if self._copy_event is not None:
+            self._copy_event.synchronize()
+        return self._emit(running, *self._read_host())
+
+    def _read_host(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.host_codes.clone(), self.host_pcm.clone() if self.codec is not None else None
 
     def _emit(self, previous: list[tuple[int, Request]], codes, pcm) -> list[Emitted]:
         out = []

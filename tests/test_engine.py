@@ -16,6 +16,12 @@ K = CFG.num_codebooks
 TOK = TextTokenizer.from_json(byte_tokenizer_json())
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "one-frame-late"])
+def late(request):
+    """Both ways of reading frames back: right after the step, and during the next step."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def model():
     m = CSM(CFG)
@@ -50,8 +56,8 @@ def requests(n=4, frames=6):
                                    topp=[1.0, 1.0, 0.9, 0.8][i % 4]), seed=100 + i) for i in range(n)]
 
 
-def test_batched_equals_alone(model):
-    together = run_together(Engine(model, max_slots=4), requests())
+def test_batched_equals_alone(model, late):
+    together = run_together(Engine(model, max_slots=4, one_frame_late=late), requests())
     for r, codes in zip(requests(), together):
         alone = run_alone(model, r)
         assert codes.shape == (6, K)
@@ -68,8 +74,8 @@ def test_three_requests_pad_to_bucket_four(model):
     assert engine.bucket() == 4
 
 
-def test_freed_slots_reused_give_fresh_results(model):
-    engine = Engine(model, max_slots=2)
+def test_freed_slots_reused_give_fresh_results(model, late):
+    engine = Engine(model, max_slots=2, one_frame_late=late)
     first = run_together(engine, requests(2))
     assert engine.free_slots == 2
     again = run_together(engine, requests(2))  # same slots, stale KV beyond each prompt
@@ -81,8 +87,8 @@ def test_freed_slots_reused_give_fresh_results(model):
     assert torch.equal(late[0], run_alone(model, requests(4)[2]))
 
 
-def test_join_mid_stream_does_not_change_others(model):
-    engine = Engine(model, max_slots=4)
+def test_join_mid_stream_does_not_change_others(model, late):
+    engine = Engine(model, max_slots=4, one_frame_late=late)
     a, b = requests(2)
     engine.add(a)
     got = {id(a): [], id(b): []}
@@ -169,8 +175,8 @@ def scripted_step(end_at):
     return step
 
 
-def test_end_frame_found_a_frame_late_never_leaks(model):
-    engine = Engine(model, max_slots=2)
+def test_end_frame_found_a_frame_late_never_leaks(model, late):
+    engine = Engine(model, max_slots=2, one_frame_late=late)
     engine._step = scripted_step([3, 5])
     a, b = requests(2, frames=50)
     out = run_together(engine, [a, b])
@@ -181,15 +187,15 @@ def test_end_frame_found_a_frame_late_never_leaks(model):
     assert a.done and b.done and engine.free_slots == 2
 
 
-def test_max_frames_stops_exactly(model):
-    engine = Engine(model, max_slots=1)
+def test_max_frames_stops_exactly(model, late):
+    engine = Engine(model, max_slots=1, one_frame_late=late)
     engine._step = scripted_step([1000])
     r = requests(1, frames=4)[0]
     assert [int(c[0]) for c in engine.run(r)] == [1, 2, 3, 4]
 
 
-def test_closing_the_iterator_frees_the_slot(model):
-    engine = Engine(model, max_slots=1)
+def test_closing_the_iterator_frees_the_slot(model, late):
+    engine = Engine(model, max_slots=1, one_frame_late=late)
     it = engine.run(requests(1, frames=20)[0])
     next(it)
     it.close()
@@ -205,14 +211,14 @@ def test_prompt_longer_than_slot_is_refused(model):
     assert engine.free_slots == 1
 
 
-def test_engine_decodes_each_slot_to_pcm(model):
+def test_engine_decodes_each_slot_to_pcm(model, late):
     """PCM that leaves the engine every frame equals decoding each request's codes whole,
     with slots starting at different times and a slot reused by a later request."""
     from fastcsm.mimi import Mimi, tiny_mimi_config
 
     torch.manual_seed(0)
     codec = Mimi(tiny_mimi_config()).eval()
-    engine = Engine(model, max_slots=2, codec=codec)
+    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late)
     rs = requests(3, frames=5)
     got = {id(r): ([], []) for r in rs}
     engine.add(rs[0])
