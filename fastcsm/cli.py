@@ -464,7 +464,23 @@ def add_serve(sub) -> None:
     add(sub)
 
 
-COMMANDS = [add_speak, add_voices, add_serve]
+def add_bench(sub) -> None:
+    from . import bench
+
+    p = sub.add_parser("bench", help="measure frame time, time to first audio and the peer on random weights",
+                       description=bench.__doc__.split("\n\n")[0])
+    bench.add_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from . import bench
+
+    bench.run(args)
+    return EXIT_OK
+
+
+COMMANDS = [add_speak, add_voices, add_serve, add_bench]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:

@@ -26,3 +26,11 @@ def test_weight_bytes_of_csm_1b_match_design():
     """DESIGN.md: ~1.95 GB backbone + 31 x 0.22 GB decoder, about 8.8 GB a frame in bf16."""
     gb = bench.weight_bytes_per_frame(preset("csm-1b"), 2) / 1e9
     assert 8.0 < gb < 9.5
+
+
+def test_fastcsm_bench_command(capsys):
+    from fastcsm.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--voice-seconds", "0.5",
+                 "--no-peer", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batches"]["1"]["ms_per_step"] > 0
