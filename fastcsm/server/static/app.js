@@ -433,11 +433,14 @@
         stats.conversation.connected = false;
         setConvState("not connected", false);
         if (stats.streaming && stats.mode === "conversation") endUtterance({ error: "closed" });
-        if (ev.code !== 1000 && ev.code !== 1001 && !this.closing) {
+        if (ev.code === 4401) askForKey();
+        // The server says why in an error event before it closes; only a silent close gets a message here.
+        if (ev.code !== 1000 && ev.code !== 1001 && !this.closing && !this.told) {
           const why = ev.reason || (wasOpen ? "the connection closed" : "the server refused the connection");
           showError(`Conversation closed (${ev.code}): ${why}`);
         }
         this.closing = false;
+        this.told = false;
         if (this.opening) { this.opening.reject(new Error(ev.reason || `closed with code ${ev.code}`)); this.opening = null; }
       };
       return promise;
@@ -478,6 +481,7 @@
       stats.conversation.events.push(msg);
       switch (msg.type) {
         case "ready":
+          this.told = false;
           this.rate = msg.sample_rate || SAMPLE_RATE;
           this.ws = ws;
           stats.conversation.connected = true;
@@ -504,6 +508,7 @@
           break;
         case "error": {
           const text = msg.message || JSON.stringify(msg);
+          this.told = true;
           showError(msg.code ? `${msg.code}: ${text}` : text);
           // An error about the line being spoken (or one sent before it started) ends it.
           const cur = this.current;

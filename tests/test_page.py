@@ -1,0 +1,383 @@
+"""The browser page, driven in real headless Chromium against a real `fastcsm serve`.
+
+One server (a tiny random checkpoint, on a free loopback port) and one browser serve every test
+here. The page keeps its counters in `window.fastcsm`, so the tests assert on numbers: chunks and
+samples received and scheduled, the AudioContext clock, the last error shown.
+
+Needs Debian's `chromium` (/usr/bin/chromium, or $FASTCSM_CHROMIUM) and the `playwright` Python
+package; without them the tests skip. Artifacts (a screenshot after speaking) go to
+$FASTCSM_ARTIFACTS, else the test's tmp dir; FASTCSM_UPDATE_DOCS=1 also writes docs/page.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = os.environ.get("FASTCSM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920
+FRAME_MS = 80
+API_KEY = "page-test-key"  # the server requires it, as a deployed one would
+ROOT = Path(__file__).resolve().parents[1]
+
+if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fastcsm serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("fastcsm serve did not become ready in time")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`fastcsm serve` on a free loopback port with a tiny random checkpoint; yields its URL."""
+    from fastcsm.testing import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("page_server")
+    ckpt = root / "ckpt"
+    write_hf_checkpoint(ckpt)
+    port = _free_port()
+    log = open(root / "server.log", "w+b")
+    # only the flags below configure the server: no FASTCSM_* setting leaks in from outside
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCSM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastcsm", "serve", "--model", str(ckpt), "--device", "cpu",
+         "--host", "127.0.0.1", "--port", str(port), "--voices-dir", str(root / "voices"),
+         "--api-key", API_KEY],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+    except Exception:
+        proc.kill()
+        log.seek(0)
+        pytest.fail("fastcsm serve did not start:\n" + log.read().decode(errors="replace")[-4000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium_profile")), executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS, headless=True, viewport={"width": 1280, "height": 900})
+        yield ctx
+        ctx.close()
+
+
+class Console:
+    """Console errors and uncaught exceptions of one page."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+
+def open_page(browser, server, key: str | None = API_KEY):
+    """A new tab on the page, with `key` saved as the page's API key (as a user would save it)."""
+    page = browser.new_page()
+    page.console = Console(page)
+    page.add_init_script("localStorage.removeItem('fastcsm.apiKey')" if key is None
+                         else f"localStorage.setItem('fastcsm.apiKey', {json.dumps(key)})")
+    page.goto(server + "/")
+    return page
+
+
+@pytest.fixture
+def page(browser, server):
+    page = open_page(browser, server)
+    page.wait_for_function("window.fastcsm && window.fastcsm.ready === true", timeout=10_000)
+    yield page
+    page.close()
+
+
+def stats(page) -> dict:
+    return page.evaluate("""() => {
+        const s = window.fastcsm;
+        const out = {};
+        for (const [k, v] of Object.entries(s)) if (typeof v !== "function") out[k] = v;
+        out.now = s.currentTime();
+        return JSON.parse(JSON.stringify(out));
+    }""")
+
+
+def set_sampling(page, max_ms: int, seed: int | None = 1) -> None:
+    page.click("details.advanced summary")
+    page.fill("#max-ms", str(max_ms))
+    page.fill("#seed", "" if seed is None else str(seed))
+
+
+def api(server: str, method: str, path: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if data:
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(server + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, r.headers, r.read()
+
+
+def write_wav(path: Path, seconds: float = 1.0) -> Path:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32),
+             SAMPLE_RATE, subtype="PCM_16")
+    return path
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+def test_page_loads_clean(page, server):
+    assert page.title().startswith("fastcsm")
+    # the voice picker offers the model's own speakers; the page found the server
+    assert page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[:2] == ["0", "1"]
+    assert "ready" in page.text_content("#server-state")
+    assert page.is_hidden("#error")
+    # the page's own files come from the package
+    for name in ("app.js", "style.css"):
+        status, headers, body = api(server, "GET", "/" + name)
+        assert status == 200 and body
+    assert page.console.errors == []
+
+
+def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
+    frames = 12
+    set_sampling(page, frames * FRAME_MS, seed=7)
+    page.fill("#text", "Hello from the browser page.")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    s = stats(page)
+    body = json.loads(sent[0])
+    assert body["response_format"] == "pcm" and body["input"] == "Hello from the browser page."
+    assert body["seed"] == 7 and body["max_audio_length_ms"] == frames * FRAME_MS
+
+    # what the server sends for the same request, byte for byte in length
+    _, headers, pcm = api(server, "POST", "/v1/audio/speech", body)
+    assert s["bytesReceived"] == len(pcm) > 0
+    assert s["samplesReceived"] == len(pcm) // 2
+    assert s["samplesReceived"] % FRAME_SAMPLES == 0 and s["samplesReceived"] <= frames * FRAME_SAMPLES
+    # every sample received was scheduled, back to back on the audio clock
+    assert s["samplesScheduled"] == s["samplesReceived"]
+    assert s["chunksReceived"] >= 1 and s["sourcesScheduled"] == s["chunksReceived"]
+    span = s["clockEnd"] - s["clockStart"]
+    assert span == pytest.approx(s["samplesScheduled"] / SAMPLE_RATE, abs=1e-6) or s["underruns"] > 0
+    assert span >= s["samplesScheduled"] / SAMPLE_RATE - 1e-6
+    assert s["firstAudioMs"] > 0 and s["rtf"] > 0 and s["lastError"] is None
+    assert s["audioContextState"] == "running"
+
+    # the audio clock runs through the scheduled audio, then playback ends
+    page.wait_for_function("window.fastcsm.currentTime() >= window.fastcsm.clockEnd && !window.fastcsm.playing",
+                           timeout=10_000)
+    assert stats(page)["now"] >= s["clockEnd"]
+    assert page.text_content("#fig-ttfa").endswith("ms")
+    assert page.text_content("#fig-audio") == f"{s['samplesReceived'] / SAMPLE_RATE:.2f} s"
+    assert page.console.errors == []
+
+
+def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
+    page.fill("#voice-name", "page-voice")
+    page.fill("#voice-text", "This is my voice.")
+    page.fill("#voice-speaker", "1")
+    page.set_input_files("#voice-file", str(write_wav(tmp_path / "me.wav")))
+    page.click("#create-voice")
+    page.wait_for_function("window.fastcsm.voices.includes('page-voice')", timeout=20_000)
+    assert page.input_value("#voice") == "page-voice"  # the new voice is picked
+    listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
+    voice = next(v for v in listed if v["name"] == "page-voice")
+    assert voice["speaker"] == 1 and voice["text"] == "This is my voice."
+    assert voice["duration_ms"] == pytest.approx(1000, abs=FRAME_MS)
+
+    set_sampling(page, 24 * FRAME_MS)
+    page.fill("#text", "Now in a voice cloned from an uploaded file.")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    s = stats(page)
+    assert json.loads(sent[0])["voice"] == "page-voice"
+    assert s["lastError"] is None and s["samplesScheduled"] > 0
+    assert page.console.errors == []
+
+    # the page after speaking, as a test artifact (and the README's picture)
+    page.wait_for_function("window.fastcsm.currentTime() > window.fastcsm.clockStart + 0.8", timeout=10_000)
+    shot = Path(os.environ.get("FASTCSM_ARTIFACTS", tmp_path)) / "page.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("FASTCSM_UPDATE_DOCS") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "page.png")
+
+
+def test_voice_from_the_microphone(page, server):
+    # Chromium's fake capture device plays a beep; the page records it, decodes it to WAV and uploads
+    page.click("#record")
+    page.wait_for_selector("#record[aria-pressed=true]")
+    page.wait_for_timeout(1200)
+    page.click("#record")
+    page.wait_for_function("window.fastcsm.recordedBytes > 0", timeout=10_000)
+    seconds = (page.evaluate("window.fastcsm.recordedBytes") - 44) / 2 / SAMPLE_RATE
+    assert 0.8 < seconds < 3
+    page.fill("#voice-name", "mic-voice")
+    page.fill("#voice-text", "A beep, not words.")
+    page.click("#create-voice")
+    page.wait_for_function("window.fastcsm.voices.includes('mic-voice')", timeout=20_000)
+    listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
+    assert any(v["name"] == "mic-voice" for v in listed)
+    assert page.console.errors == []
+
+
+def test_interrupt_stops_playback(page, server):
+    frames = 250  # 20 s: far longer than the test waits
+    set_sampling(page, frames * FRAME_MS)
+    page.click("#speak")
+    # sound is coming out of the speakers...
+    page.wait_for_function("window.fastcsm.outputPeak() > 0", timeout=20_000)
+    page.click("#interrupt")
+    s = stats(page)
+    assert s["interrupted"] and s["done"] and not s["playing"] and not s["streaming"]
+    assert s["stoppedAt"] is not None and s["stoppedAt"] < s["clockEnd"]  # cut before its end
+    assert page.evaluate("window.fastcsm.activeSources()") == 0
+    # ...and stops: the output falls silent once the analyser's 85 ms window has passed
+    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=2_000)
+    page.wait_for_timeout(300)
+    later = stats(page)
+    assert page.evaluate("window.fastcsm.outputPeak()") == 0
+    assert later["chunksReceived"] == s["chunksReceived"]  # the stream was abandoned
+    assert later["samplesScheduled"] == s["samplesScheduled"]
+    assert later["samplesReceived"] < frames * FRAME_SAMPLES
+    assert page.text_content("#speak-state") == "interrupted"
+    assert page.is_enabled("#speak") and page.is_disabled("#interrupt")
+    assert page.console.errors == []
+
+
+def test_conversation_turns_and_interrupt(page, server):
+    page.click("#tab-conversation")
+    page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
+    set_sampling(page, 4 * FRAME_MS)
+    page.fill("#their-line", "Hi, who is this?")
+    page.click("#add-turn")
+    page.fill("#text", "It is fastcsm speaking.")
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    s = stats(page)
+    done = s["conversation"]["lastDone"]
+    assert done["reason"] in ("end", "max_length")
+    assert s["samplesScheduled"] == s["samplesReceived"] == done["frames"] * FRAME_SAMPLES > 0
+    assert [t["who"] for t in s["conversation"]["turns"]] == ["them", "model"]
+    assert page.eval_on_selector_all("#turns li", "ls => ls.length") == 2
+
+    # a long line, cut off after its first audio: the server confirms and sends nothing more
+    page.fill("#max-ms", str(250 * FRAME_MS))
+    page.fill("#text", "And now a much longer line that will not be heard to its end.")
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.chunksReceived > 0", timeout=20_000)
+    page.click("#interrupt")
+    cut = stats(page)
+    assert cut["interrupted"] and not cut["playing"]
+    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 1", timeout=10_000)
+    s = stats(page)
+    assert s["conversation"]["lastDone"]["reason"] == "interrupted"
+    assert s["samplesScheduled"] == cut["samplesScheduled"]  # nothing played after the interrupt
+    assert s["conversation"]["lastDone"]["frames"] < 250
+    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=2_000)
+    assert page.eval_on_selector("#turns li:last-child", "li => li.classList.contains('interrupted')")
+    assert page.console.errors == []
+
+
+def test_refused_request_shows_the_servers_message(page, server, tmp_path):
+    # a voice picked in the page, then deleted behind its back: the server refuses the speech
+    page.fill("#voice-name", "gone-voice")
+    page.fill("#voice-text", "Soon gone.")
+    page.set_input_files("#voice-file", str(write_wav(tmp_path / "gone.wav", 0.5)))
+    page.click("#create-voice")
+    page.wait_for_function("window.fastcsm.voices.includes('gone-voice')", timeout=20_000)
+    api(server, "DELETE", "/v1/voices/gone-voice")
+
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.lastError !== null", timeout=10_000)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api(server, "POST", "/v1/audio/speech", {"input": "x", "voice": "gone-voice", "response_format": "pcm"})
+    server_message = json.loads(refused.value.read())["error"]["message"]
+    assert 400 <= refused.value.code < 500 and "gone-voice" in server_message
+    s = stats(page)
+    assert s["lastError"] == f"{refused.value.code}: {server_message}"
+    assert page.is_visible("#error") and server_message in page.text_content("#error-text")
+    assert s["samplesScheduled"] == 0 and page.is_enabled("#speak")
+
+
+def test_api_key_is_asked_for_and_sent(browser, server):
+    page = open_page(browser, server, key=None)
+    try:
+        # without a key the server refuses, the page says so and opens the key field
+        page.wait_for_function("window.fastcsm.ready === true", timeout=10_000)
+        s = stats(page)
+        assert s["lastError"].startswith("401: ") and "API key" in s["lastError"]
+        assert page.eval_on_selector(".apikey", "d => d.open") and page.is_visible("#error")
+        # the conversation is refused too, with the server's reason
+        page.click("#tab-conversation")
+        page.wait_for_function("window.fastcsm.errors.length >= 2", timeout=10_000)
+        assert "API key" in stats(page)["lastError"] and not stats(page)["conversation"]["connected"]
+        page.click("#tab-single")
+
+        page.fill("#api-key", API_KEY)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_function("document.querySelector('#server-state').textContent === 'server ready'")
+        assert page.evaluate("localStorage.getItem('fastcsm.apiKey')") == API_KEY
+        assert page.is_hidden("#error")
+        set_sampling(page, 2 * FRAME_MS)
+        page.click("#speak")
+        page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+        assert stats(page)["samplesScheduled"] == 2 * FRAME_SAMPLES
+        page.click("#tab-conversation")  # the WebSocket carries the key as ?api_key=
+        page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
+    finally:
+        page.close()
