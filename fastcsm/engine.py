@@ -100,9 +100,11 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
                candidates: int | None = None) -> None:
     """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
     codes = sample_frame(model, state, decoder_cache, candidates)
-    pos = state.pos.clamp(max=cache.length - 1)  # inactive rows may sit at the end of the window
-    h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     active = state.active
+    # Inactive rows (free, or a prompt being prefilled) write at the window's last position: a
+    # request writes that position itself, if it ever gets there, before reading it.
+    pos = torch.where(active, state.pos, cache.length - 1)
+    h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     state.codes.copy_(codes)
     state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
     state.pos.add_(active.long())
@@ -325,10 +327,6 @@ class Engine:
         st.temperature[slot] = request.params.temperature
         st.topk[slot] = request.params.topk
         st.topp[slot] = request.params.topp
-        if self.codec is not None:
-            fresh = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
-            fresh[slot] = True
-            self.codec_state.reset(fresh)
         self._reuse_prefix(request)
         self.waiting.append(request)
         return slot
@@ -380,6 +378,10 @@ class Engine:
             st.h[slot] = h[0]
             st.pos[slot] = stop
             st.active[slot] = True
+            if self.codec is not None:  # its audio stream starts now: steps while waiting decoded noise
+                fresh = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+                fresh[slot] = True
+                self.codec_state.reset(fresh)
             self.waiting.remove(request)
         return stop - start
 

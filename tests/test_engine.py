@@ -263,3 +263,70 @@ def test_prefill_budget_is_shared_across_waiting_requests(model):
     assert sum(rows) == total and max(rows) <= 40
     assert len(rows) == -(-total // 40)  # no step left budget unused while requests waited
     assert emitted_first == len(rows)  # the running stream advanced on every one of those steps
+
+
+def test_compiled_engine_with_codec_equals_eager():
+    """The engine's whole step (frame + Mimi decode, as captured on CUDA) is one graph under
+    torch.compile(fullgraph=True): same codes, same PCM, through the engine's own loop."""
+    from fastcsm.engine import engine_step
+    from fastcsm.mimi import Mimi, tiny_mimi_config
+
+    torch._dynamo.reset()
+    cfg = tiny_config(num_codebooks=8)
+    m = CSM(cfg)
+    randomize_(m, seed=3)
+    m = m.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    codec = Mimi(tiny_mimi_config(num_codebooks=8)).eval()
+
+    def run(compiled):
+        engine = Engine(m, max_slots=2, codec=codec)
+        if compiled:
+            engine._step = torch.compile(engine_step, fullgraph=True, dynamic=False, backend="aot_eager")
+        rs = []
+        for i in range(2):
+            codes = torch.randint(0, 2048, (3, 8), generator=torch.Generator().manual_seed(i))
+            p = build_prompt("Compile me.", i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
+            rs.append(Request(p, 4, SamplingParams(temperature=0.9, topk=[20, 0][i]), seed=i))
+        out = []
+        for r in rs:
+            engine.add(r)
+        while not all(r.done for r in rs):
+            out += [(e.slot, e.codes, e.pcm) for e in engine.step() if e.codes is not None]
+        return out
+
+    eager, compiled = run(False), run(True)
+    assert len(eager) == len(compiled) == 8
+    for (s1, c1, p1), (s2, c2, p2) in zip(eager, compiled):
+        assert s1 == s2 and torch.equal(c1, c2)
+        assert torch.allclose(p1, p2, atol=1e-5)
+
+
+def test_slot_prefilled_over_many_steps_is_not_disturbed_by_running_streams(model, late):
+    """While a new request's prompt is prefilled chunk by chunk into a slot that an earlier
+    request used, the frame steps of other streams must leave that slot's cache and codec
+    state alone."""
+    from fastcsm.mimi import Mimi, tiny_mimi_config
+
+    torch.manual_seed(0)
+    codec = Mimi(tiny_mimi_config()).eval()
+    engine = Engine(model, max_slots=2, codec=codec, prefill_chunk=8, one_frame_late=late)
+    first, other = requests(2, frames=30)
+    first.max_frames = 12
+    engine.add(first)
+    engine.add(other)
+    while not first.done:  # slot 0 now holds a stale position well inside the next prompt
+        engine.step()
+    new = Request(prompt("A new line that takes several prefill steps to put in the cache.", 0, frames=20),
+                  6, SamplingParams(), seed=9)
+    assert len(new.prompt) > 8 * 5
+    engine.add(new)
+    got, pcm = [], []
+    while not new.done:
+        for e in engine.step():
+            if e.request is new and e.codes is not None:
+                got.append(e.codes)
+                pcm.append(e.pcm)
+    alone = run_alone(model, Request(new.prompt, 6, SamplingParams(), seed=9))
+    assert torch.equal(torch.stack(got), alone)
+    assert torch.allclose(torch.cat(pcm), codec.decode(alone.T[None])[0, 0], atol=1e-5)
