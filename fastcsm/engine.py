@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,6 +290,7 @@ class Engine:
         if compile:
             enable_compile_cache()
         self._step = torch.compile(engine_step, fullgraph=True, dynamic=False) if compile else engine_step
+        self.compiled = compile
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
         self.sample_candidates = sample_candidates
@@ -415,6 +417,24 @@ class Engine:
         else:
             with torch.inference_mode():
                 self._step(*self._step_args(batch, candidates))
+
+    def warmup(self) -> float:
+        """Build every variant of the step before traffic arrives: compile it and capture its
+        CUDA graph for each batch bucket and both sampling paths, so that no request waits for
+        that later. Streams already running are not advanced. Returns the seconds it took."""
+        t = time.perf_counter()
+        for batch in self.buckets:
+            for candidates in dict.fromkeys([self.sample_candidates or None, None]):
+                if self.cuda_graphs:
+                    if (batch, candidates) not in self._graphs:
+                        self._graphs[(batch, candidates)] = self._capture(batch, candidates)
+                elif self.compiled:
+                    saved = [x.clone() for x in _tensors([self.state, self.codec_state])]
+                    with torch.inference_mode():
+                        self._step(*self._step_args(batch, candidates))
+                    for x, copy in zip(_tensors([self.state, self.codec_state]), saved):
+                        x.copy_(copy)
+        return time.perf_counter() - t
 
     def _capture(self, batch: int, candidates: int | None) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then capture the step for `batch` rows."""

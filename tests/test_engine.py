@@ -330,3 +330,28 @@ def test_slot_prefilled_over_many_steps_is_not_disturbed_by_running_streams(mode
     alone = run_alone(model, Request(new.prompt, 6, SamplingParams(), seed=9))
     assert torch.equal(torch.stack(got), alone)
     assert torch.allclose(torch.cat(pcm), codec.decode(alone.T[None])[0, 0], atol=1e-5)
+
+
+def test_warmup_builds_every_variant_without_advancing_streams(model):
+    from fastcsm.engine import engine_step
+
+    engine = Engine(model, max_slots=2)
+    variants = []
+
+    def step(*args):  # the eager step, recording which variants were built
+        variants.append((args[2].h.shape[0], args[-1]))
+        engine_step(*args)
+
+    engine._step, engine.compiled = step, True
+    r = requests(1, frames=5)[0]
+    engine.add(r)
+    engine.step()
+    state = [t.clone() for t in vars(engine.state).values()]
+    variants.clear()
+    assert engine.warmup() > 0
+    assert sorted(variants, key=str) == sorted([(1, 64), (1, None), (2, 64), (2, None)], key=str)
+    assert all(torch.equal(a, b) for a, b in zip(state, vars(engine.state).values()))
+    rest = []
+    while not r.done:
+        rest += [e.codes for e in engine.step() if e.codes is not None]
+    assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=5)[0])[1:])
