@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         if debug:
             raise
-        print(f"fastcsm: error: {e}", file=sys.stderr)
+        print(f"fastcsm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause said
         return e.code
     except KeyboardInterrupt:
         print("fastcsm: interrupted", file=sys.stderr)
