@@ -332,6 +332,13 @@ def test_conversation_turns_and_interrupt(page, server):
     assert page.eval_on_selector("#turns li:last-child", "li => li.classList.contains('interrupted')")
     assert page.console.errors == []
 
+    page.click("#reset-conversation")  # a fresh conversation on the same connection
+    assert page.eval_on_selector_all("#turns li", "ls => ls.length") == 0
+    page.fill("#max-ms", str(2 * FRAME_MS))
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 2", timeout=20_000)
+    assert stats(page)["conversation"]["connected"] and stats(page)["lastError"] is None
+
 
 def test_refused_request_shows_the_servers_message(page, server, tmp_path):
     # a voice picked in the page, then deleted behind its back: the server refuses the speech
@@ -352,6 +359,16 @@ def test_refused_request_shows_the_servers_message(page, server, tmp_path):
     assert s["lastError"] == f"{refused.value.code}: {server_message}"
     assert page.is_visible("#error") and server_message in page.text_content("#error-text")
     assert s["samplesScheduled"] == 0 and page.is_enabled("#speak")
+
+    # a busy server's 503 (hard to provoke on demand): its message and Retry-After are shown
+    busy = {"error": {"message": "the server is at capacity: 16 streams and 64 queued; retry shortly",
+                      "type": "server_busy", "param": None, "code": None}}
+    page.route("**/v1/audio/speech", lambda route: route.fulfill(
+        status=503, headers={"Retry-After": "2", "Content-Type": "application/json"}, body=json.dumps(busy)))
+    page.select_option("#voice", "0")
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.errors.length === 2", timeout=10_000)
+    assert stats(page)["lastError"] == f"503: {busy['error']['message']} (retry after 2 s)"
 
 
 def test_api_key_is_asked_for_and_sent(browser, server):

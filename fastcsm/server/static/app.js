@@ -209,7 +209,7 @@
   // -- one utterance: figures + waveform + playback ------------------------------------------
   let utter = null;  // { t0, tFirst, rate, pcm, pieces: Float32Array[], total }
 
-  function beginUtterance(rate = SAMPLE_RATE) {
+  function beginUtterance(via, rate = SAMPLE_RATE) {
     player.begin();
     player.context();
     Object.assign(stats, {
@@ -218,7 +218,7 @@
       streaming: true, done: false, interrupted: false, stoppedAt: null, playing: false,
     });
     stats.requests += 1;
-    utter = { t0: performance.now(), tFirst: null, tEnd: null, rate, pcm: new PcmDecoder(), pieces: [], total: 0 };
+    utter = { via, t0: performance.now(), tFirst: null, tEnd: null, rate, pcm: new PcmDecoder(), pieces: [], total: 0 };
     setBusy(true);
     updateFigures();
     drawWave();
@@ -350,7 +350,7 @@
   async function speakHttp(text) {
     const body = { model: "csm-1b", input: text, voice: $("voice").value || "0", response_format: "pcm", ...samplingFields() };
     abort = new AbortController();
-    beginUtterance();
+    beginUtterance("http");
     setSpeakState("generating…");
     let res;
     try {
@@ -432,7 +432,7 @@
         this.ws = null;
         stats.conversation.connected = false;
         setConvState("not connected", false);
-        if (stats.streaming && stats.mode === "conversation") endUtterance({ error: "closed" });
+        if (stats.streaming && utter && utter.via === "ws") endUtterance({ error: "closed" });
         if (ev.code === 4401) askForKey();
         // The server says why in an error event before it closes; only a silent close gets a message here.
         if (ev.code !== 1000 && ev.code !== 1001 && !this.closing && !this.told) {
@@ -455,7 +455,7 @@
     }
     async speak(text) {
       try { await this.open(); } catch (_) { return; }
-      beginUtterance(this.rate);
+      beginUtterance("ws", this.rate);
       setSpeakState("generating…");
       this.dropping = false;
       this.current = addTurnItem("model", text);
@@ -472,7 +472,7 @@
     }
     message(ws, ev) {
       if (typeof ev.data !== "string") {
-        if (stats.streaming && !this.dropping) audioBytes(new Uint8Array(ev.data));
+        if (stats.streaming && utter.via === "ws" && !this.dropping) audioBytes(new Uint8Array(ev.data));
         else stats.conversation.droppedMessages = (stats.conversation.droppedMessages || 0) + 1;
         return;
       }
@@ -522,6 +522,14 @@
         default:
           break;
       }
+    }
+    /* Forget every turn; the server keeps the connection and its settings. */
+    reset() {
+      if (stats.streaming) this.interrupt();
+      if (this.ws && this.ws.readyState === WebSocket.OPEN) this.send({ type: "reset" });
+      this.current = null;
+      $("turns").replaceChildren();
+      stats.conversation.turns = [];
     }
     close() {
       if (this.ws) { this.closing = true; this.ws.close(1000, "page closed the conversation"); }
@@ -575,7 +583,7 @@
   });
 
   function interrupt() {
-    if (stats.mode === "conversation" && stats.streaming) { conversation.interrupt(); return; }
+    if (stats.streaming && utter.via === "ws") { conversation.interrupt(); return; }
     if (abort) abort.abort();
     if (stats.streaming) endUtterance({ interrupted: true });
     else if (player.stop()) {
@@ -593,13 +601,29 @@
     const conv = mode === "conversation";
     $("tab-single").setAttribute("aria-selected", String(!conv));
     $("tab-conversation").setAttribute("aria-selected", String(conv));
+    $("tab-single").tabIndex = conv ? -1 : 0;
+    $("tab-conversation").tabIndex = conv ? 0 : -1;
+    $("speak-panel").setAttribute("aria-labelledby", conv ? "tab-conversation" : "tab-single");
     $("turns-box").hidden = !conv;
     $("text-label").textContent = conv ? "Model's next line" : "Text to speak";
     if (conv) conversation.open().catch(() => {});
-    else conversation.close();
+    else {
+      if (stats.streaming && utter.via === "ws") conversation.interrupt();
+      conversation.close();
+    }
   }
   $("tab-single").addEventListener("click", () => setMode("single"));
   $("tab-conversation").addEventListener("click", () => setMode("conversation"));
+  // Tabs follow the ARIA pattern: arrow keys move between them, only the selected one is in the tab order.
+  for (const tab of [$("tab-single"), $("tab-conversation")]) {
+    tab.addEventListener("keydown", (ev) => {
+      if (ev.key !== "ArrowLeft" && ev.key !== "ArrowRight") return;
+      const other = tab.id === "tab-single" ? $("tab-conversation") : $("tab-single");
+      other.click();
+      other.focus();
+    });
+  }
+  $("reset-conversation").addEventListener("click", () => conversation.reset());
   $("add-turn").addEventListener("click", () => {
     const text = $("their-line").value.trim();
     if (!text) return;
@@ -829,6 +853,7 @@
   }
 
   // -- start -----------------------------------------------------------------------------------
+  setMode("single");
   renderVoices([]);
   updateFigures();
   drawWave();
