@@ -545,7 +545,7 @@
     label.textContent = who === "model" ? `model · ${$("voice").value || "0"}` : "them";
     li.append(label, document.createTextNode(text));
     $("turns").append(li);
-    li.scrollIntoView({ block: "nearest" });
+    $("turns").scrollTop = $("turns").scrollHeight;  // scroll the list only, never the page
     stats.conversation.turns.push({ who, text });
     return li;
   }
