@@ -122,6 +122,7 @@ class Stream:
         self.frames = 0
         self.end: End | None = None  # set (in the consumer's loop) when the End item is taken
         self.finished = False  # set by the scheduler thread when it has sent the End
+        self.priority = False  # goes ahead of the waiting queue
 
     async def next(self) -> Frame | End:
         item = await self.queue.get()
@@ -184,16 +185,18 @@ class Scheduler:
         return self._queued
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None,
-               timeout_s: float | None = None) -> Stream:
+               timeout_s: float | None = None, priority: bool = False) -> Stream:
         """Queue `request`; frames arrive in the returned stream's asyncio queue in `loop`
-        (default: the running loop). Raises `Busy` when the waiting queue is full."""
+        (default: the running loop). Raises `Busy` when the waiting queue is full, unless
+        `priority` (the continuation of work already admitted: it goes first, never refused)."""
         loop = loop or asyncio.get_running_loop()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         stream = Stream(self, request, loop, deadline)
+        stream.priority = priority
         with self._cv:
             if self._closing:
                 raise Closed("the scheduler has stopped")
-            if self._queued >= self.max_queue:
+            if self._queued >= self.max_queue and not priority:
                 self.metrics.rejected += 1
                 raise Busy(f"the server is busy: all {self.slots} streams are taken and {self._queued} requests "
                            f"are waiting; retry shortly", retry_after=1)
@@ -225,7 +228,11 @@ class Scheduler:
                     self._cv.wait()
                 if self._closing:
                     break
-                self._waiting.extend(self._inbox)
+                for s in self._inbox:
+                    if s.priority:
+                        self._waiting.appendleft(s)
+                    else:
+                        self._waiting.append(s)
                 self._inbox.clear()
                 cancels, self._cancels = self._cancels, []
             out: dict[asyncio.AbstractEventLoop, list] = {}

@@ -105,6 +105,16 @@ def test_audio_streams_before_generation_ends(server):
     assert t_first < total / 2
 
 
+def test_long_text_is_spoken_in_pieces_in_one_stream(server):
+    text = " ".join(f"Sentence number {i} is here." for i in range(16))  # ~450 characters
+    body = {"input": text, "voice": "0", "response_format": "pcm", "max_audio_length_ms": 160}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        pieces = int(r.headers["x-fastcsm-pieces"])
+        data = r.read()
+    assert pieces == 3 and len(data) == pieces * 2 * FRAME * 2
+
+
 def test_32_concurrent_streams_complete_with_their_lengths(server):
     lengths = [1 + i % 6 for i in range(32)]
 

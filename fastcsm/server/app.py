@@ -209,13 +209,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                                 f"choose one of {', '.join(formats)}", param="response_format")
         service.need_ready()
         plan = await run_in_threadpool(service.speech_plan, req)
-        stream = service.submit(plan.request)
+        stream = service.submit(plan.first.request)
         enc = encoder(req.response_format, P.SAMPLE_RATE)
-        headers = {"X-Fastcsm-Seed": str(plan.request.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
-                   "Cache-Control": "no-store"}
-        if plan.dropped_turns:
-            headers["X-Fastcsm-Context-Dropped"] = str(plan.dropped_turns)
-        return StreamingResponse(_audio(stream, enc), media_type=enc.media_type, headers=headers)
+        headers = {"X-Fastcsm-Seed": str(plan.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
+                   "X-Fastcsm-Pieces": str(len(plan.pieces)), "Cache-Control": "no-store"}
+        if plan.first.dropped_turns:
+            headers["X-Fastcsm-Context-Dropped"] = str(plan.first.dropped_turns)
+        return StreamingResponse(_audio(service, plan, stream, enc), media_type=enc.media_type, headers=headers)
 
     # -- voices ---------------------------------------------------------------------------------
 
@@ -275,20 +275,38 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     return app
 
 
-async def _audio(stream, enc):
-    """The response body: encoded frames as they come; the slot is freed if the client leaves."""
+async def _audio(service: Service, plan, stream, enc):
+    """The response body: encoded frames as they come, piece after piece; the slot is freed
+    if the client leaves."""
+    spoken = []  # (text rows, codes) of the pieces done
     try:
         head = enc.start()
         if head:
             yield head
+        index = 0
         while True:
-            item = await stream.next()
-            if isinstance(item, End):
+            codes = []
+            while True:
+                item = await stream.next()
+                if isinstance(item, End):
+                    break
+                codes.append(item.codes)
+                if item.pcm is not None:
+                    data = enc.write(item.pcm)
+                    if data:
+                        yield data
+            if stream.end.reason not in ("end", "max_length"):
+                log.warning("speech stream ended early: %s %s", stream.end.reason, stream.end.message)
                 break
-            if item.pcm is not None:
-                data = enc.write(item.pcm)
-                if data:
-                    yield data
+            spoken.append((plan.pieces[index][0], codes))
+            index += 1
+            if index == len(plan.pieces):
+                break
+            try:
+                stream = service.submit(service.next_piece(plan, index, spoken).request, follow_on=True)
+            except ApiError as e:
+                log.warning("speech stopped before piece %d: %s", index, e.message)
+                break
         tail = enc.finish()
         if tail:
             yield tail

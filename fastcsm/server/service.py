@@ -13,17 +13,19 @@ import logging
 import math
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..audio import AudioError, read_audio
-from ..context import ContextTooLong, fit
+from ..context import ContextTooLong, check_line_fits, fit
 from ..engine import Engine, Request
-from ..prompt import Prompt, Segment, check_text, segment_rows, text_rows
+from ..prompt import Prompt, Segment, audio_rows, check_text, concat, segment_rows, text_rows
 from ..sampling import SamplingParams
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
+from ..text import split_text
 from ..voices import Voice, VoiceError, VoiceStore, check_name
 from .protocol import SpeechRequest, VoiceInfo, VoiceRef
 from .settings import Settings
@@ -52,9 +54,36 @@ class Planned:
     dropped_rows: int
 
 
+@dataclass
+class SpeechPlan:
+    """A checked speech request: long text is spoken in pieces, one generation each, every piece
+    seeing the audio of the pieces before it (as `Generator.speak` does)."""
+
+    speaker: int
+    pinned: list[Prompt]
+    history: list[Prompt]
+    pieces: list[tuple[Prompt, int]]  # (text rows of the piece, frame bound)
+    params: SamplingParams
+    seed: int
+    first: Planned | None = None
+
+
 def voice_info(name: str, voice: Voice) -> VoiceInfo:
     return VoiceInfo(name=name, speaker=voice.speaker, text=voice.text, duration_ms=voice.duration_ms(),
                      created=voice.meta.get("created"))
+
+
+def warm_up(engine: Engine, prompt: Prompt) -> None:
+    """Run every batch bucket once before serving, so CUDA-graph capture and compilation happen
+    now rather than stall every stream the first time a bucket is reached."""
+    t0 = time.perf_counter()
+    for bucket in engine.buckets:
+        requests = [Request(prompt, 2, SamplingParams(), seed=i) for i in range(bucket)]
+        for r in requests:
+            engine.add(r)
+        while engine.busy():
+            engine.step()
+    log.info("fastcsm: warmed up batch buckets %s in %.1f s", engine.buckets, time.perf_counter() - t0)
 
 
 class Service:
@@ -85,6 +114,8 @@ class Service:
                 raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
             engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
                             compile=s.compile)
+            if engine.cuda_graphs or s.compile:
+                warm_up(engine, gen.prompt("Warming up.", 0))
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
@@ -234,20 +265,33 @@ class Service:
     def plan(self, text: str, speaker: int, pinned: list[Prompt], history: list[Prompt], frames: int,
              params: SamplingParams, seed: int | None) -> Planned:
         """Fit pinned + history + the line into the window (oldest history dropped first)."""
-        gen = self.generator
         try:
-            line = text_rows(gen.tokenizer, speaker, text, self.cfg)
+            line = text_rows(self.generator.tokenizer, speaker, text, self.cfg)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="input") from None
+        return self.plan_rows(line, speaker, pinned, history, frames, params, seed)
+
+    def plan_rows(self, line: Prompt, speaker: int, pinned: list[Prompt], history: list[Prompt], frames: int,
+                  params: SamplingParams, seed: int | None) -> Planned:
+        try:
             prompt, trim = fit(pinned, history, line, frames, self.cfg)
         except ContextTooLong as e:
             raise ApiError(400, str(e)) from None
-        except ValueError as e:
-            raise ApiError(400, str(e), param="input") from None
         if seed is None:
             seed = secrets.randbits(62)
+        # Everything before the line is worth keeping: the next request with the same voice or
+        # conversation reuses its KV and prefills only its own rows.
         request = Request(prompt, frames, params, seed=seed, prefix_rows=len(prompt) - len(line))
         return Planned(request, speaker, line, len(trim.dropped), trim.dropped_rows)
 
-    def speech_plan(self, req: SpeechRequest) -> Planned:
+    def next_piece(self, plan: SpeechPlan, index: int, spoken: list[tuple[Prompt, list[torch.Tensor]]]) -> Planned:
+        """Piece `index` of a long text, after the pieces spoken so far (their rows and codes)."""
+        carried = [concat([line, audio_rows(torch.stack(codes), self.cfg)]) for line, codes in spoken if codes]
+        line, frames = plan.pieces[index]
+        return self.plan_rows(line, plan.speaker, plan.pinned, plan.history + carried, frames, plan.params,
+                              plan.seed + index)
+
+    def speech_plan(self, req: SpeechRequest) -> SpeechPlan:
         """A checked `POST /v1/audio/speech` (runs in a worker thread: it may encode audio)."""
         gen = self.need_ready()
         text = self.check_input(req.input)
@@ -255,7 +299,7 @@ class Service:
             raise ApiError(400, f"context has {len(req.context)} turns; at most {self.settings.max_context_turns}",
                            param="context")
         speaker, voice = self.resolve_speaker(req.voice, req.speaker)
-        frames = self.frames_for(req.max_audio_length_ms, text)
+        self.frames_for(req.max_audio_length_ms, text)  # checks the bound before any audio is encoded
         encode = gen.codec.encode_waveform
         pinned = [segment_rows(voice.segment(speaker), gen.tokenizer, self.cfg)] if voice is not None else []
         history = []
@@ -269,15 +313,30 @@ class Service:
             except (AudioError, ValueError) as e:
                 raise ApiError(400, f"context[{i}]: {e}", param=f"context[{i}]") from None
         params = SamplingParams(req.temperature, req.topk)
-        return self.plan(text, speaker, pinned, history, frames, params, req.seed)
+        pieces = []
+        for piece in split_text(text, SpeakOptions().max_piece_chars):
+            try:
+                line = text_rows(gen.tokenizer, speaker, piece, self.cfg)
+                frames = self.frames_for(req.max_audio_length_ms, piece)
+                check_line_fits(pinned, line, frames, self.cfg)
+            except ContextTooLong as e:
+                raise ApiError(400, str(e), param="input") from None
+            except ValueError as e:
+                raise ApiError(400, str(e), param="input") from None
+            pieces.append((line, frames))
+        seed = secrets.randbits(62) if req.seed is None else req.seed
+        plan = SpeechPlan(speaker, pinned, history, pieces, params, seed)
+        plan.first = self.next_piece(plan, 0, [])
+        return plan
 
-    def submit(self, request: Request) -> Stream:
-        """Queue an utterance; 503 (with Retry-After) when the waiting queue is full."""
+    def submit(self, request: Request, follow_on: bool = False) -> Stream:
+        """Queue an utterance; 503 (with Retry-After) when the waiting queue is full. A
+        `follow_on` (the next piece of a response already streaming) goes ahead of the queue."""
         from ..scheduler import Busy, Closed
 
         self.need_ready()
         try:
-            return self.scheduler.submit(request)
+            return self.scheduler.submit(request, priority=follow_on)
         except Busy as e:
             raise ApiError(503, str(e), "server_busy", retry_after=e.retry_after) from None
         except Closed as e:
