@@ -114,7 +114,7 @@ def run_serve(args) -> int:
                        "(or a directory holding Mimi weights)", EXIT_MODEL)
     app = create_app(settings, generator=generator)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, ws_max_size=settings.max_body_bytes)
     return 0
 
 

@@ -131,6 +131,14 @@ class Conversation:
         self.turns.append(turn)
         await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=m.speaker, rows=len(turn),
                                     conversation_rows=self.rows()))
+        # Turns that can never fit the window again are forgotten now, not kept in memory.
+        window, dropped, dropped_rows = self.service.cfg.max_seq_len, 0, 0
+        while len(self.turns) > 1 and self.rows() - len(self.turns[0]) >= window:
+            dropped_rows += len(self.turns.pop(0))
+            dropped += 1
+        if dropped:
+            await self.send(P.ContextDropped(dropped_turns=dropped, dropped_rows=dropped_rows,
+                                             remaining_rows=self.rows()))
 
     def rows(self) -> int:
         return sum(map(len, self.pinned)) + sum(map(len, self.turns))
