@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 CHROMIUM = os.environ.get("FASTCSM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -164,8 +165,6 @@ def api(server: str, method: str, path: str, body: dict | None = None):
 
 
 def write_wav(path: Path, seconds: float = 1.0) -> Path:
-    import soundfile as sf
-
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     sf.write(path, (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32),
              SAMPLE_RATE, subtype="PCM_16")
@@ -220,6 +219,12 @@ def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
     assert stats(page)["now"] >= s["clockEnd"]
     assert page.text_content("#fig-ttfa").endswith("ms")
     assert page.text_content("#fig-audio") == f"{s['samplesReceived'] / SAMPLE_RATE:.2f} s"
+
+    # what the page saves is what the server sent, sample for sample
+    with page.expect_download() as download:
+        page.click("#save-wav")
+    saved, rate = sf.read(download.value.path(), dtype="int16")
+    assert rate == SAMPLE_RATE and np.array_equal(saved, np.frombuffer(pcm, "<i2"))
     assert page.console.errors == []
 
 

@@ -218,6 +218,7 @@
       streaming: true, done: false, interrupted: false, stoppedAt: null, playing: false,
     });
     stats.requests += 1;
+    $("save-wav").disabled = true;
     utter = { via, t0: performance.now(), tFirst: null, tEnd: null, rate, pcm: new PcmDecoder(), pieces: [], total: 0 };
     setBusy(true);
     updateFigures();
@@ -261,6 +262,7 @@
     });
     if (player.sources.size === 0) stats.playing = false;
     setBusy(false);
+    $("save-wav").disabled = stats.samplesReceived === 0;
     setSpeakState(error ? "failed" : interrupted ? "interrupted" : stats.playing ? "playing…" : "done");
     updateFigures();
     scheduleDraw();
@@ -776,20 +778,37 @@
     src.buffer = audio;
     src.connect(offline.destination);
     src.start();
-    const mono = (await offline.startRendering()).getChannelData(0);
-    const out = new DataView(new ArrayBuffer(44 + mono.length * 2));
+    return wavBlob([(await offline.startRendering()).getChannelData(0)], SAMPLE_RATE);
+  }
+
+  /* 16-bit mono WAV of float32 pieces. */
+  function wavBlob(pieces, rate) {
+    const n = pieces.reduce((sum, p) => sum + p.length, 0);
+    const out = new DataView(new ArrayBuffer(44 + n * 2));
     const text = (o, s) => { for (let i = 0; i < s.length; i++) out.setUint8(o + i, s.charCodeAt(i)); };
-    text(0, "RIFF"); out.setUint32(4, 36 + mono.length * 2, true); text(8, "WAVE");
+    text(0, "RIFF"); out.setUint32(4, 36 + n * 2, true); text(8, "WAVE");
     text(12, "fmt "); out.setUint32(16, 16, true); out.setUint16(20, 1, true); out.setUint16(22, 1, true);
-    out.setUint32(24, SAMPLE_RATE, true); out.setUint32(28, SAMPLE_RATE * 2, true);
+    out.setUint32(24, rate, true); out.setUint32(28, rate * 2, true);
     out.setUint16(32, 2, true); out.setUint16(34, 16, true);
-    text(36, "data"); out.setUint32(40, mono.length * 2, true);
-    for (let i = 0; i < mono.length; i++) {
-      const v = Math.max(-1, Math.min(1, mono[i]));
-      out.setInt16(44 + 2 * i, v < 0 ? v * 32768 : v * 32767, true);
+    text(36, "data"); out.setUint32(40, n * 2, true);
+    let o = 44;
+    for (const piece of pieces) {
+      for (let i = 0; i < piece.length; i++, o += 2) {
+        // ×32768 mirrors the decoding, so PCM from the server comes back bit for bit
+        out.setInt16(o, Math.max(-32768, Math.min(32767, Math.round(piece[i] * 32768))), true);
+      }
     }
     return new Blob([out.buffer], { type: "audio/wav" });
   }
+
+  $("save-wav").addEventListener("click", () => {
+    if (!utter || utter.total === 0) return;
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(wavBlob(utter.pieces, utter.rate));
+    a.download = "fastcsm.wav";
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  });
 
   $("voice-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
