@@ -214,16 +214,28 @@ def test_bad_requests_get_clear_4xx_while_streams_continue(server):
 
 
 def test_full_queue_gets_503_with_retry_after():
-    with LiveServer(slots=1, max_queue=1, max_audio_length_ms=20_000) as small:
+    with LiveServer(slots=1, max_queue=1, max_audio_length_ms=20_000, cors_origins=["https://app.example"],
+                    api_keys=["ключ", KEY]) as small:
+        # CORS: the allowed origin may call from a browser, another may not.
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(small.url + "/v1/audio/speech", headers={"Origin": "https://app.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        bad = httpx.options(small.url + "/v1/audio/speech", headers={"Origin": "https://evil.example", **preflight})
+        assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+        # A key with any bytes in it is just a wrong key.
+        r = httpx.get(small.url + "/v1/voices", headers={"Authorization": "Bearer ключ".encode()})
+        assert r.status_code == 200
+        r = httpx.get(small.url + "/v1/voices", headers={"Authorization": "Bearer \xff\xfe".encode("latin-1")})
+        assert r.status_code == 401
         body = {"input": "Hold the slot.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 20_000}
-        with httpx.Client(base_url=small.url, timeout=30) as http:
+        with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
             with http.stream("POST", "/v1/audio/speech", json=body) as running:
                 audio = running.iter_raw()  # keep the iterator: dropping it closes the connection
                 next(audio)
                 with http.stream("POST", "/v1/audio/speech", json=body) as queued:
                     assert queued.status_code == 200
                     assert small.metrics()["fastcsm_queue_depth"] == 1
-                    r = httpx.post(small.url + "/v1/audio/speech", json=body, timeout=5)
+                    r = httpx.post(small.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=5)
                     assert r.status_code == 503
                     assert r.headers["retry-after"] == "1"
                     assert "busy" in r.json()["error"]["message"]

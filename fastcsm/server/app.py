@@ -156,13 +156,19 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     # -- auth -----------------------------------------------------------------------------------
 
-    def check_key(token: str | None) -> bool:
-        return not keys or (token is not None and any(secrets.compare_digest(token, k) for k in keys))
+    encoded_keys = [k.encode() for k in keys]
+
+    def check_key(given: bytes | None) -> bool:
+        # Bytes: compare_digest refuses non-ASCII str, and a header may hold any byte.
+        return not keys or (given is not None and any(secrets.compare_digest(given, k) for k in encoded_keys))
+
+    def bearer(headers) -> bytes | None:
+        header = headers.get("authorization", "")
+        # Header values arrive decoded as latin-1: encoding them back gives the bytes sent.
+        return header[7:].strip().encode("latin-1") if header[:7].lower() == "bearer " else None
 
     async def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        if not check_key(token):
+        if not check_key(bearer(request.headers)):
             raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            "authentication_error")
 
@@ -256,8 +262,9 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.websocket("/v1/conversations")
     async def conversation(ws: WebSocket):
-        header = ws.headers.get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ws.query_params.get("api_key")
+        token = bearer(ws.headers)
+        if token is None and "api_key" in ws.query_params:
+            token = ws.query_params["api_key"].encode()
         await ws.accept()
         if not check_key(token):
             await ws.send_text(P.ErrorEvent(message="missing or invalid API key: send `Authorization: Bearer <key>` "

@@ -87,6 +87,12 @@ class Conversation:
                     await self.handle(command)
                 except ApiError as e:
                     await self.error(e.message, _error_code(e.status), getattr(command, "id", None))
+                except (WebSocketDisconnect, asyncio.CancelledError):
+                    raise
+                except Exception:  # a bug: say so, keep the session
+                    log.exception("conversation message %s failed", command.type)
+                    await self.error("internal error; the server log has the details", "internal",
+                                     getattr(command, "id", None))
         except WebSocketDisconnect:
             pass
         finally:
@@ -110,9 +116,7 @@ class Conversation:
             await self.speak(command)
 
     async def pin(self, name: str) -> Prompt:
-        voice = self.service.voice(name)
-        gen = self.service.generator
-        return segment_rows(voice.segment(), gen.tokenizer, gen.cfg)
+        return self.service.voice_rows(self.service.voice(name))
 
     async def add_turn(self, m: P.AddTurn) -> None:
         svc = self.service

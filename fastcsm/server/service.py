@@ -159,6 +159,14 @@ class Service:
             self._voices[name] = (mtime, voice)
         return voice
 
+    def voice_rows(self, voice: Voice, speaker: int | None = None) -> Prompt:
+        """The prompt rows that carry `voice` (under `speaker`, default its own id)."""
+        try:
+            return segment_rows(voice.segment(speaker), self.generator.tokenizer, self.cfg)
+        except ValueError as e:
+            raise ApiError(400, f"voice {voice.name or ''!r} cannot be used with this model: {e}",
+                           param="voice") from None
+
     def list_voices(self) -> list[VoiceInfo]:
         out = []
         for name in self.store.names():
@@ -301,7 +309,7 @@ class Service:
         speaker, voice = self.resolve_speaker(req.voice, req.speaker)
         self.frames_for(req.max_audio_length_ms, text)  # checks the bound before any audio is encoded
         encode = gen.codec.encode_waveform
-        pinned = [segment_rows(voice.segment(speaker), gen.tokenizer, self.cfg)] if voice is not None else []
+        pinned = [self.voice_rows(voice, speaker)] if voice is not None else []
         history = []
         for i, turn in enumerate(req.context):
             what = f"context[{i}].audio"
