@@ -308,8 +308,19 @@ def test_conversation_turns_and_interrupt(page, server):
     page.click("#tab-conversation")
     page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
     set_sampling(page, 4 * FRAME_MS)
-    page.fill("#their-line", "Hi, who is this?")
+    # their line with their recorded audio (Chromium's fake microphone): the audio adds rows
+    page.click("#record-their")
+    page.wait_for_selector("#record-their[aria-pressed=true]")
+    page.wait_for_timeout(1000)
+    page.click("#record-their")
+    page.wait_for_function("document.querySelector('#their-audio').textContent.startsWith('+')", timeout=10_000)
+    text = "Hi, who is this?"
+    page.fill("#their-line", text)
     page.click("#add-turn")
+    page.wait_for_function("window.fastcsm.conversation.events.some(e => e.type === 'turn_added')", timeout=10_000)
+    added = next(e for e in stats(page)["conversation"]["events"] if e["type"] == "turn_added")
+    text_rows = len(f"[1]{text}".encode()) + 2  # byte tokenizer, with begin and end of text
+    assert added["speaker"] == 1 and added["rows"] >= text_rows + 10  # ~1 s is ~12 frames, + EOS frame
     page.fill("#text", "It is fastcsm speaking.")
     page.click("#speak")
     page.wait_for_function("window.fastcsm.done === true", timeout=20_000)

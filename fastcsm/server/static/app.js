@@ -450,10 +450,12 @@
     send(obj) {
       this.ws.send(JSON.stringify(obj));
     }
-    async addTurn(text) {
+    async addTurn(text, audio = null) {
       try { await this.open(); } catch (_) { return; }
-      this.send({ type: "add_turn", speaker: THEM_SPEAKER, text });
-      addTurnItem("them", text);
+      const msg = { type: "add_turn", speaker: THEM_SPEAKER, text };
+      if (audio) msg.audio = base64(new Uint8Array(await audio.arrayBuffer()));
+      this.send(msg);
+      addTurnItem("them", text, !!audio);
     }
     async speak(text) {
       try { await this.open(); } catch (_) { return; }
@@ -539,16 +541,16 @@
   }
   const conversation = new Conversation();
 
-  function addTurnItem(who, text) {
+  function addTurnItem(who, text, withAudio = false) {
     const li = document.createElement("li");
     li.className = `turn ${who}`;
     const label = document.createElement("span");
     label.className = "who";
-    label.textContent = who === "model" ? `model · ${$("voice").value || "0"}` : "them";
+    label.textContent = who === "model" ? `model · ${$("voice").value || "0"}` : withAudio ? "them · with audio" : "them";
     li.append(label, document.createTextNode(text));
     $("turns").append(li);
     $("turns").scrollTop = $("turns").scrollHeight;  // scroll the list only, never the page
-    stats.conversation.turns.push({ who, text });
+    stats.conversation.turns.push({ who, text, audio: withAudio });
     return li;
   }
   function addNote(text) {
@@ -629,7 +631,9 @@
   $("add-turn").addEventListener("click", () => {
     const text = $("their-line").value.trim();
     if (!text) return;
-    conversation.addTurn(text);
+    conversation.addTurn(text, theirAudio);
+    theirAudio = null;
+    $("their-audio").textContent = "";
     $("their-line").value = "";
     $("their-line").focus();
   });
@@ -734,11 +738,13 @@
   }
 
   // Recording: MediaRecorder gives webm/opus; it is decoded here and sent as 16-bit WAV, a format
-  // every server-side reader takes.
+  // every server-side reader takes. One recorder at a time; its button toggles start and stop.
   let recorder = null;
-  $("record").addEventListener("click", async () => {
-    const button = $("record");
-    if (recorder && recorder.state === "recording") { recorder.stop(); return; }
+  async function toggleRecording(button, onWav, onStart) {
+    if (recorder && recorder.state === "recording") {
+      if (recorder.button === button) recorder.stop();
+      return;
+    }
     let stream;
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false } });
@@ -747,26 +753,49 @@
       return;
     }
     const parts = [];
-    recorder = new MediaRecorder(stream);
-    recorder.ondataavailable = (ev) => { if (ev.data.size) parts.push(ev.data); };
-    recorder.onstop = async () => {
+    const idle = button.textContent;
+    const rec = new MediaRecorder(stream);
+    rec.button = button;
+    rec.ondataavailable = (ev) => { if (ev.data.size) parts.push(ev.data); };
+    rec.onstop = async () => {
       stream.getTracks().forEach((t) => t.stop());
       button.setAttribute("aria-pressed", "false");
-      button.textContent = "● Record";
+      button.textContent = idle;
       try {
-        const recorded = new Blob(parts, { type: recorder.mimeType });
-        const wav = await toWav(recorded);
-        setVoiceAudio(wav, `recording (${(wav.size / 2 / SAMPLE_RATE).toFixed(1)} s)`);
+        const wav = await toWav(new Blob(parts, { type: rec.mimeType }));
         stats.recordedBytes = wav.size;
+        onWav(wav, (wav.size - 44) / 2 / SAMPLE_RATE);
       } catch (err) {
         showError(`Could not read the recording: ${err.message}`);
       }
     };
-    recorder.start();
+    recorder = rec;
+    rec.start();
     button.setAttribute("aria-pressed", "true");
     button.textContent = "■ Stop";
-    $("audio-source").textContent = "recording…";
-  });
+    if (onStart) onStart();
+  }
+
+  $("record").addEventListener("click", () => toggleRecording(
+    $("record"),
+    (wav, seconds) => setVoiceAudio(wav, `recording (${seconds.toFixed(1)} s)`),
+    () => { $("audio-source").textContent = "recording…"; }));
+
+  // Their line may carry their audio: it gives the other speaker a voice in the context.
+  let theirAudio = null;
+  $("record-their").addEventListener("click", () => toggleRecording(
+    $("record-their"),
+    (wav, seconds) => {
+      theirAudio = wav;
+      $("their-audio").textContent = `+ ${seconds.toFixed(1)} s of audio`;
+    },
+    () => { $("their-audio").textContent = "recording…"; }));
+
+  function base64(bytes) {
+    let bin = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return btoa(bin);
+  }
 
   async function toWav(blob) {
     const ctx = new OfflineAudioContext(1, 1, SAMPLE_RATE);
