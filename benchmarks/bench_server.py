@@ -23,12 +23,10 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 SAMPLE_RATE = 24_000
 BYTES_PER_SAMPLE = 2  # pcm: signed 16-bit

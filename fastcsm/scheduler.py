@@ -275,11 +275,12 @@ class Scheduler:
         if not engine.busy():
             return
         t0 = time.perf_counter()
-        prefilling = engine.waiting[0] if engine.waiting else None
         try:
             emitted = engine.step()
         except Exception as e:
-            self._step_failed(e, prefilling, out)
+            # Prefill takes waiting requests in order and drops each from `waiting` once done,
+            # so a prefill that raised leaves its request first in line.
+            self._step_failed(e, engine.waiting[0] if engine.waiting else None, out)
             return
         self.metrics.step.observe(time.perf_counter() - t0)
         for e in emitted:
@@ -301,10 +302,9 @@ class Scheduler:
             self.metrics.frames += 1
 
     def _step_failed(self, error: Exception, prefilling: Request | None, out: dict) -> None:
-        """A step raised. If a prefill was due, blame that request alone (the frame step had not
-        run); otherwise every request of the batch ends, since their state is suspect."""
+        """A step raised. If a prefill was under way, blame that request alone (the frame step
+        had not run); otherwise every request of the batch ends, since their state is suspect."""
         log.error("engine step failed: %r", error, exc_info=error)
-        self.metrics.errors += 1
         message = f"generation failed: {type(error).__name__}"
         if prefilling is not None and id(prefilling) in self._running:
             s = self._running[id(prefilling)]

@@ -86,3 +86,30 @@ def test_full_queue_refuses_and_bad_requests_fail_alone(model):
     assert late_end.reason == "deadline"
     assert fine_end.reason == "max_length" and fine_end.frames == 3
     assert scheduler.metrics.rejected == 1 and scheduler.metrics.deadline == 1
+
+
+class FlakyEngine(Engine):
+    """Fails the prefill of requests marked `poison`, as a broken input or a bug would."""
+
+    def _prefill_chunk(self, request, rows=None):
+        if getattr(request, "poison", False):
+            raise RuntimeError("boom")
+        return super()._prefill_chunk(request, rows)
+
+
+def test_a_failing_request_ends_alone(model):
+    scheduler = Scheduler(FlakyEngine(model, max_slots=4), max_queue=8)
+    bad = request(1, 5)
+    bad.poison = True
+
+    async def main():
+        streams = [scheduler.submit(r) for r in (request(0, 5), bad, request(2, 5))]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        (a, a_end), (_, bad_end), (c, c_end) = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert bad_end.reason == "error" and "RuntimeError" in bad_end.message
+    assert a_end.reason == c_end.reason == "max_length" and len(a) == len(c) == 5
+    assert scheduler.metrics.errors == 1 and scheduler.engine.free_slots == 4

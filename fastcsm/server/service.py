@@ -13,7 +13,6 @@ import logging
 import math
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +72,6 @@ def voice_info(name: str, voice: Voice) -> VoiceInfo:
                      created=voice.meta.get("created"))
 
 
-def warm_up(engine: Engine, prompt: Prompt) -> None:
-    """Run every batch bucket once before serving, so CUDA-graph capture and compilation happen
-    now rather than stall every stream the first time a bucket is reached."""
-    t0 = time.perf_counter()
-    for bucket in engine.buckets:
-        requests = [Request(prompt, 2, SamplingParams(), seed=i) for i in range(bucket)]
-        for r in requests:
-            engine.add(r)
-        while engine.busy():
-            engine.step()
-    log.info("fastcsm: warmed up batch buckets %s in %.1f s", engine.buckets, time.perf_counter() - t0)
-
-
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -115,7 +101,7 @@ class Service:
             engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
                             compile=s.compile)
             if engine.cuda_graphs or s.compile:
-                warm_up(engine, gen.prompt("Warming up.", 0))
+                log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup())
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
