@@ -336,10 +336,19 @@ def _version() -> str:
 
 
 def _mount_page(app: FastAPI) -> None:
-    """The browser page at `/` (package data in fastcsm/server/static), mounted after the API
-    routes so they take precedence."""
+    """The browser page at `/` and its files beside it (package data in fastcsm/server/static),
+    one route per file so that every other path keeps the API's own 404 and 405 answers."""
     static = Path(__file__).parent / "static"
-    if (static / "index.html").is_file():
-        from fastapi.staticfiles import StaticFiles
+    if not (static / "index.html").is_file():
+        return
+    from fastapi.responses import FileResponse
 
-        app.mount("/", StaticFiles(directory=str(static), html=True), name="page")
+    def serve(path: Path):
+        async def page():
+            return FileResponse(path, headers={"Cache-Control": "no-cache"})
+        return page
+
+    app.get("/", include_in_schema=False)(serve(static / "index.html"))
+    for path in sorted(static.iterdir()):
+        if path.is_file():
+            app.get(f"/{path.name}", include_in_schema=False)(serve(path))
