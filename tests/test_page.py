@@ -228,6 +228,24 @@ def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
     assert page.console.errors == []
 
 
+def test_a_slow_network_underruns_then_plays_with_a_longer_head_start(page, server):
+    # half the bandwidth real-time 16-bit PCM needs: chunks come late and the page must catch up
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "uploadThroughput": -1,
+                                                  "downloadThroughput": SAMPLE_RATE})  # bytes/s
+    frames = 10
+    set_sampling(page, frames * FRAME_MS)
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    s = stats(page)
+    assert s["samplesScheduled"] == s["samplesReceived"] == frames * FRAME_SAMPLES
+    assert s["underruns"] >= 1 and s["leadSeconds"] > 0.06
+    # each late chunk starts later than back-to-back would: the span holds the gaps
+    assert s["clockEnd"] - s["clockStart"] > frames * FRAME_SAMPLES / SAMPLE_RATE + 0.05
+    assert s["lastError"] is None and page.console.errors == []
+
+
 def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
     page.fill("#voice-name", "page-voice")
     page.fill("#voice-text", "This is my voice.")
@@ -280,9 +298,15 @@ def test_voice_from_the_microphone(page, server):
     assert page.console.errors == []
 
 
+def metrics(server: str) -> dict[str, float]:
+    text = api(server, "GET", "/metrics")[2].decode()
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
+
+
 def test_interrupt_stops_playback(page, server):
     frames = 250  # 20 s: far longer than the test waits
     set_sampling(page, frames * FRAME_MS)
+    cancelled = metrics(server)["fastcsm_cancelled_total"]
     page.click("#speak")
     # sound is coming out of the speakers...
     page.wait_for_function("window.fastcsm.outputPeak() > 0", timeout=20_000)
@@ -299,6 +323,14 @@ def test_interrupt_stops_playback(page, server):
     assert later["chunksReceived"] == s["chunksReceived"]  # the stream was abandoned
     assert later["samplesScheduled"] == s["samplesScheduled"]
     assert later["samplesReceived"] < frames * FRAME_SAMPLES
+    # the page hung up, so the server stopped generating and freed the slot
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m["fastcsm_active_streams"] == 0 and m["fastcsm_cancelled_total"] > cancelled:
+            break
+        time.sleep(0.05)
+    assert m["fastcsm_active_streams"] == 0 and m["fastcsm_cancelled_total"] == cancelled + 1
     assert page.text_content("#speak-state") == "interrupted"
     assert page.is_enabled("#speak") and page.is_disabled("#interrupt")
     assert page.console.errors == []

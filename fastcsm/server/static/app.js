@@ -13,6 +13,7 @@
 (() => {
   const SAMPLE_RATE = 24000;     // Mimi's rate; the server's pcm format
   const START_LEAD_S = 0.06;     // head start for the first chunk, absorbs network jitter
+  const MAX_LEAD_S = 0.5;        // the head start doubles after each underrun, up to this
   const KEY_STORAGE = "fastcsm.apiKey";
   const BUILTIN_SPEAKERS = ["0", "1"];
 
@@ -28,6 +29,7 @@
     samplesScheduled: 0,   // samples handed to AudioBufferSourceNodes
     sourcesScheduled: 0,
     underruns: 0,          // times a chunk came after the previous one had finished playing
+    leadSeconds: 0.06,     // head start given to a chunk after an underrun (grows with each)
     clockStart: null,      // AudioContext time the utterance starts playing
     clockEnd: null,        // AudioContext time the last scheduled sample ends
     firstAudioMs: null,    // request sent -> first audio byte, ms
@@ -110,6 +112,7 @@
       this.ctx = null;
       this.sources = new Set();
       this.next = 0;
+      this.lead = START_LEAD_S;
       this.onIdle = null;
     }
     context() {
@@ -133,6 +136,8 @@
     begin() {
       this.stop();
       this.next = 0;
+      this.lead = START_LEAD_S;
+      stats.leadSeconds = this.lead;
     }
     push(samples, rate) {
       const ctx = this.context();
@@ -143,8 +148,14 @@
       src.connect(this.out);
       const now = ctx.currentTime;
       if (this.next < now + 0.005) {
-        if (this.next > 0) stats.underruns += 1;
-        this.next = now + START_LEAD_S;
+        // Late (or first): start after a head start. A stream that keeps arriving late gets a
+        // longer one, trading a little latency for playback without stutter.
+        if (this.next > 0) {
+          stats.underruns += 1;
+          this.lead = Math.min(MAX_LEAD_S, this.lead * 2);
+          stats.leadSeconds = this.lead;
+        }
+        this.next = now + this.lead;
       }
       src.start(this.next);
       if (stats.clockStart === null) stats.clockStart = this.next;
