@@ -396,3 +396,19 @@ def test_conversation_window_slides_and_says_so(server):
         assert dropped["dropped_turns"] >= 1 and dropped["remaining_rows"] + 2 <= 2048
         assert done["reused_rows"] == 0 and done["prefill_rows"] == started["prompt_rows"]  # prefilled again
         assert len(audio) == 2
+
+
+def test_conversation_with_a_pinned_voice(server):
+    r = httpx.post(server.url + "/v1/voices", headers=AUTH, data={"name": "bob", "text": "I am Bob.", "speaker": "2"},
+                   files={"audio": ("bob.wav", wav_bytes(0.5), "audio/wav")})
+    assert r.status_code == 201
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "configure", "voices": ["bob"], "temperature": 0.5, "topk": 20}))
+        configured = recv_json(ws)
+        assert configured["voices"] == ["bob"] and configured["pinned_rows"] > 7  # text + 7 frames + end
+        first, _ = speak_and_collect(ws, text="Hello.", voice="bob", max_audio_length_ms=160)
+        assert first[0]["speaker"] == 2  # the voice's own id
+        second, _ = speak_and_collect(ws, text="Again.", voice="bob", max_audio_length_ms=160)
+        assert second[-1]["reused_rows"] == first[0]["prompt_rows"] - line_rows(2, "Hello.")
+    assert httpx.delete(server.url + "/v1/voices/bob", headers=AUTH).status_code == 200
