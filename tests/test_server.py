@@ -7,6 +7,7 @@ A tiny random checkpoint never emits its end frame, so every utterance runs to i
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import threading
@@ -103,6 +104,17 @@ def test_audio_streams_before_generation_ends(server):
     assert 0 < len(first) < frames * FRAME * 2
     assert len(first) + len(rest) == frames * FRAME * 2
     assert t_first < total / 2
+
+
+def test_server_sent_events(server):
+    body = {"input": "Hello.", "voice": "0", "response_format": "pcm", "stream_format": "sse",
+            "max_audio_length_ms": 240}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * 3 + ["speech.audio.done"]
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert len(audio) == 3 * FRAME * 2 and events[-1]["usage"]["output_tokens"] == 3
 
 
 def test_long_text_is_spoken_in_pieces_in_one_stream(server):

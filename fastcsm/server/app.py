@@ -9,6 +9,8 @@ streams by chunked transfer straight from the scheduler's frames.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -221,7 +223,10 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                    "X-Fastcsm-Pieces": str(len(plan.pieces)), "Cache-Control": "no-store"}
         if plan.first.dropped_turns:
             headers["X-Fastcsm-Context-Dropped"] = str(plan.first.dropped_turns)
-        return StreamingResponse(_audio(service, plan, stream, enc), media_type=enc.media_type, headers=headers)
+        body = _audio(service, plan, stream, enc)
+        if req.stream_format == "sse":
+            return StreamingResponse(_sse(body, plan), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(body, media_type=enc.media_type, headers=headers)
 
     # -- voices ---------------------------------------------------------------------------------
 
@@ -298,6 +303,7 @@ async def _audio(service: Service, plan, stream, enc):
                 if isinstance(item, End):
                     break
                 codes.append(item.codes)
+                plan.frames_done += 1
                 if item.pcm is not None:
                     data = enc.write(item.pcm)
                     if data:
@@ -320,6 +326,21 @@ async def _audio(service: Service, plan, stream, enc):
     finally:
         if stream.end is None:  # the client went away (or the server is stopping): free the slot
             stream.cancel()
+
+
+async def _sse(audio, plan):
+    """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage."""
+    sent = 0
+    try:
+        async for data in audio:
+            sent += len(data)
+            yield f'data: {json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})}\n\n'
+        rows = sum(len(line) for line, _ in plan.pieces)
+        frames = plan.frames_done
+        usage = {"input_tokens": rows, "output_tokens": frames, "total_tokens": rows + frames}
+        yield f'data: {json.dumps({"type": "speech.audio.done", "usage": usage})}\n\n'
+    finally:
+        await audio.aclose()
 
 
 def _load(service: Service, generator) -> None:

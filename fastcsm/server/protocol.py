@@ -11,6 +11,9 @@ HTTP
   header sizes set to 0xFFFFFFFF because the length is unknown while streaming), `pcm` (raw
   signed 16-bit little-endian, as OpenAI's), `flac`, `mp3`, `opus` (Ogg). Response headers:
   `X-Fastcsm-Seed` (the seed used), `X-Fastcsm-Sample-Rate`.
+  With `stream_format: "sse"` the same bytes come as OpenAI's server-sent events instead:
+  `data: {"type": "speech.audio.delta", "audio": "<base64>"}` per chunk, then
+  `data: {"type": "speech.audio.done", "usage": {...}}`.
 `GET /v1/voices` -> `VoiceList`; `GET /v1/voices/{name}` -> `VoiceInfo`;
 `POST /v1/voices` (multipart form: `name`, `text`, `speaker`, `overwrite`, file `audio`) -> `VoiceInfo`;
 `DELETE /v1/voices/{name}` -> `VoiceDeleted`.
@@ -111,7 +114,9 @@ class SpeechRequest(_Strict):
     speed: float = Field(1.0, ge=0.25, le=4.0, description="accepted for compatibility; CSM speaks at its own pace")
     instructions: str | None = Field(None, max_length=4096,
                                      description="accepted for compatibility; CSM takes no instructions")
-    stream_format: Literal["audio"] = Field("audio", description="only raw audio streaming is offered")
+    stream_format: Literal["audio", "sse"] = Field(
+        "audio", description="audio: the encoded audio itself; sse: server-sent events, `speech.audio.delta` "
+                             "(base64 of the next bytes of the encoded audio) then `speech.audio.done`")
     # fastcsm
     speaker: int | None = Field(None, ge=0, le=1_000_000,
                                 description="speaker id of the line (default: the voice's own id, or `voice` itself)")

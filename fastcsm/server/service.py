@@ -65,6 +65,7 @@ class SpeechPlan:
     params: SamplingParams
     seed: int
     first: Planned | None = None
+    frames_done: int = 0  # frames streamed so far, all pieces together
 
 
 def voice_info(name: str, voice: Voice) -> VoiceInfo:
