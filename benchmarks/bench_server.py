@@ -178,17 +178,21 @@ def main(argv=None) -> None:
                         "preset with random weights: tiny, csm-1b")
     p.add_argument("--model", help="a real checkpoint directory instead")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--streams", default="1,2,4,8,16,32", help="concurrencies to try, in order")
-    p.add_argument("--slots", type=int, default=32, help="engine slots of the server")
+    p.add_argument("--streams", default="1,2,4,8,16,32,48,64", help="concurrencies to try, in order")
+    p.add_argument("--slots", type=int, default=64, help="engine slots of the server")
     p.add_argument("--seconds", type=float, default=3.0, help="audio per stream")
     p.add_argument("--buffer-ms", type=float, default=80.0, help="client jitter buffer before playback starts")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: torch's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the server (default: 1 on CPU, where tiny steps lose to thread "
+                        "hand-offs; torch's default on GPU)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--budget-s", type=float, default=180.0, help="stop the sweep after this long")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args._serve:
         return serve(args)
 

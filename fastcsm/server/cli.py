@@ -38,6 +38,8 @@ def add_serve(sub) -> None:
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights precision (default: bf16 on cuda)")
     g.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the frame step: faster frames after minutes of warm-up")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice; on CPU, small models run best with 1)")
     g = p.add_argument_group("listening")
     g.add_argument("--host", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, help="TCP port (default: 8000)")
@@ -69,7 +71,7 @@ def add_serve(sub) -> None:
 def settings_from_args(args):
     from .settings import Settings
 
-    names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "host", "port", "log_level", "slots",
+    names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level", "slots",
              "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
              "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
@@ -91,7 +93,7 @@ def run_serve(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     for name, low in (("slots", 1), ("max_queue", 0), ("port", 0), ("max_input_chars", 1),
-                      ("max_audio_length_ms", 80), ("prefill_chunk", 1), ("max_body_bytes", 1024)):
+                      ("max_audio_length_ms", 80), ("prefill_chunk", 1), ("max_body_bytes", 1024), ("threads", 0)):
         if getattr(settings, name) < low:
             raise CliError(f"--{name.replace('_', '-')} (FASTCSM_{name.upper()}) must be at least {low}")
     logging.getLogger("fastcsm").setLevel(settings.log_level.upper())
@@ -99,6 +101,10 @@ def run_serve(args) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logging.getLogger("fastcsm").addHandler(handler)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     # Load before listening: a model that cannot load ends the command with its reason.
     from ..checkpoints import CheckpointError
     from ..cli import EXIT_MODEL
