@@ -308,8 +308,9 @@ def test_interrupt_stops_playback(page, server):
     set_sampling(page, frames * FRAME_MS)
     cancelled = metrics(server)["fastcsm_cancelled_total"]
     page.click("#speak")
-    # sound is coming out of the speakers...
-    page.wait_for_function("window.fastcsm.outputPeak() > 0", timeout=20_000)
+    # sound is coming out of the speakers, with more queued behind it...
+    page.wait_for_function("window.fastcsm.outputPeak() > 0 && window.fastcsm.clockEnd - window.fastcsm.currentTime() > 0.2",
+                           timeout=20_000)
     page.click("#interrupt")
     s = stats(page)
     assert s["interrupted"] and s["done"] and not s["playing"] and not s["streaming"]
@@ -373,7 +374,7 @@ def test_conversation_turns_and_interrupt(page, server):
     assert cut["interrupted"] and not cut["playing"]
     page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 1", timeout=10_000)
     s = stats(page)
-    assert s["conversation"]["lastDone"]["reason"] == "interrupted"
+    assert s["conversation"]["lastDone"]["reason"] == "interrupted", s["conversation"]["events"][-6:]
     assert s["samplesScheduled"] == cut["samplesScheduled"]  # nothing played after the interrupt
     assert s["conversation"]["lastDone"]["frames"] < 250
     page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=2_000)
