@@ -33,12 +33,17 @@ class CheckpointError(ValueError):
 
 # -- finding the files ------------------------------------------------------------------------
 
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "ckpt.pt", "*.model"]
+# Fetched first: configs, the shard index and the tokenizer (small). Then the weights of one
+# format only: a repo may carry both the transformers safetensors and the original ckpt.pt.
+SMALL_PATTERNS = ["*.json", "*.model", "*.txt"]
+# Weight files to fetch, in order of preference: the first that the repo has is taken.
+CSM_WEIGHTS = (["*.safetensors"], ["ckpt.pt"])
 
 
-def resolve(path_or_repo: str | os.PathLike) -> Path:
+def resolve(path_or_repo: str | os.PathLike, weights: tuple[list[str], ...] = CSM_WEIGHTS) -> Path:
     """A local directory (or a weights file inside one), else a hub repo id fetched through
-    huggingface_hub (with its progress bars; from the local cache when offline)."""
+    huggingface_hub (with its progress bars; from the local cache when offline). From a repo,
+    only the first of the `weights` pattern lists that matches files is downloaded."""
     path = Path(path_or_repo).expanduser()
     if path.is_file():
         return path.parent
@@ -47,19 +52,31 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     name = str(path_or_repo)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"{name!r} is neither an existing directory nor a hub repo id like 'sesame/csm-1b'")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS))
+        return _download(name, weights, local_only=False)
     except Exception as online_error:  # network down, gated repo, unknown id...
         try:
-            return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS, local_files_only=True))
+            return _download(name, weights, local_only=True)
         except Exception:
             raise CheckpointError(
                 f"could not download {name!r} and it is not in the local hub cache ({online_error}). "
                 "If the repo is gated, accept its terms on huggingface.co and run `huggingface-cli login`; "
                 "or pass the path of a directory that holds the weights."
             ) from online_error
+
+
+def _download(repo: str, weights: tuple[list[str], ...], local_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns):
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=local_only))
+
+    root = fetch(SMALL_PATTERNS)
+    for patterns in weights:
+        root = fetch(patterns)
+        if any(f for p in patterns for f in root.glob(p)):
+            break
+    return root
 
 
 @dataclass

@@ -138,9 +138,11 @@ def load_codec(source: str | os.PathLike, device=None, num_codebooks: int | None
     tokenizer file, or a CSM checkpoint) or a hub repo id such as `kyutai/mimi`."""
     from .mimi_weights import load_mimi
 
+    from .mimi_weights import KYUTAI_FILENAME
+
     path = Path(source).expanduser()
-    if not path.exists():
-        path = resolve(source)
+    if not path.exists():  # a hub repo: Kyutai's Mimi file alone (its repos also hold a whole LM), else transformers'
+        path = resolve(source, weights=([KYUTAI_FILENAME], ["model.safetensors"]))
     return Codec(load_mimi(path, device=device), num_codebooks)
 
 

@@ -281,7 +281,8 @@ class Generator:
                             piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, max_frames,
                             cfg.max_seq_len)
             got = []
-            frames = self._frames(prompt, max_frames, plan.params, piece.seed)
+            # Everything before the line (voice, context, earlier pieces) is kept for reuse.
+            frames = self._frames(prompt, max_frames, plan.params, piece.seed, len(prompt) - len(line))
             try:
                 for f in frames:
                     got.append(f)
@@ -298,11 +299,19 @@ class Generator:
                 labels.append(("piece", i))
             yield None
 
-    def _frames(self, prompt: Prompt, max_frames: int, params: SamplingParams, seed: int | None):
-        """Yield each generated frame [1, K] (CPU long) until the end frame or `max_frames`."""
+    def _frames(self, prompt: Prompt, max_frames: int, params: SamplingParams, seed: int | None,
+                prefix_rows: int = 0):
+        """Yield each generated frame [1, K] (CPU long) until the end frame or `max_frames`.
+        The KV of the first `prefix_rows` rows is kept, so a later call that starts with the same
+        rows (the same voice, a conversation that grew) prefills only what follows them."""
         if self.engine is None:
             self.engine = Engine(self.model, max_slots=1)
-        request = Request(prompt, max_frames, params, seed)
+        if self.engine.free_slots == 0:
+            raise RuntimeError(
+                "this Generator speaks one stream at a time and one is still open: close it (or finish "
+                "reading it) first; for many streams at once, use the engine's slots (`fastcsm serve`)"
+            )
+        request = Request(prompt, max_frames, params, seed, prefix_rows=prefix_rows)
         for codes in self.engine.run(request):
             yield codes[None]
 

@@ -202,3 +202,27 @@ def test_hub_id_resolves_offline_from_the_local_cache(root, tmp_path, monkeypatc
     assert gen.generate_codes("Offline.", 0, max_audio_length_ms=160, seed=0).shape == (2, K)
     with pytest.raises(checkpoints.CheckpointError, match="not in the local hub cache.*huggingface-cli login"):
         Generator.from_pretrained("someone/not-cached", device="cpu")
+
+
+@pytest.mark.parametrize("repo_files, fetched", [
+    ({"config.json", "model.safetensors", "ckpt.pt"}, {"config.json", "model.safetensors"}),
+    ({"config.json", "ckpt.pt"}, {"config.json", "ckpt.pt"}),
+])
+def test_a_repo_with_two_formats_downloads_one(tmp_path, monkeypatch, repo_files, fetched):
+    """The small files first, then the weights of one format only."""
+    import fnmatch
+
+    import huggingface_hub
+
+    got = set()
+
+    def snapshot_download(repo, allow_patterns, local_files_only=False):
+        for f in repo_files:
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                (tmp_path / f).write_text("x")
+                got.add(f)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert checkpoints.resolve("someone/two-formats") == tmp_path
+    assert got == fetched

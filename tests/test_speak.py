@@ -33,9 +33,9 @@ def prompts(gen, monkeypatch):
     seen = {"prompts": [], "frames": 0}
     frames = gen._frames
 
-    def recording(prompt, max_frames, params, seed):
+    def recording(prompt, max_frames, params, seed, prefix_rows=0):
         seen["prompts"].append(prompt)
-        for f in frames(prompt, max_frames, params, seed):
+        for f in frames(prompt, max_frames, params, seed, prefix_rows):
             seen["frames"] += 1
             yield f
 
@@ -202,3 +202,22 @@ def test_input_errors_raise_before_any_generation(gen, prompts):
 class _ByteTok:
     def encode(self, text):
         return list(text.encode())
+
+
+def test_a_voice_is_prefilled_once_and_reused(gen):
+    voice = Voice(speaker=1, text="My own voice sample.", codes=random_codes(12, 4))
+    gen.speak("First line in this voice.", voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=1)
+    stats = dict(gen.engine.stats)
+    gen.speak("Second line, same voice.", voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=1)
+    line = text_rows(gen.tokenizer, 1, "Second line, same voice.", CFG)
+    reused = gen.engine.stats["reused_rows"] - stats["reused_rows"]
+    assert reused > 12  # the voice's text and audio rows
+    assert gen.engine.stats["prefill_rows"] - stats["prefill_rows"] == len(line)
+
+
+def test_one_stream_at_a_time_is_a_clear_error(gen):
+    with gen.stream("An open stream.", 0, max_audio_length_ms=4 * FRAME_MS, seed=1) as first:
+        next(iter(first))
+        with pytest.raises(RuntimeError, match="one stream at a time"):
+            gen.generate_codes("Another.", 0, max_audio_length_ms=FRAME_MS)
+    assert gen.generate_codes("Another.", 0, max_audio_length_ms=FRAME_MS).shape == (1, K)
