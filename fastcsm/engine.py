@@ -284,7 +284,7 @@ class Engine:
             self.codec_state = self.pcm = self.host_pcm = None
         self.slots: list[Request | None] = [None] * max_slots
         self.waiting: list[Request] = []  # admitted, prompt not fully in the cache yet
-        self.pending: list[tuple[int, Request]] = []  # (batch, request) of the step whose codes are in flight
+        self.pending: list[tuple[int, Request]] = []  # (slot, request) of the step whose frames are in flight
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.buckets = [b for b in (1 << i for i in range(max_slots.bit_length() + 1)) if b < max_slots] + [max_slots]
         if compile:
