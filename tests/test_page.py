@@ -307,11 +307,12 @@ def test_interrupt_stops_playback(page, server):
     frames = 250  # 20 s: far longer than the test waits
     set_sampling(page, frames * FRAME_MS)
     cancelled = metrics(server)["fastcsm_cancelled_total"]
-    page.click("#speak")
+    page.focus("#text")
+    page.keyboard.press("Control+Enter")  # the keyboard way to press Speak
     # sound is coming out of the speakers, with more queued behind it...
     page.wait_for_function("window.fastcsm.outputPeak() > 0 && window.fastcsm.clockEnd - window.fastcsm.currentTime() > 0.2",
                            timeout=20_000)
-    page.click("#interrupt")
+    page.keyboard.press("Escape")  # the keyboard way to press Interrupt
     s = stats(page)
     assert s["interrupted"] and s["done"] and not s["playing"] and not s["streaming"]
     assert s["stoppedAt"] is not None and s["stoppedAt"] < s["clockEnd"]  # cut before its end
