@@ -128,7 +128,8 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     app.state.settings = settings
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "Retry-After"])
+                           allow_headers=["*"], expose_headers=["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "X-Fastcsm-Pieces",
+                                                                "X-Fastcsm-Context-Dropped", "Retry-After"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     keys = [k for k in settings.api_keys if k]
     formats = available_formats()
