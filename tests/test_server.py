@@ -424,3 +424,20 @@ def test_conversation_with_a_pinned_voice(server):
         second, _ = speak_and_collect(ws, text="Again.", voice="bob", max_audio_length_ms=160)
         assert second[-1]["reused_rows"] == first[0]["prompt_rows"] - line_rows(2, "Hello.")
     assert httpx.delete(server.url + "/v1/voices/bob", headers=AUTH).status_code == 200
+
+
+def test_speech_with_context_reuses_its_kv_on_the_next_request(server):
+    context = [{"speaker": 1, "text": "How was your day?", "audio": base64.b64encode(wav_bytes(0.5)).decode()},
+               {"speaker": 0, "text": "Long, but good."}]
+    before = server.metrics()
+    for line in ("Tell me more.", "And then?"):  # the same conversation, a new line each time
+        body = {"input": line, "voice": "0", "context": context, "response_format": "pcm",
+                "max_audio_length_ms": 160}
+        r = httpx.post(server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200 and len(r.content) == 2 * FRAME * 2
+    after = server.metrics()
+    context_rows = (len("[1]How was your day?") + 2) + 8 + (len("[0]Long, but good.") + 2)  # 0.5 s: 7 frames + end
+    assert after["fastcsm_reused_rows_total"] - before["fastcsm_reused_rows_total"] == context_rows
+    bad = {"input": "x", "voice": "0", "context": [{"speaker": 1, "text": "hi", "audio": "bm90IGF1ZGlv"}]}
+    r = httpx.post(server.url + "/v1/audio/speech", json=bad, headers=AUTH)
+    assert r.status_code == 400 and "context[0]" in r.json()["error"]["message"]

@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import math
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ class Service:
         try:
             return read_audio(data, max_duration_s=self.settings.max_voice_audio_s)
         except AudioError as e:
-            msg = str(e).replace("<BytesIO>", what)
+            msg = re.sub(r"Error opening <[^>]*>: ", "", str(e)).replace("<bytes>", what).replace("<BytesIO>", what)
             raise ApiError(400, f"{msg} (at most {self.settings.max_voice_audio_s:g} s)", param=what) from None
 
     def audio_b64(self, text: str, what: str) -> torch.Tensor:
