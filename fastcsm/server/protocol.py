@@ -125,7 +125,9 @@ class SpeechRequest(_Strict):
     temperature: float = Field(0.9, ge=0.0, le=10.0, description="0 is greedy")
     topk: int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
     max_audio_length_ms: float | None = Field(
-        None, gt=0, description="longest audio to generate (default and upper limit: `ServerInfo.max_audio_length_ms`)")
+        None, gt=0, description="longest audio to generate for each piece of the text (at most "
+                                "`ServerInfo.max_audio_length_ms`; default: that limit, lowered to what the text "
+                                "can plausibly take, 3 s + 150 ms a character)")
 
 
 # -- voices ---------------------------------------------------------------------------------------
