@@ -350,6 +350,7 @@ def test_interrupt_stops_audio_within_a_frame(server):
         while not isinstance(ws.recv(timeout=30), bytes):
             pass
         ws.send(json.dumps({"type": "interrupt"}))
+        t_interrupt = time.perf_counter()
         after = 0
         while True:
             msg = ws.recv(timeout=10)
@@ -360,7 +361,10 @@ def test_interrupt_stops_audio_within_a_frame(server):
             if event["type"] == "done":
                 break
         assert event["reason"] == "interrupted"
-        assert after <= 1 and event["frames"] < 100
+        # Generation runs ahead of real time, so a frame may already be on the wire when the
+        # interrupt leaves; once the server reads it, nothing more is sent.
+        assert after <= 2 and event["frames"] == 1 + after  # every frame sent arrived before done
+        assert time.perf_counter() - t_interrupt < 1.0
         # The conversation goes on: the next line speaks after the interrupted one.
         events, audio = speak_and_collect(ws, text="Sorry, go on.", voice="0", max_audio_length_ms=160)
         assert events[-1]["type"] == "done" and events[-1]["frames"] == 2 and len(audio) == 2
