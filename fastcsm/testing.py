@@ -48,13 +48,10 @@ def write_tokenizer(root: str | Path) -> Path:
 
 
 def tiny_mimi_hf_config() -> dict:
-    """A small transformers `MimiConfig` (real strides and codebook count, tiny widths)."""
-    return dict(
-        model_type="mimi", hidden_size=32, num_filters=4, codebook_dim=16,
-        vector_quantization_hidden_dimension=16, upsample_groups=32, num_hidden_layers=1,
-        intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-        num_quantizers=32, codebook_size=2048, sliding_window=8, max_position_embeddings=512,
-    )
+    """fastcsm's tiny Mimi (real strides and codebook count, tiny widths) as a transformers `MimiConfig`."""
+    from .mimi import tiny_mimi_config
+
+    return tiny_mimi_config().to_hf_dict()
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
