@@ -1,4 +1,4 @@
-"""Shapes of the CSM network (and, below, of the Mimi codec) as dataclasses with named presets.
+"""Shapes of the CSM network as dataclasses with named presets (Mimi's are `mimi.MimiConfig`).
 
 A `CsmConfig` holds two `TransformerConfig`s (backbone and depth decoder) plus the vocabularies.
 It can be built from a preset name (`csm-1b`, `tiny`, ...) or read from a checkpoint's
