@@ -58,9 +58,7 @@ def random_model(cfg: CsmConfig, device, dtype) -> CSM:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-        for stack in (model.backbone, model.decoder):
-            stack.inv_freq = stack.cfg.inv_freq().to(device)
-        model.codebook_offsets = torch.arange(cfg.num_codebooks, device=device) * cfg.audio_vocab_size
+        model.init_buffers(device)
     return model.eval().requires_grad_(False)
 
 

@@ -332,10 +332,7 @@ def load_model(path_or_repo, device=None, dtype=None) -> tuple[CSM, CheckpointFi
     with torch.device("meta"):
         model = CSM(files.config)
     load_weights(model, files, device, dtype)
-    # Buffers computed from the config (not stored in checkpoints) are rebuilt on the device.
-    for stack in (model.backbone, model.decoder):
-        stack.inv_freq = stack.cfg.inv_freq().to(device)
-    model.codebook_offsets = torch.arange(files.config.num_codebooks, device=device) * files.config.audio_vocab_size
+    model.init_buffers(device)
     return model.eval().requires_grad_(False), files
 
 

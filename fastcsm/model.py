@@ -166,6 +166,14 @@ class CSM(nn.Module):
         self.audio_head = nn.Parameter(torch.empty(K - 1, d.dim, V))  # codebook i uses audio_head[i-1]
         self.register_buffer("codebook_offsets", torch.arange(K) * V, persistent=False)
 
+    def init_buffers(self, device) -> CSM:
+        """(Re)compute the buffers derived from the config, on `device`: a model built on the meta
+        device and filled from a checkpoint has none (they are not stored)."""
+        for stack in (self.backbone, self.decoder):
+            stack.inv_freq = stack.cfg.inv_freq().to(device)
+        self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
+        return self
+
     # -- caches -------------------------------------------------------------------------------
 
     def backbone_cache(self, batch: int, length: int | None = None, device=None, dtype=None) -> KVCache:
