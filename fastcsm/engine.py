@@ -178,6 +178,15 @@ class Request:
             self.seed = secrets.randbits(63)
 
 
+class PrefillError(RuntimeError):
+    """Putting `request`'s prompt into the cache failed. The request has left the engine; the
+    other streams are untouched (the frame step of that engine step did not run)."""
+
+    def __init__(self, request: Request, cause: BaseException):
+        super().__init__(f"prefill failed: {type(cause).__name__}: {cause}")
+        self.request = request
+
+
 @dataclass
 class Emitted:
     request: Request
@@ -467,7 +476,12 @@ class Engine:
         """
         budget = self.prefill_chunk  # prompt rows per step, across waiting requests
         while self.waiting and budget > 0:
-            budget -= self._prefill_chunk(self.waiting[0], budget)
+            request = self.waiting[0]
+            try:
+                budget -= self._prefill_chunk(request, budget)
+            except Exception as e:
+                self.release(request)
+                raise PrefillError(request, e) from e
         # Read back the previous step's frames before launching the next.
         previous, self.pending = self.pending, []
         if previous and self._copy_event is not None:

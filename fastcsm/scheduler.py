@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import Engine, Request
+from .engine import Engine, PrefillError, Request
 
 log = logging.getLogger("fastcsm")
 
@@ -277,10 +277,11 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             emitted = engine.step()
+        except PrefillError as e:  # one prompt failed before the frame step ran: blame it alone
+            self._step_failed(e, e.request, out)
+            return
         except Exception as e:
-            # Prefill takes waiting requests in order and drops each from `waiting` once done,
-            # so a prefill that raised leaves its request first in line.
-            self._step_failed(e, engine.waiting[0] if engine.waiting else None, out)
+            self._step_failed(e, None, out)
             return
         self.metrics.step.observe(time.perf_counter() - t0)
         for e in emitted:
@@ -305,7 +306,8 @@ class Scheduler:
         """A step raised. If a prefill was under way, blame that request alone (the frame step
         had not run); otherwise every request of the batch ends, since their state is suspect."""
         log.error("engine step failed: %r", error, exc_info=error)
-        message = f"generation failed: {type(error).__name__}"
+        cause = error.__cause__ if isinstance(error, PrefillError) and error.__cause__ else error
+        message = f"generation failed: {type(cause).__name__}"
         if prefilling is not None and id(prefilling) in self._running:
             s = self._running[id(prefilling)]
             self._finish(s, End("error", s.frames, message), out)

@@ -355,3 +355,21 @@ def test_warmup_builds_every_variant_without_advancing_streams(model):
     while not r.done:
         rest += [e.codes for e in engine.step() if e.codes is not None]
     assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=5)[0])[1:])
+
+
+def test_prefill_failure_names_its_request_and_leaves_the_others(model):
+    from fastcsm.engine import PrefillError
+
+    engine = Engine(model, max_slots=2)
+    good, bad = requests(2, frames=3)
+    engine.add(good)
+    engine.step()
+    bad.prompt.tokens[3, -1] = CFG.text_vocab_size + 5  # an id the text table does not have
+    engine.add(bad)
+    with pytest.raises(PrefillError) as e:
+        engine.step()
+    assert e.value.request is bad and bad.done and engine.free_slots == 1
+    rest = []
+    while not good.done:
+        rest += [x.codes for x in engine.step() if x.request is good and x.codes is not None]
+    assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=3)[0])[1:])

@@ -115,3 +115,34 @@ def test_a_failing_request_ends_alone(model):
     assert bad_end.reason == "error" and "RuntimeError" in bad_end.message
     assert a_end.reason == c_end.reason == "max_length" and len(a) == len(c) == 5
     assert scheduler.metrics.errors == 1 and scheduler.engine.free_slots == 4
+
+
+class BrokenStepEngine(Engine):
+    """The frame step fails once, as a device fault would."""
+
+    broken = True
+
+    def _run_step(self, batch, candidates):
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("device fault")
+        return super()._run_step(batch, candidates)
+
+
+def test_a_failing_frame_step_ends_its_batch_and_serving_goes_on(model):
+    """A frame-step failure is not blamed on a prompt waiting for prefill: every stream whose
+    state is suspect ends with an error, and the next request is served normally."""
+    scheduler = Scheduler(BrokenStepEngine(model, max_slots=4), max_queue=8)
+
+    async def main():
+        ends = await asyncio.gather(*(collect(scheduler.submit(request(i, 5))) for i in range(3)))
+        after = await collect(scheduler.submit(request(5, 4)))
+        return ends, after
+
+    try:
+        ends, (frames, after_end) = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert all(end.reason == "error" and "RuntimeError" in end.message for _, end in ends)
+    assert after_end.reason == "max_length" and len(frames) == 4
+    assert scheduler.engine.free_slots == 4
