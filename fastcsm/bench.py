@@ -63,14 +63,10 @@ def random_model(cfg: CsmConfig, device, dtype) -> CSM:
 
 
 def random_codec(cfg: CsmConfig, device):
-    from .mimi import Mimi, mimi_preset
+    from .mimi import mimi_preset
+    from .testing import random_mimi
 
-    mimi_cfg = mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")
-    torch.manual_seed(0)
-    mimi = Mimi(mimi_cfg)
-    with torch.no_grad():
-        mimi.quantizer.codebooks.normal_()
-    return mimi.to(device).eval()
+    return random_mimi(mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")).to(device)
 
 
 def weight_bytes_per_frame(cfg: CsmConfig, itemsize: int) -> int:

@@ -79,7 +79,34 @@ def hf_model(cfg: CsmConfig | None = None, seed: int = 0):
         for p in (model.lm_head.weight, model.embed_text_tokens.weight):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     model.backbone_model.embed_tokens.embed_audio_tokens.weight = model.depth_decoder.model.embed_tokens.weight
+    _randomize_hf_codebooks_(model.codec_model, seed + 4)
     return model.eval()
+
+
+def random_mimi(config=None, seed: int = 0):
+    """fastcsm's Mimi (tiny by default) with random codebooks, so decoded audio depends on the
+    codes (freshly built codebooks are all zero)."""
+    from .mimi import Mimi, tiny_mimi_config
+
+    torch.manual_seed(seed)
+    mimi = Mimi(config or tiny_mimi_config())
+    with torch.no_grad():
+        mimi.quantizer.codebooks.normal_()
+    return mimi.eval()
+
+
+def _randomize_hf_codebooks_(codec: torch.nn.Module, seed: int) -> None:
+    """transformers' Mimi starts with all-zero codebooks (embed_sum 0): give them random entries."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in codec.named_buffers():
+            if name.endswith("embed_sum"):
+                b.copy_(torch.randn(b.shape, generator=g))
+            elif name.endswith("cluster_usage"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    for m in codec.modules():
+        if hasattr(m, "_embed"):
+            m._embed = None  # a cached codebook, derived from the buffers above
 
 
 def write_hf_checkpoint(root: str | Path, cfg: CsmConfig | None = None, seed: int = 0, **save_kwargs):

@@ -24,10 +24,9 @@ def model(dtype):
 
 
 def codec():
-    from fastcsm.mimi import Mimi, tiny_mimi_config
+    from fastcsm.testing import random_mimi
 
-    torch.manual_seed(0)
-    return Mimi(tiny_mimi_config()).cuda().eval()
+    return random_mimi().cuda()
 
 
 def requests(n):
