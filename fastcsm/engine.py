@@ -172,6 +172,13 @@ class Request:
     frames: int = 0  # frames emitted
     done: bool = False
     reused_rows: int = 0  # rows taken from the prefix cache
+    # Audio that continues across requests (the pieces of one long utterance): a request with
+    # `keep_audio` leaves its codec state in `audio_state` when it ends by itself, and a request
+    # with `audio_after` set to it starts from that state instead of a fresh stream.
+    keep_audio: bool = False
+    audio_after: Request | None = None
+    audio_state: list[torch.Tensor] | None = None
+    _audio_snapshots: list = field(default_factory=list, repr=False)  # codec state before recent steps
 
     def __post_init__(self):
         if self.seed is None:
@@ -390,9 +397,14 @@ class Engine:
             st.pos[slot] = stop
             st.active[slot] = True
             if self.codec is not None:  # its audio stream starts now: steps while waiting decoded noise
-                fresh = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
-                fresh[slot] = True
-                self.codec_state.reset(fresh)
+                before = request.audio_after
+                if before is not None and before.audio_state is not None:
+                    self._set_codec_rows(slot, before.audio_state)
+                    request.audio_after = None  # the state is in the slot now
+                else:
+                    fresh = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+                    fresh[slot] = True
+                    self.codec_state.reset(fresh)
             self.waiting.remove(request)
         return stop - start
 
@@ -490,6 +502,10 @@ class Engine:
         running = [(r.slot, r) for r in self.slots if r is not None and r not in self.waiting and not r.done]
         batch = self.bucket() if running else 0
         if batch:
+            if self.codec is not None:
+                for slot, r in running:
+                    if r.keep_audio:  # the two latest: enough to find the state after its last frame
+                        r._audio_snapshots = [*r._audio_snapshots[-1:], self._codec_rows(slot)]
             self._run_step(batch, self.candidates(running))
             self.host_codes[:batch].copy_(self.state.codes[:batch], non_blocking=True)
             if self.codec is not None:
@@ -515,6 +531,7 @@ class Engine:
                 continue  # cancelled while its frame was in flight: the frame is dropped
             frame = codes[slot]
             if bool((frame == eos).all()):
+                self._keep_audio(request, slot, ended_by_eos=True)
                 self.release(request)
                 out.append(Emitted(request, None, slot))
                 continue
@@ -522,9 +539,27 @@ class Engine:
             self.stats["frames"] += 1
             out.append(Emitted(request, frame, slot, pcm[slot] if pcm is not None else None))
             if request.frames >= request.max_frames:
+                self._keep_audio(request, slot, ended_by_eos=False)
                 self.release(request)
                 out.append(Emitted(request, None, slot))
         return out
+
+    def _keep_audio(self, request: Request, slot: int, ended_by_eos: bool) -> None:
+        """Store the codec state right after the request's last emitted frame. The end frame is
+        not audio, and read one frame late, one more step has already run."""
+        if not request.keep_audio or self.codec is None:
+            return
+        snaps = request._audio_snapshots
+        steps_back = int(ended_by_eos) + int(self.one_frame_late)  # steps run since its last frame
+        request.audio_state = snaps[-steps_back] if steps_back else self._codec_rows(slot)
+        request._audio_snapshots = []
+
+    def _codec_rows(self, slot: int) -> list[torch.Tensor]:
+        return [t[slot].clone() for t in _tensors(self.codec_state)]
+
+    def _set_codec_rows(self, slot: int, rows: list[torch.Tensor]) -> None:
+        for t, row in zip(_tensors(self.codec_state), rows):
+            t[slot].copy_(row)
 
     def busy(self) -> bool:
         return any(r is not None for r in self.slots) or bool(self.pending)

@@ -214,10 +214,9 @@ def test_prompt_longer_than_slot_is_refused(model):
 def test_engine_decodes_each_slot_to_pcm(model, late):
     """PCM that leaves the engine every frame equals decoding each request's codes whole,
     with slots starting at different times and a slot reused by a later request."""
-    from fastcsm.mimi import Mimi, tiny_mimi_config
+    from fastcsm.testing import random_mimi
 
-    torch.manual_seed(0)
-    codec = Mimi(tiny_mimi_config()).eval()
+    codec = random_mimi()
     engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late)
     rs = requests(3, frames=5)
     got = {id(r): ([], []) for r in rs}
@@ -269,15 +268,15 @@ def test_compiled_engine_with_codec_equals_eager():
     """The engine's whole step (frame + Mimi decode, as captured on CUDA) is one graph under
     torch.compile(fullgraph=True): same codes, same PCM, through the engine's own loop."""
     from fastcsm.engine import engine_step
-    from fastcsm.mimi import Mimi, tiny_mimi_config
+    from fastcsm.mimi import tiny_mimi_config
+    from fastcsm.testing import random_mimi
 
     torch._dynamo.reset()
     cfg = tiny_config(num_codebooks=8)
     m = CSM(cfg)
     randomize_(m, seed=3)
     m = m.eval().requires_grad_(False)
-    torch.manual_seed(0)
-    codec = Mimi(tiny_mimi_config(num_codebooks=8)).eval()
+    codec = random_mimi(tiny_mimi_config(num_codebooks=8))
 
     def run(compiled):
         engine = Engine(m, max_slots=2, codec=codec)
@@ -306,10 +305,9 @@ def test_slot_prefilled_over_many_steps_is_not_disturbed_by_running_streams(mode
     """While a new request's prompt is prefilled chunk by chunk into a slot that an earlier
     request used, the frame steps of other streams must leave that slot's cache and codec
     state alone."""
-    from fastcsm.mimi import Mimi, tiny_mimi_config
+    from fastcsm.testing import random_mimi
 
-    torch.manual_seed(0)
-    codec = Mimi(tiny_mimi_config()).eval()
+    codec = random_mimi()
     engine = Engine(model, max_slots=2, codec=codec, prefill_chunk=8, one_frame_late=late)
     first, other = requests(2, frames=30)
     first.max_frames = 12
@@ -373,3 +371,57 @@ def test_prefill_failure_names_its_request_and_leaves_the_others(model):
     while not good.done:
         rest += [x.codes for x in engine.step() if x.request is good and x.codes is not None]
     assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=3)[0])[1:])
+
+
+def scripted_audio_step(script):
+    """Codes from `script[slot][frame]` (the all-zero end frame where the script runs out), then
+    the engine's own Mimi decode of them."""
+
+    def step(model, codec, state, cache, decoder_cache, codec_state, pcm, candidates):
+        rows = []
+        for slot in range(state.codes.shape[0]):
+            frames = script.get(slot, [])
+            f = int(state.frame[slot])
+            rows.append(frames[f] if f < len(frames) else torch.zeros(K, dtype=torch.long))
+        state.codes.copy_(torch.stack(rows))
+        state.frame.add_(state.active.long())
+        state.pos.add_(state.active.long())
+        pcm.copy_(codec.decode_step(state.codes[:, :, None], codec_state)[:, 0])
+
+    return step
+
+
+@pytest.mark.parametrize("ends_by", ["max_frames", "end_frame"])
+def test_a_follow_on_request_continues_the_audio_stream(model, late, ends_by):
+    """The pieces of one utterance, as consecutive requests, give the audio of one stream:
+    the second starts from the codec state right after the first's last frame (the end frame
+    and a frame computed after it are never heard), while another stream runs alongside."""
+    from fastcsm.testing import random_mimi
+
+    codec = random_mimi()
+    g = torch.Generator().manual_seed(5)
+    script_a = list(torch.randint(0, 2048, (4, K), generator=g))
+    script_b = list(torch.randint(0, 2048, (3, K), generator=g))
+    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late)
+    a, b, other = requests(3, frames=4 if ends_by == "max_frames" else 10)
+    b.max_frames, other.max_frames = 3, 40
+    a.keep_audio, b.audio_after = True, a
+    engine.add(a)  # slot 0
+    engine.add(other)  # slot 1
+    engine._step = scripted_audio_step({0: script_a, 1: script_b * 20})
+    pcm = {id(a): [], id(b): []}
+
+    def drain(r):
+        while not r.done:
+            for e in engine.step():
+                if e.request in (a, b) and e.codes is not None:
+                    pcm[id(e.request)].append(e.pcm)
+
+    drain(a)
+    assert a.audio_state is not None and len(pcm[id(a)]) == 4
+    engine.step()  # steps in between decode noise into the free slot
+    engine._step = scripted_audio_step({0: script_b, 1: script_b * 20})
+    engine.add(b)
+    drain(b)
+    whole = codec.decode(torch.stack(script_a + script_b).T[None])[0, 0]
+    assert torch.allclose(torch.cat(pcm[id(a)] + pcm[id(b)]), whole, atol=1e-5)
