@@ -317,7 +317,9 @@ async def _audio(service: Service, plan, stream, enc):
             if index == len(plan.pieces):
                 break
             try:
-                stream = service.submit(service.next_piece(plan, index, spoken).request, follow_on=True)
+                request = service.next_piece(plan, index, spoken).request
+                request.audio_after = stream.request  # its audio continues where this piece's ended
+                stream = service.submit(request, follow_on=True)
             except ApiError as e:
                 log.warning("speech stopped before piece %d: %s", index, e.message)
                 break

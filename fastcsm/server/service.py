@@ -284,8 +284,11 @@ class Service:
         """Piece `index` of a long text, after the pieces spoken so far (their rows and codes)."""
         carried = [concat([line, audio_rows(torch.stack(codes), self.cfg)]) for line, codes in spoken if codes]
         line, frames = plan.pieces[index]
-        return self.plan_rows(line, plan.speaker, plan.pinned, plan.history + carried, frames, plan.params,
-                              plan.seed + index)
+        planned = self.plan_rows(line, plan.speaker, plan.pinned, plan.history + carried, frames, plan.params,
+                                 plan.seed + index)
+        # One audio stream across the pieces: each keeps its codec state for the next to continue.
+        planned.request.keep_audio = index + 1 < len(plan.pieces)
+        return planned
 
     def speech_plan(self, req: SpeechRequest) -> SpeechPlan:
         """A checked `POST /v1/audio/speech` (runs in a worker thread: it may encode audio)."""
