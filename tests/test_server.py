@@ -127,6 +127,34 @@ def test_long_text_is_spoken_in_pieces_in_one_stream(server):
     assert pieces == 3 and len(data) == pieces * 2 * FRAME * 2
 
 
+def test_pieces_of_long_text_decode_as_one_audio_stream(server, monkeypatch):
+    """The audio of a response spoken in pieces equals one decode of all its codes: each piece
+    continues the codec state of the one before (a fresh stream per piece would differ)."""
+    import torch
+
+    engine = server.service.scheduler.engine
+    codes = []
+    emit = engine._emit
+
+    def recording(previous, frames, pcm):
+        out = emit(previous, frames, pcm)
+        codes.extend(e.codes for e in out if e.codes is not None)
+        return out
+
+    monkeypatch.setattr(engine, "_emit", recording)
+    text = " ".join(f"Sentence number {i} is here." for i in range(16))
+    body = {"input": text, "voice": "0", "response_format": "pcm", "max_audio_length_ms": 160, "seed": 3}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["x-fastcsm-pieces"] == "3"
+        got = np.frombuffer(r.read(), dtype="<i2").astype(np.float32) / 32768
+    assert len(codes) == 6 and got.size == 6 * FRAME
+    codec = server.service.generator.codec
+    whole = codec.decode(torch.stack(codes)).clamp(-1, 1).numpy()
+    assert np.abs(got - whole).max() < 1e-3
+    pieces = np.concatenate([codec.decode(torch.stack(codes[i:i + 2])).clamp(-1, 1).numpy() for i in (0, 2, 4)])
+    assert np.abs(pieces - whole).max() > 1e-2, "fresh streams per piece would sound different"
+
+
 def test_32_concurrent_streams_complete_with_their_lengths(server):
     lengths = [1 + i % 6 for i in range(32)]
 
