@@ -183,6 +183,10 @@ class Request:
     def __post_init__(self):
         if self.seed is None:
             self.seed = secrets.randbits(63)
+        elif isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        else:
+            self.seed %= 1 << 63  # any integer: the noise stream is keyed by 63 bits
 
 
 class PrefillError(RuntimeError):

@@ -226,3 +226,13 @@ def test_a_repo_with_two_formats_downloads_one(tmp_path, monkeypatch, repo_files
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert checkpoints.resolve("someone/two-formats") == tmp_path
     assert got == fetched
+
+
+def test_any_integer_seed_and_a_clear_error_for_others(gen):
+    big = gen.generate_codes("Seeds.", 0, max_audio_length_ms=160, seed=2**70 + 3)
+    assert torch.equal(big, gen.generate_codes("Seeds.", 0, max_audio_length_ms=160, seed=(2**70 + 3) % 2**63))
+    assert gen.generate_codes("Seeds.", 0, max_audio_length_ms=160, seed=-1).shape == (2, K)
+    for bad in ("7", 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            gen.generate_codes("Seeds.", 0, max_audio_length_ms=160, seed=bad)
+    ok(gen)
