@@ -94,10 +94,14 @@ class Attention(nn.Module):
         index = pos[:, None, :, None].expand(B, k.shape[1], S, hd)
         k_cache.scatter_(2, index, k.to(k_cache.dtype))
         v_cache.scatter_(2, index, v.to(v_cache.dtype))
-        out = F.scaled_dot_product_attention(
-            q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask,
-            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads,
-        )
+        # Grouped-query attention without copying keys: the R query heads that share a kv head
+        # become R times as many query rows of that head (head h = g * R + r uses kv head g).
+        G = k_cache.shape[1]
+        R = q.shape[1] // G
+        q = q.reshape(B, G, R * S, hd)
+        mask = mask.unsqueeze(2).expand(B, 1, R, S, mask.shape[-1]).reshape(B, 1, R * S, -1)
+        out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
+        out = out.view(B, G * R, S, hd)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
