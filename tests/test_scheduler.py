@@ -118,12 +118,12 @@ def test_a_failing_request_ends_alone(model):
 
 
 class BrokenStepEngine(Engine):
-    """The frame step fails once, as a device fault would."""
+    """The frame step fails once, as a device fault would, when three streams hold slots."""
 
     broken = True
 
     def _run_step(self, batch, candidates):
-        if self.broken:
+        if self.broken and self.max_slots - self.free_slots == 3:
             self.broken = False
             raise RuntimeError("device fault")
         return super()._run_step(batch, candidates)
@@ -135,7 +135,7 @@ def test_a_failing_frame_step_ends_its_batch_and_serving_goes_on(model):
     scheduler = Scheduler(BrokenStepEngine(model, max_slots=4), max_queue=8)
 
     async def main():
-        ends = await asyncio.gather(*(collect(scheduler.submit(request(i, 5))) for i in range(3)))
+        ends = await asyncio.gather(*(collect(scheduler.submit(request(i, 200))) for i in range(3)))
         after = await collect(scheduler.submit(request(5, 4)))
         return ends, after
 
