@@ -154,6 +154,15 @@ def set_sampling(page, max_ms: int, seed: int | None = 1) -> None:
     page.fill("#seed", "" if seed is None else str(seed))
 
 
+def speak_and_wait(page) -> list[dict]:
+    """Click Speak, wait until the page has played everything; the speech requests it sent."""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
+    page.click("#speak")
+    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    return [json.loads(body) for body in sent]
+
+
 def api(server: str, method: str, path: str, body: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -190,12 +199,8 @@ def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
     frames = 12
     set_sampling(page, frames * FRAME_MS, seed=7)
     page.fill("#text", "Hello from the browser page.")
-    sent = []
-    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
-    page.click("#speak")
-    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    body = speak_and_wait(page)[0]
     s = stats(page)
-    body = json.loads(sent[0])
     assert body["response_format"] == "pcm" and body["input"] == "Hello from the browser page."
     assert body["seed"] == 7 and body["max_audio_length_ms"] == frames * FRAME_MS
 
@@ -236,8 +241,7 @@ def test_a_slow_network_underruns_then_plays_with_a_longer_head_start(page, serv
                                                   "downloadThroughput": SAMPLE_RATE})  # bytes/s
     frames = 10
     set_sampling(page, frames * FRAME_MS)
-    page.click("#speak")
-    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    speak_and_wait(page)
     s = stats(page)
     assert s["samplesScheduled"] == s["samplesReceived"] == frames * FRAME_SAMPLES
     assert s["underruns"] >= 1 and s["leadSeconds"] > 0.06
@@ -261,12 +265,9 @@ def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
 
     set_sampling(page, 24 * FRAME_MS)
     page.fill("#text", "Now in a voice cloned from an uploaded file.")
-    sent = []
-    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
-    page.click("#speak")
-    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    body = speak_and_wait(page)[0]
     s = stats(page)
-    assert json.loads(sent[0])["voice"] == "page-voice"
+    assert body["voice"] == "page-voice"
     assert s["lastError"] is None and s["samplesScheduled"] > 0
     assert page.console.errors == []
 
@@ -356,8 +357,7 @@ def test_conversation_turns_and_interrupt(page, server):
     text_rows = len(f"[1]{text}".encode()) + 2  # byte tokenizer, with begin and end of text
     assert added["speaker"] == 1 and added["rows"] >= text_rows + 10  # ~1 s is ~12 frames, + EOS frame
     page.fill("#text", "It is fastcsm speaking.")
-    page.click("#speak")
-    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    speak_and_wait(page)
     s = stats(page)
     done = s["conversation"]["lastDone"]
     assert done["reason"] in ("end", "max_length")
@@ -441,8 +441,7 @@ def test_api_key_is_asked_for_and_sent(browser, server):
         assert page.evaluate("localStorage.getItem('fastcsm.apiKey')") == API_KEY
         assert page.is_hidden("#error")
         set_sampling(page, 2 * FRAME_MS)
-        page.click("#speak")
-        page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+        speak_and_wait(page)
         assert stats(page)["samplesScheduled"] == 2 * FRAME_SAMPLES
         page.click("#tab-conversation")  # the WebSocket carries the key as ?api_key=
         page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
