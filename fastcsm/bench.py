@@ -135,7 +135,6 @@ def frame_times(engine: Engine, batch: int, steps: int, warmup: int = 2) -> list
         times.append(time.perf_counter() - t)
     for r in requests:
         engine.release(r)
-    engine.pending = []
     return times
 
 
@@ -151,9 +150,6 @@ def time_to_first_audio(engine: Engine, voice_frames: int, seed: int) -> float:
             break
     elapsed = time.perf_counter() - t
     engine.release(request)
-    while engine.busy() and not engine.active:
-        engine.step()
-    engine.pending = []
     return elapsed
 
 

@@ -325,10 +325,6 @@ class Engine:
     def free_slots(self) -> int:
         return self.slots.count(None)
 
-    @property
-    def active(self) -> list[Request]:
-        return [r for r in self.slots if r is not None]
-
     def add(self, request: Request) -> int:
         """Take the lowest free slot for `request`; its prompt is prefilled by later steps."""
         if len(request.prompt) + request.max_frames > self.max_seq_len:
@@ -361,6 +357,7 @@ class Engine:
             self.state.active[slot] = False
         if request in self.waiting:
             self.waiting.remove(request)
+        self.pending = [(s, r) for s, r in self.pending if r is not request]  # its frame in flight is dropped
         request.done = True
 
     # -- prefill ------------------------------------------------------------------------------
@@ -530,9 +527,7 @@ class Engine:
     def _emit(self, previous: list[tuple[int, Request]], codes, pcm) -> list[Emitted]:
         out = []
         eos = self.cfg.codebook_eos_id
-        for slot, request in previous:
-            if request.done or self.slots[slot] is not request:
-                continue  # cancelled while its frame was in flight: the frame is dropped
+        for slot, request in previous:  # a request released meanwhile left `pending` with its frame
             frame = codes[slot]
             if bool((frame == eos).all()):
                 self._keep_audio(request, slot, ended_by_eos=True)
