@@ -1,16 +1,17 @@
 """Streaming audio encoders: float PCM frames in, bytes ready to send out, as they are made.
 
-    enc = encoder("mp3")
+    enc = encoder("mp3", 24_000)
     send(enc.start()); for pcm in frames: send(enc.write(pcm)); send(enc.finish())
 
 wav  16-bit PCM after a 44-byte header whose sizes are 0xFFFFFFFF: the length is unknown while
      streaming, and readers take the data to the end of the stream.
 pcm  raw signed 16-bit little-endian samples (OpenAI's `pcm`).
-flac, mp3, opus (Ogg)  encoded by libsndfile (>= 1.1 for mp3 and opus) into a sink whose new
-     bytes are sent after every frame. The encoders are set for streaming: mp3 at a constant
-     bitrate (no Xing header to patch afterwards), Ogg pages every 80 ms. FLAC's STREAMINFO
-     goes out before the length is known, so it says "unknown length"; every FLAC decoder plays
-     that, but libsndfile-based readers need the length (read those with `flac -d` or ffmpeg).
+flac, mp3, opus (Ogg)  encoded by FFmpeg through PyAV into a write-only sink whose new bytes are
+     sent after every frame: the muxer flushes after every packet and an Ogg page holds at most
+     80 ms, so each 80 ms frame goes out as soon as the encoder has it. The sink cannot seek, so
+     nothing is patched afterwards: mp3 has no Xing header, and FLAC's STREAMINFO says "unknown
+     length"; every FLAC decoder plays that, but libsndfile-based readers need the length (read
+     those with `flac -d` or ffmpeg).
 """
 
 from __future__ import annotations
@@ -19,27 +20,32 @@ import io
 import struct
 
 import numpy as np
-import soundfile as sf
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg", "opus": "audio/ogg"}
-_SNDFILE = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
-# libsndfile commands (sndfile.h) soundfile does not wrap.
-_SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302
-_SFC_SET_BITRATE_MODE = 0x1305
-_SF_BITRATE_MODE_CONSTANT = 0
+# response format -> (FFmpeg muxer, FFmpeg encoder, muxer options)
+_FFMPEG = {
+    "flac": ("flac", "flac", {}),
+    "mp3": ("mp3", "libmp3lame", {}),
+    "opus": ("ogg", "libopus", {"page_duration": "80000"}),  # microseconds
+}
+MP3_BIT_RATE = 64_000  # constant: plenty for 24 kHz mono speech
 
 
 def available_formats() -> list[str]:
-    """Response formats this build can encode (mp3 and opus need libsndfile >= 1.1)."""
+    """Response formats this build can encode (flac, mp3 and opus need PyAV with those encoders)."""
     formats = ["wav", "pcm"]
-    have = sf.available_formats()
-    for name, (fmt, subtype) in _SNDFILE.items():
-        if fmt in have and subtype in sf.available_subtypes(fmt):
+    try:
+        import av
+    except ImportError:
+        return formats
+    for name, (muxer, codec, _) in _FFMPEG.items():
+        if muxer in av.formats_available and codec in av.codecs_available:
             formats.append(name)
     return formats
 
 
 def to_int16(pcm: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] (clipped) as signed 16-bit little-endian bytes."""
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
@@ -77,74 +83,63 @@ class WavEncoder(PcmEncoder):
 
 
 class _Sink(io.RawIOBase):
-    """A seekable in-memory file that remembers how much of it has been handed out."""
+    """A write-only in-memory stream that hands out what was written since it was last asked."""
 
     def __init__(self):
         self.buf = bytearray()
-        self.pos = 0
-        self.sent = 0
-
-    def readable(self) -> bool:
-        return True
 
     def writable(self) -> bool:
         return True
 
-    def seekable(self) -> bool:
-        return True
-
     def write(self, b) -> int:
-        b = bytes(b)
-        end = self.pos + len(b)
-        if end > len(self.buf):
-            self.buf.extend(bytes(end - len(self.buf)))
-        self.buf[self.pos:end] = b
-        self.pos = end
+        self.buf += b
         return len(b)
 
-    def read(self, n: int = -1) -> bytes:
-        n = len(self.buf) - self.pos if n is None or n < 0 else n
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += len(out)
-        return out
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else len(self.buf) + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
     def take(self) -> bytes:
-        """The bytes written since the last call (a rewrite of bytes already sent is ignored)."""
-        out = bytes(self.buf[self.sent:])
-        self.sent = len(self.buf)
+        out = bytes(self.buf)
+        self.buf.clear()
         return out
 
 
-class SndfileEncoder(Encoder):
+class FFmpegEncoder(Encoder):
     def __init__(self, name: str, sample_rate: int):
-        from soundfile import _ffi, _snd
+        import av
 
-        fmt, subtype = _SNDFILE[name]
+        muxer, codec, options = _FFMPEG[name]
         self.media_type = MEDIA_TYPES[name]
         self.sink = _Sink()
-        self.file = sf.SoundFile(self.sink, "w", samplerate=sample_rate, channels=1, format=fmt, subtype=subtype)
+        self.container = av.open(self.sink, "w", format=muxer, options={**options, "flush_packets": "1"})
+        # FLAC blocks of one 80 ms frame, so each frame goes out whole (the default block is longer).
+        stream_options = {"frame_size": str(sample_rate * 2 // 25)} if name == "flac" else {}
+        self.stream = self.container.add_stream(codec, rate=sample_rate, layout="mono", options=stream_options)
         if name == "mp3":
-            mode = _ffi.new("int*", _SF_BITRATE_MODE_CONSTANT)
-            _snd.sf_command(self.file._file, _SFC_SET_BITRATE_MODE, mode, _ffi.sizeof("int"))
-        if fmt == "OGG":
-            latency = _ffi.new("double*", 80.0)
-            _snd.sf_command(self.file._file, _SFC_SET_OGG_PAGE_LATENCY_MS, latency, _ffi.sizeof("double"))
+            self.stream.bit_rate = MP3_BIT_RATE
+        self.planar = self.stream.codec_context.format.is_planar
+        self.sample_rate = sample_rate
+        self.samples = 0
+
+    def _encode(self, frame) -> bytes:
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        return self.sink.take()
 
     def write(self, pcm: np.ndarray) -> bytes:
-        self.file.write(np.clip(pcm, -1.0, 1.0).astype(np.float32, copy=False))
-        return self.sink.take()
+        import av
+
+        samples = np.frombuffer(to_int16(pcm), "<i2").reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16p" if self.planar else "s16", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self.samples
+        self.samples += samples.shape[1]
+        return self._encode(frame)
 
     def finish(self) -> bytes:
-        if not self.file.closed:
-            self.file.close()
-        return self.sink.take()
+        if self.container is None:
+            return b""
+        tail = self._encode(None)
+        self.container.close()
+        self.container = None
+        return tail + self.sink.take()
 
 
 def encoder(name: str, sample_rate: int) -> Encoder:
@@ -152,6 +147,6 @@ def encoder(name: str, sample_rate: int) -> Encoder:
         return PcmEncoder()
     if name == "wav":
         return WavEncoder(sample_rate)
-    if name in _SNDFILE:
-        return SndfileEncoder(name, sample_rate)
+    if name in _FFMPEG and name in available_formats():
+        return FFmpegEncoder(name, sample_rate)
     raise ValueError(f"unknown audio format {name!r}; choose one of {available_formats()}")

@@ -28,6 +28,7 @@ from ..prompt import Prompt, Segment, audio_rows, concat, segment_rows
 from ..sampling import SamplingParams
 from ..scheduler import End
 from . import protocol as P
+from .audio_out import to_int16
 from .service import ApiError, Service
 
 log = logging.getLogger("fastcsm")
@@ -58,7 +59,7 @@ class Conversation:
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         data = pcm.astype("<f4").tobytes() if self.config.audio_format == "pcm_f32le" else \
-            (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+            to_int16(pcm)
         async with self._send_lock:
             await self.ws.send_bytes(data)
 
