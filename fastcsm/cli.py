@@ -24,7 +24,7 @@ from pathlib import Path
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "sesame/csm-1b"
 FRAME_MS = 80  # one Mimi frame
-WINDOW_FRAMES = 2048  # CSM's context window, in rows
+WINDOW_ROWS = 2048  # CSM's context window, in rows
 log = logging.getLogger("fastcsm")
 
 
@@ -137,9 +137,9 @@ def _read_text(args) -> str:
 def _check_speak_args(args) -> None:
     if not math.isfinite(args.max_ms) or args.max_ms < FRAME_MS:
         raise CliError(f"--max-ms {args.max_ms:g} is too short: one audio frame takes {FRAME_MS} ms")
-    if args.max_ms > WINDOW_FRAMES * FRAME_MS:
-        raise CliError(f"--max-ms {args.max_ms:g} cannot be honoured: at most {WINDOW_FRAMES * FRAME_MS} ms "
-                       f"of audio fit CSM's {WINDOW_FRAMES}-row context window")
+    if args.max_ms > WINDOW_ROWS * FRAME_MS:
+        raise CliError(f"--max-ms {args.max_ms:g} cannot be honoured: at most {WINDOW_ROWS * FRAME_MS} ms "
+                       f"of audio fit CSM's {WINDOW_ROWS}-row context window")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise CliError(f"--temperature must be a number >= 0, got {args.temperature:g}")
     if args.topk < 0:

@@ -192,9 +192,6 @@ class CsmConfig:
             ),
         )
 
-    def replace(self, **changes) -> CsmConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def _stack_from_hf(c: dict, default_max: int) -> TransformerConfig:
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}

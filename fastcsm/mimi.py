@@ -29,7 +29,6 @@ fp32, the precision the reference tests were made at.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -104,9 +103,6 @@ class MimiConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
-
-    def replace(self, **changes) -> MimiConfig:
-        return dataclasses.replace(self, **changes)
 
     # -- transformers' MimiConfig ------------------------------------------------------------
 

@@ -61,9 +61,6 @@ class KVCache:
     def rows(self, start: int, stop: int) -> KVCache:
         return KVCache(self.k[:, start:stop], self.v[:, start:stop])
 
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
