@@ -232,14 +232,17 @@ def hf_name(name: str) -> str | None:
 
 
 def interleaved_to_half(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder q/k projection rows from interleaved-pair RoPE to rotate-half RoPE."""
+    """Reorder q/k projection rows from interleaved-pair RoPE, which rotates rows (0,1),(2,3)...
+    of each head (Sesame's original checkpoints, Kyutai's Mimi), to rotate-half RoPE, which
+    rotates rows i and i + head_dim/2 (fastcsm, transformers). The one place this is written."""
     out, d = w.shape
-    return w.view(heads, out // heads // 2, 2, d).transpose(1, 2).reshape(out, d)
+    return w.reshape(heads, out // heads // 2, 2, d).transpose(1, 2).reshape(out, d)
 
 
 def half_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_half`."""
     out, d = w.shape
-    return w.view(heads, 2, out // heads // 2, d).transpose(1, 2).reshape(out, d)
+    return w.reshape(heads, 2, out // heads // 2, d).transpose(1, 2).reshape(out, d)
 
 
 _QK = re.compile(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checkpoints import half_to_interleaved, interleaved_to_half
 from .mimi import CausalConvTranspose1d, Mimi, MimiConfig
 
 KYUTAI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -66,21 +67,6 @@ _HF_RVQ = {
 }
 _KYUTAI_RVQ = {"semantic": "quantizer.rvq_first", "acoustic": "quantizer.rvq_rest"}
 _OPTIONAL = re.compile(r"(^|\.)_?initialized$")  # training flags: accepted, never required
-
-
-# ----------------------------------------------------------------------------------------------
-# RoPE layouts: Kyutai rotates interleaved pairs (0,1),(2,3)...; fastcsm/transformers rotate halves.
-# ----------------------------------------------------------------------------------------------
-
-
-def _interleaved_to_halves(w: Tensor, heads: int) -> Tensor:
-    rows, cols = w.shape
-    return w.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _halves_to_interleaved(w: Tensor, heads: int) -> Tensor:
-    rows, cols = w.shape
-    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +133,7 @@ def _to_kyutai(sd: Mapping[str, Tensor], c: MimiConfig) -> dict[str, Tensor]:
             prefix = f"{stack}_transformer.transformer.layers.{layer}."
             if module == "self_attn.qkv_proj":
                 q, k, v = t.chunk(3)
-                t = torch.cat([_halves_to_interleaved(q, c.num_heads), _halves_to_interleaved(k, c.num_heads), v])
+                t = torch.cat([half_to_interleaved(q, c.num_heads), half_to_interleaved(k, c.num_heads), v])
                 out[prefix + "self_attn.in_proj_weight"] = t
             else:
                 out[f"{prefix}{_KYUTAI_LAYER_NAMES[module]}.{kind}"] = t
@@ -227,7 +213,7 @@ def _from_layout(sd: Mapping[str, Tensor], c: MimiConfig, layout: str) -> dict[s
         elif name.endswith(".self_attn.qkv_proj.weight"):
             stack, layer = re.fullmatch(r"(\w+)_transformer\.layers\.(\d+)\..*", name).groups()
             q, k, v = sd[f"{stack}_transformer.transformer.layers.{layer}.self_attn.in_proj_weight"].chunk(3)
-            out[name] = torch.cat([_interleaved_to_halves(q, c.num_heads), _interleaved_to_halves(k, c.num_heads), v])
+            out[name] = torch.cat([interleaved_to_half(q, c.num_heads), interleaved_to_half(k, c.num_heads), v])
         else:
             out[name] = sd[source_of[id(t)]]
     return out

@@ -9,16 +9,16 @@ codebooks with uneven (and some zero) cluster usage.
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from fastcsm.checkpoints import half_to_interleaved, interleaved_to_half
 from fastcsm.mimi import Mimi, MimiConfig, check_codes, tiny_mimi_config
 from fastcsm.mimi_weights import (
     KYUTAI_FILENAME,
-    _halves_to_interleaved,
-    _interleaved_to_halves,
     detect_layout,
     export_state_dict,
     load_mimi,
@@ -173,10 +173,10 @@ def test_kyutai_rope_convention():
 
     view = (steps, heads, head_dim)
     kyutai = scores(interleaved((x @ wq.T).view(view)), interleaved((x @ wk.T).view(view)))
-    q2, k2 = _interleaved_to_halves(wq, heads), _interleaved_to_halves(wk, heads)
+    q2, k2 = interleaved_to_half(wq, heads), interleaved_to_half(wk, heads)
     ours = scores(halves((x @ q2.T).view(view)), halves((x @ k2.T).view(view)))
     torch.testing.assert_close(ours, kyutai, atol=1e-4, rtol=1e-5)
-    assert torch.equal(_halves_to_interleaved(q2, heads), wq)
+    assert torch.equal(half_to_interleaved(q2, heads), wq)
 
 
 # -- streaming equals whole -------------------------------------------------------------------------
@@ -352,6 +352,20 @@ def _assert_same_model(a: Mimi, b: Mimi) -> None:
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
+
+
+def test_published_layouts_names_and_shapes():
+    """fastcsm's names and shapes for the full-size codec, in both layouts, are those of the published
+    checkpoints (tests/data/mimi_layouts.json, written from Kyutai's checkpoint and transformers'
+    conversion script, not from fastcsm's mapping)."""
+    golden = json.loads((Path(__file__).parent / "data" / "mimi_layouts.json").read_text())["pairs"]
+    with torch.device("meta"):
+        full = Mimi(MimiConfig())
+    for layout in ("kyutai", "hf"):
+        exported = {name: list(t.shape) for name, t in export_state_dict(full, layout).items()}
+        for pair in golden:
+            assert exported.get(pair[layout]) == pair[f"{layout}_shape"], pair[layout]
+        assert detect_layout([pair[layout] for pair in golden]) == layout
 
 
 def test_kyutai_and_transformers_layouts_give_identical_outputs(hf, hf_dir, mimi, tmp_path):
