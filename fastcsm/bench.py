@@ -33,7 +33,7 @@ from .model import CSM
 from .prompt import Prompt
 from .sampling import SamplingParams
 
-# Copy bandwidth measured on one H100 (DESIGN.md); on other devices it is measured in the run.
+# The copy bandwidth taken as given on an H100 (docs/design.md); other devices are measured in the run.
 H100_COPY_GBPS = 3000.0
 
 

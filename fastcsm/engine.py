@@ -6,7 +6,7 @@ state, position, frame counter, seed and sampling parameters. A request takes th
 slot, is prefilled in chunks, then advances one frame per `Engine.step()` together with every
 other active slot; leaving frees the slot for reuse without reallocation.
 
-One frame (DESIGN.md):
+One frame (docs/design.md):
   h --codebook0_head--> c0 ; decoder([h, emb0(c0)]) --audio_head[0]--> c1 ;
   decoder(emb1(c1)) --audio_head[1]--> c2 ; ... ; c31 ; then the 32 codes, embedded as one
   row, go through the backbone at the slot's next position to give the next h.

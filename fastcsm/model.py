@@ -152,7 +152,7 @@ class Transformer(nn.Module):
 
 
 class CSM(nn.Module):
-    """Backbone + depth decoder over Mimi codes. See DESIGN.md for the frame step."""
+    """Backbone + depth decoder over Mimi codes. See docs/design.md for the frame step."""
 
     def __init__(self, cfg: CsmConfig):
         super().__init__()

@@ -23,7 +23,7 @@ def test_bench_reports_json(capsys):
 
 
 def test_weight_bytes_of_csm_1b_match_design():
-    """DESIGN.md: ~1.95 GB backbone + 31 x 0.22 GB decoder, about 8.8 GB a frame in bf16."""
+    """docs/design.md: ~1.95 GB backbone + 31 x 0.22 GB decoder, about 8.8 GB a frame in bf16."""
     gb = bench.weight_bytes_per_frame(preset("csm-1b"), 2) / 1e9
     assert 8.0 < gb < 9.5
 
