@@ -136,9 +136,7 @@ def load_codec_for(files: CheckpointFiles, device=None) -> Codec | None:
 def load_codec(source: str | os.PathLike, device=None, num_codebooks: int | None = None) -> Codec:
     """A codec from a Mimi checkpoint: a directory or file (transformers `MimiModel`, Kyutai's
     tokenizer file, or a CSM checkpoint) or a hub repo id such as `kyutai/mimi`."""
-    from .mimi_weights import load_mimi
-
-    from .mimi_weights import KYUTAI_FILENAME
+    from .mimi_weights import KYUTAI_FILENAME, load_mimi
 
     path = Path(source).expanduser()
     if not path.exists():  # a hub repo: Kyutai's Mimi file alone (its repos also hold a whole LM), else transformers'

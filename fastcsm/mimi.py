@@ -418,7 +418,7 @@ def _init_states(layers: nn.ModuleList, batch: int, device, dtype) -> list:
 
 
 def _run(layers: nn.ModuleList, x: Tensor, states: list) -> Tensor:
-    for layer, state in zip(layers, states):
+    for layer, state in zip(layers, states, strict=True):
         x = layer(x, state) if hasattr(layer, "init_state") else layer(x)
     return x
 
@@ -441,7 +441,19 @@ class ResnetBlock(nn.Module):
         return x + _run(self.block, x, state)
 
 
-class SeanetEncoder(nn.Module):
+class _Seanet(nn.Module):
+    """A SEANet stack: `layers` run in order, each with its own streaming state."""
+
+    layers: nn.ModuleList
+
+    def init_state(self, batch: int, device, dtype) -> list:
+        return _init_states(self.layers, batch, device, dtype)
+
+    def forward(self, x: Tensor, state: list) -> Tensor:
+        return _run(self.layers, x, state)
+
+
+class SeanetEncoder(_Seanet):
     """wav [B, 1, T] -> [B, dim, T / hop_length]."""
 
     def __init__(self, c: MimiConfig):
@@ -456,14 +468,8 @@ class SeanetEncoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(width, c.dim, c.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
-    def init_state(self, batch: int, device, dtype) -> list:
-        return _init_states(self.layers, batch, device, dtype)
 
-    def forward(self, x: Tensor, state: list) -> Tensor:
-        return _run(self.layers, x, state)
-
-
-class SeanetDecoder(nn.Module):
+class SeanetDecoder(_Seanet):
     """[B, dim, n] -> wav [B, 1, n * hop_length]."""
 
     def __init__(self, c: MimiConfig):
@@ -477,12 +483,6 @@ class SeanetDecoder(nn.Module):
                 layers.append(ResnetBlock(width, width // c.compress, c.residual_kernel_size, c.dilation_base**j))
         layers += [nn.ELU(), CausalConv1d(width, c.channels, c.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
-
-    def init_state(self, batch: int, device, dtype) -> list:
-        return _init_states(self.layers, batch, device, dtype)
-
-    def forward(self, x: Tensor, state: list) -> Tensor:
-        return _run(self.layers, x, state)
 
 
 class LayerScale(nn.Module):
@@ -585,7 +585,7 @@ class MimiTransformer(nn.Module):
         freqs = qpos.to(torch.float32)[..., None] * self.inv_freq  # [B, S, head_dim / 2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer, ring in zip(self.layers, state.layers):
+        for layer, ring in zip(self.layers, state.layers, strict=True):
             x = layer(x, cos, sin, mask, ring, slots)
         state.pos.add_(S)
         return x

@@ -311,7 +311,7 @@ def _read_safetensors(files: list[Path], prefix: str) -> dict[str, Tensor]:
     out = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict: keys() is its API)
                 if name.startswith(prefix):
                     out[name] = f.get_tensor(name)
     return out
