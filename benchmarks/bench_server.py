@@ -215,7 +215,8 @@ def main(argv=None) -> None:
             sweep.append(level)
             log(f"{n:4d} streams: {'held' if level['held'] else 'NOT held'}; lateness p50 "
                 f"{level['lateness_ms_p50']} p99 {level['lateness_ms_p99']} max {level['lateness_ms_max']} ms; "
-                f"TTFA p50 {level['ttfa_ms_p50']} p99 {level['ttfa_ms_p99']} ms; step {level['server_step_ms_mean']} ms")
+                f"TTFA p50 {level['ttfa_ms_p50']} p99 {level['ttfa_ms_p99']} ms; "
+                f"step {level['server_step_ms_mean']} ms")
             if not level["held"]:
                 break
             held = n

@@ -57,7 +57,7 @@ def test_graphs_equal_eager_fp32():
     graphed_engine = Engine(m, max_slots=4, codec=c, cuda_graphs=True)
     graphed = run(graphed_engine, requests(3))
     assert graphed_engine._graphs
-    for (c1, p1), (c2, p2) in zip(eager, graphed):
+    for (c1, p1), (c2, p2) in zip(eager, graphed, strict=True):
         assert torch.equal(c1, c2)
         assert torch.allclose(p1, p2, atol=1e-4)
 

@@ -26,7 +26,8 @@ def root(tmp_path_factory):
     randomize_(model, seed=0)
     state = checkpoints.to_sesame_state_dict(model.state_dict(), CFG)
     save_file({k: v.contiguous() for k, v in state.items()}, root / "model.safetensors")
-    (root / "config.json").write_text(json.dumps({"backbone_flavor": "tiny-backbone", "decoder_flavor": "tiny-decoder"}))
+    flavors = {"backbone_flavor": "tiny-backbone", "decoder_flavor": "tiny-decoder"}
+    (root / "config.json").write_text(json.dumps(flavors))
     write_tokenizer(root)
     return root
 

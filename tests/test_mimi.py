@@ -7,7 +7,6 @@ codebooks with uneven (and some zero) cluster usage.
 """
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def test_streaming_encode_equals_whole(hf, mimi):
     wav = _wav(2, 10 * FRAME, seed=7)
     encoder = mimi.streaming_encoder(2, max_chunk_frames=2)
     codes = []
-    for t, n in zip([0, 1, 4, 6, 7], [1, 3, 2, 1, 3]):
+    for t, n in zip([0, 1, 4, 6, 7], [1, 3, 2, 1, 3], strict=True):
         if t == 4:
             encoder.reset(torch.tensor([False, True]))
         codes.append(encoder.encode(wav[..., t * FRAME: (t + n) * FRAME]))
@@ -221,11 +220,7 @@ def test_streaming_encode_equals_whole(hf, mimi):
     assert torch.equal(codes[1:, :, 4:], expected)
 
 
-SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
-                          reason="inductor compiles for ~40 s on CPU; set FASTCSM_SLOW_TESTS=1")
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=SLOW)])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_decode_step_compiles_fullgraph(mimi, backend):
     """The single-frame step traces as one graph (no host syncs or value branches) and equals eager."""
     eager, compiled = mimi.streaming_decoder(2), mimi.streaming_decoder(2)

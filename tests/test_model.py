@@ -59,8 +59,9 @@ def test_csm_1b_rope_matches_hf_convention():
     hf = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 0.001953125,
           "high_freq_factor": 0.0078125, "original_max_position_embeddings": 16}
     ours = preset("csm-1b").decoder
-    from fastcsm.config import RopeScaling, TransformerConfig
     import dataclasses
+
+    from fastcsm.config import RopeScaling
 
     theirs = dataclasses.replace(ours, rope_scaling=RopeScaling.from_hf(hf))
     assert torch.allclose(theirs.inv_freq(), ours.inv_freq(), rtol=1e-6)

@@ -11,6 +11,7 @@ $FASTCSM_ARTIFACTS, else the test's tmp dir; FASTCSM_UPDATE_DOCS=1 also writes d
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -39,9 +40,19 @@ FRAME_MS = 80
 API_KEY = "page-test-key"  # the server requires it, as a deployed one would
 ROOT = Path(__file__).resolve().parents[1]
 
-if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+def _missing() -> str | None:
+    """Why the page cannot be driven here, or None."""
+    if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed"
+    return None
+
+
+# Each test reports its own skip, so a run without Chromium says what it did not check.
+MISSING = _missing()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -76,33 +87,34 @@ def server(tmp_path_factory):
     ckpt = root / "ckpt"
     write_hf_checkpoint(ckpt)
     port = _free_port()
-    log = open(root / "server.log", "w+b")
     # only the flags below configure the server: no FASTCSM_* setting leaks in from outside
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCSM_")}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastcsm", "serve", "--model", str(ckpt), "--device", "cpu",
-         "--host", "127.0.0.1", "--port", str(port), "--voices-dir", str(root / "voices"),
-         "--api-key", API_KEY],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc)
-    except Exception:
-        proc.kill()
-        log.seek(0)
-        pytest.fail("fastcsm serve did not start:\n" + log.read().decode(errors="replace")[-4000:])
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with open(root / "server.log", "w+b") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastcsm", "serve", "--model", str(ckpt), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), "--voices-dir", str(root / "voices"),
+             "--api-key", API_KEY],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, proc)
+        except Exception:
+            proc.kill()
+            log.seek(0)
+            pytest.fail("fastcsm serve did not start:\n" + log.read().decode(errors="replace")[-4000:])
+        yield url
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium_profile")), executable_path=CHROMIUM,
@@ -311,8 +323,9 @@ def test_interrupt_stops_playback(page, server):
     page.focus("#text")
     page.keyboard.press("Control+Enter")  # the keyboard way to press Speak
     # sound is coming out of the speakers, with more queued behind it...
-    page.wait_for_function("window.fastcsm.outputPeak() > 0 && window.fastcsm.clockEnd - window.fastcsm.currentTime() > 0.2",
-                           timeout=20_000)
+    page.wait_for_function(
+        "window.fastcsm.outputPeak() > 0 && window.fastcsm.clockEnd - window.fastcsm.currentTime() > 0.2",
+        timeout=20_000)
     page.keyboard.press("Escape")  # the keyboard way to press Interrupt
     s = stats(page)
     assert s["interrupted"] and s["done"] and not s["playing"] and not s["streaming"]
