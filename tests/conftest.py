@@ -1,5 +1,5 @@
 """Test-wide settings: tiny models run fastest on one thread (no pool wake-ups per small op).
-Tests marked `slow` (inductor compiles: minutes on a CPU) run only with FASTCSM_SLOW_TESTS=1,
+Tests marked `slow` (compiles: minutes on a CPU) run only with FASTCSM_SLOW_TESTS=1,
 which CI sets; otherwise each is reported as skipped."""
 
 import os
@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FASTCSM_SLOW_TESTS"):
         return
-    skip = pytest.mark.skip(reason="slow (compiles with inductor); set FASTCSM_SLOW_TESTS=1")
+    skip = pytest.mark.skip(reason="slow (compiles the frame step); set FASTCSM_SLOW_TESTS=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
