@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FASTCSM_SLOW_TESTS"):
         return
-    skip = pytest.mark.skip(reason="slow (compiles the frame step); set FASTCSM_SLOW_TESTS=1")
+    skip = pytest.mark.skip(reason="slow (compiles with torch.compile); set FASTCSM_SLOW_TESTS=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
