@@ -169,7 +169,9 @@ def build_app(args: dict[str, Any] | None = None, **kwargs):
     return serve.deployment(FastCSM).options(**dep.options(settings)).bind(dataclasses.asdict(settings))
 
 
-app = build_app  # `serve run fastcsm.ray:app key=value ...`
+def app(args: dict[str, str]):
+    """The builder `serve run fastcsm.ray:app key=value ...` and `import_path: fastcsm.ray:app` call."""
+    return build_app(args)
 
 
 @serve.ingress()
