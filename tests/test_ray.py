@@ -17,6 +17,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,6 +31,7 @@ from websockets.sync.client import connect  # noqa: E402
 from fastcsm.ray import REPLICA_HEADER, build_app, parse_args  # noqa: E402
 from server_harness import free_port, tiny_checkpoint  # noqa: E402
 
+CLUSTER: dict[str, str] = {}
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
                           reason="starts a Ray cluster with two replicas (~1 min on 2 CPUs); set FASTCSM_SLOW_TESTS=1")
 
@@ -86,12 +88,16 @@ def cluster():
     import ray
     from ray import serve
 
-    port = free_port()
+    import fastcsm
+
+    port, metrics_port = free_port(), free_port()
     voices = tempfile.mkdtemp(prefix="fastcsm-ray-voices-")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), num_gpus=0,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-                                       "OMP_NUM_THREADS": "1"}},
-             log_to_driver=False)
+    root = str(Path(fastcsm.__file__).resolve().parent.parent)  # this tree, for the replicas too
+    # The dashboard serves Ray's state API (replica PIDs); the metrics port is what Prometheus scrapes.
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_port=free_port(),
+             _metrics_export_port=metrics_port, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}})
+    CLUSTER["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(model=str(tiny_checkpoint()), device="cpu", replicas=2, threads=1, num_cpus=0.5,
@@ -191,6 +197,25 @@ def test_a_conversation_keeps_its_kv_on_its_replica(cluster):
             assert done["type"] == "done", done
             reused.append(done["reused_rows"])
     assert reused[0] == 0 and reused[1] > 0
+
+
+@SLOW
+def test_the_fleets_active_streams_and_queue_depth_reach_rays_metrics_export(cluster):
+    replicas = set(replica_pids())
+    deadline = time.monotonic() + 90  # replicas push every 2 s; Ray exports every few seconds
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(CLUSTER["metrics"], timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        series = {(line.split("{", 1)[0], line.split('replica="', 1)[1].split('"', 1)[0])
+                  for line in text.splitlines()
+                  if line.startswith(("ray_fastcsm_active_streams{", "ray_fastcsm_queue_depth{")) and 'replica="' in line}
+        if series == {(name, r) for name in ("ray_fastcsm_active_streams", "ray_fastcsm_queue_depth")
+                      for r in replicas}:
+            return
+        time.sleep(2)
+    pytest.fail(f"per-replica fastcsm gauges missing from Ray's metrics export: {sorted(series)} for {replicas}")
 
 
 @SLOW
