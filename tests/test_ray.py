@@ -25,11 +25,11 @@ import pytest
 import soundfile as sf
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'fastcsm[ray]'")
+from server_harness import free_port, tiny_checkpoint  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from fastcsm.ray import REPLICA_HEADER, build_app, parse_args  # noqa: E402
-from server_harness import free_port, tiny_checkpoint  # noqa: E402
 
 CLUSTER: dict[str, str] = {}
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
@@ -79,6 +79,21 @@ def test_bad_arguments_are_refused_with_the_reason(args, message):
     with pytest.raises(ValueError) as e:
         parse_args(args, environ={})
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "rayservice.yaml"])
+def test_deployment_files_are_valid_serve_configs_with_valid_arguments(name):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "deploy" / "ray" / name).read_text()))
+    config = yaml.safe_load(docs[0]["spec"]["serveConfigV2"]) if docs[0].get("kind") == "RayService" else docs[0]
+    app = ServeDeploySchema.model_validate(config).applications[0]
+    assert app.import_path == "fastcsm.ray:app"
+    settings, dep = parse_args(app.args, environ={})
+    opts = dep.options(settings)
+    assert opts["ray_actor_options"]["num_gpus"] == 1.0 and opts["autoscaling_config"]["max_replicas"] >= 2
+    assert opts["autoscaling_config"]["target_ongoing_requests"] == 48  # 3/4 of 64 slots
 
 
 # -- a real cluster ---------------------------------------------------------------------------------
@@ -208,9 +223,9 @@ def test_the_fleets_active_streams_and_queue_depth_reach_rays_metrics_export(clu
             text = httpx.get(CLUSTER["metrics"], timeout=10).text
         except httpx.HTTPError:
             text = ""
+        gauges = ("ray_fastcsm_active_streams{", "ray_fastcsm_queue_depth{")
         series = {(line.split("{", 1)[0], line.split('replica="', 1)[1].split('"', 1)[0])
-                  for line in text.splitlines()
-                  if line.startswith(("ray_fastcsm_active_streams{", "ray_fastcsm_queue_depth{")) and 'replica="' in line}
+                  for line in text.splitlines() if line.startswith(gauges) and 'replica="' in line}
         if series == {(name, r) for name in ("ray_fastcsm_active_streams", "ray_fastcsm_queue_depth")
                       for r in replicas}:
             return
