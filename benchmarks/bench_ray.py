@@ -157,6 +157,7 @@ def main(argv=None) -> None:
         write_hf_checkpoint(model, seed=0)
 
     results: dict = {}
+    load_before = os.getloadavg()[0]
     proc, url = start_single(model, args)
     try:
         results["single"] = sweep(url, "fastcsm serve", args)
@@ -203,6 +204,8 @@ def main(argv=None) -> None:
         "device": args.device,
         "cpu_count": os.cpu_count(),
         "ray_cpus": args.cpus,
+        # Other work on the machine skews every figure: compare servers only within one run.
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "ray_version": ray.__version__,
         "threads_per_server": args.threads,
         "seconds_per_stream": args.seconds,

@@ -81,6 +81,25 @@ def test_bad_arguments_are_refused_with_the_reason(args, message):
     assert message in str(e.value)
 
 
+def test_health_check_fails_once_the_scheduler_thread_is_gone():
+    from types import SimpleNamespace
+
+    from fastcsm.ray import FastCSM
+    from fastcsm.server.app import create_app
+    from fastcsm.server.settings import Settings
+
+    fastapi_app = create_app(Settings(model=str(tiny_checkpoint()), device="cpu", slots=2,
+                                      voices_dir=tempfile.mkdtemp()))
+    replica = SimpleNamespace(_fastapi=fastapi_app)
+    FastCSM.check_health(replica)  # still loading: healthy
+    service = fastapi_app.state.service
+    service.load()
+    FastCSM.check_health(replica)
+    service.close()  # the scheduler thread ends
+    with pytest.raises(RuntimeError, match="scheduler thread has stopped"):
+        FastCSM.check_health(replica)
+
+
 @pytest.mark.parametrize("name", ["serve.yaml", "rayservice.yaml"])
 def test_deployment_files_are_valid_serve_configs_with_valid_arguments(name):
     import yaml
