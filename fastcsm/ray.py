@@ -53,8 +53,8 @@ DEPLOYMENT_ARGS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_r
                    "num_cpus", "num_gpus", "name")
 _SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
 CLOSE_REPLICA_GONE = 1012  # "service restart": reconnect, and send the conversation's turns again
-_NOT_HERE = {"host": "Serve's proxy listens instead: set its address with `serve run --address`/`http_options.host`",
-             "port": "Serve's proxy listens instead: set its port with `http_options.port` (default 8000)"}
+_NOT_HERE = {k: f"Serve's proxy listens instead: set http_options.{k} in the Serve config (default 8000 on "
+                f"127.0.0.1 with serve run), or `serve start --http-{k}`" for k in ("host", "port")}
 
 
 @dataclasses.dataclass
@@ -88,7 +88,8 @@ class Deployment:
             "max_ongoing_requests": self.max_ongoing_requests or settings.slots + settings.max_queue,
             "health_check_period_s": 5,
             "health_check_timeout_s": 30,
-            # Loading csm-1b (and compiling, with compile=true) takes minutes on a fresh replica.
+            # A replica leaving (scale-down, redeploy) lets its streams finish for this long; then
+            # what is left ends as when a replica dies (conversations get 1012).
             "graceful_shutdown_timeout_s": 30,
         }
         if self.replicas is not None:
