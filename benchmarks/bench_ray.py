@@ -7,10 +7,11 @@ client as `bench_server.py`:
 2. a local Ray cluster (`--cpus` CPUs) running `fastcsm.ray` with each of `--replicas` replica
    counts (one torch thread each), requests through Serve's HTTP proxy.
 
-For each it measures sequential one-frame requests (time to the first audio byte and to the
-end: what the proxy adds to every request) and a bounded sweep of concurrent real-time streams
-(lateness p50/p99/max against an 80 ms jitter buffer, time to first audio, which replica served
-each stream). Every Ray process it starts is stopped at the end.
+The single server stays up throughout. Sequential one-frame requests go to it and to Serve's
+proxy in interleaved pairs (the difference is what the proxy adds to a request and to its first
+audio, with the machine's other load weighing on both alike); then, for each, a bounded sweep
+of concurrent real-time streams (lateness p50/p99/max against an 80 ms jitter buffer, time to
+first audio, which replica served each stream). Every Ray process it starts is stopped at the end.
 
     python benchmarks/bench_ray.py                                   # CPU, tiny checkpoint
     python benchmarks/bench_ray.py --streams 1,8,32 --replicas 2 --seconds 3
@@ -92,29 +93,44 @@ def deploy_ray(model: str, args, replicas: int, port: int) -> str:
     return url
 
 
-def request_times(url: str, n: int) -> dict:
-    """n sequential one-frame requests: first audio byte and whole response, in ms."""
+def one_request(http, url: str, seed: int) -> tuple[float, float]:
+    """One one-frame request: (first audio byte, whole response) in ms."""
+    body = {"input": "Hi.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 80, "seed": seed}
+    t0 = time.perf_counter()
+    with http.stream("POST", url + "/v1/audio/speech", json=body) as r:
+        r.raise_for_status()
+        t1 = None
+        for _ in r.iter_raw():
+            t1 = t1 or time.perf_counter()
+    return 1000 * (t1 - t0), 1000 * (time.perf_counter() - t0)
+
+
+def paired_requests(single: str, ray_url: str, n: int) -> dict:
+    """n pairs of sequential one-frame requests, one to each server back to back, so that the
+    machine's other load weighs on both alike: the median of the differences is what the proxy
+    hop adds per request and to the first audio byte."""
     import httpx
 
-    first, total = [], []
-    with httpx.Client(base_url=url, timeout=60) as http:
+    times: dict[str, list[tuple[float, float]]] = {"single": [], "ray": []}
+    with httpx.Client(timeout=60) as http:
         for i in range(n):
-            body = {"input": "Hi.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 80, "seed": i}
-            t0 = time.perf_counter()
-            with http.stream("POST", "/v1/audio/speech", json=body) as r:
-                r.raise_for_status()
-                t1 = None
-                for _ in r.iter_raw():
-                    t1 = t1 or time.perf_counter()
-            first.append(1000 * (t1 - t0))
-            total.append(1000 * (time.perf_counter() - t0))
-    return {"requests": n, "first_byte_ms_p50": round(statistics.median(first), 1),
-            "total_ms_p50": round(statistics.median(total), 1), "total_ms_p90": round(B.percentile(total, 90), 1)}
+            order = [("single", single), ("ray", ray_url)]
+            for name, url in order if i % 2 else order[::-1]:
+                times[name].append(one_request(http, url, i))
+    out = {"pairs": n}
+    for name, pairs in times.items():
+        out[f"{name}_first_byte_ms_p50"] = round(statistics.median(f for f, _ in pairs), 1)
+        out[f"{name}_total_ms_p50"] = round(statistics.median(t for _, t in pairs), 1)
+    out["added_first_byte_ms_p50"] = round(statistics.median(
+        r[0] - s[0] for s, r in zip(times["single"], times["ray"], strict=True)), 1)
+    out["added_total_ms_p50"] = round(statistics.median(
+        r[1] - s[1] for s, r in zip(times["single"], times["ray"], strict=True)), 1)
+    return out
 
 
 def sweep(url: str, label: str, args) -> dict:
     asyncio.run(B.run_level(url, 1, min(args.seconds, 1.0), args.buffer_ms / 1000))  # warm-up
-    out = {"sequential": request_times(url, args.requests), "sweep": [], "realtime_streams": 0}
+    out = {"sweep": [], "realtime_streams": 0}
     t_start = time.perf_counter()
     for n in [int(x) for x in args.streams.split(",")]:
         if time.perf_counter() - t_start > args.budget_s:
@@ -142,7 +158,7 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, default=32, help="engine slots of each server")
     p.add_argument("--seconds", type=float, default=2.0, help="audio per stream")
     p.add_argument("--buffer-ms", type=float, default=80.0, help="client jitter buffer before playback starts")
-    p.add_argument("--requests", type=int, default=20, help="sequential one-frame requests per server")
+    p.add_argument("--requests", type=int, default=30, help="pairs of sequential one-frame requests")
     p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: 1 on CPU)")
     p.add_argument("--budget-s", type=float, default=60.0, help="stop each sweep after this long")
     p.add_argument("--startup-timeout", type=float, default=300.0)
@@ -158,9 +174,30 @@ def main(argv=None) -> None:
 
     results: dict = {}
     load_before = os.getloadavg()[0]
-    proc, url = start_single(model, args)
+    proc, single = start_single(model, args)  # up for the whole run: every Ray figure is paired with it
+    import ray
+    from ray import serve
+
     try:
-        results["single"] = sweep(url, "fastcsm serve", args)
+        results["single"] = sweep(single, "fastcsm serve", args)
+        port = B.free_port()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": fastcsm_root(), "OMP_NUM_THREADS": str(args.threads or 1)}})
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for replicas in [int(x) for x in args.replicas.split(",")]:
+                t0 = time.perf_counter()
+                url = deploy_ray(model, args, replicas, port)
+                label = f"ray {replicas} replica" + ("s" if replicas > 1 else "")
+                B.log(f"{label}: deployed in {time.perf_counter() - t0:.1f} s")
+                paired = paired_requests(single, url, args.requests)
+                B.log(f"{label:>16}: the proxy adds {paired['added_total_ms_p50']} ms per one-frame request "
+                      f"and {paired['added_first_byte_ms_p50']} ms to its first byte (p50 of {args.requests} pairs)")
+                results[f"ray_{replicas}"] = {"paired_with_single": paired, **sweep(url, label, args)}
+                serve.delete("fastcsm")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     finally:
         proc.terminate()
         try:
@@ -168,36 +205,10 @@ def main(argv=None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    import ray
-    from ray import serve
-
-    port = B.free_port()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": fastcsm_root(), "OMP_NUM_THREADS": str(args.threads or 1)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for replicas in [int(x) for x in args.replicas.split(",")]:
-            t0 = time.perf_counter()
-            url = deploy_ray(model, args, replicas, port)
-            label = f"ray {replicas} replica" + ("s" if replicas > 1 else "")
-            B.log(f"{label}: deployed in {time.perf_counter() - t0:.1f} s")
-            results[f"ray_{replicas}"] = sweep(url, label, args)
-            serve.delete("fastcsm")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-    single = results["single"]
+    base = results["single"]["sweep"]
     for key, r in results.items():
-        if key == "single":
-            continue
-        seq, base = r["sequential"], single["sequential"]
-        # What the proxy hop adds to one request, and to its first audio.
-        r["added_ms_per_request_p50"] = round(seq["total_ms_p50"] - base["total_ms_p50"], 1)
-        r["added_first_byte_ms_p50"] = round(seq["first_byte_ms_p50"] - base["first_byte_ms_p50"], 1)
-        if r["sweep"] and single["sweep"]:
-            ttfa, base_ttfa = r["sweep"][0]["ttfa_ms_p50"], single["sweep"][0]["ttfa_ms_p50"]
-            r["added_ttfa_ms_p50_at_1_stream"] = round(ttfa - base_ttfa, 1)
+        if key != "single" and r["sweep"] and base:
+            r["added_ttfa_ms_p50_at_1_stream"] = round(r["sweep"][0]["ttfa_ms_p50"] - base[0]["ttfa_ms_p50"], 1)
     print(json.dumps({
         "benchmark": "ray_serve_vs_single_server",
         "model": args.model or "tiny-checkpoint",
