@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 SAMPLE_RATE = 24_000
 BYTES_PER_SAMPLE = 2  # pcm: signed 16-bit
@@ -142,7 +143,8 @@ async def one_stream(http, i: int, seconds: float, buffer_s: float) -> dict:
         must_play = start + played / BYTES_PER_SAMPLE / SAMPLE_RATE
         late.append(t - must_play)
         played += n
-    return {"ttfa": arrivals[0][0] - t0, "late": late, "samples": played // BYTES_PER_SAMPLE}
+    return {"ttfa": arrivals[0][0] - t0, "late": late, "samples": played // BYTES_PER_SAMPLE,
+            "replica": r.headers.get("x-fastcsm-replica")}  # set behind Ray Serve (fastcsm.ray)
 
 
 async def run_level(url: str, n: int, seconds: float, buffer_s: float) -> dict:
@@ -168,6 +170,8 @@ async def run_level(url: str, n: int, seconds: float, buffer_s: float) -> dict:
         "ttfa_ms_p50": round(1000 * percentile(ttfa, 50), 1),
         "ttfa_ms_p99": round(1000 * percentile(ttfa, 99), 1),
         "wall_s": round(wall, 2),
+        **({"per_replica": dict(Counter(r["replica"] for r in results if r.get("replica")))}
+           if any(r.get("replica") for r in results) else {}),
     }
 
 
