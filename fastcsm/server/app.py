@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     keys = [k for k in settings.api_keys if k]
     formats = available_formats()
+    model = P.ModelInfo(id=settings.served_model_name, created=_created(settings.model))
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -196,11 +197,19 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.get("/v1/models", response_model=P.ModelList, dependencies=v1, responses=ERRORS, tags=["service"])
     async def models():
-        return P.ModelList(data=[P.ModelInfo(id=settings.model)])
+        return P.ModelList(data=[model])
+
+    @app.get("/v1/models/{name:path}", response_model=P.ModelInfo, dependencies=v1,
+             responses={**ERRORS, 404: {"model": P.ErrorResponse}}, tags=["service"])
+    async def get_model(name: str):
+        if name != model.id:
+            raise ApiError(404, f"no model {name!r}: this server serves {model.id!r}", "not_found_error",
+                           param="model")
+        return model
 
     @app.get("/v1/info", response_model=P.ServerInfo, dependencies=v1, responses=ERRORS, tags=["service"])
     async def info():
-        return P.ServerInfo(model=settings.model, speech_formats=formats, max_input_chars=settings.max_input_chars,
+        return P.ServerInfo(model=model.id, speech_formats=formats, max_input_chars=settings.max_input_chars,
                             max_audio_length_ms=settings.max_audio_length_ms, max_upload_bytes=settings.max_body_bytes,
                             max_voice_audio_s=settings.max_voice_audio_s, auth_required=bool(keys),
                             slots=settings.slots)
@@ -209,7 +218,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.post("/v1/audio/speech", dependencies=v1, tags=["speech"], response_class=StreamingResponse,
               responses={**ERRORS, 200: {"content": {t: {} for t in ("audio/mpeg", "audio/wav", "audio/flac",
-                                                                      "audio/ogg", "audio/pcm")},
+                                                                      "audio/ogg", "audio/aac", "audio/pcm")},
                                          "description": "the audio, streamed as it is generated"}})
     async def speech(req: P.SpeechRequest):
         """Speak `input` (OpenAI's `audio.speech.create`, plus fastcsm's fields)."""
@@ -219,7 +228,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         service.need_ready()
         plan = await run_in_threadpool(service.speech_plan, req)
         stream = service.submit(plan.first.request)
-        enc = encoder(req.response_format, P.SAMPLE_RATE)
+        enc = encoder(req.response_format, P.SAMPLE_RATE, speed=req.speed)
         headers = {"X-Fastcsm-Seed": str(plan.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
                    "X-Fastcsm-Pieces": str(len(plan.pieces)), "Cache-Control": "no-store"}
         if plan.first.dropped_turns:
@@ -233,7 +242,8 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.get("/v1/voices", response_model=P.VoiceList, dependencies=v1, responses=ERRORS, tags=["voices"])
     async def list_voices():
-        return P.VoiceList(data=await run_in_threadpool(service.list_voices))
+        return P.VoiceList(data=await run_in_threadpool(service.list_voices),
+                           aliases=await run_in_threadpool(service.aliases))
 
     @app.get("/v1/voices/{name}", response_model=P.VoiceInfo, dependencies=v1,
              responses={**ERRORS, 404: {"model": P.ErrorResponse}}, tags=["voices"])
@@ -263,6 +273,31 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def delete_voice(name: str):
         await run_in_threadpool(service.delete_voice, name)
         return P.VoiceDeleted(name=name)
+
+    @app.post("/v1/audio/voices", response_model=P.AudioVoice, status_code=201, dependencies=v1,
+              responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
+    async def create_audio_voice(name: str = Form(..., max_length=64, description="letters, digits, '.', '_' or '-'"),
+                                 audio_sample: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or "
+                                                                                  "MP3, any rate"),
+                                 consent: str | None = Form(None, max_length=256,
+                                                            description="OpenAI's consent id; kept with the voice"),
+                                 text: str | None = Form(None, description="fastcsm: what is said in audio_sample "
+                                                                           "(required)"),
+                                 speaker: int = Form(0, ge=0, le=1_000_000)):
+        """OpenAI's custom-voice upload, over fastcsm's voice store (the voice's id is its name)."""
+        if text is None or not text.strip():
+            raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (it has no speech recognition): "
+                                "send it as the form field `text`", param="text")
+        data = await audio_sample.read()
+        meta = {"consent": consent} if consent else {}
+        info = await run_in_threadpool(service.create_voice, name, text, speaker, data, audio_sample.filename, False,
+                                       **meta)
+        return _audio_voice(info)
+
+    @app.get("/v1/audio/voices", response_model=P.AudioVoiceList, dependencies=v1, responses=ERRORS,
+             tags=["voices"])
+    async def list_audio_voices():
+        return P.AudioVoiceList(data=[_audio_voice(v) for v in await run_in_threadpool(service.list_voices)])
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -344,6 +379,21 @@ async def _sse(audio, plan):
         yield f'data: {json.dumps({"type": "speech.audio.done", "usage": usage})}\n\n'
     finally:
         await audio.aclose()
+
+
+def _audio_voice(info: P.VoiceInfo) -> P.AudioVoice:
+    return P.AudioVoice(id=info.name, name=info.name, created_at=info.created)
+
+
+def _created(model: str) -> int:
+    """When the checkpoint was written (a local directory or file), else now."""
+    import os
+    import time
+
+    try:
+        return int(os.stat(os.path.expanduser(model)).st_mtime)
+    except OSError:
+        return int(time.time())
 
 
 def _load(service: Service, generator) -> None:

@@ -40,6 +40,8 @@ def add_serve(sub) -> None:
                    help="torch.compile the frame step: faster frames after minutes of warm-up")
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice; on CPU, small models run best with 1)")
+    g.add_argument("--model-name", metavar="NAME",
+                   help="the model id GET /v1/models lists (default: the checkpoint directory's or repo's name)")
     g = p.add_argument_group("listening")
     g.add_argument("--host", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, help="TCP port (default: 8000)")
@@ -65,6 +67,13 @@ def add_serve(sub) -> None:
                    help="longest reference or context recording (default: 60)")
     g.add_argument("--voices-dir", metavar="DIR", help="where voices live (default: $FASTCSM_VOICES or "
                                                         "~/.cache/fastcsm/voices)")
+    g = p.add_argument_group("OpenAI compatibility")
+    g.add_argument("--voice-map", metavar="MAP",
+                   help="what OpenAI's voice names stand for: name=target entries, e.g. "
+                        "alloy=0,echo=1,coral=myvoice (a speaker id or a registered voice), or a file of such lines; "
+                        "names left out keep the default (alloy=0, ash=1, ballad=2, coral=3, echo=4, fable=5, "
+                        "nova=6, onyx=7, sage=8, shimmer=9, verse=10, marin=11, cedar=12); a registered voice of "
+                        "the same name wins")
     p.set_defaults(func=run_serve)
 
 
@@ -73,7 +82,7 @@ def settings_from_args(args):
 
     names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level", "slots",
              "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
-             "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir"]
+             "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "model_name", "voice_map"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 
 
@@ -89,7 +98,10 @@ def run_serve(args) -> int:
     except ImportError as e:
         raise CliError(f"the server needs its extra packages ({e.name} is missing): pip install 'fastcsm[server]'")
     try:
+        from .settings import parse_voice_map
+
         settings = settings_from_args(args)
+        parse_voice_map(settings.voice_map)
     except ValueError as e:
         raise CliError(str(e)) from e
     for name, low in (("slots", 1), ("max_queue", 0), ("port", 0), ("max_input_chars", 1),

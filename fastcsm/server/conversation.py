@@ -117,7 +117,11 @@ class Conversation:
             await self.speak(command)
 
     async def pin(self, name: str) -> Prompt:
-        return self.service.voice_rows(self.service.voice(name))
+        voice = self.service.lookup(name)
+        if isinstance(voice, int):
+            raise ApiError(400, f"voice {name!r} is speaker id {voice} without a recording: there is nothing to pin; "
+                                "speak with it directly", param="voices")
+        return self.service.voice_rows(voice)
 
     async def add_turn(self, m: P.AddTurn) -> None:
         svc = self.service
@@ -156,9 +160,12 @@ class Conversation:
         t0 = time.perf_counter()
         text = svc.check_input(m.text, "text")
         if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()) and m.voice not in self.pinned_voices:
-            # A voice not pinned yet joins the head of the conversation (the next prefill is whole).
-            self.pinned.append(await self.pin(m.voice))
-            self.pinned_voices.append(m.voice)
+            # A voice not pinned yet joins the head of the conversation (the next prefill is whole);
+            # a name of the voice map that stands for a bare speaker id has nothing to pin.
+            voice = svc.lookup(m.voice)
+            if not isinstance(voice, int):
+                self.pinned.append(svc.voice_rows(voice))
+                self.pinned_voices.append(m.voice)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
         frames = svc.frames_for(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,

@@ -9,15 +9,21 @@ HTTP
 `POST /v1/audio/speech` (`SpeechRequest`) -> audio bytes, streamed by chunked transfer as frames
   are generated (the first 80 ms frame is sent as soon as it exists). Formats: `wav` (16-bit,
   header sizes set to 0xFFFFFFFF because the length is unknown while streaming), `pcm` (raw
-  signed 16-bit little-endian, as OpenAI's), `flac`, `mp3`, `opus` (Ogg). Response headers:
-  `X-Fastcsm-Seed` (the seed used), `X-Fastcsm-Sample-Rate`.
+  signed 16-bit little-endian, as OpenAI's), `flac`, `mp3`, `opus` (Ogg), `aac` (ADTS).
+  `voice` may be one of OpenAI's names (alloy, ash, ..., cedar), mapped by `--voice-map`;
+  `speed` (0.25-4.0) time-scales without a pitch change; `instructions` is ignored (CSM takes
+  none). Response headers: `X-Fastcsm-Seed` (the seed used), `X-Fastcsm-Sample-Rate`.
   With `stream_format: "sse"` the same bytes come as OpenAI's server-sent events instead:
   `data: {"type": "speech.audio.delta", "audio": "<base64>"}` per chunk, then
   `data: {"type": "speech.audio.done", "usage": {...}}`.
 `GET /v1/voices` -> `VoiceList`; `GET /v1/voices/{name}` -> `VoiceInfo`;
 `POST /v1/voices` (multipart form: `name`, `text`, `speaker`, `overwrite`, file `audio`) -> `VoiceInfo`;
-`DELETE /v1/voices/{name}` -> `VoiceDeleted`.
-`GET /v1/models` -> `ModelList` (OpenAI-style); `GET /v1/info` -> `ServerInfo` (limits, formats).
+`DELETE /v1/voices/{name}` -> `VoiceDeleted`. `GET /v1/voices` also lists the voice map (`aliases`).
+`POST /v1/audio/voices` (OpenAI's multipart: `name`, file `audio_sample`, `consent`; plus fastcsm's
+  required `text`, the transcript, and optional `speaker`) -> `AudioVoice`; `GET /v1/audio/voices`
+  -> `AudioVoiceList`: OpenAI's custom-voice API over the same voice store.
+`GET /v1/models` -> `ModelList` (OpenAI-style, the short `--model-name`); `GET /v1/models/{model}`
+  -> `ModelInfo`; `GET /v1/info` -> `ServerInfo` (limits, formats).
 `GET /healthz` -> `Health`; `GET /readyz` -> `Ready` (503 until the model is loaded);
 `GET /metrics` -> Prometheus text.
 Errors are `ErrorResponse` (OpenAI's shape) with a 4xx status that says what to fix:
@@ -57,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
-SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
+SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
 
 
@@ -104,16 +110,21 @@ class SpeechRequest(_Strict):
     """OpenAI's speech request, plus fastcsm's own fields (which `openai` clients pass via `extra_body`)."""
 
     model: str = Field("csm-1b", max_length=256,
-                       description="accepted for compatibility; the server speaks with the model it loaded")
+                       description="any id is accepted (OpenAI clients send tts-1 or gpt-4o-mini-tts); the server "
+                                   "speaks with the model it loaded, whose id GET /v1/models lists")
     input: str = Field(min_length=1, description="the text to speak (limit: `ServerInfo.max_input_chars`)")
     voice: str | VoiceRef = Field(
-        description='a registered voice name (see GET /v1/voices) or a bare speaker id such as "0" '
-                    "(the model's own voice for that id, no prompt)")
-    response_format: Literal["wav", "pcm", "flac", "mp3", "opus"] = Field(
-        "mp3", description="pcm is raw signed 16-bit little-endian, 24 kHz mono")
-    speed: float = Field(1.0, ge=0.25, le=4.0, description="accepted for compatibility; CSM speaks at its own pace")
+        description='a registered voice name (see GET /v1/voices), one of OpenAI\'s voice names ("alloy", ...: '
+                    "the server's voice map says what each stands for; a registered voice of that name wins), "
+                    'or a bare speaker id such as "0" (the model\'s own voice for that id, no prompt)')
+    response_format: Literal["wav", "pcm", "flac", "mp3", "opus", "aac"] = Field(
+        "mp3", description="pcm is raw signed 16-bit little-endian, 24 kHz mono; aac is ADTS")
+    speed: float = Field(1.0, ge=0.25, le=4.0,
+                         description="time-scale of the audio without a pitch change (FFmpeg's atempo), "
+                                     "0.25 to 4.0; 1.0 leaves the audio untouched")
     instructions: str | None = Field(None, max_length=4096,
-                                     description="accepted for compatibility; CSM takes no instructions")
+                                     description="accepted for compatibility and ignored: CSM takes no style "
+                                                 "instructions (its voice comes from `voice` and `context`)")
     stream_format: Literal["audio", "sse"] = Field(
         "audio", description="audio: the encoded audio itself; sse: server-sent events, `speech.audio.delta` "
                              "(base64 of the next bytes of the encoded audio) then `speech.audio.done`")
@@ -141,9 +152,35 @@ class VoiceInfo(BaseModel):
     created: int | None = Field(None, description="unix time")
 
 
+class VoiceAlias(BaseModel):
+    """A name of the voice map (OpenAI's voice names by default) and what it stands for."""
+
+    name: str
+    speaker: int | None = Field(None, description="the speaker id it speaks as, when it maps to one")
+    voice: str | None = Field(None, description="the registered voice it maps to, when it maps to one")
+    shadowed: bool = Field(False, description="a registered voice of the same name exists and wins")
+
+
 class VoiceList(BaseModel):
     object: Literal["list"] = "list"
     data: list[VoiceInfo]
+    aliases: list[VoiceAlias] = Field(default_factory=list,
+                                      description="names accepted as `voice` besides the registered voices: "
+                                                  "OpenAI's voice names, mapped by the server's --voice-map")
+
+
+class AudioVoice(BaseModel):
+    """OpenAI's custom voice object (`POST /v1/audio/voices`); `id` is the fastcsm voice name."""
+
+    object: Literal["audio.voice"] = "audio.voice"
+    id: str
+    name: str
+    created_at: int | None = Field(None, description="unix time")
+
+
+class AudioVoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AudioVoice]
 
 
 class VoiceDeleted(BaseModel):
@@ -155,8 +192,9 @@ class VoiceDeleted(BaseModel):
 # -- service --------------------------------------------------------------------------------------
 
 class ModelInfo(BaseModel):
-    id: str
+    id: str = Field(description="the short name of the loaded model (`--model-name`)")
     object: Literal["model"] = "model"
+    created: int = Field(description="unix time: when the checkpoint was written, else when the server started")
     owned_by: str = "fastcsm"
 
 

@@ -27,11 +27,12 @@ from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
 from ..text import split_text
 from ..voices import Voice, VoiceError, VoiceStore, check_name
-from .protocol import SpeechRequest, VoiceInfo, VoiceRef
-from .settings import Settings
+from .protocol import SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
+from .settings import Settings, parse_voice_map
 
 log = logging.getLogger("fastcsm")
-LIST_VOICES_HINT = 'list the registered voices with GET /v1/voices, or give a bare speaker id such as "0"'
+LIST_VOICES_HINT = ("list the registered voices with GET /v1/voices, or give one of OpenAI's voice names "
+                    '(alloy, ash, ...) or a bare speaker id such as "0"')
 
 
 class ApiError(Exception):
@@ -78,6 +79,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = VoiceStore(settings.voices_dir)
+        self.voice_map = parse_voice_map(settings.voice_map)
         self.generator = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
@@ -147,6 +149,31 @@ class Service:
             self._voices[name] = (mtime, voice)
         return voice
 
+    def registered(self, name: str) -> bool:
+        try:
+            return name in self.store
+        except VoiceError:
+            return False
+
+    def lookup(self, name: str) -> Voice | int:
+        """A voice by name: a registered voice, else the voice map's entry (a speaker id, or the
+        registered voice it names); 400 if neither knows it."""
+        target = self.voice_map.get(name)
+        if target is None or self.registered(name):
+            return self.voice(name)
+        if isinstance(target, int):
+            return target
+        try:
+            return self.voice(target)
+        except ApiError:
+            raise ApiError(400, f"voice {name!r} maps to the voice {target!r}, which is not registered: register it "
+                                "or change the server's --voice-map", param="voice") from None
+
+    def aliases(self) -> list[VoiceAlias]:
+        return [VoiceAlias(name=name, speaker=target if isinstance(target, int) else None,
+                           voice=target if isinstance(target, str) else None, shadowed=self.registered(name))
+                for name, target in self.voice_map.items()]
+
     def voice_rows(self, voice: Voice, speaker: int | None = None) -> Prompt:
         """The prompt rows that carry `voice` (under `speaker`, default its own id)."""
         try:
@@ -165,7 +192,7 @@ class Service:
         return out
 
     def create_voice(self, name: str, text: str, speaker: int, audio: bytes, filename: str | None,
-                     overwrite: bool) -> VoiceInfo:
+                     overwrite: bool, **meta) -> VoiceInfo:
         gen = self.need_ready()
         try:
             check_name(name)
@@ -183,7 +210,7 @@ class Service:
                                 f"{self.settings.max_input_chars} are allowed", param="text")
         wav = self._read_audio(audio, "audio")
         try:
-            voice = Voice.from_audio(gen.codec, wav, text, speaker, source=filename or "upload")
+            voice = Voice.from_audio(gen.codec, wav, text, speaker, source=filename or "upload", **meta)
             self.store.add(voice, name, overwrite=overwrite)
         except (VoiceError, AudioError, ValueError) as e:
             raise ApiError(400, str(e), param="audio") from None
@@ -220,13 +247,16 @@ class Service:
     # -- utterances -----------------------------------------------------------------------------
 
     def resolve_speaker(self, voice: str | VoiceRef | None, speaker: int | None) -> tuple[int, Voice | None]:
-        """`voice` is a registered name or a bare id ("0"); `speaker` overrides the id."""
+        """`voice` is a registered name, a name of the voice map (OpenAI's) or a bare id ("0");
+        `speaker` overrides the id."""
         name = voice.id if isinstance(voice, VoiceRef) else voice
         if name is None:
             return (speaker or 0), None
         if name.isascii() and name.isdigit() and len(name) <= 7:
             return (int(name) if speaker is None else speaker), None
-        v = self.voice(name)
+        v = self.lookup(name)
+        if isinstance(v, int):
+            return (v if speaker is None else speaker), None
         return (v.speaker if speaker is None else speaker), v
 
     def frames_for(self, max_audio_length_ms: float | None, text: str, param: str = "max_audio_length_ms") -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -21,6 +22,7 @@ class Settings:
     dtype: str | None = None  # fp32, bf16, fp16 (default: bf16 on cuda, fp32 on cpu)
     compile: bool = False  # torch.compile the frame step (minutes of warm-up)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (small models on CPU: try 1)
+    model_name: str | None = None  # the id /v1/models lists (default: the checkpoint's directory or repo name)
     # Listening
     host: str = "127.0.0.1"
     port: int = 8000
@@ -38,6 +40,7 @@ class Settings:
     max_voice_audio_s: float = 60.0  # reference recordings, context audio
     max_context_turns: int = 64  # turns in one speech request's `context`
     voices_dir: str | None = None  # default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices
+    voice_map: str | None = None  # "alloy=0,coral=myvoice" or a file of such lines: OpenAI voice names
     log_level: str = "info"
 
     @classmethod
@@ -53,6 +56,53 @@ class Settings:
             values["voices_dir"] = environ["FASTCSM_VOICES"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def served_model_name(self) -> str:
+        """The model's short id (never a server path): `model_name`, else the last part of `model`."""
+        if self.model_name:
+            return self.model_name
+        return os.path.basename(os.path.normpath(os.path.expanduser(self.model))) or "csm"
+
+
+# OpenAI's built-in voices. By default each is one of CSM's speaker ids, in OpenAI's order; without
+# a recording a speaker id is the model's own voice for it. `--voice-map` changes any of them (to
+# another id or to a registered voice), adds other names, and a registered voice of the same name wins.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+DEFAULT_VOICE_MAP: dict[str, int | str] = {name: i for i, name in enumerate(OPENAI_VOICES)}
+
+
+def parse_voice_map(spec: str | None) -> dict[str, int | str]:
+    """The default table updated by `spec`: `name=target` entries separated by commas or lines
+    (`#` starts a comment), or the path of a file of them; a target is a speaker id or a voice name."""
+    table = dict(DEFAULT_VOICE_MAP)
+    if not spec or not spec.strip():
+        return table
+    text = spec
+    if "=" not in spec:
+        path = os.path.expanduser(spec.strip())
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"voice map {spec!r} is neither name=target entries nor a readable file ({e})") from None
+    for raw in re.split(r"[,\n]", text):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        name, sep, target = (x.strip() for x in entry.partition("="))
+        if not sep or not name or not target:
+            raise ValueError(f"voice map entry {entry!r} is not name=target (e.g. alloy=0 or coral=myvoice)")
+        if not _VOICE_NAME.fullmatch(name) or not _VOICE_NAME.fullmatch(target):
+            raise ValueError(f"voice map entry {entry!r}: names are 1-64 letters, digits, '.', '_' or '-'")
+        if name.isdigit():
+            raise ValueError(f"voice map entry {entry!r}: a bare number already means that speaker id")
+        table[name] = int(target) if target.isdigit() and len(target) <= 7 else target
+    return table
+
+
+_VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _parse(f: dataclasses.Field, raw: str):
