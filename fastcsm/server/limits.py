@@ -166,10 +166,22 @@ class RedactKeys(logging.Filter):
         except Exception:
             return True
         if any(k in text for k in self.keys):
-            for k in self.keys:
-                text = text.replace(k, "***")
-            record.msg, record.args = text, None
+            # Argument by argument first: formatters such as uvicorn's access log unpack them.
+            if isinstance(record.args, tuple):
+                record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+            record.msg = self.redact(record.msg) if isinstance(record.msg, str) else record.msg
+            try:
+                text = record.getMessage()
+            except Exception:
+                pass
+            if any(k in text for k in self.keys):
+                record.msg, record.args = self.redact(text), None
         return True
+
+    def redact(self, text: str) -> str:
+        for k in self.keys:
+            text = text.replace(k, "***")
+        return text
 
 
 def install_redaction(keys: list[str]) -> None:
