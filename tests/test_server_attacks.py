@@ -201,6 +201,31 @@ def test_largest_allowed_json_body_is_refused_quickly_and_healthz_answers(server
     assert took < 20 and worst < 2.0, (took, worst)
 
 
+def test_large_websocket_message_is_refused_quickly_and_healthz_answers(server):
+    message = '{"type": "speak", "text": "hi"' + "".join(',"k%07d":1' % i for i in range(1_200_000)) + "}"
+    assert len(message) > 15_000_000
+    with ws(server, max_size=None) as c:
+        assert recv_json(c)["type"] == "ready"
+
+        def send():
+            t0 = time.perf_counter()
+            c.send(message)
+            return recv_json(c), time.perf_counter() - t0
+
+        worst, (e, took) = _healthz_while(server, send)
+        assert e["type"] == "error" and "too many JSON values" in e["message"], e
+        assert took < 20 and worst < 2.0, (took, worst)
+        events, audio = [], 0  # the session goes on
+        c.send(json.dumps({"type": "speak", "text": "Still here.", "voice": "0", "max_audio_length_ms": 160}))
+        while not events or events[-1]["type"] != "done":
+            msg = c.recv(timeout=30)
+            if isinstance(msg, bytes):
+                audio += 1
+            else:
+                events.append(json.loads(msg))
+        assert audio == 2
+
+
 def test_long_base64_context_audio_is_parsed_off_the_event_loop(server):
     """A legitimately large body (context audio near the limit) is accepted with healthz answering."""
     import base64

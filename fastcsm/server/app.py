@@ -28,7 +28,7 @@ from ..scheduler import End
 from . import protocol as P
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
-from .limits import API_KEY_SCOPE, Guard, error_response, install_redaction
+from .limits import API_KEY_SCOPE, Guard, error_response, install_redaction, json_values, max_speech_values
 from .metrics import render_metrics
 from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
@@ -158,14 +158,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     # -- speech ---------------------------------------------------------------------------------
 
-    turns = settings.max_context_turns
-    max_json_values = 256 + 16 * turns + (turns + 2) * settings.max_input_chars  # commas in text count too
+    max_json_values = max_speech_values(settings)
 
     def parse_speech(body: bytes) -> P.SpeechRequest:
         """The request, parsed and checked in a worker thread. Its cost is bounded before parsing:
         a body holds at most `max_json_values` values (the commas and brackets counted, at memchr
         speed), so a body of millions of tiny values or unknown keys is refused at once."""
-        values = body.count(b",") + body.count(b"[") + body.count(b"{")
+        values = json_values(body)
         if values > max_json_values:
             raise ApiError(400, f"the request holds too many JSON values ({values}, at most {max_json_values}): "
                                 "a speech request is a few fields, its context and their audio")

@@ -32,6 +32,7 @@ from ..prompt import Prompt, Segment, audio_rows, concat, segment_rows
 from ..sampling import SamplingParams
 from ..scheduler import End
 from . import protocol as P
+from .limits import json_values, max_message_values
 from .service import ApiError, Service
 
 log = logging.getLogger("fastcsm")
@@ -68,6 +69,7 @@ class Conversation:
         self.utterances = 0
         self.current: Utterance | None = None
         self._send_lock = asyncio.Lock()
+        self.max_values = max_message_values(service.settings)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -97,8 +99,14 @@ class Conversation:
                 if msg.get("text") is None:
                     await self.error("send JSON text messages; binary messages are not accepted from clients")
                     continue
-                try:
-                    command = _CLIENT.validate_json(msg["text"])
+                text = msg["text"]
+                if json_values(text) > self.max_values:  # bounds the cost of parsing it
+                    await self.error(f"the message holds too many JSON values (at most {self.max_values}): send "
+                                     "one command per message")
+                    continue
+                try:  # a large message (audio) is parsed off the event loop
+                    command = _CLIENT.validate_json(text) if len(text) < 65536 else \
+                        await run_in_threadpool(_CLIENT.validate_json, text)
                 except ValidationError as e:
                     await self.error(_describe(e))
                     continue

@@ -59,6 +59,26 @@ def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
     return is_loopback(hostname) or (host is not None and parts.netloc.lower() == host.lower())
 
 
+def json_values(data: bytes | str) -> int:
+    """An upper bound on the values in a JSON document (its commas and opening brackets), found
+    at memchr speed: what bounds the cost of parsing it (long strings are cheap to parse)."""
+    if isinstance(data, str):
+        return data.count(",") + data.count("[") + data.count("{")
+    return data.count(b",") + data.count(b"[") + data.count(b"{")
+
+
+def max_speech_values(settings: Settings) -> int:
+    """Values a speech request may hold: its fields, the context turns' fields, and commas in
+    any of its texts."""
+    turns = settings.max_context_turns
+    return 256 + 16 * turns + (turns + 2) * settings.max_input_chars
+
+
+def max_message_values(settings: Settings) -> int:
+    """Values one WebSocket message may hold: a command's fields and commas in its text."""
+    return 256 + settings.max_input_chars
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
