@@ -410,6 +410,41 @@ def test_store_create_if_absent_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors"]
 
 
+def test_kill_9_while_writing_leaves_only_whole_voices(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    writer = f"""
+import torch
+from fastcsm.voices import Voice, VoiceStore
+store = VoiceStore({str(tmp_path)!r})
+i = 0
+while True:
+    v = Voice(0, "take %d" % i, torch.full((200, 32), i % 2048, dtype=torch.long))
+    try:
+        store.add(v, "v%d" % (i % 4), overwrite=i % 2 == 0)
+    except ValueError:
+        pass
+    i += 1
+    if i == 8:
+        print("writing", flush=True)
+"""
+    from fastcsm.voices import Voice, VoiceStore
+
+    for delay in (0.05, 0.3):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        store = VoiceStore(tmp_path)
+        names = store.names()
+        assert names and set(names) <= {"v0", "v1", "v2", "v3"}
+        for name in names:  # every listed voice is whole: a temp file or nothing, never a part
+            assert Voice.load(store.path(name)).codes.shape == (200, 32)
+
+
 # -- 6, 7. keys never logged, never empty ---------------------------------------------------------
 
 def test_api_key_never_reaches_a_log_line(tmp_path):

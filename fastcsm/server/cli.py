@@ -58,7 +58,9 @@ def add_serve(sub) -> None:
                         "FASTCSM_API_KEYS takes a comma-separated list)")
     g.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
                    help="a browser origin allowed to call the API, e.g. https://app.example.com (repeatable)")
-    g.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body or upload (default: 16 MiB)")
+    g.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="largest speech body (context audio) or voice upload; other routes take 64 KiB "
+                        "(default: 16 MiB)")
     g.add_argument("--max-input-chars", type=int, metavar="N", help="longest text to speak at once (default: 4096)")
     g.add_argument("--max-audio-length-ms", type=int, metavar="MS",
                    help="longest utterance, and the bound when a request gives none (default: 90000)")

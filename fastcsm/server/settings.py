@@ -33,7 +33,7 @@ class Settings:
     # Security and limits
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser
-    max_body_bytes: int = 16 << 20  # any request body, uploads included
+    max_body_bytes: int = 16 << 20  # speech (context audio) and voice-upload bodies; other routes: 64 KiB
     max_input_chars: int = 4096  # text of one line
     max_audio_length_ms: int = 90_000  # longest utterance (and the default bound)
     max_voice_audio_s: float = 60.0  # reference recordings, context audio
