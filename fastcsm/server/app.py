@@ -130,9 +130,11 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     # -- service --------------------------------------------------------------------------------
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=P.Health, tags=["service"])
+    @app.get("/healthz", response_model=P.Health, tags=["service"])
     async def healthz():
         return P.Health()
+
+    app.head("/healthz", include_in_schema=False)(healthz)  # load balancers probe with HEAD
 
     @app.get("/readyz", response_model=P.Ready, responses={503: {"model": P.Ready}}, tags=["service"])
     async def readyz():
