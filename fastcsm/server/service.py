@@ -242,7 +242,7 @@ class Service:
         if name is None:
             return (speaker or 0), None
         if name.isascii() and name.isdigit():
-            if len(name) > 7 or int(name) > MAX_SPEAKER:
+            if len(name.lstrip("0")) > 7 or int(name) > MAX_SPEAKER:  # (length first: int() of 10**6 digits)
                 raise ApiError(400, f"speaker id {name} is above {MAX_SPEAKER}", param="voice")
             return (int(name) if speaker is None else speaker), None
         v = self.voice(name)
