@@ -432,7 +432,7 @@ while True:
 """
     from fastcsm.voices import Voice, VoiceStore
 
-    for delay in (0.05, 0.3):
+    for delay in (0.2,):  # one kill mid-stream of writes (a subprocess start costs seconds)
         proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "writing"
         time.sleep(delay)
