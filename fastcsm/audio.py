@@ -9,7 +9,9 @@ user can cause is caught with an `AudioError` that says what was wrong:
 - empty audio; NaN or Inf samples; non-float in-memory arrays;
 - absurd lengths: longer than `max_duration_s` (default `MAX_DURATION_S`, 10 minutes; a voice
   prompt is seconds long, and CSM's whole context is 2048 frames, under 3 minutes);
-- implausible sample rates (outside `MIN_SAMPLE_RATE`..`MAX_SAMPLE_RATE`).
+- implausible sample rates (outside `MIN_SAMPLE_RATE`..`MAX_SAMPLE_RATE`, or above a caller's
+  `max_sample_rate`) and channel counts (above `max_channels`), refused from the file's header
+  before any decoding; decoding then mixes to mono block by block.
 
 Clipping: audio whose peak exceeds 1.0 (only float data can) is peak-normalised to 1.0 with a
 `UserWarning` rather than rejected or hard-clipped: the recording is kept undistorted, only
@@ -33,6 +35,8 @@ SAMPLE_RATE = 24_000  # Mimi's rate
 MAX_DURATION_S = 600.0
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
+_BLOCK_FRAMES = 1 << 16  # frames decoded at a time
 _UNKNOWN_LENGTH = 2**62  # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
 WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16")}
 
@@ -85,11 +89,14 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out / peak if peak > 1.0 else out
 
 
-def read_audio(source, target_sr: int = SAMPLE_RATE, max_duration_s: float = MAX_DURATION_S) -> torch.Tensor:
+def read_audio(source, target_sr: int = SAMPLE_RATE, max_duration_s: float = MAX_DURATION_S,
+               max_sample_rate: int = MAX_SAMPLE_RATE, max_channels: int = MAX_CHANNELS) -> torch.Tensor:
     """Read a file (path, bytes, or binary file object) as mono float32 [T] at `target_sr`.
 
     Any sample rate and channel count that soundfile reads; see the module docstring for the errors
-    raised and for the handling of clipping.
+    raised and for the handling of clipping. The header's sample rate, channels and length are
+    checked before anything is decoded, and decoding runs in blocks mixed to mono as they come, so
+    memory stays near the mono length (a tiny file cannot claim gigabytes of many-channel audio).
     """
     what = _describe(source)
     if isinstance(source, (bytes, bytearray)):
@@ -99,17 +106,26 @@ def read_audio(source, target_sr: int = SAMPLE_RATE, max_duration_s: float = MAX
     _check_rate(target_sr, "target")
     try:
         with sf.SoundFile(source) as f:
-            sr, frames = f.samplerate, f.frames
+            sr, frames, channels = f.samplerate, f.frames, f.channels
             _check_rate(sr, what)
-            if 0 <= frames < _UNKNOWN_LENGTH:
-                _check_length(frames, sr, max_duration_s, what)  # before reading it all
-                data = f.read(dtype="float32", always_2d=True)
-            else:  # a stream whose header gives no length: read no more than allowed, plus one
-                data = f.read(int(max_duration_s * sr) + 1, dtype="float32", always_2d=True)
+            if sr > max_sample_rate:
+                raise AudioError(f"{what}: sample rate {sr} Hz is above the {max_sample_rate} Hz accepted here")
+            if not 1 <= channels <= max_channels:
+                raise AudioError(f"{what}: {channels} channels; at most {max_channels} are accepted")
+            known = 0 <= frames < _UNKNOWN_LENGTH
+            if known:
+                _check_length(frames, sr, max_duration_s, what)  # before reading any of it
+            # A stream whose header gives no length: read no more than allowed, plus one frame.
+            budget = frames if known else int(max_duration_s * sr) + 1
+            mono = np.empty(budget, dtype=np.float32)
+            n = 0
+            for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True, frames=budget):
+                mono[n:n + block.shape[0]] = _to_mono(block)
+                n += block.shape[0]
     except (RuntimeError, TypeError) as e:  # soundfile errors are RuntimeErrors
         raise AudioError(f"{what}: could not read audio ({e}); fastcsm reads WAV, FLAC and OGG files") from e
-    _check_length(data.shape[0], sr, max_duration_s, what)
-    wav = _finite_and_peak(_to_mono(data), what)
+    _check_length(n, sr, max_duration_s, what)
+    wav = _finite_and_peak(mono[:n], what)
     return torch.from_numpy(np.ascontiguousarray(resample(wav, sr, target_sr), dtype=np.float32))
 
 

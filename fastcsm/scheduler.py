@@ -208,9 +208,22 @@ class Scheduler:
 
     def _cancel(self, stream: Stream) -> None:
         with self._cv:
-            if not stream.finished:
+            if stream.finished:
+                return
+            if stream not in self._inbox:
                 self._cancels.append(stream)
                 self._cv.notify()
+                return
+            # Not seen by the loop yet: it leaves the queue now, not after the step in flight
+            # (a client that submits and cancels in a burst never fills the queue).
+            self._inbox.remove(stream)
+            self._queued -= 1
+            self.metrics.cancelled += 1
+            stream.finished = True
+        try:
+            stream.loop.call_soon_threadsafe(_put_all, [(stream, End("cancelled", 0))])
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the loop; every unfinished stream ends with reason `error`."""

@@ -34,6 +34,10 @@ class VoiceError(ValueError):
     """A voice name, file or store operation that cannot be honoured."""
 
 
+class VoiceExists(VoiceError):
+    """`VoiceStore.add` without overwrite, for a name that is taken (by a readable file or not)."""
+
+
 @dataclass
 class Voice:
     """A voice prompt: `speaker` says `text` in the recording whose Mimi codes are `codes`."""
@@ -64,11 +68,38 @@ class Voice:
         """The context segment that carries this voice (optionally for another speaker id)."""
         return Segment(self.speaker if speaker is None else check_speaker(speaker), self.text, codes=self.codes)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the voice to `path` (a `.safetensors` file), atomically."""
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write the voice to `path` (a `.safetensors` file), atomically: a reader sees the old
+        file or the new one, never a part. Without `overwrite`, creating it is atomic too (one
+        writer of many wins; the others get `VoiceExists`), across processes.
+        """
+        path = Path(path)
+        tmp = self._write_temp(path)
+        try:
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if the name exists, whoever made it
+                except FileExistsError:
+                    raise VoiceExists(f"a voice file {path.name!r} already exists") from None
+                except OSError:  # a filesystem without hard links: exclusive create, then the bytes
+                    with open(path, "xb") as out, open(tmp, "rb") as src:
+                        out.write(src.read())
+        except FileExistsError:
+            raise VoiceExists(f"a voice file {path.name!r} already exists") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    def _write_temp(self, path: Path) -> Path:
+        """The voice in a temporary file of its own beside `path` (a unique name: concurrent
+        writers never share one; a leading dot and no `.safetensors` suffix keep it out of lists)."""
+        import tempfile
+
         from safetensors.torch import save_file
 
-        path = Path(path)
         metadata = {
             "format": FORMAT,
             "version": str(VERSION),
@@ -77,10 +108,15 @@ class Voice:
             "name": self.name or "",
             "meta": json.dumps(self.meta),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"codes": self.codes.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # as a plain new file would be (mkstemp makes it private)
+        try:
+            save_file({"codes": self.codes.contiguous()}, tmp, metadata=metadata)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return Path(tmp)
 
     @staticmethod
     def load(path: str | os.PathLike) -> Voice:
@@ -151,12 +187,17 @@ class VoiceStore:
         return self.path(name).is_file()
 
     def add(self, voice: Voice, name: str, overwrite: bool = False) -> Path:
+        """Save `voice` as `name`. Without `overwrite` a taken name raises `VoiceExists`, and of
+        concurrent adds of one name (threads or processes) exactly one succeeds."""
         path = self.path(name)
         if path.exists() and not overwrite:
-            raise VoiceError(f"a voice named {name!r} already exists at {path}; remove it first or overwrite it")
+            raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it")
         self.root.mkdir(parents=True, exist_ok=True)
         voice.name = name
-        return voice.save(path)
+        try:
+            return voice.save(path, overwrite=overwrite)
+        except VoiceExists:
+            raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it") from None
 
     def get(self, name: str) -> Voice:
         path = self.path(name)

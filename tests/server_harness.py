@@ -13,6 +13,7 @@ import httpx
 import uvicorn
 
 from fastcsm.server.app import create_app
+from fastcsm.server.limits import uvicorn_config
 from fastcsm.server.settings import Settings
 
 
@@ -35,13 +36,14 @@ def free_port() -> int:
 class LiveServer:
     """`create_app(settings)` served by uvicorn in a background thread."""
 
-    def __init__(self, **settings):
+    def __init__(self, log_level: str = "warning", **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = Settings(model=str(tiny_checkpoint()), device="cpu", host="127.0.0.1", port=self.port,
                                  **settings)
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", ws="websockets",
+        # The served settings (head and body deadlines, connection cap) as `fastcsm serve` uses them.
+        config = uvicorn_config(self.app, self.settings, log_level=log_level, ws="websockets",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)

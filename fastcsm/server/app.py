@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,70 +28,17 @@ from ..scheduler import End
 from . import protocol as P
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
+from .limits import API_KEY_SCOPE, Guard, error_response, install_redaction, json_values, max_speech_values
 from .metrics import render_metrics
-from .service import ApiError, Service
+from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
 
 log = logging.getLogger("fastcsm")
-ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse},
-          503: {"model": P.ErrorResponse}}
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 503: "server_busy"}
+ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 403: {"model": P.ErrorResponse},
+          408: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
 
 
-def error_response(status: int, message: str, type: str | None = None, param: str | None = None,
-                   retry_after: int | None = None) -> JSONResponse:
-    body = P.ErrorResponse(error=P.ErrorBody(message=message, type=type or _TYPES.get(status, "server_error"),
-                                             param=param))
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes gets 413 (by Content-Length, or once read)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = f"the request body is larger than this server's limit of {self.limit} bytes"
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(413, too_big)(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await error_response(413, too_big)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def _validation_message(errors: list) -> tuple[str, str | None]:
     if any(e.get("type") == "json_invalid" for e in errors):
         return "the request body is not valid JSON; send a JSON object (Content-Type: application/json)", None
     parts, param = [], None
@@ -110,6 +58,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     """The app. `generator` (a loaded `Generator`) skips loading `settings.model`."""
     settings = settings or Settings.from_env()
+    keys = settings.check_keys()  # an empty key is an error, never "no authentication"
+    install_redaction(keys)
     service = Service(settings)
 
     @asynccontextmanager
@@ -130,8 +80,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "X-Fastcsm-Pieces",
                                                                 "X-Fastcsm-Context-Dropped", "Retry-After"])
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    keys = [k for k in settings.api_keys if k]
+    app.add_middleware(Guard, settings=settings)  # outermost: limits, Origin, keys out of the query
     formats = available_formats()
     model = P.ModelInfo(id=settings.served_model_name, created=_created(settings.model))
 
@@ -143,11 +92,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc.errors())
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/v1") and not check_key(bearer(request.headers)):
+            return error_response(401, "missing or invalid API key: send `Authorization: Bearer <key>`")
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.url.path}; see /docs for the API"
@@ -184,6 +135,8 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def healthz():
         return P.Health()
 
+    app.head("/healthz", include_in_schema=False)(healthz)  # load balancers probe with HEAD
+
     @app.get("/readyz", response_model=P.Ready, responses={503: {"model": P.Ready}}, tags=["service"])
     async def readyz():
         if not service.ready:
@@ -216,12 +169,46 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     # -- speech ---------------------------------------------------------------------------------
 
+    max_json_values = max_speech_values(settings)
+
+    def parse_speech(body: bytes) -> P.SpeechRequest:
+        """The request, parsed and checked in a worker thread. Its cost is bounded before parsing:
+        a body holds at most `max_json_values` values (the commas and brackets counted, at memchr
+        speed), so a body of millions of tiny values or unknown keys is refused at once."""
+        values = json_values(body)
+        if values > max_json_values:
+            raise ApiError(400, f"the request holds too many JSON values ({values}, at most {max_json_values}): "
+                                "a speech request is a few fields, its context and their audio")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON; send a JSON object "
+                                "(Content-Type: application/json)") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object (see /docs for its fields)")
+        unknown = sorted(data.keys() - P.SpeechRequest.model_fields.keys())
+        if unknown:
+            raise ApiError(400, f"{', '.join(map(repr, unknown[:3]))}: unknown field (see /docs for the accepted "
+                                "fields)", param=unknown[0][:64])
+        context = data.get("context")
+        if isinstance(context, list) and len(context) > settings.max_context_turns:
+            raise ApiError(400, f"context has {len(context)} turns; at most {settings.max_context_turns}",
+                           param="context")
+        try:
+            return P.SpeechRequest.model_validate(data)
+        except ValidationError as e:
+            message, param = _validation_message(e.errors(include_url=False))
+            raise ApiError(400, message, param=param) from None
+
     @app.post("/v1/audio/speech", dependencies=v1, tags=["speech"], response_class=StreamingResponse,
               responses={**ERRORS, 200: {"content": {t: {} for t in ("audio/mpeg", "audio/wav", "audio/flac",
                                                                       "audio/ogg", "audio/aac", "audio/pcm")},
-                                         "description": "the audio, streamed as it is generated"}})
-    async def speech(req: P.SpeechRequest):
+                                         "description": "the audio, streamed as it is generated"}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/SpeechRequest"}}}}})
+    async def speech(request: Request):
         """Speak `input` (OpenAI's `audio.speech.create`, plus fastcsm's fields)."""
+        req = await run_in_threadpool(parse_speech, await request.body())
         if req.response_format not in formats:
             raise ApiError(400, f"response_format {req.response_format!r} is not available on this server; "
                                 f"choose one of {', '.join(formats)}", param="response_format")
@@ -242,14 +229,17 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.get("/v1/voices", response_model=P.VoiceList, dependencies=v1, responses=ERRORS, tags=["voices"])
     async def list_voices():
-        return P.VoiceList(data=await run_in_threadpool(service.list_voices),
-                           aliases=await run_in_threadpool(service.aliases))
+        voices, broken = await run_in_threadpool(service.list_voices)
+        return P.VoiceList(data=voices, broken=broken, aliases=await run_in_threadpool(service.aliases))
 
     @app.get("/v1/voices/{name}", response_model=P.VoiceInfo, dependencies=v1,
-             responses={**ERRORS, 404: {"model": P.ErrorResponse}}, tags=["voices"])
+             responses={**ERRORS, 404: {"model": P.ErrorResponse}, 409: {"model": P.ErrorResponse}}, tags=["voices"])
     async def get_voice(name: str):
         try:
             voice = await run_in_threadpool(service.voice, name)
+        except BrokenVoice as e:
+            e.param = "name"
+            raise
         except ApiError:
             raise ApiError(404, f"no voice named {name!r}; list them with GET /v1/voices", "not_found_error",
                            param="name") from None
@@ -297,15 +287,16 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     @app.get("/v1/audio/voices", response_model=P.AudioVoiceList, dependencies=v1, responses=ERRORS,
              tags=["voices"])
     async def list_audio_voices():
-        return P.AudioVoiceList(data=[_audio_voice(v) for v in await run_in_threadpool(service.list_voices)])
+        voices, _ = await run_in_threadpool(service.list_voices)
+        return P.AudioVoiceList(data=[_audio_voice(v) for v in voices])
 
     # -- conversations --------------------------------------------------------------------------
 
     @app.websocket("/v1/conversations")
     async def conversation(ws: WebSocket):
         token = bearer(ws.headers)
-        if token is None and "api_key" in ws.query_params:
-            token = ws.query_params["api_key"].encode()
+        if token is None and API_KEY_SCOPE in ws.scope:  # ?api_key=, taken out of the logged query string
+            token = ws.scope[API_KEY_SCOPE].encode()
         await ws.accept()
         if not check_key(token):
             await ws.send_text(P.ErrorEvent(message="missing or invalid API key: send `Authorization: Bearer <key>` "
@@ -320,7 +311,27 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         await Conversation(ws, service).run()
 
     _mount_page(app)
+    _document_speech_request(app)
     return app
+
+
+def _document_speech_request(app: FastAPI) -> None:
+    """The speech route parses its body itself (off the event loop, with bounded cost), so its
+    schema is added to the OpenAPI components by hand."""
+    generate = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = generate()
+            model = P.SpeechRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in model.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["SpeechRequest"] = model
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _audio(service: Service, plan, stream, enc):

@@ -16,6 +16,7 @@ flags win over the environment.
 examples:
   fastcsm serve --model ~/models/csm-1b --slots 32
   fastcsm serve --host 0.0.0.0 --api-key "$KEY" --cors-origin https://app.example.com
+  (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning)
 
 then:
   curl -N localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\
@@ -59,12 +60,25 @@ def add_serve(sub) -> None:
                         "FASTCSM_API_KEYS takes a comma-separated list)")
     g.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
                    help="a browser origin allowed to call the API, e.g. https://app.example.com (repeatable)")
-    g.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body or upload (default: 16 MiB)")
+    g.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="largest speech body (context audio) or voice upload; other routes take 64 KiB "
+                        "(default: 16 MiB)")
     g.add_argument("--max-input-chars", type=int, metavar="N", help="longest text to speak at once (default: 4096)")
     g.add_argument("--max-audio-length-ms", type=int, metavar="MS",
                    help="longest utterance, and the bound when a request gives none (default: 90000)")
     g.add_argument("--max-voice-audio-s", type=float, metavar="S",
                    help="longest reference or context recording (default: 60)")
+    g = p.add_argument_group("slow clients")
+    g.add_argument("--header-timeout-s", type=float, metavar="S",
+                   help="a request's line and headers must arrive within S seconds, else the connection is "
+                        "closed (default: 10)")
+    g.add_argument("--body-timeout-s", type=float, metavar="S",
+                   help="a request's whole body must arrive within S seconds, else 408 (default: 60)")
+    g.add_argument("--keep-alive-s", type=float, metavar="S", help="idle keep-alive connections close after S "
+                                                                  "seconds (default: 5)")
+    g.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections, WebSockets included; beyond it requests get 503 (default: 1000)")
+    g = p.add_argument_group("voices")
     g.add_argument("--voices-dir", metavar="DIR", help="where voices live (default: $FASTCSM_VOICES or "
                                                         "~/.cache/fastcsm/voices)")
     g = p.add_argument_group("OpenAI compatibility")
@@ -82,7 +96,9 @@ def settings_from_args(args):
 
     names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level", "slots",
              "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
-             "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "model_name", "voice_map"]
+             "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "header_timeout_s",
+             "body_timeout_s", "keep_alive_s", "max_connections",
+             "model_name", "voice_map"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 
 
@@ -105,8 +121,10 @@ def run_serve(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     for name, low in (("slots", 1), ("max_queue", 0), ("port", 0), ("max_input_chars", 1),
-                      ("max_audio_length_ms", 80), ("prefill_chunk", 1), ("max_body_bytes", 1024), ("threads", 0)):
-        if getattr(settings, name) < low:
+                      ("max_audio_length_ms", 80), ("prefill_chunk", 1), ("max_body_bytes", 1024), ("threads", 0),
+                      ("header_timeout_s", 0.1), ("body_timeout_s", 0.1), ("keep_alive_s", 0.1),
+                      ("max_connections", 1)):
+        if not getattr(settings, name) >= low:
             raise CliError(f"--{name.replace('_', '-')} (FASTCSM_{name.upper()}) must be at least {low}")
     logging.getLogger("fastcsm").setLevel(settings.log_level.upper())
     if not logging.getLogger("fastcsm").handlers:
@@ -130,9 +148,13 @@ def run_serve(args) -> int:
     if generator.codec is None:
         raise CliError(f"the model {settings.model!r} carries no audio codec: pass --codec kyutai/mimi "
                        "(or a directory holding Mimi weights)", EXIT_MODEL)
+    from .limits import uvicorn_config
+    from .settings import security_warnings
+
+    for warning in security_warnings(settings):
+        logging.getLogger("fastcsm").warning("fastcsm: %s", warning)
     app = create_app(settings, generator=generator)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5, ws_max_size=settings.max_body_bytes)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

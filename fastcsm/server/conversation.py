@@ -7,9 +7,12 @@ next line reuses it and prefills only what was added since. When the window woul
 the oldest turns are dropped for good (`context_dropped`), the new prefix no longer matches,
 and what remains is prefilled again once.
 
-One utterance at a time: its frames are pumped to the socket by a task; `interrupt` cancels
-that task (no frame of the utterance is sent after its `done`) and the stream (the engine slot
-is freed before the next frame step).
+One utterance at a time (a `speak` while one is in flight is an `error` event, code `busy`):
+its frames are pumped to the socket by a task. `interrupt`, `reset`, `configure` and a closed
+socket end it whatever its state (queued, prefilling or running): the stream is cancelled (the
+engine slot or queue place is freed before the next frame step), the task is cancelled (no
+frame of the utterance is sent after its `done`), and the `done` is sent even when the task had
+not started yet.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from ..sampling import SamplingParams
 from ..scheduler import End
 from . import protocol as P
 from .audio_out import to_int16
+from .limits import json_values, max_message_values
 from .service import ApiError, Service
 
 log = logging.getLogger("fastcsm")
@@ -36,7 +41,22 @@ _CLIENT = TypeAdapter(P.ClientMessage)
 
 
 def _error_code(status: int) -> str:
-    return {401: "unauthorized", 404: "not_found", 503: "busy"}.get(status, "bad_request" if status < 500 else "internal")
+    return {401: "unauthorized", 404: "not_found", 409: "busy", 503: "busy"}.get(
+        status, "bad_request" if status < 500 else "internal")
+
+
+@dataclass
+class Utterance:
+    """The line in flight: its stream, the task pumping its frames, the frames sent so far."""
+
+    stream: object
+    plan: object
+    id: str | None
+    index: int
+    t0: float
+    task: asyncio.Task | None = None
+    codes: list = field(default_factory=list)
+    finished: bool = False  # its `done` is decided (sent, or the socket is gone)
 
 
 class Conversation:
@@ -48,8 +68,9 @@ class Conversation:
         self.pinned_voices: list[str] = []
         self.turns: list[Prompt] = []
         self.utterances = 0
-        self.pump: asyncio.Task | None = None
+        self.current: Utterance | None = None
         self._send_lock = asyncio.Lock()
+        self.max_values = max_message_values(service.settings)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -79,8 +100,14 @@ class Conversation:
                 if msg.get("text") is None:
                     await self.error("send JSON text messages; binary messages are not accepted from clients")
                     continue
-                try:
-                    command = _CLIENT.validate_json(msg["text"])
+                text = msg["text"]
+                if json_values(text) > self.max_values:  # bounds the cost of parsing it
+                    await self.error(f"the message holds too many JSON values (at most {self.max_values}): send "
+                                     "one command per message")
+                    continue
+                try:  # a large message (audio) is parsed off the event loop
+                    command = _CLIENT.validate_json(text) if len(text) < 65536 else \
+                        await run_in_threadpool(_CLIENT.validate_json, text)
                 except ValidationError as e:
                     await self.error(_describe(e))
                     continue
@@ -155,7 +182,7 @@ class Conversation:
     async def speak(self, m: P.Speak) -> None:
         svc = self.service
         svc.need_ready()
-        if self.pump is not None and not self.pump.done():
+        if self.current is not None and not self.current.finished:
             raise ApiError(409, "a line is being spoken: wait for its done event, or interrupt it first")
         t0 = time.perf_counter()
         text = svc.check_input(m.text, "text")
@@ -177,42 +204,49 @@ class Conversation:
             self.turns = self.turns[plan.dropped_turns:]
             await self.send(P.ContextDropped(dropped_turns=plan.dropped_turns, dropped_rows=plan.dropped_rows,
                                              remaining_rows=self.rows()))
-        stream = svc.submit(plan.request)
-        index = self.utterances
+        # From here on the utterance is `current` before anything awaits, so an interrupt or a
+        # closed socket always finds it, whatever state it is in.
+        u = self.current = Utterance(svc.submit(plan.request), plan, m.id, self.utterances, t0)
         self.utterances += 1
-        await self.send(P.Started(id=m.id, utterance=index, speaker=speaker, prompt_rows=len(plan.request.prompt),
+        await self.send(P.Started(id=m.id, utterance=u.index, speaker=speaker, prompt_rows=len(plan.request.prompt),
                                   max_frames=frames))
-        self.pump = asyncio.create_task(self.play(stream, plan, m.id, index, t0))
+        if self.current is u and not u.finished:
+            u.task = asyncio.create_task(self.play(u))
 
-    async def play(self, stream, plan, id, index: int, t0: float) -> None:
+    async def play(self, u: Utterance) -> None:
         """Send the utterance's frames as they come; always ends with its `done`."""
-        codes: list[torch.Tensor] = []
         reason = "error"
         try:
             while True:
-                item = await stream.next()
+                item = await u.stream.next()
                 if isinstance(item, End):
                     reason = {"cancelled": "interrupted"}.get(item.reason, item.reason)
                     if item.reason == "error":
-                        await self.error(item.message or "generation failed", "internal", id)
+                        await self.error(item.message or "generation failed", "internal", u.id)
                     break
                 if item.pcm is not None:
                     await self.send_audio(item.pcm)
-                codes.append(item.codes)
-                if len(codes) == 1:
-                    await self.send(P.FirstAudio(id=id, utterance=index, ms=(time.perf_counter() - t0) * 1000))
+                u.codes.append(item.codes)
+                if len(u.codes) == 1:
+                    await self.send(P.FirstAudio(id=u.id, utterance=u.index, ms=(time.perf_counter() - u.t0) * 1000))
         except asyncio.CancelledError:
             reason = "interrupted"
-            stream.cancel()
+            u.stream.cancel()
         except Exception:  # the socket went away mid-send
-            stream.cancel()
+            u.stream.cancel()
             reason = "error"
-        finally:
-            self.remember(plan, codes)
-        r = plan.request
+        await self.finish(u, reason)
+
+    async def finish(self, u: Utterance, reason: str) -> None:
+        """Remember the line (cut where it stopped) and send its `done`, once."""
+        if u.finished:
+            return
+        u.finished = True
+        self.remember(u.plan, u.codes)
+        r = u.plan.request
         try:
-            await self.send(P.Done(id=id, utterance=index, reason=reason, frames=len(codes),
-                                   audio_ms=len(codes) * self.service.cfg.frame_ms,
+            await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=len(u.codes),
+                                   audio_ms=len(u.codes) * self.service.cfg.frame_ms,
                                    prefill_rows=max(0, r.prefilled - r.reused_rows), reused_rows=r.reused_rows))
         except Exception:
             pass
@@ -226,15 +260,19 @@ class Conversation:
         self.turns.append(concat(rows))
 
     async def stop_pump(self) -> None:
-        """Interrupt the utterance being spoken (if any) and wait for its `done`."""
-        task, self.pump = self.pump, None
-        if task is None or task.done():
+        """End the utterance in flight (queued, prefilling or running) and send its `done`."""
+        u, self.current = self.current, None
+        if u is None or u.finished:
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        u.stream.cancel()  # its slot (or queue place) is freed before the next frame step
+        if u.task is not None and not u.task.done():
+            u.task.cancel()
+            try:
+                await u.task
+            except asyncio.CancelledError:
+                pass
+        # A task cancelled before its first step never ran its body: its `done` is sent here.
+        await self.finish(u, "interrupted")
 
 
 def _describe(e: ValidationError) -> str:

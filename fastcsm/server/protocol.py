@@ -27,10 +27,19 @@ HTTP
 `GET /healthz` -> `Health`; `GET /readyz` -> `Ready` (503 until the model is loaded);
 `GET /metrics` -> Prometheus text.
 Errors are `ErrorResponse` (OpenAI's shape) with a 4xx status that says what to fix:
-400 bad input, 401 missing/bad API key, 404 unknown voice/route, 409 voice exists, 413 body or
-upload too large, 503 busy (with `Retry-After` seconds) or not ready.
+400 bad input, 401 missing/bad API key (checked before anything else on /v1, unknown routes
+included), 403 cross-site request, 404 unknown voice/route, 408 body too slow, 409 voice exists
+(or exists but its file is damaged: overwrite or delete it), 413 body or upload too large, 503
+busy (with `Retry-After` seconds) or not ready.
 With API keys configured every `/v1/*` route needs `Authorization: Bearer <key>`; the WebSocket
-takes the key the same way or as `?api_key=<key>` (browsers cannot set WebSocket headers).
+takes the key the same way or as `?api_key=<key>` (browsers cannot set WebSocket headers; the
+server takes it out of the query string before anything is logged).
+Requests that change state (POST, DELETE) and WebSocket handshakes whose `Origin` header is
+present and not allowed get 403: allowed are the server's own page, pages on loopback, and the
+origins given with `--cors-origin`. Bodies: 413 above the route's limit (speech and voice
+uploads: `max_upload_bytes`; other routes 64 KiB), 408 when the body is not in within
+`--body-timeout-s`. Numbers are JSON numbers (`true` is not 1; NaN is refused); text must hold
+something speakable (a letter, digit or symbol) and no control characters.
 
 WebSocket `/v1/conversations`
 ----------------------------
@@ -39,15 +48,19 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 
     configure   pin voices at the head of the conversation, pick the PCM format and defaults
     add_turn    a turn of the other party: speaker id, text, optionally their audio
-    speak       speak a line (as a speaker id or a registered voice); one at a time
-    interrupt   stop the current utterance now (barge-in)
+    speak       speak a line (as a speaker id or a registered voice); one at a time: a `speak`
+                while an utterance is in flight (queued, prefilling or running) is refused with
+                an `error` event (code `busy`) and the utterance in flight goes on
+    interrupt   stop the current utterance now (barge-in): it ends with `done` (reason
+                `interrupted`) within one frame, whether it was queued, prefilling or running
     reset       forget the conversation (keeps the configuration)
 
 and receives `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`,
 `done`, `context_dropped`, `error`; between `started` and `done` come binary messages, one per
 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by default, or
 `pcm_f32le`). After `interrupt`, no binary message of that utterance follows the `done`
-(reason `interrupted`). The spoken line (with the audio generated for it, cut where it was
+(reason `interrupted`). A socket that closes ends its utterance the same way (its slot is freed
+before the next frame step). The spoken line (with the audio generated for it, cut where it was
 interrupted) becomes part of the conversation, so the next line continues from it; the server
 keeps the conversation's KV cache, so the next `speak` prefills only the rows added since
 (`done.prefill_rows` / `done.reused_rows` report it). When the 2048-row window is full the
@@ -59,12 +72,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
 SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
+# JSON numbers only: `true` is not 1, "1" is not 1, and NaN or infinity is no number at all.
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+MAX_SPEAKER = 1_000_000  # the largest speaker id, however it is given (`speaker`, or `voice` as "7")
 
 
 class _Strict(BaseModel):
@@ -100,7 +117,7 @@ class VoiceRef(_Strict):
 class ContextTurn(_Strict):
     """An earlier turn of the conversation, oldest first."""
 
-    speaker: int = Field(ge=0, le=1_000_000, description="speaker id of the turn")
+    speaker: Int = Field(ge=0, le=MAX_SPEAKER, description="speaker id of the turn")
     text: str = Field(min_length=1, description="what was said")
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate) of the "
                                                 "turn; gives that speaker its voice")
@@ -119,9 +136,9 @@ class SpeechRequest(_Strict):
                     'or a bare speaker id such as "0" (the model\'s own voice for that id, no prompt)')
     response_format: Literal["wav", "pcm", "flac", "mp3", "opus", "aac"] = Field(
         "mp3", description="pcm is raw signed 16-bit little-endian, 24 kHz mono; aac is ADTS")
-    speed: float = Field(1.0, ge=0.25, le=4.0,
-                         description="time-scale of the audio without a pitch change (FFmpeg's atempo), "
-                                     "0.25 to 4.0; 1.0 leaves the audio untouched")
+    speed: Number = Field(1.0, ge=0.25, le=4.0,
+                          description="time-scale of the audio without a pitch change (FFmpeg's atempo), "
+                                      "0.25 to 4.0; 1.0 leaves the audio untouched")
     instructions: str | None = Field(None, max_length=4096,
                                      description="accepted for compatibility and ignored: CSM takes no style "
                                                  "instructions (its voice comes from `voice` and `context`)")
@@ -129,13 +146,15 @@ class SpeechRequest(_Strict):
         "audio", description="audio: the encoded audio itself; sse: server-sent events, `speech.audio.delta` "
                              "(base64 of the next bytes of the encoded audio) then `speech.audio.done`")
     # fastcsm
-    speaker: int | None = Field(None, ge=0, le=1_000_000,
+    speaker: Int | None = Field(None, ge=0, le=MAX_SPEAKER,
                                 description="speaker id of the line (default: the voice's own id, or `voice` itself)")
-    context: list[ContextTurn] = Field(default_factory=list, description="earlier turns, oldest first")
-    seed: int | None = Field(None, ge=0, lt=2**62, description="sampling seed, for a reproducible take")
-    temperature: float = Field(0.9, ge=0.0, le=10.0, description="0 is greedy")
-    topk: int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
-    max_audio_length_ms: float | None = Field(
+    context: list[ContextTurn] = Field(default_factory=list, max_length=1024,
+                                       description="earlier turns, oldest first (at most the server's "
+                                                   "max_context_turns)")
+    seed: Int | None = Field(None, ge=0, lt=2**62, description="sampling seed, for a reproducible take")
+    temperature: Number = Field(0.9, ge=0.0, le=10.0, description="0 is greedy")
+    topk: Int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
+    max_audio_length_ms: Number | None = Field(
         None, gt=0, description="longest audio to generate for each piece of the text (at most "
                                 "`ServerInfo.max_audio_length_ms`; default: that limit, lowered to what the text "
                                 "can plausibly take, 3 s + 150 ms a character)")
@@ -164,6 +183,9 @@ class VoiceAlias(BaseModel):
 class VoiceList(BaseModel):
     object: Literal["list"] = "list"
     data: list[VoiceInfo]
+    broken: list[str] = Field(default_factory=list,
+                              description="names whose voice file is damaged (say, cut short): upload again with "
+                                          "overwrite=true, or delete them")
     aliases: list[VoiceAlias] = Field(default_factory=list,
                                       description="names accepted as `voice` besides the registered voices: "
                                                   "OpenAI's voice names, mapped by the server's --voice-map")
@@ -241,16 +263,16 @@ class Configure(_Strict):
                               description="registered voices pinned at the head of the conversation, never "
                                           "dropped; each speaks under its own speaker id")
     audio_format: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
-    temperature: float = Field(0.9, ge=0.0, le=10.0)
-    topk: int = Field(50, ge=0, le=2048)
-    max_audio_length_ms: float | None = Field(None, gt=0)
+    temperature: Number = Field(0.9, ge=0.0, le=10.0)
+    topk: Int = Field(50, ge=0, le=2048)
+    max_audio_length_ms: Number | None = Field(None, gt=0)
 
 
 class AddTurn(_Strict):
     """A turn of the other party (or any speaker), appended to the conversation."""
 
     type: Literal["add_turn"] = "add_turn"
-    speaker: int = Field(ge=0, le=1_000_000)
+    speaker: Int = Field(ge=0, le=MAX_SPEAKER)
     text: str = Field(min_length=1)
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate)")
 
@@ -260,13 +282,13 @@ class Speak(_Strict):
 
     type: Literal["speak"] = "speak"
     text: str = Field(min_length=1)
-    speaker: int | None = Field(None, ge=0, le=1_000_000)
+    speaker: Int | None = Field(None, ge=0, le=MAX_SPEAKER)
     voice: str | None = Field(None, max_length=64)
     id: str | None = Field(None, max_length=128, description="echoed in this utterance's events")
-    seed: int | None = Field(None, ge=0, lt=2**62)
-    temperature: float | None = Field(None, ge=0.0, le=10.0)
-    topk: int | None = Field(None, ge=0, le=2048)
-    max_audio_length_ms: float | None = Field(None, gt=0)
+    seed: Int | None = Field(None, ge=0, lt=2**62)
+    temperature: Number | None = Field(None, ge=0.0, le=10.0)
+    topk: Int | None = Field(None, ge=0, le=2048)
+    max_audio_length_ms: Number | None = Field(None, gt=0)
 
 
 class Interrupt(_Strict):

@@ -14,6 +14,7 @@ import math
 import re
 import secrets
 import threading
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +27,15 @@ from ..sampling import SamplingParams
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
 from ..text import split_text
-from ..voices import Voice, VoiceError, VoiceStore, check_name
-from .protocol import SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
+from ..voices import Voice, VoiceError, VoiceExists, VoiceStore, check_name
+from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .settings import Settings, parse_voice_map
 
 log = logging.getLogger("fastcsm")
 LIST_VOICES_HINT = ("list the registered voices with GET /v1/voices, or give one of OpenAI's voice names "
                     '(alloy, ash, ...) or a bare speaker id such as "0"')
+MAX_AUDIO_RATE = 192_000  # uploads and context audio: above it a header is lying or wasteful
+MAX_AUDIO_CHANNELS = 8
 
 
 class ApiError(Exception):
@@ -42,6 +45,14 @@ class ApiError(Exception):
                  retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.retry_after = status, message, type, param, retry_after
+
+
+class BrokenVoice(ApiError):
+    """A voice name whose file exists but cannot be read (cut short by a crash, say)."""
+
+    def __init__(self, name: str, param: str = "voice"):
+        super().__init__(409, f"the voice {name!r} is damaged (its file cannot be read): upload it again with "
+                              "overwrite=true, or delete it", "conflict_error", param=param)
 
 
 @dataclass
@@ -143,8 +154,8 @@ class Service:
                 return hit[1]
         try:
             voice = Voice.load(path)
-        except VoiceError as e:
-            raise ApiError(400, f"voice {name!r} cannot be used: {e}", param="voice") from None
+        except VoiceError:  # its message names the file's path: the client hears the name only
+            raise BrokenVoice(name) from None
         with self._lock:
             self._voices[name] = (mtime, voice)
         return voice
@@ -182,14 +193,17 @@ class Service:
             raise ApiError(400, f"voice {voice.name or ''!r} cannot be used with this model: {e}",
                            param="voice") from None
 
-    def list_voices(self) -> list[VoiceInfo]:
-        out = []
+    def list_voices(self) -> tuple[list[VoiceInfo], list[str]]:
+        """The readable voices, and the names whose file is damaged."""
+        out, broken = [], []
         for name in self.store.names():
             try:
                 out.append(voice_info(name, self.voice(name)))
+            except BrokenVoice:
+                broken.append(name)
             except ApiError:
-                continue  # an unreadable file is not a voice
-        return out
+                continue  # gone since the listing
+        return out, broken
 
     def create_voice(self, name: str, text: str, speaker: int, audio: bytes, filename: str | None,
                      overwrite: bool, **meta) -> VoiceInfo:
@@ -198,22 +212,24 @@ class Service:
             check_name(name)
         except VoiceError as e:
             raise ApiError(400, str(e), param="name") from None
-        if not overwrite and name in self.store:
-            raise ApiError(409, f"a voice named {name!r} already exists; delete it first or pass overwrite=true",
-                           "conflict_error", param="name")
-        if isinstance(speaker, bool) or not 0 <= speaker <= 1_000_000:
-            raise ApiError(400, f"speaker must be an integer id from 0, got {speaker!r}", param="speaker")
+        exists = f"a voice named {name!r} already exists; delete it first or pass overwrite=true"
+        if not overwrite and name in self.store:  # early; the store's create-if-absent is the real check
+            raise ApiError(409, exists, "conflict_error", param="name")
+        if isinstance(speaker, bool) or not 0 <= speaker <= MAX_SPEAKER:
+            raise ApiError(400, f"speaker must be an integer id from 0 to {MAX_SPEAKER}, got {speaker!r}",
+                           param="speaker")
         if not text or not text.strip():
             raise ApiError(400, "text is empty: give the transcript of the recording", param="text")
-        if len(text) > self.settings.max_input_chars:
-            raise ApiError(400, f"the transcript has {len(text)} characters; at most "
-                                f"{self.settings.max_input_chars} are allowed", param="text")
+        text = self.check_input(text, "text")
         wav = self._read_audio(audio, "audio")
         try:
-            voice = Voice.from_audio(gen.codec, wav, text, speaker, source=filename or "upload", **meta)
-            self.store.add(voice, name, overwrite=overwrite)
+            voice = Voice.from_audio(gen.codec, wav, text, speaker, source=(filename or "upload")[:256], **meta)
         except (VoiceError, AudioError, ValueError) as e:
             raise ApiError(400, str(e), param="audio") from None
+        try:
+            self.store.add(voice, name, overwrite=overwrite)
+        except VoiceExists:
+            raise ApiError(409, exists, "conflict_error", param="name") from None
         with self._lock:
             self._voices.pop(name, None)
         return voice_info(name, voice)
@@ -232,7 +248,8 @@ class Service:
         if not data:
             raise ApiError(400, f"{what}: the audio is empty", param=what)
         try:
-            return read_audio(data, max_duration_s=self.settings.max_voice_audio_s)
+            return read_audio(data, max_duration_s=self.settings.max_voice_audio_s, max_sample_rate=MAX_AUDIO_RATE,
+                              max_channels=MAX_AUDIO_CHANNELS)
         except AudioError as e:
             msg = re.sub(r"Error opening <[^>]*>: ", "", str(e)).replace("<bytes>", what).replace("<BytesIO>", what)
             raise ApiError(400, f"{msg} (at most {self.settings.max_voice_audio_s:g} s)", param=what) from None
@@ -252,7 +269,9 @@ class Service:
         name = voice.id if isinstance(voice, VoiceRef) else voice
         if name is None:
             return (speaker or 0), None
-        if name.isascii() and name.isdigit() and len(name) <= 7:
+        if name.isascii() and name.isdigit():
+            if len(name.lstrip("0")) > 7 or int(name) > MAX_SPEAKER:  # (length first: int() of 10**6 digits)
+                raise ApiError(400, f"speaker id {name} is above {MAX_SPEAKER}", param="voice")
             return (int(name) if speaker is None else speaker), None
         v = self.lookup(name)
         if isinstance(v, int):
@@ -283,6 +302,14 @@ class Service:
         if len(text) > limit:
             raise ApiError(400, f"{param} has {len(text)} characters; this server speaks at most {limit} "
                                 "at a time: split the text into several requests", param=param)
+        bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+        if bad is not None:
+            raise ApiError(400, f"{param} holds the control character U+{ord(bad):04X}; send plain text", param=param)
+        if "\ufffd" in text:
+            raise ApiError(400, f"{param} holds U+FFFD, the mark of text that was not valid UTF-8; send UTF-8",
+                           param=param)
+        if not any(unicodedata.category(c)[0] in "LNS" for c in text):
+            raise ApiError(400, f"{param} has nothing to speak (no letter, digit or symbol)", param=param)
         try:
             return check_text(text)
         except (TypeError, ValueError) as e:

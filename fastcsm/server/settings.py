@@ -1,7 +1,8 @@
 """Server settings: one dataclass, filled from flags, `FASTCSM_*` environment variables, or code.
 
 Every field has an environment variable named `FASTCSM_<FIELD>` (upper case); `fastcsm serve`
-flags override them. Lists (API keys, CORS origins) are comma-separated.
+flags override them. Lists (API keys, CORS origins) are comma-separated. An empty API key (say
+`FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without authentication.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ class Settings:
     # Security and limits
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser
-    max_body_bytes: int = 16 << 20  # any request body, uploads included
+    max_body_bytes: int = 16 << 20  # speech (context audio) and voice-upload bodies; other routes: 64 KiB
     max_input_chars: int = 4096  # text of one line
     max_audio_length_ms: int = 90_000  # longest utterance (and the default bound)
     max_voice_audio_s: float = 60.0  # reference recordings, context audio
     max_context_turns: int = 64  # turns in one speech request's `context`
+    # Slow or greedy clients
+    header_timeout_s: float = 10.0  # a request's head (line and headers) must arrive within this
+    body_timeout_s: float = 60.0  # a request's whole body must arrive within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # open connections (WebSockets included); more get 503
     voices_dir: str | None = None  # default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices
     voice_map: str | None = None  # "alloy=0,coral=myvoice" or a file of such lines: OpenAI voice names
     log_level: str = "info"
@@ -50,12 +56,22 @@ class Settings:
         values = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f"FASTCSM_{f.name.upper()}")
-            if raw is not None and raw != "":
+            if raw is not None and (raw != "" or f.name == "api_keys"):
                 values[f.name] = _parse(f, raw)
         if "voices_dir" not in values and environ.get("FASTCSM_VOICES"):
             values["voices_dir"] = environ["FASTCSM_VOICES"]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        settings.check_keys()
+        return settings
+
+    def check_keys(self) -> list[str]:
+        """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
+        start a server without authentication."""
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise ValueError("an API key is empty (is the variable holding it unset?): give a non-empty key, "
+                             "or no --api-key / FASTCSM_API_KEYS at all for a server without authentication")
+        return list(self.api_keys)
 
     @property
     def served_model_name(self) -> str:
@@ -63,6 +79,29 @@ class Settings:
         if self.model_name:
             return self.model_name
         return os.path.basename(os.path.normpath(os.path.expanduser(self.model))) or "csm"
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(settings: Settings) -> list[str]:
+    """What a careful operator should hear before the server listens."""
+    out = []
+    if not settings.api_keys and not is_loopback(settings.host):
+        out.append(f"listening on {settings.host}, beyond this machine, without an API key: anyone who can reach "
+                   "the port can use the model and change the voices; set --api-key (or FASTCSM_API_KEYS)")
+    return out
 
 
 # OpenAI's built-in voices. By default each is one of CSM's speaker ids, in OpenAI's order; without
@@ -109,7 +148,10 @@ def _parse(f: dataclasses.Field, raw: str):
     kind = str(f.type)
     try:
         if kind.startswith("list"):
-            return [x.strip() for x in raw.split(",") if x.strip()]
+            items = [x for x in (x.strip() for x in raw.split(",")) if x]
+            if f.name == "api_keys" and not items:  # set, but to nothing: an error, never "no auth"
+                return [""]
+            return items
         if kind == "bool":
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(raw)

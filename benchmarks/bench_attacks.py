@@ -1,0 +1,133 @@
+"""How the server fares under the attacks of tests/test_server_attacks.py, in milliseconds.
+
+Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopback, then:
+
+- big_body: sends the largest allowed speech body (16 MiB of `"context": [1, 1, ...]`) while
+  polling /healthz; reports how long the refusal took and /healthz latency p50 / max;
+- burst: one WebSocket sends 80 x (speak, interrupt) at once; reports the time until every
+  `done` arrived and until no stream held a slot or waited (/readyz), then the time another
+  client's short request took.
+
+    python benchmarks/bench_attacks.py
+
+Prints one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start() -> tuple[subprocess.Popen, str]:
+    from fastcsm.testing import write_hf_checkpoint
+
+    model = tempfile.mkdtemp(prefix="fastcsm-bench-")
+    write_hf_checkpoint(model, seed=0)
+    port = free_port()
+    env = {**os.environ, "FASTCSM_VOICES": tempfile.mkdtemp()}
+    proc = subprocess.Popen([sys.executable, "-m", "fastcsm", "serve", "--model", model, "--device", "cpu",
+                             "--threads", "1", "--port", str(port), "--log-level", "warning",
+                             "--max-audio-length-ms", "8000"], env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q / 100 * len(values)))], 1)
+
+
+def big_body(url: str) -> dict:
+    limit = 16 << 20
+    head = b'{"input": "hi", "voice": "0", "context": ['
+    body = head + b"1," * ((limit - len(head) - 64) // 2) + b"1]}"
+    out = {}
+
+    def send():
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/audio/speech", content=body, headers={"Content-Type": "application/json"},
+                       timeout=300)
+        out.update(status=r.status_code, refused_ms=round((time.perf_counter() - t0) * 1000, 1))
+
+    t = threading.Thread(target=send)
+    t.start()
+    lat = []
+    with httpx.Client(timeout=300) as http:
+        while t.is_alive():
+            t0 = time.perf_counter()
+            http.get(url + "/healthz")
+            lat.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.005)
+    t.join()
+    return {**out, "healthz_polls": len(lat), "healthz_p50_ms": pct(lat, 50), "healthz_max_ms": pct(lat, 100)}
+
+
+def burst(url: str) -> dict:
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws") + "/v1/conversations") as ws:
+        json.loads(ws.recv(timeout=30))
+        t0 = time.perf_counter()
+        for i in range(80):
+            ws.send(json.dumps({"type": "speak", "text": "A line nobody hears.", "voice": "0", "id": str(i)}))
+            ws.send(json.dumps({"type": "interrupt"}))
+        started = done = refused = 0
+        while done < started or started + refused < 80:
+            msg = ws.recv(timeout=60)
+            if isinstance(msg, bytes):
+                continue
+            kind = json.loads(msg)["type"]
+            started += kind == "started"
+            done += kind == "done"
+            refused += kind == "error"
+        all_done = time.perf_counter() - t0
+        while True:
+            ready = httpx.get(url + "/readyz").json()
+            if ready["free_slots"] == ready["slots"] and ready["queued"] == 0:
+                break
+            time.sleep(0.005)
+        idle = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        r = httpx.post(url + "/v1/audio/speech", json={"input": "Hi.", "voice": "0", "response_format": "pcm",
+                                                        "max_audio_length_ms": 240}, timeout=60)
+        other = time.perf_counter() - t1
+    return {"started": started, "done": done, "refused": refused, "all_done_ms": round(all_done * 1000, 1),
+            "idle_ms": round(idle * 1000, 1), "other_status": r.status_code, "other_ms": round(other * 1000, 1)}
+
+
+def main() -> None:
+    proc, url = start()
+    try:
+        result = {"big_body": big_body(url), "burst": burst(url)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
