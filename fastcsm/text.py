@@ -97,3 +97,45 @@ def split_text(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
     for s in sentences(text):
         pieces.extend([s] if len(s) <= max_chars else _split_long(s, max_chars))
     return _pack(pieces, max_chars)
+
+
+# -- text that streams in -------------------------------------------------------------------------
+
+MIN_CLAUSE_CHARS = 40  # inside a sentence, a clause ends a piece once the piece is at least this long
+
+
+def speech_pieces(text: str, final: bool = True, min_clause_chars: int = MIN_CLAUSE_CHARS) -> list[str]:
+    """The pieces a line is spoken in, one generation each: its sentences, and inside a sentence a
+    cut after a clause (`,` `;` `:` or a dash) once the piece holds `min_clause_chars` characters.
+
+    With `final=False` (more text may follow) only the pieces that are certainly complete come
+    back: a sentence once whitespace (or more text) follows its end, a clause once its next word
+    has begun. Whatever is appended later, those pieces stay the same: the pieces of a line given
+    in fragments are always a prefix of the pieces of the whole line, so a line that streams in is
+    spoken exactly as the whole line would be. Whitespace inside a piece is squashed to one space.
+    """
+    sents = sentences(text)
+    if not final and sents:
+        # The last sentence is complete only if text appended now would start a new one.
+        probe = sentences(text + "x")
+        if len(probe) <= len(sents) or probe[len(sents) - 1] != sents[-1]:
+            head = [p for s in sents[:-1] for p in _clause_pieces(s, True, min_clause_chars)]
+            return head + _clause_pieces(sents[-1], False, min_clause_chars)
+    return [p for s in sents for p in _clause_pieces(s, True, min_clause_chars)]
+
+
+def _clause_pieces(sentence: str, complete: bool, min_chars: int) -> list[str]:
+    """`sentence` (squashed) cut after clauses, greedily from the left; a cut counts once a word
+    follows it. An incomplete sentence keeps its uncut rest back."""
+    out, start = [], 0
+    for m in _CLAUSE_END.finditer(sentence):
+        if m.end() >= len(sentence):
+            break  # nothing follows yet: not a confirmed cut
+        piece = sentence[start:m.start()].strip()
+        if len(piece) >= min_chars:
+            out.append(piece)
+            start = m.end()
+    rest = sentence[start:].strip()
+    if complete and rest:
+        out.append(rest)
+    return out

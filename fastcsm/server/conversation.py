@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..prompt import Prompt, Segment, audio_rows, concat, segment_rows
 from ..sampling import SamplingParams
 from ..scheduler import End
+from ..text import speech_pieces
 from . import protocol as P
 from .audio_out import to_int16
 from .limits import json_values, max_message_values
@@ -47,15 +49,26 @@ def _error_code(status: int) -> str:
 
 @dataclass
 class Utterance:
-    """The line in flight: its stream, the task pumping its frames, the frames sent so far."""
+    """The line in flight: its text so far, its pieces (the requests submitted, the rows and codes
+    of those spoken), the task pumping its frames."""
 
-    stream: object
-    plan: object
     id: str | None
     index: int
-    t0: float
+    speaker: int
+    max_ms: float | None
+    params: SamplingParams
+    seed: int
+    text: str
+    more: bool  # more text may follow (append_text)
+    t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
-    codes: list = field(default_factory=list)
+    stream: object = None  # the stream of the piece being generated
+    requests: list = field(default_factory=list)  # one per piece started
+    line: Prompt | None = None  # text rows of the piece being generated
+    codes: list = field(default_factory=list)  # its frames so far
+    spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
+    frames: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
 
 
@@ -142,6 +155,8 @@ class Conversation:
             await self.add_turn(command)
         elif isinstance(command, P.Speak):
             await self.speak(command)
+        elif isinstance(command, P.AppendText):
+            await self.append_text(command)
 
     async def pin(self, name: str) -> Prompt:
         voice = self.service.lookup(name)
@@ -184,8 +199,9 @@ class Conversation:
         svc.need_ready()
         if self.current is not None and not self.current.finished:
             raise ApiError(409, "a line is being spoken: wait for its done event, or interrupt it first")
-        t0 = time.perf_counter()
-        text = svc.check_input(m.text, "text")
+        now = time.perf_counter()
+        text = m.text if m.more else svc.check_input(m.text, "text")
+        self.check_length(text)
         if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()) and m.voice not in self.pinned_voices:
             # A voice not pinned yet joins the head of the conversation (the next prefill is whole);
             # a name of the voice map that stands for a bare speaker id has nothing to pin.
@@ -195,45 +211,129 @@ class Conversation:
                 self.pinned_voices.append(m.voice)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
-        frames = svc.frames_for(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
-                                text)
+        max_ms = m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms
+        svc.frames_for(max_ms, text)  # a bound above the server's limit is refused now, not per piece
         params = SamplingParams(c.temperature if m.temperature is None else m.temperature,
                                 c.topk if m.topk is None else m.topk)
-        plan = svc.plan(text, speaker, self.pinned, self.turns, frames, params, m.seed)
-        if plan.dropped_turns:
-            self.turns = self.turns[plan.dropped_turns:]
-            await self.send(P.ContextDropped(dropped_turns=plan.dropped_turns, dropped_rows=plan.dropped_rows,
-                                             remaining_rows=self.rows()))
+        seed = secrets.randbits(62) if m.seed is None else m.seed
+        u = Utterance(m.id, self.utterances, speaker, max_ms, params, seed, text, m.more)
+        self.mark(u, now)
+        first = None
+        if speech_pieces(u.text, final=not u.more):
+            first = await self.plan_piece(u, 0)  # a line that cannot be spoken is an error here, not a `done`
+        elif not u.more:
+            raise ApiError(400, "text has no words to speak", param="text")
         # From here on the utterance is `current` before anything awaits, so an interrupt or a
         # closed socket always finds it, whatever state it is in.
-        u = self.current = Utterance(svc.submit(plan.request), plan, m.id, self.utterances, t0)
+        self.current = u
         self.utterances += 1
-        await self.send(P.Started(id=m.id, utterance=u.index, speaker=speaker, prompt_rows=len(plan.request.prompt),
-                                  max_frames=frames))
+        if first is not None:
+            await self.start_piece(u, first)
         if self.current is u and not u.finished:
             u.task = asyncio.create_task(self.play(u))
 
+    async def append_text(self, m: P.AppendText) -> None:
+        u = self.current
+        if u is None or u.finished or not u.more:
+            raise ApiError(400, "append_text continues a line begun with speak and more: true, and no such line is "
+                                "open (it was completed, interrupted, or never begun)", param="text")
+        self.check_length(u.text + m.text)
+        u.text += m.text
+        u.more = m.more
+        self.mark(u, time.perf_counter())
+        u.wake.set()
+
+    def check_length(self, text: str) -> None:
+        limit = self.service.settings.max_input_chars
+        if len(text) > limit:
+            raise ApiError(400, f"the line has {len(text)} characters; this server speaks at most {limit} in one "
+                                "line: complete it (more: false) and go on in the next", param="text")
+
+    @staticmethod
+    def mark(u: Utterance, now: float) -> None:
+        """First audio is timed from the message that completed the line's first piece."""
+        if u.t0 is None and speech_pieces(u.text, final=not u.more):
+            u.t0 = now
+
+    async def plan_piece(self, u: Utterance, index: int):
+        """Piece `index` of the line, after the conversation and the pieces spoken before it (with
+        their audio), as `POST /v1/audio/speech` speaks long text."""
+        svc, cfg = self.service, self.service.cfg
+        piece = speech_pieces(u.text, final=not u.more)[index]
+        text = svc.check_input(piece, "text")
+        frames = svc.frames_for(u.max_ms, text)
+        carried = [concat([line, audio_rows(torch.stack(codes), cfg)]) for line, codes in u.spoken if codes]
+        planned = svc.plan(text, u.speaker, self.pinned, self.turns + carried, frames, u.params, u.seed + index)
+        if planned.dropped_turns:
+            turns = min(planned.dropped_turns, len(self.turns))
+            self.turns = self.turns[turns:]
+            if planned.dropped_turns > turns:  # the window is smaller than this line: its oldest pieces go
+                spoken = [x for x in u.spoken if x[1]]
+                u.spoken = spoken[planned.dropped_turns - turns:]
+            await self.send(P.ContextDropped(dropped_turns=planned.dropped_turns, dropped_rows=planned.dropped_rows,
+                                             remaining_rows=self.rows()))
+        if index and u.requests:  # one audio stream: this piece continues where the one before ended
+            planned.request.audio_after = u.requests[-1]
+        planned.request.keep_audio = True  # cheap, and a later fragment may yet bring another piece
+        return planned
+
+    async def start_piece(self, u: Utterance, planned) -> None:
+        u.stream = self.service.submit(planned.request, follow_on=bool(u.requests))
+        u.requests.append(planned.request)
+        u.line, u.codes = planned.line, []
+        if len(u.requests) == 1:
+            await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
+                                      prompt_rows=len(planned.request.prompt), max_frames=planned.request.max_frames))
+
     async def play(self, u: Utterance) -> None:
-        """Send the utterance's frames as they come; always ends with its `done`."""
+        """Speak the line piece by piece as its text arrives, sending frames as they come; always
+        ends with its `done`."""
         reason = "error"
         try:
+            index = len(u.requests) - 1 if u.requests else -1
             while True:
-                item = await u.stream.next()
-                if isinstance(item, End):
-                    reason = {"cancelled": "interrupted"}.get(item.reason, item.reason)
-                    if item.reason == "error":
-                        await self.error(item.message or "generation failed", "internal", u.id)
+                if index >= 0:
+                    end = None
+                    while end is None:
+                        item = await u.stream.next()
+                        if isinstance(item, End):
+                            end = item
+                            break
+                        if item.pcm is not None:
+                            await self.send_audio(item.pcm)
+                        u.codes.append(item.codes)
+                        u.frames += 1
+                        if u.frames == 1:
+                            await self.send(P.FirstAudio(id=u.id, utterance=u.index,
+                                                         ms=(time.perf_counter() - u.t0) * 1000))
+                    u.spoken.append((u.line, u.codes))
+                    u.line, u.codes = None, []
+                    reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
+                    if end.reason not in ("end", "max_length"):
+                        if end.reason == "error":
+                            await self.error(end.message or "generation failed", "internal", u.id)
+                        break
+                index += 1
+                while index >= len(speech_pieces(u.text, final=not u.more)):
+                    if not u.more:
+                        break
+                    u.wake.clear()
+                    await u.wake.wait()
+                if index >= len(speech_pieces(u.text, final=not u.more)):
+                    if index == 0:
+                        await self.error("the line has no words to speak", "bad_request", u.id)
                     break
-                if item.pcm is not None:
-                    await self.send_audio(item.pcm)
-                u.codes.append(item.codes)
-                if len(u.codes) == 1:
-                    await self.send(P.FirstAudio(id=u.id, utterance=u.index, ms=(time.perf_counter() - u.t0) * 1000))
+                await self.start_piece(u, await self.plan_piece(u, index))
         except asyncio.CancelledError:
             reason = "interrupted"
-            u.stream.cancel()
+            if u.stream is not None:
+                u.stream.cancel()
+        except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
+            await self.error(e.message, _error_code(e.status), u.id)
+            reason = "error"
         except Exception:  # the socket went away mid-send
-            u.stream.cancel()
+            if u.stream is not None:
+                u.stream.cancel()
             reason = "error"
         await self.finish(u, reason)
 
@@ -242,29 +342,35 @@ class Conversation:
         if u.finished:
             return
         u.finished = True
-        self.remember(u.plan, u.codes)
-        r = u.plan.request
+        self.remember(u)
         try:
-            await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=len(u.codes),
-                                   audio_ms=len(u.codes) * self.service.cfg.frame_ms,
-                                   prefill_rows=max(0, r.prefilled - r.reused_rows), reused_rows=r.reused_rows))
+            await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
+                                   audio_ms=u.frames * self.service.cfg.frame_ms,
+                                   prefill_rows=sum(max(0, r.prefilled - r.reused_rows) for r in u.requests),
+                                   reused_rows=sum(r.reused_rows for r in u.requests), pieces=len(u.requests)))
         except Exception:
             pass
 
-    def remember(self, plan, codes: list[torch.Tensor]) -> None:
-        """The spoken line, with the audio generated for it, joins the conversation."""
+    def remember(self, u: Utterance) -> None:
+        """The pieces spoken (or begun), with the audio generated for them, join the conversation
+        as one turn."""
         cfg = self.service.cfg
-        rows = [plan.line]
-        if codes:
-            rows.append(audio_rows(torch.stack(codes), cfg))
-        self.turns.append(concat(rows))
+        rows = []
+        pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
+        for line, codes in pieces:
+            rows.append(line)
+            if codes:
+                rows.append(audio_rows(torch.stack(codes), cfg))
+        if rows:
+            self.turns.append(concat(rows))
 
     async def stop_pump(self) -> None:
-        """End the utterance in flight (queued, prefilling or running) and send its `done`."""
+        """End the utterance in flight (waiting for text, queued, prefilling or running) and send its `done`."""
         u, self.current = self.current, None
         if u is None or u.finished:
             return
-        u.stream.cancel()  # its slot (or queue place) is freed before the next frame step
+        if u.stream is not None:
+            u.stream.cancel()  # its slot (or queue place) is freed before the next frame step
         if u.task is not None and not u.task.done():
             u.task.cancel()
             try:
@@ -279,10 +385,10 @@ def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:3]:
         where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("configure", "add_turn", "speak",
-                                                                        "interrupt", "reset"))
+                                                                        "append_text", "interrupt", "reset"))
         if err.get("type") == "json_invalid":
             return f"the message is not valid JSON ({err.get('msg')}); send one JSON object per text message"
         if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-            return ('the message needs a "type": one of configure, add_turn, speak, interrupt, reset')
+            return ('the message needs a "type": one of configure, add_turn, speak, append_text, interrupt, reset')
         parts.append(f"{where}: {err.get('msg')}" if where else err.get("msg", ""))
     return "invalid message: " + "; ".join(parts)

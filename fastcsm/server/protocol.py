@@ -50,7 +50,11 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
     add_turn    a turn of the other party: speaker id, text, optionally their audio
     speak       speak a line (as a speaker id or a registered voice); one at a time: a `speak`
                 while an utterance is in flight (queued, prefilling or running) is refused with
-                an `error` event (code `busy`) and the utterance in flight goes on
+                an `error` event (code `busy`) and the utterance in flight goes on.
+                With `more: true` the line streams in (an LLM writing it): its text so far,
+                continued by `append_text` messages
+    append_text `{"type": "append_text", "text": "...", "more": true|false}`: the next fragment
+                of that line, appended as is; `more: false` completes it
     interrupt   stop the current utterance now (barge-in): it ends with `done` (reason
                 `interrupted`) within one frame, whether it was queued, prefilling or running
     reset       forget the conversation (keeps the configuration)
@@ -66,6 +70,18 @@ keeps the conversation's KV cache, so the next `speak` prefills only the rows ad
 (`done.prefill_rows` / `done.reused_rows` report it). When the 2048-row window is full the
 oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
 prefilled again.
+
+A line is spoken in pieces (`fastcsm.text.speech_pieces`): its sentences, and inside a long
+sentence a cut after a clause (, ; : or a dash) once the piece has 40 characters. Each piece is
+one generation that sees the pieces before it with their audio, and the audio runs on from one
+piece to the next without a seam, as `POST /v1/audio/speech` does with long text. A line that
+streams in (`speak` with `more: true`, then `append_text`) starts generating as soon as its first
+piece is complete (a sentence once the next fragment begins after it; a clause once its next word
+has begun) and goes on piece by piece as the text arrives: with the same seed, its codes and
+audio are exactly those of a `speak` of the whole line. `started` comes when the first piece is
+submitted; `first_audio.ms` counts from the message that completed the first piece; `done` comes
+once the last piece (after `more: false`) has ended, or at `interrupt`, at any point (even before
+the first piece was complete). An `append_text` with no line open for it is an `error` event.
 """
 
 from __future__ import annotations
@@ -288,7 +304,17 @@ class Speak(_Strict):
     seed: Int | None = Field(None, ge=0, lt=2**62)
     temperature: Number | None = Field(None, ge=0.0, le=10.0)
     topk: Int | None = Field(None, ge=0, le=2048)
-    max_audio_length_ms: Number | None = Field(None, gt=0)
+    max_audio_length_ms: Number | None = Field(None, gt=0, description="longest audio of each piece of the line")
+    more: bool = Field(False, description="the line goes on: more of its text follows in `append_text` messages "
+                                          "(as an LLM writes it); speaking starts once its first piece is complete")
+
+
+class AppendText(_Strict):
+    """More text of the line being spoken (after a `speak` with `more: true`)."""
+
+    type: Literal["append_text"] = "append_text"
+    text: str = Field("", description="the next fragment, appended as is (include its spaces)")
+    more: bool = Field(description="false: the line is complete (its last piece is spoken, then `done`)")
 
 
 class Interrupt(_Strict):
@@ -299,7 +325,7 @@ class Reset(_Strict):
     type: Literal["reset"] = "reset"
 
 
-ClientMessage = Annotated[Union[Configure, AddTurn, Speak, Interrupt, Reset], Field(discriminator="type")]
+ClientMessage = Annotated[Union[Configure, AddTurn, Speak, AppendText, Interrupt, Reset], Field(discriminator="type")]
 
 
 # -- WebSocket: server -> client ------------------------------------------------------------------
@@ -332,15 +358,16 @@ class Started(BaseModel):
     id: str | None
     utterance: int = Field(description="counts utterances in this session from 0")
     speaker: int
-    prompt_rows: int
-    max_frames: int
+    prompt_rows: int = Field(description="prompt rows of the first piece")
+    max_frames: int = Field(description="frame bound of the first piece")
 
 
 class FirstAudio(BaseModel):
     type: Literal["first_audio"] = "first_audio"
     id: str | None
     utterance: int
-    ms: float = Field(description="from the speak message to the first frame leaving the server")
+    ms: float = Field(description="from the message that completed the line's first piece (the `speak`, or the "
+                                  "`append_text` that finished it) to the first frame leaving the server")
 
 
 class Done(BaseModel):
@@ -350,8 +377,9 @@ class Done(BaseModel):
     reason: Literal["end", "max_length", "interrupted", "deadline", "error"]
     frames: int
     audio_ms: int
-    prefill_rows: int = Field(description="prompt rows this utterance had to prefill")
-    reused_rows: int = Field(description="prompt rows taken from the session's KV cache")
+    prefill_rows: int = Field(description="prompt rows this utterance had to prefill (all its pieces)")
+    reused_rows: int = Field(description="prompt rows taken from the session's KV cache (all its pieces)")
+    pieces: int = Field(0, description="pieces of the line that were started")
 
 
 class ContextDropped(BaseModel):
