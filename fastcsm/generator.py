@@ -82,13 +82,15 @@ class Generator:
     def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto") -> Generator:
         """Load CSM from a local directory or hub repo id, in any published format.
 
-        `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none.
+        `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none; the
+        begin/end-of-text ids come from it (then config.json, then Llama-3's: see `TextTokenizer`).
         `codec`: "auto" takes the Mimi stored in a transformers-format checkpoint (if any); a path
         or hub id loads a separate Mimi checkpoint; a `Codec` is used as is; None loads none.
         """
         root = resolve(path_or_repo)
         model, files = load_model(root, device, dtype)
-        tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root)
+        cfg = files.config
+        tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root, cfg.bos_token_id, cfg.eos_token_id)
         return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device))
 
     # -- prompts --------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ class LiveServer:
     def __init__(self, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = Settings(model=str(tiny_checkpoint()), device="cpu", host="127.0.0.1", port=self.port,
-                                 **settings)
+        settings.setdefault("model", str(tiny_checkpoint()))
+        self.settings = Settings(device="cpu", host="127.0.0.1", port=self.port, **settings)
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", ws="websockets",
                                 timeout_graceful_shutdown=2)
