@@ -6,6 +6,7 @@ SilentCipher's model is downloaded at run time, so a stand-in takes its place: i
 was given and returns the audio negated (resampling is linear, so marked audio is then exactly
 the negation of what an identity stand-in gives back)."""
 
+import json
 import sys
 import types
 
@@ -162,6 +163,7 @@ def test_served_speech_is_marked(monkeypatch, tmp_path):
     pytest.importorskip("fastapi")
     import httpx
     from server_harness import LiveServer
+    from websockets.sync.client import connect
 
     stand_in = StandIn(+1.0)
     monkeypatch.setattr(wm, "load_silentcipher", lambda device: stand_in)
@@ -174,7 +176,22 @@ def test_served_speech_is_marked(monkeypatch, tmp_path):
             r = httpx.post(server.url + "/v1/audio/speech", json=body, timeout=120)
             assert r.status_code == 200
             got.append(np.frombuffer(r.content, "<i2").astype(np.float32) / 32768)
-    assert len(stand_in.calls) == 2 and all(c["key"] == SESAME_KEY and c["sample_rate"] == 44_100
+        # A live conversation's line is marked too, and comes frame by frame once it is done.
+        with connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=30) as ws:
+            assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+            ws.send(json.dumps({"type": "speak", "text": "Hello from the server.", "voice": "0", "seed": 3,
+                                "max_audio_length_ms": 400}))
+            frames, events = [], []
+            while not events or events[-1]["type"] not in ("done", "error"):
+                msg = ws.recv(timeout=60)
+                if isinstance(msg, bytes):
+                    frames.append(msg)
+                else:
+                    events.append(json.loads(msg))
+    assert events[-1]["type"] == "done" and events[-1]["frames"] == len(frames) >= 1
+    said = np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768
+    assert said.shape == got[1].shape and np.abs(said - got[1]).max() <= 2 / 32768  # same seed, same mark
+    assert len(stand_in.calls) == 3 and all(c["key"] == SESAME_KEY and c["sample_rate"] == 44_100
                                             for c in stand_in.calls)
     # Same seed, same audio: what the client got is what the stand-in returned.
     assert got[0].shape == got[1].shape and len(got[0]) % 1920 == 0
