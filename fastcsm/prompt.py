@@ -4,8 +4,8 @@ A row has one column per codebook and a last column for the text token, with a b
 saying which columns count. Text rows carry `<|begin_of_text|>[speaker]text<|end_of_text|>`
 (with the tokenizer's ids for both; mask on the text column only); audio rows carry one Mimi
 frame each (mask on the codebook columns), and every context audio ends with one all-zero EOS
-frame. The prompt is every context
-segment (text rows, then audio rows) followed by the text rows of the line to speak.
+frame. The prompt is every context segment (text rows, then audio rows) followed by the text
+rows of the line to speak.
 """
 
 from __future__ import annotations

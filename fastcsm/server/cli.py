@@ -109,11 +109,9 @@ def run_serve(args) -> int:
 
         torch.set_num_threads(settings.threads)
     # Load before listening: a model that cannot load ends the command with its reason.
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError, resolve_device_dtype
     from ..cli import EXIT_MODEL
     from ..generator import Generator
-
-    from ..checkpoints import resolve_device_dtype
     from ..watermark import Watermarker, WatermarkUnavailable
 
     try:  # before the (slow) model load
