@@ -22,6 +22,7 @@ class Settings:
     dtype: str | None = None  # fp32, bf16, fp16 (default: bf16 on cuda, fp32 on cpu)
     compile: bool = False  # torch.compile the frame step (minutes of warm-up)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (small models on CPU: try 1)
+    watermark: bool = False  # mark all audio with Sesame's SilentCipher watermark (fastcsm[watermark])
     # Listening
     host: str = "127.0.0.1"
     port: int = 8000
