@@ -6,6 +6,7 @@ transformers-format checkpoint needs the `transformers` package (a test dependen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def write_small_vocab_checkpoint(root: str | Path, seed: int = 0):
     begin-of-text id but no `eos_token_id` (as transformers' own CSM config does). Returns the HF model."""
     root = Path(root)
     ids = SMALL_VOCAB_SPECIALS
-    cfg = tiny_config().replace(text_vocab_size=SMALL_TEXT_VOCAB, bos_token_id=ids["<|begin_of_text|>"])
+    cfg = dataclasses.replace(tiny_config(), text_vocab_size=SMALL_TEXT_VOCAB, bos_token_id=ids["<|begin_of_text|>"])
     model = hf_model(cfg, seed, pad_token_id=ids["<|AUDIO|>"], audio_token_id=ids["<|AUDIO|>"],
                      audio_eos_token_id=ids["<|audio_eos|>"])
     model.save_pretrained(root)

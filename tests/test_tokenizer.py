@@ -7,6 +7,7 @@ A checkpoint whose tokenizer is not Llama-3's (a 272-token vocabulary with its s
 """
 
 import base64
+import dataclasses
 import json
 import logging
 
@@ -125,7 +126,7 @@ def test_template_post_processor_gives_the_ids():
                             "</s>": {"id": "</s>", "ids": [1001], "tokens": ["</s>"]}}}]}
     tok = TextTokenizer.from_json(spec)
     assert (tok.bos_id, tok.eos_id) == (1000, 1001)
-    rows = text_rows(tok, 0, "Hi", tiny_config().replace(text_vocab_size=1002))
+    rows = text_rows(tok, 0, "Hi", dataclasses.replace(tiny_config(), text_vocab_size=1002))
     assert rows.tokens[:, -1].tolist() == [1000, *tok.encode("[0]Hi"), 1001]
 
 
@@ -148,7 +149,7 @@ def test_a_mismatch_warns_and_the_tokenizer_wins(caplog):
 
 
 def test_config_json_special_ids_are_read():
-    d = tiny_config().replace(bos_token_id=5, eos_token_id=6).to_hf_dict()
+    d = dataclasses.replace(tiny_config(), bos_token_id=5, eos_token_id=6).to_hf_dict()
     assert (CsmConfig.from_dict(d).bos_token_id, CsmConfig.from_dict(d).eos_token_id) == (5, 6)
     d = tiny_config().to_hf_dict()
     assert "eos_token_id" not in d and CsmConfig.from_dict(d).eos_token_id is None
