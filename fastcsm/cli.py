@@ -75,6 +75,20 @@ def _load_generator(args):
         raise CliError(f"could not load the model {args.model!r}: {e}", EXIT_MODEL) from e
 
 
+def _load_watermarker(args):
+    from .checkpoints import resolve_device_dtype
+    from .watermark import Watermarker, WatermarkUnavailable
+
+    try:
+        device = resolve_device_dtype(args.device)[0]
+    except ValueError as e:
+        raise CliError(f"could not load the model {args.model!r}: {e}", EXIT_MODEL) from e
+    try:
+        return Watermarker.load(device)
+    except WatermarkUnavailable as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+
+
 # -- speak --------------------------------------------------------------------------------------
 
 SPEAK_EPILOG = """\
@@ -123,6 +137,9 @@ def add_speak(sub) -> None:
                    help="with --stream, audio after the first frame is written in chunks of this length "
                         "(default: %(default)s)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--watermark", action="store_true",
+                   help="mark the audio with Sesame's SilentCipher watermark, as its reference generator does "
+                        "(off by default; needs pip install \"fastcsm[watermark]\")")
     _add_model_args(p)
     p.set_defaults(func=run_speak)
 
@@ -279,7 +296,9 @@ def run_speak(args) -> int:
     context = _context_segments(_read_context(args.context)) if args.context else []
     voice_audio = _read_voice_audio(args) if args.voice_audio else None
     t_load = time.perf_counter()
+    watermarker = _load_watermarker(args) if args.watermark else None
     gen = _load_generator(args)
+    gen.watermarker = watermarker
     load_s = time.perf_counter() - t_load
     if gen.codec is None:
         raise CliError(f"the model {args.model!r} carries no audio codec: pass --codec kyutai/mimi "

@@ -110,8 +110,10 @@ class CsmConfig:
     audio_vocab_size: int = 2051  # per codebook: Mimi codes 0..2047 plus padding ids
     num_codebooks: int = 32
     codebook_size: int = 2048  # valid Mimi codes are 0..codebook_size-1
-    bos_token_id: int = 128_000  # <|begin_of_text|>
-    eos_token_id: int = 128_001  # <|end_of_text|>
+    # <|begin_of_text|> / <|end_of_text|> as config.json gives them (None: it does not say). The
+    # tokenizer decides the ids text rows use (prompt.TextTokenizer); these are its fallback.
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
     codebook_eos_id: int = 0  # an all-zero frame ends an utterance
     codebook_pad_id: int = 2050
     frame_ms: int = 80  # one Mimi frame at 12.5 Hz
@@ -181,7 +183,8 @@ class CsmConfig:
             text_vocab_size=self.text_vocab_size,
             vocab_size=self.audio_vocab_size,
             num_codebooks=self.num_codebooks,
-            bos_token_id=self.bos_token_id,
+            **({"bos_token_id": self.bos_token_id} if self.bos_token_id is not None else {}),
+            **({"eos_token_id": self.eos_token_id} if self.eos_token_id is not None else {}),
             codebook_eos_token_id=self.codebook_eos_id,
             codebook_pad_token_id=self.codebook_pad_id,
             depth_decoder_config=dict(
@@ -210,6 +213,13 @@ def _stack_from_hf(c: dict, default_max: int) -> TransformerConfig:
     )
 
 
+def _token_id(value) -> int | None:
+    """A special-token id from config.json: an int, the first of a list, or None."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _from_hf_dict(cfg: dict) -> CsmConfig:
     dec = dict(cfg.get("depth_decoder_config") or {})
     return CsmConfig(
@@ -218,7 +228,8 @@ def _from_hf_dict(cfg: dict) -> CsmConfig:
         text_vocab_size=cfg.get("text_vocab_size", 128_256),
         audio_vocab_size=cfg.get("vocab_size", 2051),
         num_codebooks=cfg.get("num_codebooks", 32),
-        bos_token_id=cfg.get("bos_token_id") or 128_000,
+        bos_token_id=_token_id(cfg.get("bos_token_id")),
+        eos_token_id=_token_id(cfg.get("eos_token_id")),
         codebook_eos_id=cfg.get("codebook_eos_token_id", 0),
         codebook_pad_id=cfg.get("codebook_pad_token_id", 2050),
     )

@@ -32,6 +32,7 @@ from .prompt import (Prompt, Segment, TextTokenizer, audio_rows, build_prompt, c
 from .sampling import SamplingParams
 from .speech import AudioStream, Piece, SpeakOptions, Speech
 from .text import split_text
+from .watermark import Watermarker, resolve_watermark
 
 log = logging.getLogger("fastcsm")
 
@@ -69,7 +70,7 @@ def _as_voices(voice) -> list:
 
 
 class Generator:
-    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec=None):
+    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec=None, watermark=False):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
@@ -77,19 +78,26 @@ class Generator:
         self.device = model.codebook0_head.weight.device
         self.dtype = model.codebook0_head.weight.dtype
         self.engine: Engine | None = None  # created on first use
+        self.watermarker: Watermarker | None = resolve_watermark(watermark, self.device)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto") -> Generator:
+    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto",
+                        watermark=False) -> Generator:
         """Load CSM from a local directory or hub repo id, in any published format.
 
-        `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none.
+        `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none; the
+        begin/end-of-text ids come from it (then config.json, then Llama-3's: see `TextTokenizer`).
         `codec`: "auto" takes the Mimi stored in a transformers-format checkpoint (if any); a path
         or hub id loads a separate Mimi checkpoint; a `Codec` is used as is; None loads none.
+        `watermark=True` marks all audio with Sesame's SilentCipher watermark (off by default; needs
+        `fastcsm[watermark]`, see watermark.py); a `Watermarker` brings its own model or key.
         """
         root = resolve(path_or_repo)
         model, files = load_model(root, device, dtype)
-        tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root)
-        return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device))
+        cfg = files.config
+        tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root, cfg.bos_token_id, cfg.eos_token_id)
+        return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device),
+                   watermark=watermark)
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -194,7 +202,11 @@ class Generator:
         plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
         frames = [f for f in self._speak_frames(plan) if f is not None]
         codes = torch.cat(frames) if frames else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)
-        return Speech(codec.decode(codes), codes, codec.sample_rate, plan.pieces)
+        audio = codec.decode(codes)
+        if self.watermarker is not None:  # piece by piece, as `stream` gives it
+            cuts = [p.frames * codec.frame_size for p in plan.pieces]
+            audio = torch.cat([self.watermarker.apply(a, codec.sample_rate) for a in audio.split(cuts)])
+        return Speech(audio, codes, codec.sample_rate, plan.pieces)
 
     def stream(
         self,
@@ -214,14 +226,15 @@ class Generator:
         """Like `speak`, but yield PCM chunks (fp32 [samples], 24 kHz) as frames are generated:
         the first after one frame, then `chunk_frames` frames at a time. The chunks concatenate
         to `generate(...)` with the same seed. Input errors raise here, not at the first chunk;
-        `close()` the stream (or use it in a `with` block) to stop early.
+        `close()` the stream (or use it in a `with` block) to stop early. With a watermark, each
+        piece comes as one chunk when it is done (the mark is computed over the whole piece).
         """
         codec = self._need_codec()
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
         plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
         return AudioStream(self._speak_frames(plan), codec.open_stream(), chunk_frames, codec.sample_rate,
-                           plan.pieces, len(plan.lines))
+                           plan.pieces, len(plan.lines), self.watermarker)
 
     def _need_codec(self):
         if self.codec is None:

@@ -2,14 +2,16 @@
 
 A row has one column per codebook and a last column for the text token, with a boolean mask
 saying which columns count. Text rows carry `<|begin_of_text|>[speaker]text<|end_of_text|>`
-(mask on the text column only); audio rows carry one Mimi frame each (mask on the codebook
-columns), and every context audio ends with one all-zero EOS frame. The prompt is every context
-segment (text rows, then audio rows) followed by the text rows of the line to speak.
+(with the tokenizer's ids for both; mask on the text column only); audio rows carry one Mimi
+frame each (mask on the codebook columns), and every context audio ends with one all-zero EOS
+frame. The prompt is every context segment (text rows, then audio rows) followed by the text
+rows of the line to speak.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +20,54 @@ import torch
 
 from .config import CsmConfig
 
+log = logging.getLogger("fastcsm")
+
+
+BEGIN_OF_TEXT, END_OF_TEXT = "<|begin_of_text|>", "<|end_of_text|>"
+LLAMA3_BOS_ID, LLAMA3_EOS_ID = 128_000, 128_001
+
+
+def _template_ids(tokenizer) -> tuple[int | None, int | None]:
+    """The ids a `TemplateProcessing` post-processor puts before and after a single text, if any."""
+    post = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            single, specials = step["single"], step.get("special_tokens") or {}
+            first = _special_id(single[0], specials)
+            last = _special_id(single[-1], specials) if len(single) > 1 else None
+            return first, last
+    return None, None
+
+
+def _special_id(item: dict, specials: dict) -> int | None:
+    """The id of one template item when it is a special token of exactly one id."""
+    ids = specials.get(item.get("SpecialToken", {}).get("id"), {}).get("ids") or []
+    return ids[0] if len(ids) == 1 else None
+
 
 class TextTokenizer:
-    """The Llama-3 tokenizer from a `tokenizer.json`, without its own special-token template."""
+    """The text tokenizer from a `tokenizer.json`, without its own special-token template.
 
-    def __init__(self, tokenizer):
+    `bos_id` / `eos_id`, which every text row starts and ends with, are resolved once, here:
+    from the tokenizer itself (its `<|begin_of_text|>` / `<|end_of_text|>` tokens, else what its
+    post-processor template puts around a text, as Sesame's generator does), else from the
+    checkpoint's `config.json` (`bos_token_id` / `eos_token_id`, given here), else Llama-3's ids.
+    When the tokenizer and config.json disagree, the tokenizer wins with a warning: it is what
+    wrote the training text, and both references (Sesame's generator, transformers' processor)
+    take these ids from it.
+    """
+
+    def __init__(self, tokenizer, bos_token_id: int | None = None, eos_token_id: int | None = None):
         self._tok = tokenizer
+        template = _template_ids(tokenizer)
+        self.bos_id = _resolve_special("begin", BEGIN_OF_TEXT, tokenizer.token_to_id(BEGIN_OF_TEXT), template[0],
+                                       "bos_token_id", bos_token_id, LLAMA3_BOS_ID)
+        self.eos_id = _resolve_special("end", END_OF_TEXT, tokenizer.token_to_id(END_OF_TEXT), template[1],
+                                       "eos_token_id", eos_token_id, LLAMA3_EOS_ID)
 
     @staticmethod
-    def from_file(path: str | Path) -> TextTokenizer:
+    def from_file(path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None) -> TextTokenizer:
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -36,19 +77,36 @@ class TextTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer.json at {path}; pass tokenizer= a directory or file holding the Llama-3 tokenizer"
             )
-        return TextTokenizer(Tokenizer.from_file(str(path)))
+        return TextTokenizer(Tokenizer.from_file(str(path)), bos_token_id, eos_token_id)
 
     @staticmethod
-    def from_json(text: str | dict) -> TextTokenizer:
+    def from_json(text: str | dict, bos_token_id: int | None = None, eos_token_id: int | None = None) -> TextTokenizer:
         from tokenizers import Tokenizer
 
-        return TextTokenizer(Tokenizer.from_str(text if isinstance(text, str) else json.dumps(text)))
+        tok = Tokenizer.from_str(text if isinstance(text, str) else json.dumps(text))
+        return TextTokenizer(tok, bos_token_id, eos_token_id)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+
+def _resolve_special(which: str, token: str, named: int | None, template: int | None, key: str,
+                     configured: int | None, default: int) -> int:
+    """One special id: the tokenizer's named token, its template's, config.json's, then Llama-3's."""
+    if named is not None:
+        found, source = named, f"its {token} token"
+    elif template is not None:
+        found, source = template, "its post-processor template"
+    else:
+        return default if configured is None else configured
+    if configured is not None and configured != found:
+        log.warning("the tokenizer's %s-of-text id is %d (%s) but config.json says %s=%d; using %d, the "
+                    "tokenizer's: it wrote the text the model was trained on", which, found, source, key,
+                    configured, found)
+    return found
 
 
 @dataclass
@@ -102,10 +160,11 @@ def check_codes(codes, cfg: CsmConfig) -> torch.Tensor:
 
 
 def text_rows(tokenizer: TextTokenizer, speaker: int, text: str, cfg: CsmConfig) -> Prompt:
-    ids = [cfg.bos_token_id, *tokenizer.encode(f"[{speaker}]{text}"), cfg.eos_token_id]
+    ids = [tokenizer.bos_id, *tokenizer.encode(f"[{speaker}]{text}"), tokenizer.eos_id]
     bad = [i for i in ids if not 0 <= i < cfg.text_vocab_size]
     if bad:
-        raise ValueError(f"tokenizer produced ids {bad[:5]} outside the model's text vocabulary of {cfg.text_vocab_size}")
+        raise ValueError(f"tokenizer produced ids {bad[:5]} outside the model's text vocabulary of "
+                         f"{cfg.text_vocab_size}: is this the checkpoint's own tokenizer?")
     tokens = torch.zeros(len(ids), cfg.num_columns, dtype=torch.long)
     mask = torch.zeros(len(ids), cfg.num_columns, dtype=torch.bool)
     tokens[:, cfg.text_column] = torch.tensor(ids)

@@ -14,6 +14,7 @@ exactly as a whole-sequence decode of the same codes would.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -100,13 +101,14 @@ class AudioStream:
     """An iterator of 24 kHz PCM chunks (fp32 [samples], CPU) as a line is generated.
 
     The first chunk is the first frame alone; later chunks hold `chunk_frames` frames, and each
-    piece's last frames are flushed when it ends. `pieces` fills in as pieces start; `frames` counts
-    the frames decoded so far. `close()` (or leaving a `with` block, or breaking out of a loop
+    piece's last frames are flushed when it ends (with a `watermarker`, each piece comes as one
+    watermarked chunk when it ends). `pieces` fills in as pieces start; `frames` counts the frames
+    decoded so far. `close()` (or leaving a `with` block, or breaking out of a loop
     and dropping the stream) stops generation and frees the engine slot and the decoder slot.
     """
 
     def __init__(self, frames: Iterator, decoder, chunk_frames: int, sample_rate: int, pieces: list[Piece],
-                 num_pieces: int):
+                 num_pieces: int, watermarker=None):
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
         self.sample_rate = sample_rate
@@ -116,19 +118,26 @@ class AudioStream:
         self.frames = 0
         self._frames = frames
         self._decoder = decoder
+        self._watermarker = watermarker
         self._chunks = self._run()
 
     def _run(self) -> Iterator[torch.Tensor]:
         pending: list[torch.Tensor] = []
+        piece: list[torch.Tensor] = []  # with a watermark: the piece's audio, marked when it ends
         try:
-            for frame in self._frames:
+            for frame in itertools.chain(self._frames, [None]):  # a last None flushes what is left
                 if frame is not None:
                     pending.append(frame)
                 if pending and (frame is None or self.frames == 0 or len(pending) >= self.chunk_frames):
-                    yield self._decode(pending)
+                    chunk = self._decode(pending)
                     pending = []
-            if pending:
-                yield self._decode(pending)
+                    if self._watermarker is None:
+                        yield chunk
+                    else:
+                        piece.append(chunk)
+                if frame is None and piece:
+                    yield self._watermarker.apply(torch.cat(piece), self.sample_rate)
+                    piece = []
         finally:
             self.close()
 

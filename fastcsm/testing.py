@@ -6,6 +6,7 @@ transformers-format checkpoint needs the `transformers` package (a test dependen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import torch
 from .config import CsmConfig, tiny_config
 
 
-def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001) -> dict:
+def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001, **more_specials: int) -> dict:
     """A byte-level BPE tokenizer (no merges: one token per UTF-8 byte, ids 0..255) with the
-    Llama-3 special tokens at their real ids."""
+    Llama-3 special tokens, at their real ids unless told otherwise. `more_specials` adds special
+    tokens by content (`**{"<|AUDIO|>": 258}`)."""
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -26,11 +28,13 @@ def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001) -> dict:
         return {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True}
 
+    specials = {"<|begin_of_text|>": bos_id, "<|end_of_text|>": eos_id, **more_specials}
+    vocab.update(specials)  # in the model's vocabulary too, or `tokenizers` renumbers them from 256
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [special(bos_id, "<|begin_of_text|>"), special(eos_id, "<|end_of_text|>")],
+        "added_tokens": [special(i, text) for text, i in specials.items()],
         "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "post_processor": None,
@@ -41,10 +45,34 @@ def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001) -> dict:
     }
 
 
-def write_tokenizer(root: str | Path) -> Path:
+def write_tokenizer(root: str | Path, tokenizer: dict | None = None) -> Path:
     path = Path(root) / "tokenizer.json"
-    path.write_text(json.dumps(byte_tokenizer_json()))
+    path.write_text(json.dumps(tokenizer or byte_tokenizer_json()))
     return path
+
+
+# A small text vocabulary whose specials are not at Llama-3's ids: bytes 0..255, then these.
+SMALL_VOCAB_SPECIALS = {"<|begin_of_text|>": 260, "<|end_of_text|>": 261, "<|AUDIO|>": 262, "<|audio_eos|>": 263}
+SMALL_TEXT_VOCAB = 272
+
+
+def write_small_vocab_checkpoint(root: str | Path, seed: int = 0):
+    """A tiny transformers-format CSM whose tokenizer is not Llama-3's: a text vocabulary of 272
+    with its specials at 260..263 (see `SMALL_VOCAB_SPECIALS`), and a config.json that names the
+    begin-of-text id but no `eos_token_id` (as transformers' own CSM config does). Returns the HF model."""
+    root = Path(root)
+    ids = SMALL_VOCAB_SPECIALS
+    cfg = dataclasses.replace(tiny_config(), text_vocab_size=SMALL_TEXT_VOCAB, bos_token_id=ids["<|begin_of_text|>"])
+    model = hf_model(cfg, seed, pad_token_id=ids["<|AUDIO|>"], audio_token_id=ids["<|AUDIO|>"],
+                     audio_eos_token_id=ids["<|audio_eos|>"])
+    model.save_pretrained(root)
+    config = json.loads((root / "config.json").read_text())
+    config.pop("eos_token_id", None)
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    bos, eos, *_ = ids.values()
+    more = {k: v for k, v in ids.items() if v not in (bos, eos)}
+    write_tokenizer(root, byte_tokenizer_json(bos, eos, **more))
+    return model
 
 
 def tiny_mimi_hf_config() -> dict:
@@ -63,15 +91,16 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
             p.copy_(1 + 0.1 * noise if name.endswith(("norm.weight", "layernorm.weight", "norm.scale")) else noise)
 
 
-def hf_model(cfg: CsmConfig | None = None, seed: int = 0):
-    """A random transformers `CsmForConditionalGeneration` with fastcsm's `cfg` shapes (fp32, eval)."""
+def hf_model(cfg: CsmConfig | None = None, seed: int = 0, **hf_config):
+    """A random transformers `CsmForConditionalGeneration` with fastcsm's `cfg` shapes (fp32, eval);
+    `hf_config` sets more transformers config fields (special ids)."""
     from transformers import CsmConfig as HFCsmConfig, CsmForConditionalGeneration
 
     cfg = cfg or tiny_config()
     d = cfg.to_hf_dict()
     d.pop("model_type")
     torch.manual_seed(seed)
-    model = CsmForConditionalGeneration(HFCsmConfig(**d, codec_config=tiny_mimi_hf_config()))
+    model = CsmForConditionalGeneration(HFCsmConfig(**{**d, **hf_config}, codec_config=tiny_mimi_hf_config()))
     randomize_(model.backbone_model, seed + 1)
     randomize_(model.depth_decoder, seed + 2)
     with torch.no_grad():

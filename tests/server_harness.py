@@ -39,8 +39,8 @@ class LiveServer:
     def __init__(self, log_level: str = "warning", **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = Settings(model=str(tiny_checkpoint()), device="cpu", host="127.0.0.1", port=self.port,
-                                 **settings)
+        settings.setdefault("model", str(tiny_checkpoint()))
+        self.settings = Settings(device="cpu", host="127.0.0.1", port=self.port, **settings)
         self.app = create_app(self.settings)
         # The served settings (head and body deadlines, connection cap) as `fastcsm serve` uses them.
         config = uvicorn_config(self.app, self.settings, log_level=log_level, ws="websockets",
@@ -50,7 +50,7 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a loaded machine loads slowly
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:

@@ -63,7 +63,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -145,7 +145,7 @@ def open_page(browser, server, key: str | None = API_KEY):
 @pytest.fixture
 def page(browser, server):
     page = open_page(browser, server)
-    page.wait_for_function("window.fastcsm && window.fastcsm.ready === true", timeout=10_000)
+    page.wait_for_function("window.fastcsm && window.fastcsm.ready === true", timeout=30_000)
     yield page
     page.close()
 
@@ -171,7 +171,7 @@ def speak_and_wait(page) -> list[dict]:
     sent = []
     page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/audio/speech") else None)
     page.click("#speak")
-    page.wait_for_function("window.fastcsm.done === true", timeout=20_000)
+    page.wait_for_function("window.fastcsm.done === true", timeout=60_000)
     return [json.loads(body) for body in sent]
 
 
@@ -232,7 +232,7 @@ def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
 
     # the audio clock runs through the scheduled audio, then playback ends
     page.wait_for_function("window.fastcsm.currentTime() >= window.fastcsm.clockEnd && !window.fastcsm.playing",
-                           timeout=10_000)
+                           timeout=30_000)
     assert stats(page)["now"] >= s["clockEnd"]
     assert page.text_content("#fig-ttfa").endswith("ms")
     assert page.text_content("#fig-audio") == f"{s['samplesReceived'] / SAMPLE_RATE:.2f} s"
@@ -268,7 +268,7 @@ def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
     page.fill("#voice-speaker", "1")
     page.set_input_files("#voice-file", str(write_wav(tmp_path / "me.wav")))
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.voices.includes('page-voice')", timeout=20_000)
+    page.wait_for_function("window.fastcsm.voices.includes('page-voice')", timeout=60_000)
     assert page.input_value("#voice") == "page-voice"  # the new voice is picked
     listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
     voice = next(v for v in listed if v["name"] == "page-voice")
@@ -284,7 +284,7 @@ def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
     assert page.console.errors == []
 
     # the page after speaking, as a test artifact (and the README's picture)
-    page.wait_for_function("window.fastcsm.currentTime() > window.fastcsm.clockStart + 0.8", timeout=10_000)
+    page.wait_for_function("window.fastcsm.currentTime() > window.fastcsm.clockStart + 0.8", timeout=30_000)
     shot = Path(os.environ.get("FASTCSM_ARTIFACTS", tmp_path)) / "page.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
@@ -299,13 +299,13 @@ def test_voice_from_the_microphone(page, server):
     page.wait_for_selector("#record[aria-pressed=true]")
     page.wait_for_timeout(1200)
     page.click("#record")
-    page.wait_for_function("window.fastcsm.recordedBytes > 0", timeout=10_000)
+    page.wait_for_function("window.fastcsm.recordedBytes > 0", timeout=30_000)
     seconds = (page.evaluate("window.fastcsm.recordedBytes") - 44) / 2 / SAMPLE_RATE
-    assert 0.8 < seconds < 3
+    assert 0.8 < seconds < 10  # 1.2 s, or more when a loaded machine is slow to click Stop
     page.fill("#voice-name", "mic-voice")
     page.fill("#voice-text", "A beep, not words.")
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.voices.includes('mic-voice')", timeout=20_000)
+    page.wait_for_function("window.fastcsm.voices.includes('mic-voice')", timeout=60_000)
     listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
     assert any(v["name"] == "mic-voice" for v in listed)
     assert page.console.errors == []
@@ -325,14 +325,14 @@ def test_interrupt_stops_playback(page, server):
     # sound is coming out of the speakers, with more queued behind it...
     page.wait_for_function(
         "window.fastcsm.outputPeak() > 0 && window.fastcsm.clockEnd - window.fastcsm.currentTime() > 0.2",
-        timeout=20_000)
+        timeout=60_000)
     page.keyboard.press("Escape")  # the keyboard way to press Interrupt
     s = stats(page)
     assert s["interrupted"] and s["done"] and not s["playing"] and not s["streaming"]
     assert s["stoppedAt"] is not None and s["stoppedAt"] < s["clockEnd"]  # cut before its end
     assert page.evaluate("window.fastcsm.activeSources()") == 0
     # ...and stops: the output falls silent once the analyser's 85 ms window has passed
-    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=2_000)
+    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=10_000)
     page.wait_for_timeout(300)
     later = stats(page)
     assert page.evaluate("window.fastcsm.outputPeak()") == 0
@@ -340,7 +340,7 @@ def test_interrupt_stops_playback(page, server):
     assert later["samplesScheduled"] == s["samplesScheduled"]
     assert later["samplesReceived"] < frames * FRAME_SAMPLES
     # the page hung up, so the server stopped generating and freed the slot
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         m = metrics(server)
         if m["fastcsm_active_streams"] == 0 and m["fastcsm_cancelled_total"] > cancelled:
@@ -354,18 +354,18 @@ def test_interrupt_stops_playback(page, server):
 
 def test_conversation_turns_and_interrupt(page, server):
     page.click("#tab-conversation")
-    page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
+    page.wait_for_function("window.fastcsm.conversation.connected", timeout=30_000)
     set_sampling(page, 4 * FRAME_MS)
     # their line with their recorded audio (Chromium's fake microphone): the audio adds rows
     page.click("#record-their")
     page.wait_for_selector("#record-their[aria-pressed=true]")
     page.wait_for_timeout(1000)
     page.click("#record-their")
-    page.wait_for_function("document.querySelector('#their-audio').textContent.startsWith('+')", timeout=10_000)
+    page.wait_for_function("document.querySelector('#their-audio').textContent.startsWith('+')", timeout=30_000)
     text = "Hi, who is this?"
     page.fill("#their-line", text)
     page.click("#add-turn")
-    page.wait_for_function("window.fastcsm.conversation.events.some(e => e.type === 'turn_added')", timeout=10_000)
+    page.wait_for_function("window.fastcsm.conversation.events.some(e => e.type === 'turn_added')", timeout=30_000)
     added = next(e for e in stats(page)["conversation"]["events"] if e["type"] == "turn_added")
     text_rows = len(f"[1]{text}".encode()) + 2  # byte tokenizer, with begin and end of text
     assert added["speaker"] == 1 and added["rows"] >= text_rows + 10  # ~1 s is ~12 frames, + EOS frame
@@ -382,16 +382,16 @@ def test_conversation_turns_and_interrupt(page, server):
     page.fill("#max-ms", str(250 * FRAME_MS))
     page.fill("#text", "And now a much longer line that will not be heard to its end.")
     page.click("#speak")
-    page.wait_for_function("window.fastcsm.chunksReceived > 0", timeout=20_000)
+    page.wait_for_function("window.fastcsm.chunksReceived > 0", timeout=60_000)
     page.click("#interrupt")
     cut = stats(page)
     assert cut["interrupted"] and not cut["playing"]
-    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 1", timeout=10_000)
+    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 1", timeout=30_000)
     s = stats(page)
     assert s["conversation"]["lastDone"]["reason"] == "interrupted", s["conversation"]["events"][-6:]
     assert s["samplesScheduled"] == cut["samplesScheduled"]  # nothing played after the interrupt
     assert s["conversation"]["lastDone"]["frames"] < 250
-    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=2_000)
+    page.wait_for_function("window.fastcsm.outputPeak() === 0", timeout=10_000)
     assert page.eval_on_selector("#turns li:last-child", "li => li.classList.contains('interrupted')")
     assert page.console.errors == []
 
@@ -399,7 +399,7 @@ def test_conversation_turns_and_interrupt(page, server):
     assert page.eval_on_selector_all("#turns li", "ls => ls.length") == 0
     page.fill("#max-ms", str(2 * FRAME_MS))
     page.click("#speak")
-    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 2", timeout=20_000)
+    page.wait_for_function("window.fastcsm.conversation.lastDone.utterance === 2", timeout=60_000)
     assert stats(page)["conversation"]["connected"] and stats(page)["lastError"] is None
 
 
@@ -409,11 +409,11 @@ def test_refused_request_shows_the_servers_message(page, server, tmp_path):
     page.fill("#voice-text", "Soon gone.")
     page.set_input_files("#voice-file", str(write_wav(tmp_path / "gone.wav", 0.5)))
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.voices.includes('gone-voice')", timeout=20_000)
+    page.wait_for_function("window.fastcsm.voices.includes('gone-voice')", timeout=60_000)
     api(server, "DELETE", "/v1/voices/gone-voice")
 
     page.click("#speak")
-    page.wait_for_function("window.fastcsm.lastError !== null", timeout=10_000)
+    page.wait_for_function("window.fastcsm.lastError !== null", timeout=30_000)
     with pytest.raises(urllib.error.HTTPError) as refused:
         api(server, "POST", "/v1/audio/speech", {"input": "x", "voice": "gone-voice", "response_format": "pcm"})
     server_message = json.loads(refused.value.read())["error"]["message"]
@@ -430,7 +430,7 @@ def test_refused_request_shows_the_servers_message(page, server, tmp_path):
         status=503, headers={"Retry-After": "2", "Content-Type": "application/json"}, body=json.dumps(busy)))
     page.select_option("#voice", "0")
     page.click("#speak")
-    page.wait_for_function("window.fastcsm.errors.length === 2", timeout=10_000)
+    page.wait_for_function("window.fastcsm.errors.length === 2", timeout=30_000)
     assert stats(page)["lastError"] == f"503: {busy['error']['message']} (retry after 2 s)"
 
 
@@ -438,13 +438,13 @@ def test_api_key_is_asked_for_and_sent(browser, server):
     page = open_page(browser, server, key=None)
     try:
         # without a key the server refuses, the page says so and opens the key field
-        page.wait_for_function("window.fastcsm.ready === true", timeout=10_000)
+        page.wait_for_function("window.fastcsm.ready === true", timeout=30_000)
         s = stats(page)
         assert s["lastError"].startswith("401: ") and "API key" in s["lastError"]
         assert page.eval_on_selector(".apikey", "d => d.open") and page.is_visible("#error")
         # the conversation is refused too, with the server's reason
         page.click("#tab-conversation")
-        page.wait_for_function("window.fastcsm.errors.length >= 2", timeout=10_000)
+        page.wait_for_function("window.fastcsm.errors.length >= 2", timeout=30_000)
         assert "API key" in stats(page)["lastError"] and not stats(page)["conversation"]["connected"]
         page.click("#tab-single")
 
@@ -457,6 +457,6 @@ def test_api_key_is_asked_for_and_sent(browser, server):
         speak_and_wait(page)
         assert stats(page)["samplesScheduled"] == 2 * FRAME_SAMPLES
         page.click("#tab-conversation")  # the WebSocket carries the key as ?api_key=
-        page.wait_for_function("window.fastcsm.conversation.connected", timeout=10_000)
+        page.wait_for_function("window.fastcsm.conversation.connected", timeout=30_000)
     finally:
         page.close()

@@ -92,18 +92,19 @@ def test_openai_client_streams_valid_audio(server, fmt):
 
 
 def test_audio_streams_before_generation_ends(server):
-    frames = 25
-    body = {"input": "A longer line.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 80 * frames}
-    t0 = time.perf_counter()
+    """The first chunk arrives while the stream is still being generated (told by the server's
+    own count of active streams, not by a clock, so a loaded machine cannot fail it)."""
+    frames = 100
+    body = {"input": "A longer line that goes on for a good while.", "voice": "0", "response_format": "pcm",
+            "max_audio_length_ms": 80 * frames}
     with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
         chunks = iter(r.iter_raw())
         first = next(chunks)
-        t_first = time.perf_counter() - t0
+        still_generating = server.metrics()["fastcsm_active_streams"]
         rest = b"".join(chunks)
-    total = time.perf_counter() - t0
     assert 0 < len(first) < frames * FRAME * 2
     assert len(first) + len(rest) == frames * FRAME * 2
-    assert t_first < total / 2
+    assert still_generating == 1
 
 
 def test_server_sent_events(server):
@@ -191,7 +192,7 @@ def test_client_disconnect_frees_its_slot_while_others_continue(server):
     body = {"input": "I will hang up.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 8000}
     with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
         next(r.iter_raw())  # audio is flowing; now leave
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # generous for a loaded machine: the loop ends as soon as it is seen
     while time.monotonic() < deadline:
         m = server.metrics()
         if m["fastcsm_cancelled_total"] > before["fastcsm_cancelled_total"]:
@@ -275,7 +276,7 @@ def test_full_queue_gets_503_with_retry_after():
                 with http.stream("POST", "/v1/audio/speech", json=body) as queued:
                     assert queued.status_code == 200
                     assert small.metrics()["fastcsm_queue_depth"] == 1
-                    r = httpx.post(small.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=5)
+                    r = httpx.post(small.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=30)
                     assert r.status_code == 503
                     assert r.headers["retry-after"] == "1"
                     assert "busy" in r.json()["error"]["message"]
@@ -378,7 +379,6 @@ def test_interrupt_stops_audio_within_a_frame(server):
         while not isinstance(ws.recv(timeout=30), bytes):
             pass
         ws.send(json.dumps({"type": "interrupt"}))
-        t_interrupt = time.perf_counter()
         after = 0
         while True:
             msg = ws.recv(timeout=10)
@@ -391,12 +391,12 @@ def test_interrupt_stops_audio_within_a_frame(server):
         assert event["reason"] == "interrupted"
         # Generation runs ahead of real time, so a frame may already be on the wire when the
         # interrupt leaves; once the server reads it, nothing more is sent.
+        # Counted in frames, not seconds, so a loaded machine cannot fail it.
         assert after <= 2 and event["frames"] == 1 + after  # every frame sent arrived before done
-        assert time.perf_counter() - t_interrupt < 1.0
         # The conversation goes on: the next line speaks after the interrupted one.
         events, audio = speak_and_collect(ws, text="Sorry, go on.", voice="0", max_audio_length_ms=160)
         assert events[-1]["type"] == "done" and events[-1]["frames"] == 2 and len(audio) == 2
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while server.metrics()["fastcsm_active_streams"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.metrics()["fastcsm_active_streams"] == 0

@@ -200,6 +200,8 @@ def test_input_errors_raise_before_any_generation(gen, prompts):
 
 
 class _ByteTok:
+    bos_id, eos_id = 128_000, 128_001
+
     def encode(self, text):
         return list(text.encode())
 

@@ -43,6 +43,9 @@ def add_serve(sub) -> None:
                    help="torch CPU threads (default: torch's choice; on CPU, small models run best with 1)")
     g.add_argument("--model-name", metavar="NAME",
                    help="the model id GET /v1/models lists (default: the checkpoint directory's or repo's name)")
+    g.add_argument("--watermark", action="store_const", const=True,
+                   help="mark all audio with Sesame's SilentCipher watermark, as its reference generator does; "
+                        "audio then comes a piece at a time (off by default; pip install \"fastcsm[watermark]\")")
     g = p.add_argument_group("listening")
     g.add_argument("--host", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, help="TCP port (default: 8000)")
@@ -97,7 +100,7 @@ def settings_from_args(args):
     names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level", "slots",
              "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
              "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "header_timeout_s",
-             "body_timeout_s", "keep_alive_s", "max_connections",
+             "body_timeout_s", "keep_alive_s", "max_connections", "watermark",
              "model_name", "voice_map"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -136,15 +139,21 @@ def run_serve(args) -> int:
 
         torch.set_num_threads(settings.threads)
     # Load before listening: a model that cannot load ends the command with its reason.
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError, resolve_device_dtype
     from ..cli import EXIT_MODEL
     from ..generator import Generator
+    from ..watermark import Watermarker, WatermarkUnavailable
 
+    try:  # before the (slow) model load
+        watermarker = Watermarker.load(resolve_device_dtype(settings.device)[0]) if settings.watermark else None
+    except (WatermarkUnavailable, ValueError) as e:
+        raise CliError(str(e), EXIT_MODEL) from e
     try:
         generator = Generator.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
                                               tokenizer=settings.tokenizer, codec=settings.codec or "auto")
     except (CheckpointError, OSError, ValueError) as e:
         raise CliError(f"could not load the model {settings.model!r}: {e}", EXIT_MODEL) from e
+    generator.watermarker = watermarker
     if generator.codec is None:
         raise CliError(f"the model {settings.model!r} carries no audio codec: pass --codec kyutai/mimi "
                        "(or a directory holding Mimi weights)", EXIT_MODEL)

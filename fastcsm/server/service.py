@@ -28,6 +28,7 @@ from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
 from ..text import split_text
 from ..voices import Voice, VoiceError, VoiceExists, VoiceStore, check_name
+from ..watermark import WatermarkedStream, resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .settings import Settings, parse_voice_map
 
@@ -113,6 +114,8 @@ class Service:
                                                          tokenizer=s.tokenizer, codec=s.codec or "auto")
             if gen.codec is None:
                 raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
+            if s.watermark and gen.watermarker is None:
+                gen.watermarker = resolve_watermark(True, gen.device)
             engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
                             compile=s.compile)
             if engine.cuda_graphs or s.compile:
@@ -392,7 +395,10 @@ class Service:
 
         self.need_ready()
         try:
-            return self.scheduler.submit(request, priority=follow_on)
+            stream = self.scheduler.submit(request, priority=follow_on)
+            if self.generator.watermarker is not None:  # the mark needs whole utterances
+                stream = WatermarkedStream(stream, self.generator.watermarker, self.generator.codec.sample_rate)
+            return stream
         except Busy as e:
             raise ApiError(503, str(e), "server_busy", retry_after=e.retry_after) from None
         except Closed as e:

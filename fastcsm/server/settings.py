@@ -24,6 +24,7 @@ class Settings:
     compile: bool = False  # torch.compile the frame step (minutes of warm-up)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (small models on CPU: try 1)
     model_name: str | None = None  # the id /v1/models lists (default: the checkpoint's directory or repo name)
+    watermark: bool = False  # mark all audio with Sesame's SilentCipher watermark (fastcsm[watermark])
     # Listening
     host: str = "127.0.0.1"
     port: int = 8000
