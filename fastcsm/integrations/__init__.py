@@ -1,0 +1,5 @@
+"""Adapters for the frameworks voice agents are built with (each an optional extra):
+
+- `fastcsm.integrations.pipecat`: `FastCSMTTSService`, a Pipecat TTS service over the
+  `/v1/conversations` WebSocket (`pip install "fastcsm[pipecat]"`).
+"""

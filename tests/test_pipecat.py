@@ -1,0 +1,111 @@
+"""Pipecat against a real `fastcsm serve` on loopback: its own `OpenAITTSService` unchanged with
+an OpenAI voice name, and `FastCSMTTSService` over the conversation WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("pipecat", reason="Pipecat is not installed: pip install \"fastcsm[pipecat]\"")
+from pipecat.frames.frames import (  # noqa: E402
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStoppedFrame,
+)
+from pipecat.services.openai.tts import OpenAITTSService  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from server_harness import LiveServer  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from fastcsm.integrations.pipecat import FastCSMTTSService  # noqa: E402
+
+FRAME_BYTES = 1920 * 2
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(slots=4, max_audio_length_ms=8000) as s:
+        yield s
+
+
+def audio_of(frames) -> bytes:
+    return b"".join(f.audio for f in frames if isinstance(f, TTSAudioRawFrame))
+
+
+def llm_reply(tokens: list[str]) -> list:
+    return [LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in tokens], LLMFullResponseEndFrame()]
+
+
+def spoken_whole(server, text: str, **speak) -> bytes:
+    with connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=10) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "speak", "text": text, **speak}))
+        audio = []
+        while True:
+            msg = ws.recv(timeout=60)
+            if isinstance(msg, bytes):
+                audio.append(msg)
+            elif json.loads(msg)["type"] in ("done", "error"):
+                return b"".join(audio)
+
+
+def test_openai_tts_service_unchanged_with_an_openai_voice(server):
+    tts = OpenAITTSService(api_key="none", base_url=server.url + "/v1",  # no fastcsm field: its defaults
+                           settings=OpenAITTSService.Settings(voice="alloy"))
+    down, up = asyncio.run(run_test(tts, frames_to_send=[TTSSpeakFrame("Hello from Pipecat.")]))
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert not up and audio and {f.sample_rate for f in audio} == {24_000}
+    assert len(audio_of(down)) % FRAME_BYTES == 0 and len(audio_of(down)) > 0
+
+
+def test_fastcsm_service_streams_the_llm_reply_as_one_line(server):
+    tts = FastCSMTTSService(url=server.url, voice="alloy", seed=3, max_audio_length_ms=240)
+    tokens = ["Hello", " there.", " How", " are", " you", " today?"]
+    down, up = asyncio.run(run_test(tts, frames_to_send=[*llm_reply(tokens), SleepFrame(1.0)]))
+    assert not up
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert {f.sample_rate for f in audio} == {24_000} and all(len(f.audio) == FRAME_BYTES for f in audio)
+    # Two pieces of three frames, exactly the line spoken whole (same seed).
+    assert audio_of(down) == spoken_whole(server, "Hello there. How are you today?", voice="alloy", seed=3,
+                                          max_audio_length_ms=240)
+    assert any(isinstance(f, TTSStoppedFrame) for f in down)
+
+
+def test_fastcsm_service_interrupt_keeps_the_socket_and_the_user_turn_goes_in(server, monkeypatch):
+    from fastcsm.server.conversation import Conversation
+
+    turns, interrupted = [], []
+    add_turn, finish = Conversation.add_turn, Conversation.finish
+
+    async def recording_add_turn(self, m):
+        turns.append(m.text)
+        return await add_turn(self, m)
+
+    async def recording_finish(self, u, reason):
+        interrupted.append(reason)
+        return await finish(self, u, reason)
+
+    monkeypatch.setattr(Conversation, "add_turn", recording_add_turn)
+    monkeypatch.setattr(Conversation, "finish", recording_finish)
+    tts = FastCSMTTSService(url=server.url, voice="0", max_audio_length_ms=8000)
+    connects = []
+
+    @tts.event_handler("on_connected")
+    async def on_connected(service):
+        connects.append(1)
+
+    frames = [*llm_reply(["A long answer that goes on."]), SleepFrame(0.5), InterruptionFrame(), SleepFrame(0.3),
+              TranscriptionFrame("Wait, stop.", "user", "2026-01-01T00:00:00Z"), SleepFrame(0.2),
+              *llm_reply(["Sorry."]), SleepFrame(0.5)]
+    down, up = asyncio.run(asyncio.wait_for(run_test(tts, frames_to_send=frames), 120))
+    assert interrupted[0] == "interrupted"  # the server stopped the first line at the barge-in
+    assert turns == ["Wait, stop."]  # the user's words went into the conversation
+    assert len(connects) == 1  # one socket throughout: the conversation and its KV cache were kept
+    assert interrupted[-1] == "max_length" and any(isinstance(f, TTSStoppedFrame) for f in down)  # "Sorry."
