@@ -64,7 +64,7 @@ prefilled again.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
@@ -261,7 +261,7 @@ class Reset(_Strict):
     type: Literal["reset"] = "reset"
 
 
-ClientMessage = Annotated[Union[Configure, AddTurn, Speak, Interrupt, Reset], Field(discriminator="type")]
+ClientMessage = Annotated[Configure | AddTurn | Speak | Interrupt | Reset, Field(discriminator="type")]
 
 
 # -- WebSocket: server -> client ------------------------------------------------------------------
@@ -331,6 +331,6 @@ class ErrorEvent(BaseModel):
 
 
 ServerMessage = Annotated[
-    Union[ReadyEvent, ConfiguredEvent, TurnAdded, Started, FirstAudio, Done, ContextDropped, ErrorEvent],
+    ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | ErrorEvent,
     Field(discriminator="type"),
 ]
