@@ -86,7 +86,7 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, total = [], 0
-        for b, c in zip([*map(repr, self.buckets), "+Inf"], self.counts):
+        for b, c in zip([*map(repr, self.buckets), "+Inf"], self.counts, strict=True):
             total += c
             out.append((b, total))
         return out

@@ -128,7 +128,7 @@ class Voice:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                codes = f.get_tensor("codes") if "codes" in f.keys() else None
+                codes = f.get_tensor("codes") if "codes" in f.keys() else None  # noqa: SIM118 (safe_open has no __contains__)
         except Exception as e:  # not safetensors, truncated, unreadable
             raise VoiceError(f"{path} is not a readable fastcsm voice file ({e})") from None
         if metadata.get("format") != FORMAT or codes is None:

@@ -17,7 +17,7 @@ from fastcsm.server.limits import uvicorn_config
 from fastcsm.server.settings import Settings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_checkpoint() -> Path:
     """A tiny random transformers-format CSM (with its tiny Mimi), written once per test run."""
     from fastcsm.testing import write_hf_checkpoint

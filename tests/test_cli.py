@@ -123,7 +123,8 @@ def test_bad_context_files(tmp_path, tiny_csm_dir, capsys):
     ctx = tmp_path / "c.json"
     for content, message in [("{not json", "not valid JSON"), ('{"a": 1}', "must hold a list of turns"),
                              ('[{"text": "hi"}]', 'needs at least "speaker" and "text"'),
-                             ('[{"speaker": 0, "text": "hi", "audio": "missing.wav"}]', "context audio: .*no such file")]:
+                             ('[{"speaker": 0, "text": "hi", "audio": "missing.wav"}]',
+                              "context audio: .*no such file")]:
         ctx.write_text(content)
         rc, _ = speak(tmp_path, tiny_csm_dir, "--context", str(ctx))
         check_error(capsys, rc, EXIT_USAGE, message)

@@ -19,9 +19,8 @@ import pytest
 import soundfile as sf
 
 openai = pytest.importorskip("openai")
-from websockets.sync.client import connect  # noqa: E402
-
 from server_harness import LiveServer  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -214,7 +213,8 @@ def test_bad_requests_get_clear_4xx_while_streams_continue(server):
     background.start()
     url = server.url
     # malformed JSON
-    r = httpx.post(url + "/v1/audio/speech", content=b'{"input": "hi", ', headers={**AUTH, "Content-Type": "application/json"})
+    r = httpx.post(url + "/v1/audio/speech", content=b'{"input": "hi", ',
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     # unknown voice: says how to list voices
     with pytest.raises(openai.BadRequestError) as e:

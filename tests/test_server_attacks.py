@@ -202,7 +202,7 @@ def test_largest_allowed_json_body_is_refused_quickly_and_healthz_answers(server
 
 
 def test_large_websocket_message_is_refused_quickly_and_healthz_answers(server):
-    message = '{"type": "speak", "text": "hi"' + "".join(',"k%07d":1' % i for i in range(1_200_000)) + "}"
+    message = '{"type": "speak", "text": "hi"' + "".join(f',"k{i:07d}":1' for i in range(1_200_000)) + "}"
     assert len(message) > 15_000_000
     with ws(server, max_size=None) as c:
         assert recv_json(c)["type"] == "ready"

@@ -77,9 +77,10 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     app.state.service = service
     app.state.settings = settings
     if settings.cors_origins:
+        exposed = ["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "X-Fastcsm-Pieces", "X-Fastcsm-Context-Dropped",
+                   "Retry-After"]
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Fastcsm-Seed", "X-Fastcsm-Sample-Rate", "X-Fastcsm-Pieces",
-                                                                "X-Fastcsm-Context-Dropped", "Retry-After"])
+                           allow_headers=["*"], expose_headers=exposed)
     app.add_middleware(Guard, settings=settings)  # outermost: limits, Origin, keys out of the query
     formats = available_formats()
     model = P.ModelInfo(id=settings.served_model_name, created=_created(settings.model))

@@ -97,11 +97,10 @@ def add_serve(sub) -> None:
 def settings_from_args(args):
     from .settings import Settings
 
-    names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level", "slots",
-             "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
+    names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level",
+             "slots", "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
              "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "header_timeout_s",
-             "body_timeout_s", "keep_alive_s", "max_connections", "watermark",
-             "model_name", "voice_map"]
+             "body_timeout_s", "keep_alive_s", "max_connections", "watermark", "model_name", "voice_map"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
 
 

@@ -86,7 +86,7 @@ the first piece was complete). An `append_text` with no line open for it is an `
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
@@ -325,7 +325,7 @@ class Reset(_Strict):
     type: Literal["reset"] = "reset"
 
 
-ClientMessage = Annotated[Union[Configure, AddTurn, Speak, AppendText, Interrupt, Reset], Field(discriminator="type")]
+ClientMessage = Annotated[Configure | AddTurn | Speak | AppendText | Interrupt | Reset, Field(discriminator="type")]
 
 
 # -- WebSocket: server -> client ------------------------------------------------------------------
@@ -397,6 +397,6 @@ class ErrorEvent(BaseModel):
 
 
 ServerMessage = Annotated[
-    Union[ReadyEvent, ConfiguredEvent, TurnAdded, Started, FirstAudio, Done, ContextDropped, ErrorEvent],
+    ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | ErrorEvent,
     Field(discriminator="type"),
 ]
