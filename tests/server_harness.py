@@ -77,3 +77,21 @@ class LiveServer:
                 name, value = line.split()
                 out[name] = float(value)
         return out
+
+
+def spoken_whole(server: LiveServer, text: str, **speak) -> bytes:
+    """The PCM of `text` spoken in one `speak` on a fresh conversation WebSocket."""
+    import json
+
+    from websockets.sync.client import connect
+
+    with connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=10) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "speak", "text": text, **speak}))
+        audio = []
+        while True:
+            msg = ws.recv(timeout=60)
+            if isinstance(msg, bytes):
+                audio.append(msg)
+            elif json.loads(msg)["type"] in ("done", "error"):
+                return b"".join(audio)

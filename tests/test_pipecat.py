@@ -4,7 +4,6 @@ an OpenAI voice name, and `FastCSMTTSService` over the conversation WebSocket.""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -21,8 +20,7 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.services.openai.tts import OpenAITTSService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
-from server_harness import LiveServer  # noqa: E402
-from websockets.sync.client import connect  # noqa: E402
+from server_harness import LiveServer, spoken_whole  # noqa: E402
 
 from fastcsm.integrations.pipecat import FastCSMTTSService  # noqa: E402
 
@@ -41,19 +39,6 @@ def audio_of(frames) -> bytes:
 
 def llm_reply(tokens: list[str]) -> list:
     return [LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in tokens], LLMFullResponseEndFrame()]
-
-
-def spoken_whole(server, text: str, **speak) -> bytes:
-    with connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=10) as ws:
-        ws.recv(timeout=10)
-        ws.send(json.dumps({"type": "speak", "text": text, **speak}))
-        audio = []
-        while True:
-            msg = ws.recv(timeout=60)
-            if isinstance(msg, bytes):
-                audio.append(msg)
-            elif json.loads(msg)["type"] in ("done", "error"):
-                return b"".join(audio)
 
 
 def test_openai_tts_service_unchanged_with_an_openai_voice(server):

@@ -2,4 +2,6 @@
 
 - `fastcsm.integrations.pipecat`: `FastCSMTTSService`, a Pipecat TTS service over the
   `/v1/conversations` WebSocket (`pip install "fastcsm[pipecat]"`).
+- `fastcsm.integrations.livekit`: `TTS`, a streaming LiveKit Agents TTS over the same WebSocket
+  (`pip install "fastcsm[livekit]"`).
 """

@@ -1,0 +1,106 @@
+"""LiveKit Agents against a real `fastcsm serve` on loopback, with no LiveKit server (the TTS
+objects are driven directly): `livekit-plugins-openai`'s TTS unchanged, and fastcsm's own
+streaming `TTS` over the conversation WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("livekit.agents", reason="LiveKit Agents is not installed: pip install \"fastcsm[livekit]\"")
+lk_openai = pytest.importorskip("livekit.plugins.openai",
+                                reason="livekit-plugins-openai is not installed: pip install \"fastcsm[livekit]\"")
+from server_harness import LiveServer, spoken_whole  # noqa: E402
+
+from fastcsm.integrations.livekit import TTS  # noqa: E402
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(slots=4, max_audio_length_ms=8000) as s:
+        yield s
+
+
+def pcm(frame) -> bytes:
+    return bytes(memoryview(frame.data).cast("B"))
+
+
+@pytest.mark.parametrize("model", ["tts-1", "gpt-4o-mini-tts"])  # sse and plain audio streams
+def test_openai_plugin_unchanged_with_an_openai_voice(server, model):
+    async def run():
+        tts = lk_openai.TTS(base_url=server.url + "/v1", api_key="none", voice="alloy", model=model)
+        async with tts.synthesize("Hello from LiveKit.") as stream:
+            frames = [ev.frame async for ev in stream]
+        await tts.aclose()
+        return frames
+
+    frames = asyncio.run(run())
+    assert {f.sample_rate for f in frames} == {24_000} and {f.num_channels for f in frames} == {1}
+    assert sum(f.samples_per_channel for f in frames) >= 5 * FRAME
+
+
+def test_stream_speaks_the_llm_reply_as_one_line(server):
+    async def run():
+        tts = TTS(base_url=server.url, voice="alloy", seed=3, max_audio_length_ms=240)
+        stream = tts.stream()
+        for token in ["Hello", " there.", " How", " are", " you", " today?"]:
+            stream.push_text(token)
+        stream.flush()
+        stream.end_input()
+        events = [ev async for ev in stream]
+        async with tts.synthesize("Hello there.") as whole:
+            synthesized = [ev.frame async for ev in whole]
+        await tts.aclose()
+        return events, synthesized
+
+    events, synthesized = asyncio.run(run())
+    assert {ev.frame.sample_rate for ev in events} == {24_000} and events[-1].is_final
+    audio = b"".join(pcm(ev.frame) for ev in events)
+    # Exactly the line spoken whole (two pieces of three frames, same seed).
+    assert audio == spoken_whole(server, "Hello there. How are you today?", voice="alloy", seed=3,
+                                 max_audio_length_ms=240)
+    assert sum(f.samples_per_channel for f in synthesized) >= 3 * FRAME
+
+
+def test_closing_a_stream_interrupts_and_the_conversation_goes_on(server, monkeypatch):
+    from fastcsm.server.conversation import Conversation
+
+    reasons, turns = [], []
+    finish, add_turn = Conversation.finish, Conversation.add_turn
+
+    async def recording_finish(self, u, reason):
+        if not u.finished:
+            reasons.append(reason)
+        return await finish(self, u, reason)
+
+    async def recording_add_turn(self, m):
+        turns.append(m.text)
+        return await add_turn(self, m)
+
+    monkeypatch.setattr(Conversation, "finish", recording_finish)
+    monkeypatch.setattr(Conversation, "add_turn", recording_add_turn)
+
+    async def run():
+        tts = TTS(base_url=server.url, voice="0", max_audio_length_ms=8000)
+        stream = tts.stream()
+        stream.push_text("A long answer that goes on and on.")
+        stream.flush()
+        first = await stream.__anext__()  # audio is playing
+        socket = tts._ws
+        await stream.aclose()  # barge-in
+        await tts.add_user_turn("Wait, stop.")
+        stream = tts.stream()
+        stream.push_text("Sorry.")
+        stream.end_input()
+        events = [ev async for ev in stream]
+        same = tts._ws is socket
+        await tts.aclose()
+        return first, events, same
+
+    first, events, same = asyncio.run(run())
+    assert first.frame.samples_per_channel > 0 and events
+    assert reasons[0] == "interrupted" and reasons[-1] == "max_length"
+    assert turns == ["Wait, stop."] and same  # one socket: the conversation and its KV cache were kept
