@@ -483,6 +483,21 @@ def add_serve(sub) -> None:
     add(sub)
 
 
+def add_wyoming(sub) -> None:
+    try:
+        from .integrations.wyoming import add_wyoming as add
+    except ImportError:  # the wyoming extra is missing: the command says so when run
+        p = sub.add_parser("wyoming",
+                           help='a Wyoming TTS service for Home Assistant (pip install "fastcsm[wyoming]")')
+        p.set_defaults(func=_no_wyoming)
+        return
+    add(sub)
+
+
+def _no_wyoming(args) -> int:
+    raise CliError('fastcsm wyoming needs the wyoming package: pip install "fastcsm[wyoming]"')
+
+
 def add_bench(sub) -> None:
     from . import bench
 
@@ -499,7 +514,7 @@ def run_bench(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = [add_speak, add_voices, add_serve, add_bench]
+COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:

@@ -4,4 +4,6 @@
   `/v1/conversations` WebSocket (`pip install "fastcsm[pipecat]"`).
 - `fastcsm.integrations.livekit`: `TTS`, a streaming LiveKit Agents TTS over the same WebSocket
   (`pip install "fastcsm[livekit]"`).
+- `fastcsm.integrations.wyoming`: `fastcsm wyoming`, a Wyoming TTS service for Home Assistant
+  (`pip install "fastcsm[wyoming]"`).
 """

@@ -28,6 +28,8 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 import websockets
 
+from ..server.urls import conversation_url
+
 SAMPLE_RATE = 24_000
 
 
@@ -175,12 +177,3 @@ class SynthesizeStream(tts.SynthesizeStream):
             elif event["type"] == "error":
                 await done.put(event)  # a refused speak or fragment: the line cannot go on
 
-
-def conversation_url(url: str) -> str:
-    url = url.rstrip("/")
-    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
-        if url.startswith(http):
-            url = ws + url[len(http):]
-    if not url.startswith(("ws://", "wss://")):
-        url = "ws://" + url
-    return url if url.endswith("/v1/conversations") else url + "/v1/conversations"

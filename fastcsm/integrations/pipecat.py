@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator
-from urllib.parse import quote
 
 try:
     from pipecat.frames.frames import (
@@ -36,6 +35,8 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError(f"fastcsm.integrations.pipecat needs Pipecat ({e.name} is missing): "
                       "pip install \"fastcsm[pipecat]\"") from e
+
+from ..server.urls import conversation_url  # noqa: E402
 
 SAMPLE_RATE = 24_000
 
@@ -56,7 +57,7 @@ class FastCSMTTSService(WebsocketTTSService):
         kwargs.setdefault("settings", TTSSettings(model="csm", voice=voice, language=None))
         super().__init__(sample_rate=SAMPLE_RATE, push_start_frame=True, push_stop_frames=True,
                          push_text_frames=False, **kwargs)
-        self._url = _conversation_url(url)
+        self._url = conversation_url(url)
         self._voice = voice
         self._api_key = api_key
         self._user_speaker = user_speaker
@@ -208,14 +209,3 @@ class FastCSMTTSService(WebsocketTTSService):
                 if ctx is not None and event.get("id") == ctx and event.get("code") != "internal":
                     await self._end_line(ctx)  # its speak was refused: no done follows
 
-
-def _conversation_url(url: str) -> str:
-    url = url.rstrip("/")
-    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
-        if url.startswith(http):
-            url = ws + url[len(http):]
-    if not url.startswith(("ws://", "wss://")):
-        url = "ws://" + url
-    if not url.endswith("/v1/conversations"):
-        url += "/v1/conversations"
-    return quote(url, safe=":/?&=%")
