@@ -74,22 +74,27 @@ class Generator:
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.codec = codec
-        self.device = model.codebook0_head.weight.device
-        self.dtype = model.codebook0_head.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.engine: Engine | None = None  # created on first use
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto") -> Generator:
+    def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto",
+                        quantize=None) -> Generator:
         """Load CSM from a local directory or hub repo id, in any published format.
 
+        `quantize`: "int8" (or "fp8" on GPUs of compute capability 8.9+) stores every linear in
+        8 bits, quantized tensor by tensor while loading; None keeps the checkpoint's precision (a
+        checkpoint written by `fastcsm quantize` loads in 8 bits); "none" loads full precision.
+        `dtype` is then the precision of the embeddings and activations.
         `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none.
         `codec`: "auto" takes the Mimi stored in a transformers-format checkpoint (if any); a path
         or hub id loads a separate Mimi checkpoint; a `Codec` is used as is; None loads none.
         """
         root = resolve(path_or_repo)
-        model, files = load_model(root, device, dtype)
+        model, files = load_model(root, device, dtype, quantize)
         tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root)
-        return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device))
+        return cls(model, tok, codec=resolve_codec(codec, files, model.device))
 
     # -- prompts --------------------------------------------------------------------------------
 
