@@ -324,7 +324,8 @@ def bench_mode(model: CSM, codec, batches: list[int], steps: int, voice_frames: 
         del engine
     out["batches"] = per_batch
     if 1 in per_batch:
-        out["realtime_factor_batch1"] = round(cfg.frame_ms / per_batch[1]["ms_per_step"], 2)  # > 1: faster than real time
+        # > 1: faster than real time
+        out["realtime_factor_batch1"] = round(cfg.frame_ms / per_batch[1]["ms_per_step"], 2)
     out["realtime_streams_sustained"] = max((b for b, r in per_batch.items() if r["ms_per_step"] <= cfg.frame_ms),
                                             default=0)
 

@@ -49,4 +49,5 @@ def test_fastcsm_bench_command(capsys):
 
     assert main(["bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--voice-seconds", "0.5",
                  "--no-peer", "--threads", "1"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["modes"]["none"]["batches"]["1"]["ms_per_step"] > 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["modes"]["none"]["batches"]["1"]["ms_per_step"] > 0

@@ -59,7 +59,7 @@ def test_graphs_equal_eager_fp32():
     graphed_engine = Engine(m, max_slots=4, codec=c, cuda_graphs=True)
     graphed = run(graphed_engine, requests(3))
     assert graphed_engine._graphs
-    for (c1, p1), (c2, p2) in zip(eager, graphed):
+    for (c1, p1), (c2, p2) in zip(eager, graphed, strict=True):
         assert torch.equal(c1, c2)
         assert torch.allclose(p1, p2, atol=1e-4)
 
@@ -91,7 +91,7 @@ def test_quantized_runs_captured_and_equals_eager(mode):
     engine = Engine(m, max_slots=4, codec=c)
     assert engine.cuda_graphs and engine.warmup() > 0
     graphed = run(engine, requests(3))
-    for (c1, p1), (c2, p2) in zip(eager, graphed, strict=True):
+    for (c1, _), (c2, p2) in zip(eager, graphed, strict=True):
         assert torch.equal(c1, c2)
         assert torch.isfinite(p2).all()
 

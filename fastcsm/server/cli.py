@@ -74,7 +74,8 @@ def add_serve(sub) -> None:
 def settings_from_args(args):
     from .settings import Settings
 
-    names = ["model", "tokenizer", "codec", "device", "dtype", "quantize", "compile", "threads", "host", "port", "log_level", "slots",
+    names = ["model", "tokenizer", "codec", "device", "dtype", "quantize", "compile", "threads", "host", "port",
+             "log_level", "slots",
              "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
              "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
