@@ -129,9 +129,9 @@ def _(x, weight, scale, key):
 def fbgemm_available() -> bool:
     """Whether this torch still has the quantized CPU ops (deprecated in 2.13); if not, CPU int8
     runs weight-only like CUDA."""
-    try:
-        w = torch.ones(8, 8, dtype=torch.int8)
-        int8_linear_cpu(torch.ones(2, 8), w, torch.ones(8), -1)
+    try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
+        w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
+        int8_linear_cpu(torch.ones(2, 8, device="cpu"), w, torch.ones(8, device="cpu"), -1)
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -148,8 +148,10 @@ def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     rows = x.numel() // K
     from_rows = module.scaled_mm_rows if module.scaled_mm_rows is not None else \
         (SCALED_MM_ROWS if weight.device.type == "cuda" else None)
+    # CUDA's row-wise scaled matmul writes bf16 only; an fp32 / fp16 model stays weight-only there.
+    dtype_ok = x.dtype == torch.bfloat16 or weight.device.type != "cuda"
     if (module.mode == "fp8" and from_rows is not None and rows >= from_rows and N % _SCALED_MM_ALIGN == 0
-            and K % _SCALED_MM_ALIGN == 0):
+            and K % _SCALED_MM_ALIGN == 0 and dtype_ok):
         x2 = x.reshape(-1, K).float()
         xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
         xq = (x2 / xs).to(torch.float8_e4m3fn)

@@ -264,3 +264,24 @@ def test_cli_quantize_flags(sesame_root, tmp_path, capsys):
     assert main(["quantize", str(sesame_root), str(tmp_path / "x"), "--mode", "int4"]) == 2
     assert "int4" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 3
+
+
+def test_speak_and_serve_settings_take_quantize(tiny_csm_dir, tmp_path, capsys):
+    import soundfile as sf
+
+    from fastcsm.cli import main
+    from fastcsm.server.cli import add_serve, settings_from_args
+
+    out = tmp_path / "int8.wav"
+    assert main(["speak", "Hello.", "--model", str(tiny_csm_dir), "--device", "cpu", "--quantize", "int8",
+                 "--max-ms", "240", "--seed", "1", "-q", "-o", str(out)]) == 0
+    assert sf.info(str(out)).frames > 0
+    with pytest.raises(SystemExit) as exc:
+        main(["speak", "Hello.", "--model", str(tiny_csm_dir), "--quantize", "int4", "-o", str(out)])
+    assert exc.value.code == 2 and "int4" in capsys.readouterr().err
+
+    import argparse
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_serve(sub)
+    args = sub.choices["serve"].parse_args(["--quantize", "int8"])
+    assert settings_from_args(args).quantize == "int8"
