@@ -152,6 +152,50 @@ def _infer_sesame_dict(reader: TensorReader) -> dict:
 
 # -- reading tensors one at a time ------------------------------------------------------------
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """One safetensors file, each tensor read with plain reads into its own memory. Unlike a
+    memory map, the file's pages never count towards the process (peak RSS while loading is the
+    model being built plus one tensor)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")
+        n = int.from_bytes(self.file.read(8), "little")
+        header = json.loads(self.file.read(n))
+        header.pop("__metadata__", None)
+        self.header, self.base = header, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, stop = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported dtype {info['dtype']}")
+        if stop == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        data = bytearray(stop - start)
+        self.file.seek(self.base + start)
+        if self.file.readinto(data) != len(data):
+            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} is cut short")
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class TensorReader:
     """Lazy access to the tensors of one or more safetensors files or a torch `ckpt.pt`."""
 
@@ -161,11 +205,12 @@ class TensorReader:
         self._handles = []
 
     def __enter__(self) -> TensorReader:
-        from safetensors import safe_open
-
         for f in self.files:
             if f.suffix == ".safetensors":
-                h = safe_open(str(f), framework="pt")
+                try:
+                    h = SafetensorsFile(f)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{f} is not a valid safetensors file: {e}") from e
                 self._handles.append(h)
                 for name in h.keys():
                     self._where[name] = h
@@ -180,6 +225,9 @@ class TensorReader:
         return self
 
     def __exit__(self, *exc):
+        for h in self._handles:
+            if isinstance(h, SafetensorsFile):
+                h.close()
         self._handles.clear()
         self._where.clear()
 
@@ -190,7 +238,7 @@ class TensorReader:
         src = self._where[name]
         if isinstance(src, dict):
             return tuple(src[name].shape)
-        return tuple(src.get_slice(name).get_shape())
+        return src.shape(name)
 
     def get(self, name: str) -> torch.Tensor:
         src = self._where[name]
