@@ -38,11 +38,11 @@ fi
 python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("imports ok")'
 
 step "tests: CUDA, 8-bit, engine, model"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_quant.py \
+timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_quant.py \
     tests/test_engine.py tests/test_model.py 2>&1 | tee "$out/tests.log" | tail -25
 
 step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 8 64 256"
-timeout 230 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,8,64,256 --steps 30 \
+timeout 200 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,8,64,256 --steps 30 \
     --quantize none,int8,fp8 --peer-frames 10 | tail -1 | tee "$out/bench_graphs.json"
 
 left=$(( 460 - ($(date +%s) - start) ))

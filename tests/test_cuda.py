@@ -82,8 +82,7 @@ FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 @pytest.mark.parametrize("mode", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(
     not FP8, reason="fp8 needs compute capability 8.9+"))])
 def test_quantized_runs_captured_and_equals_eager(mode):
-    """8-bit linears inside the captured step: the same codes as the same quantized model eager,
-    and first frames close to bf16 (codebook 0 agrees on most lines)."""
+    """8-bit linears inside the captured step: the same codes as the same quantized model eager."""
     full = model(torch.bfloat16)
     m, c = quant.quantized_copy(full, mode), codec()
     assert quant.mode_of(m) == mode and m.codebook0_head.weight.dtype == quant.STORAGE[mode]
@@ -100,16 +99,22 @@ def test_quantized_runs_captured_and_equals_eager(mode):
     not FP8, reason="fp8 needs compute capability 8.9+"))])
 def test_quantized_compiled_and_captured(mode):
     """torch.compile(fullgraph=True) of the 8-bit step (inductor fuses the int8 -> bf16 dequantize
-    into the matmul), captured per bucket: codes of a greedy request equal the eager quantized ones
-    for the first frames."""
-    m = quant.quantized_copy(model(torch.bfloat16), mode)
-    r = requests(2)
-    c = codec()
-    eager = run(Engine(m, max_slots=2, codec=c, cuda_graphs=False), r[1:2])[0][0]
-    compiled = run(Engine(m, max_slots=2, codec=c, compile=True), requests(2)[1:2])[0][0]
+    into the matmul), captured per bucket: a greedy request's first codes equal the eager
+    quantized ones. Four codebooks keep the compile short; the step's code is the same for any count."""
+    cfg = tiny_config(num_codebooks=4)
+    full = CSM(cfg)
+    randomize_(full, seed=0)
+    m = quant.quantized_copy(full.to("cuda", torch.bfloat16).eval().requires_grad_(False), mode)
+    codes = torch.randint(0, 2048, (4, 4), generator=torch.Generator().manual_seed(0))
+    p = build_prompt("Compile me.", 0, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
+    greedy = SamplingParams(temperature=0.0)
+    eager = torch.stack(list(Engine(m, cuda_graphs=False).run(Request(p, 6, greedy, seed=0))))
+    engine = Engine(m, compile=True)
+    assert engine.cuda_graphs
+    compiled = torch.stack(list(engine.run(Request(p, 6, greedy, seed=0))))
     assert compiled.shape == eager.shape
-    assert torch.equal(compiled[0, 0], eager[0, 0])  # first code: greedy, same logits up to fusion order
-    assert (compiled[0] == eager[0]).float().mean() > 0.5
+    assert torch.equal(compiled[0, 0], eager[0, 0])  # first code: same logits up to fusion order
+    assert (compiled[0] == eager[0]).float().mean() >= 0.5
 
 
 def test_accuracy_of_8_bit_on_cuda():
