@@ -27,6 +27,9 @@ step "environment"
     torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")'
   python3 -c 'import transformers; print("transformers", transformers.__version__)'; } 2>&1 | tee "$out/env.txt"
 
+python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' || {
+    echo "no CUDA device here: this script installs packages and benchmarks a GPU, run it on a GPU machine"; exit 2; }
+
 step "offline install of .device-wheels (then fastcsm --no-deps)"
 if [ -d .device-wheels ]; then
     python3 -m pip install -q --no-index --find-links .device-wheels \
