@@ -110,8 +110,7 @@ def _new_key(owner) -> int:
     return key
 
 
-@torch.library.custom_op("fastcsm::int8_linear_cpu", mutates_args=())
-def int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T * scale [N] with fbgemm, each row quantized on its own."""
     packed = _packed.get(key)
     if packed is None:
@@ -126,6 +125,11 @@ def int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     pin[0, 0], pin[0, -1] = 1.0, -1.0  # fixes the activation grid at [-1, 1] whatever the batch holds
     y = torch.ops.quantized.linear_dynamic(torch.cat([pin, rows / amax]), packed, REDUCE_RANGE)[1:] * amax
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+# The op that compiled graphs keep as one opaque call; eager code calls the function itself,
+# sparing the custom-op dispatch (a tenth of a millisecond, a thousand times a frame).
+int8_linear_cpu = torch.library.custom_op("fastcsm::int8_linear_cpu", _int8_linear_cpu, mutates_args=())
 
 
 @int8_linear_cpu.register_fake
@@ -151,7 +155,8 @@ def fbgemm_available() -> bool:
 
 def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
     if module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm:
-        return int8_linear_cpu(x, weight, scale, key)
+        op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
+        return op(x, weight, scale, key)
     N, K = weight.shape
     rows = x.numel() // K
     from_rows = module.scaled_mm_rows if module.scaled_mm_rows is not None else \
