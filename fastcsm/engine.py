@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config
 
+from . import quant
 from .model import CSM, KVCache
 from .prompt import Prompt
 from .sampling import SamplingParams, counter_noise, sample
@@ -267,6 +268,8 @@ class Engine:
       the step runs asynchronously; on CPU the step is synchronous and waiting costs nothing).
     sample_candidates: rank only this many tokens per codebook while every request's top-k fits
       (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
+    quantize: "int8" or "fp8" runs a quantized copy of a full-precision `model` (see quant.py);
+      a model loaded with `quantize=` is already quantized (`self.quantization` says which).
     """
 
     def __init__(
@@ -281,11 +284,18 @@ class Engine:
         prefix_cache_bytes: int = 256 << 20,
         sample_candidates: int = 64,
         one_frame_late: bool | None = None,
+        quantize: str | None = None,
     ):
+        mode = quant.check_mode(quantize, model.device)
+        if mode is not None and quant.mode_of(model) != mode:
+            if quant.mode_of(model) is not None:
+                raise ValueError(f"the model is already quantized as {quant.mode_of(model)}; load it in full "
+                                 f"precision to run it as {mode}")
+            model = quant.quantized_copy(model, mode)
         self.model = model
+        self.quantization = quant.mode_of(model)
         self.cfg = model.cfg
-        p = model.codebook0_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len or self.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk
