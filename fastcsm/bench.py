@@ -34,6 +34,7 @@ from .model import CSM
 from .prompt import Prompt, audio_rows, concat
 from .sampling import SamplingParams
 
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -108,8 +109,8 @@ def dummy_prompt(cfg: CsmConfig, text_rows: int, audio_frames: int, seed: int = 
     tokens = torch.zeros(T, cfg.num_columns, dtype=torch.long)
     mask = torch.zeros(T, cfg.num_columns, dtype=torch.bool)
     if audio_frames:
-        tokens[:audio_frames, :cfg.num_codebooks] = torch.randint(0, cfg.codebook_size, (audio_frames, cfg.num_codebooks),
-                                                                  generator=g)
+        shape = (audio_frames, cfg.num_codebooks)
+        tokens[:audio_frames, :cfg.num_codebooks] = torch.randint(0, cfg.codebook_size, shape, generator=g)
         mask[:audio_frames + 1, :cfg.num_codebooks] = True
     tokens[T - text_rows:, cfg.text_column] = torch.randint(0, 128_000, (text_rows,), generator=g)
     mask[T - text_rows:, cfg.text_column] = True
@@ -183,7 +184,8 @@ def peer_ms_per_frame(model: CSM, frames: int) -> dict:
             tensor = torch.zeros(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=dev)
         setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False)
                 if isinstance(p, torch.nn.Parameter) else tensor)
-    hf.backbone_model.embed_tokens.audio_tokens_offsets = torch.arange(cfg.num_codebooks, device=dev) * cfg.audio_vocab_size
+    offsets = torch.arange(cfg.num_codebooks, device=dev) * cfg.audio_vocab_size
+    hf.backbone_model.embed_tokens.audio_tokens_offsets = offsets
     for m in hf.modules():  # RoPE tables, as the model computes them
         if type(m).__name__.endswith("RotaryEmbedding"):
             init = ROPE_INIT_FUNCTIONS.get(m.rope_type, type(m).compute_default_rope_parameters)

@@ -166,7 +166,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "rb")
+        self.file = open(path, "rb")  # noqa: SIM115 (held open for reads tensor by tensor; see close)
         n = int.from_bytes(self.file.read(8), "little")
         header = json.loads(self.file.read(n))
         header.pop("__metadata__", None)
@@ -212,7 +212,7 @@ class TensorReader:
                 except (ValueError, UnicodeDecodeError) as e:
                     raise CheckpointError(f"{f} is not a valid safetensors file: {e}") from e
                 self._handles.append(h)
-                for name in h.keys():
+                for name in h.keys():  # noqa: SIM118 (a reader's names, not a dict)
                     self._where[name] = h
             else:
                 state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
@@ -367,14 +367,16 @@ def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype
         missing = sorted(set(expected) - done)
         if missing:
             raise CheckpointError(
-                f"checkpoint lacks tensors: " + ", ".join(f"{n} {list(expected[n])}" for n in missing[:10])
+                "checkpoint lacks tensors: " + ", ".join(f"{n} {list(expected[n])}" for n in missing[:10])
             )
     model.load_state_dict(loaded, assign=True, strict=True)
 
 
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present with bf16, else CPU with fp32. Refuses what the device cannot run."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -126,8 +126,10 @@ def add_speak(sub) -> None:
     _add_voices_dir(g)
     g = p.add_argument_group("sampling and length")
     g.add_argument("--seed", type=int, metavar="N", help="random seed, for a reproducible take")
-    g.add_argument("--temperature", type=float, default=0.9, metavar="T", help="sampling temperature; 0 is greedy (default: %(default)s)")
-    g.add_argument("--topk", type=int, default=50, metavar="K", help="sample from the k likeliest codes; 0 is all (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.9, metavar="T",
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--topk", type=int, default=50, metavar="K",
+                   help="sample from the k likeliest codes; 0 is all (default: %(default)s)")
     g.add_argument("--max-ms", type=float, default=90_000, metavar="MS",
                    help="longest audio for each generated piece, in ms (default: %(default)g); a bound derived "
                         "from the text's length applies as well")

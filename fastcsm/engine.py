@@ -37,7 +37,6 @@ from .model import CSM, KVCache
 from .prompt import Prompt
 from .sampling import SamplingParams, counter_noise, sample
 
-
 # -- the frame step ---------------------------------------------------------------------------
 
 @dataclass
@@ -301,7 +300,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.cache = model.backbone_cache(max_slots, self.max_seq_len)
         self.decoder_cache = model.decoder_cache(max_slots)
-        self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device, self.dtype)
+        self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device,
+                                        self.dtype)
         pinned = self.device.type == "cuda"
         self.host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long, pin_memory=pinned)
         self.codec = codec
@@ -464,7 +464,7 @@ class Engine:
                     saved = [x.clone() for x in _tensors([self.state, self.codec_state])]
                     with torch.inference_mode():
                         self._step(*self._step_args(batch, candidates))
-                    for x, copy in zip(_tensors([self.state, self.codec_state]), saved):
+                    for x, copy in zip(_tensors([self.state, self.codec_state]), saved, strict=True):
                         x.copy_(copy)
         return time.perf_counter() - t
 
@@ -484,7 +484,7 @@ class Engine:
         with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             self._step(*args)
         self._graph_pool = self._graph_pool or graph.pool()
-        for t, copy in zip(_tensors([self.state, self.codec_state]), saved):
+        for t, copy in zip(_tensors([self.state, self.codec_state]), saved, strict=True):
             t.copy_(copy)
         return graph
 
@@ -567,7 +567,7 @@ class Engine:
         return [t[slot].clone() for t in _tensors(self.codec_state)]
 
     def _set_codec_rows(self, slot: int, rows: list[torch.Tensor]) -> None:
-        for t, row in zip(_tensors(self.codec_state), rows):
+        for t, row in zip(_tensors(self.codec_state), rows, strict=True):
             t[slot].copy_(row)
 
     def busy(self) -> bool:

@@ -27,8 +27,18 @@ from .codec import resolve_codec
 from .context import check_line_fits, fit
 from .engine import Engine, Request
 from .model import CSM
-from .prompt import (Prompt, Segment, TextTokenizer, audio_rows, build_prompt, check_speaker, check_text, concat,
-                     segment_rows, text_rows)
+from .prompt import (
+    Prompt,
+    Segment,
+    TextTokenizer,
+    audio_rows,
+    build_prompt,
+    check_speaker,
+    check_text,
+    concat,
+    segment_rows,
+    text_rows,
+)
 from .sampling import SamplingParams
 from .speech import AudioStream, Piece, SpeakOptions, Speech
 from .text import split_text

@@ -67,7 +67,8 @@ def test_bench_reports_json(capsys):
         assert mode["realtime_streams_sustained"] == max(
             [int(b) for b, r in mode["batches"].items() if r["ms_per_step"] <= frame_ms], default=0)
         ttfa = mode["ttfa_ms"]
-        assert ttfa["prompt_rows"] == 12 + 21 and ttfa["voice_seconds"] == 1 and ttfa.keys() >= {"cold", "prefix_reused"}
+        assert ttfa["prompt_rows"] == 12 + 21 and ttfa["voice_seconds"] == 1
+        assert ttfa.keys() >= {"cold", "prefix_reused"}
     int8, none = modes["int8"], modes["none"]
     for b, ratio in int8["ms_ratio_to_none"].items():
         assert agrees(ratio, 3, lambda q, f: q / f, (int8["batches"][b]["ms_per_step"], 3),

@@ -109,7 +109,8 @@ def run_serve(args) -> int:
 
         from .app import create_app
     except ImportError as e:
-        raise CliError(f"the server needs its extra packages ({e.name} is missing): pip install 'fastcsm[server]'")
+        missing = f"the server needs its extra packages ({e.name} is missing)"
+        raise CliError(f"{missing}: pip install 'fastcsm[server]'") from e
     try:
         settings = settings_from_args(args)
     except ValueError as e:
