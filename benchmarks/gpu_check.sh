@@ -1,11 +1,57 @@
 #!/usr/bin/env bash
-# One run on a CUDA machine: the GPU tests, then the engine benchmark on random csm-1b weights,
-# eager-captured and compiled, each printing one JSON line. Writes $OUT/*.json when OUT is set.
+# The GPU check, one command on a CUDA machine that reaches no package registry (Python 3.12,
+# torch 2.11, transformers 5.17; see README "GPU check"). Run `benchmarks/device_wheels.sh` here
+# first and carry `.device-wheels`; then, on the GPU machine, from the repository root:
+#     benchmarks/gpu_check.sh
+# Steps, each bounded so that the whole run stays under 8 minutes and prints its progress:
+#   1. install the carried wheels offline, then fastcsm itself with --no-deps;
+#   2. tests/test_cuda.py (graphs equal eager in fp32 and bf16, int8/fp8 captured and compiled),
+#      the 8-bit tests, the engine and model tests;
+#   3. the bench on random csm-1b weights: bf16, int8, fp8 side by side at batches 1, 8, 64, 256,
+#      captured, with time to first audio (10 s voice prompt), accuracy and the transformers peer;
+#   4. the same compiled (inductor) and captured at batch 1 (and 64 if time is left).
+# Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, bench_graphs.json,
+# bench_compiled.json, and gpu_check.log with everything printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp}
-export PYTHONUNBUFFERED=1
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_model.py 2>&1 | tail -5
-python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,8,64,256 | tail -1 | tee "$out/bench_graphs.json"
-python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64 --compile --no-peer | tail -1 \
-    | tee "$out/bench_compiled.json"
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+exec > >(tee -a "$out/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+start=$(date +%s)
+step() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+
+step "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+  python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")'
+  python3 -c 'import transformers; print("transformers", transformers.__version__)'; } 2>&1 | tee "$out/env.txt"
+
+python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' || {
+    echo "no CUDA device here: this script installs packages and benchmarks a GPU, run it on a GPU machine"; exit 2; }
+
+step "offline install of .device-wheels (then fastcsm --no-deps)"
+if [ -d .device-wheels ]; then
+    python3 -m pip install -q --no-index --find-links .device-wheels \
+        soundfile soxr fastapi uvicorn websockets python-multipart || echo "WHEELS FAILED"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation . || echo "(fastcsm runs from PYTHONPATH)"
+else
+    echo "no .device-wheels: run benchmarks/device_wheels.sh here and carry .device-wheels"
+fi
+python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("imports ok")'
+
+step "tests: CUDA, 8-bit, engine, model"
+timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_quant.py \
+    tests/test_engine.py tests/test_model.py 2>&1 | tee "$out/tests.log" | tail -25
+
+step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 8 64 256"
+timeout 200 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,8,64,256 --steps 30 \
+    --quantize none,int8,fp8 --peer-frames 10 | tail -1 | tee "$out/bench_graphs.json"
+
+left=$(( 460 - ($(date +%s) - start) ))
+step "bench: compiled and captured, batch 1 (then 64), bf16 and int8; ${left} s left"
+if [ "$left" -gt 60 ]; then
+    timeout "$left" python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64 --steps 30 --compile \
+        --quantize int8,none --no-peer --accuracy-frames 4 | tail -1 | tee "$out/bench_compiled.json"
+fi
+step "done"

@@ -27,14 +27,12 @@ import time
 
 import torch
 
+from . import quant
 from .config import CsmConfig, preset
 from .engine import Engine, Request
 from .model import CSM
-from .prompt import Prompt
+from .prompt import Prompt, audio_rows, concat
 from .sampling import SamplingParams
-
-# The copy bandwidth taken as given on an H100 (docs/design.md); other devices are measured in the run.
-H100_COPY_GBPS = 3000.0
 
 
 def log(*args) -> None:
@@ -69,23 +67,27 @@ def random_codec(cfg: CsmConfig, device):
     return random_mimi(mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")).to(device)
 
 
-def weight_bytes_per_frame(cfg: CsmConfig, itemsize: int) -> int:
+def weight_bytes_per_frame(cfg: CsmConfig, itemsize: int, linear_itemsize: int | None = None) -> int:
     """Weights one frame must read: the backbone and its head once, the decoder (with the
-    projection and one codebook head) once per codebook after the first."""
+    projection and one codebook head) once per codebook after the first. `linear_itemsize`: the
+    bytes of a quantized linear's weight (its fp32 scales, one per output channel, are counted)."""
     b, d, K, V = cfg.backbone, cfg.decoder, cfg.num_codebooks, cfg.audio_vocab_size
-    backbone = b.param_count() + V * b.dim + K * b.dim  # layers, codebook0 head, K embedding rows
-    decoder_step = d.param_count() + b.dim * d.dim + d.dim * V + b.dim  # + projection, head, one embedding row
-    return itemsize * (backbone + (K - 1) * decoder_step)
+    li = itemsize if linear_itemsize is None else linear_itemsize
+    scale = 0 if linear_itemsize is None else 4
+    backbone = li * (b.param_count() + V * b.dim) + itemsize * K * b.dim  # layers, codebook0 head, K embedding rows
+    decoder_step = li * (d.param_count() + b.dim * d.dim + d.dim * V) + itemsize * b.dim  # + projection, head, 1 row
+
+    def channels(t):  # output channels of a layer's linears: q, o, w2 (dim); k, v; w1, w3
+        return t.num_layers * (3 * t.dim + 2 * t.num_kv_heads * t.head_dim + 2 * t.intermediate_size)
+
+    scales = scale * (channels(b) + V)
+    scales_step = scale * (channels(d) + d.dim + V)
+    return backbone + scales + (K - 1) * (decoder_step + scales_step)
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
-    """Measured device memory copy bandwidth (read + write bytes / time)."""
-    if device.type == "cuda":
-        return H100_COPY_GBPS if "H100" in torch.cuda.get_device_name(device) else _measure_copy(device)
-    return _measure_copy(device)
-
-
-def _measure_copy(device) -> float:
+    """Device memory copy bandwidth, measured in this run on every device (read + write bytes / time
+    of the best of five 256 MB copies): the floor each mode's ms per frame is compared with."""
     n = 64 << 20  # 256 MB of fp32
     a = torch.empty(n, device=device)
     b = torch.empty_like(a)
@@ -107,8 +109,8 @@ def dummy_prompt(cfg: CsmConfig, text_rows: int, audio_frames: int, seed: int = 
     tokens = torch.zeros(T, cfg.num_columns, dtype=torch.long)
     mask = torch.zeros(T, cfg.num_columns, dtype=torch.bool)
     if audio_frames:
-        tokens[:audio_frames, :cfg.num_codebooks] = torch.randint(0, cfg.codebook_size, (audio_frames, cfg.num_codebooks),
-                                                                  generator=g)
+        shape = (audio_frames, cfg.num_codebooks)
+        tokens[:audio_frames, :cfg.num_codebooks] = torch.randint(0, cfg.codebook_size, shape, generator=g)
         mask[:audio_frames + 1, :cfg.num_codebooks] = True
     tokens[T - text_rows:, cfg.text_column] = torch.randint(0, 128_000, (text_rows,), generator=g)
     mask[T - text_rows:, cfg.text_column] = True
@@ -182,7 +184,8 @@ def peer_ms_per_frame(model: CSM, frames: int) -> dict:
             tensor = torch.zeros(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=dev)
         setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False)
                 if isinstance(p, torch.nn.Parameter) else tensor)
-    hf.backbone_model.embed_tokens.audio_tokens_offsets = torch.arange(cfg.num_codebooks, device=dev) * cfg.audio_vocab_size
+    offsets = torch.arange(cfg.num_codebooks, device=dev) * cfg.audio_vocab_size
+    hf.backbone_model.embed_tokens.audio_tokens_offsets = offsets
     for m in hf.modules():  # RoPE tables, as the model computes them
         if type(m).__name__.endswith("RotaryEmbedding"):
             init = ROPE_INIT_FUNCTIONS.get(m.rope_type, type(m).compute_default_rope_parameters)
@@ -217,6 +220,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     p.add_argument("--peer-frames", type=int, default=None, help="frames the peer generates")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--quantize", default="none",
+                   help="comma-separated modes measured side by side: none (the --dtype weights), int8, fp8 "
+                        "(CUDA, compute capability 8.9+); e.g. none,int8")
+    p.add_argument("--accuracy-frames", type=int, default=16,
+                   help="frames generated after the voice prompt and line for the quantized modes' accuracy")
 
 
 def main(argv=None) -> dict:
@@ -233,35 +241,74 @@ def run(args) -> dict:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     cuda = device.type == "cuda"
     batches = [int(b) for b in (args.batch or ("1,8,64,256" if cuda else "1,8")).split(",")]
+    modes = [m.strip() for m in (args.quantize or "none").split(",")]
+    for m in modes:
+        quant.check_mode(m, device)
     cfg = preset(args.preset)
     steps = args.steps or (50 if cuda else (20 if args.preset == "tiny" else 3))
-    log(f"fastcsm bench: {args.preset} on {device} ({dtype}), batches {batches}, {steps} steps each")
+    log(f"fastcsm bench: {args.preset} on {device} ({dtype}), modes {modes}, batches {batches}, {steps} steps each")
 
     t0 = time.perf_counter()
     model = random_model(cfg, device, dtype)
     codec = None if args.no_codec else random_codec(cfg, device)
     load_s = time.perf_counter() - t0
 
+    bandwidth = copy_bandwidth_gbps(device)
     result = {
         "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else
         "cpu", "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "compile": args.compile,
         "cuda_graphs": cuda and not args.no_graphs, "codec_in_step": codec is not None,
-        "params": cfg.param_count(), "model_init_s": round(load_s, 2),
+        "params": cfg.param_count(), "model_init_s": round(load_s, 2), "threads": torch.get_num_threads(),
+        "copy_bandwidth_gbps": round(bandwidth, 1), "steps": steps, "modes": {},
     }
-    bytes_per_frame = weight_bytes_per_frame(cfg, torch.empty(0, dtype=dtype).element_size())
-    bandwidth = copy_bandwidth_gbps(device)
-    floor_ms = bytes_per_frame / (bandwidth * 1e9) * 1000
-    result.update(weight_bytes_per_frame=bytes_per_frame, copy_bandwidth_gbps=round(bandwidth, 1),
-                  floor_ms_per_frame=round(floor_ms, 3))
+    voice_frames = int(args.voice_seconds * 1000 // cfg.frame_ms)
+    for mode in modes:
+        m = model if quant.check_mode(mode) is None else quant.quantized_copy(model, mode)
+        result["modes"][mode] = r = bench_mode(m, codec, batches, steps, voice_frames, args, bandwidth)
+        r["quantize"] = mode
+        if m is not model:
+            log(f"  {mode}: teacher-forced accuracy against {result['dtype']} ...")
+            r["accuracy"] = quant_accuracy(model, m, voice_frames, frames=args.accuracy_frames)
+            a = r["accuracy"]
+            log(f"  {mode}: codebook 0 rel RMS {a['codebook0_rel_rms']:.4f}, top-1 {a['codebook0_top1']:.3f}; "
+                f"decoder rel RMS {a['decoder_rel_rms_mean']:.4f} (max {a['decoder_rel_rms_max']:.4f}), "
+                f"top-1 {a['decoder_top1_mean']:.3f} (min {a['decoder_top1_min']:.3f})")
+        del m
+    base = result["modes"][modes[0]]
+    for mode in modes[1:]:
+        r = result["modes"][mode]
+        r["ms_ratio_to_" + modes[0]] = {b: round(r["batches"][b]["ms_per_step"] / base["batches"][b]["ms_per_step"], 3)
+                                        for b in r["batches"]}
 
+    if not args.no_peer:
+        peer_frames = args.peer_frames or (20 if cuda or args.preset == "tiny" else 2)
+        peer = peer_ms_per_frame(model, peer_frames)
+        if "ms_per_frame" in peer and 1 in batches:
+            peer["speedup_batch1"] = {mode: round(peer["ms_per_frame"] / r["batches"][1]["ms_per_step"], 2)
+                                      for mode, r in result["modes"].items()}
+            log(f"  transformers generate: {peer['ms_per_frame']:.2f} ms/frame -> fastcsm is "
+                + ", ".join(f"{x}x ({mode})" for mode, x in peer["speedup_batch1"].items()) + " faster at batch 1")
+        result["peer_transformers"] = peer
+    print(json.dumps(result))
+    return result
+
+
+def bench_mode(model: CSM, codec, batches: list[int], steps: int, voice_frames: int, args, bandwidth: float) -> dict:
+    """Frame steps at every batch, time to first audio and start-up for one model (one mode)."""
+    cfg, device = model.cfg, model.device
+    cuda = device.type == "cuda"
+    mode = quant.mode_of(model) or "none"
+    bytes_per_frame = weight_bytes_per_frame(cfg, model.dtype.itemsize, 1 if quant.mode_of(model) else None)
+    floor_ms = bytes_per_frame / (bandwidth * 1e9) * 1000
+    out = {"weight_bytes": quant.weight_bytes(model), "weight_bytes_per_frame": bytes_per_frame,
+           "floor_ms_per_frame": round(floor_ms, 3)}
     per_batch = {}
-    startup = {}
     for batch in batches:
         t = time.perf_counter()
         engine = Engine(model, max_slots=batch, codec=codec, compile=args.compile,
                         cuda_graphs=cuda and not args.no_graphs)
         first = frame_times(engine, batch, 1, warmup=0)  # includes compile / capture for this bucket
-        startup[batch] = time.perf_counter() - t
+        startup = time.perf_counter() - t
         times = frame_times(engine, batch, steps)
         ms = 1000 * statistics.median(times)
         per_batch[batch] = {
@@ -269,44 +316,46 @@ def run(args) -> dict:
             "ms_per_step_p90": round(1000 * sorted(times)[int(0.9 * (len(times) - 1))], 3),
             "frames_per_s": round(1000 * batch / ms, 1),
             "realtime_streams": batch if ms <= cfg.frame_ms else 0,
-            "gbps": round(bytes_per_frame / (ms / 1000) / 1e9, 1),
+            "gbps": round(bytes_per_frame / (ms / 1000) / 1e9, 3),
             "fraction_of_floor": round(floor_ms / ms, 3),
-            "startup_s": round(startup[batch], 2),
+            "startup_s": round(startup, 2),
             "first_step_ms": round(1000 * first[0], 1),
         }
-        log(f"  batch {batch:4d}: {ms:9.2f} ms/step  ({per_batch[batch]['gbps']} GB/s, "
-            f"{100 * floor_ms / ms:.1f}% of floor), start-up {startup[batch]:.1f} s")
+        log(f"  {mode:5s} batch {batch:4d}: {ms:9.2f} ms/step  ({per_batch[batch]['gbps']} GB/s, "
+            f"{100 * floor_ms / ms:.1f}% of its floor), start-up {startup:.1f} s")
         del engine
-    result["batches"] = per_batch
-    ms1 = per_batch[min(batches)]["ms_per_step"] if 1 in per_batch else None
-    if ms1:
-        result["realtime_factor_batch1"] = round(cfg.frame_ms / ms1, 2)  # > 1: faster than real time
-    result["realtime_streams_sustained"] = max((b for b, r in per_batch.items() if r["ms_per_step"] <= cfg.frame_ms),
-                                               default=0)
+    out["batches"] = per_batch
+    if 1 in per_batch:
+        # > 1: faster than real time
+        out["realtime_factor_batch1"] = round(cfg.frame_ms / per_batch[1]["ms_per_step"], 2)
+    out["realtime_streams_sustained"] = max((b for b, r in per_batch.items() if r["ms_per_step"] <= cfg.frame_ms),
+                                            default=0)
 
     # Time to first audio, cold and with the voice prompt's KV reused.
-    voice_frames = int(args.voice_seconds * 1000 // cfg.frame_ms)
     engine = Engine(model, max_slots=1, codec=codec, compile=args.compile, cuda_graphs=cuda and not args.no_graphs)
     time_to_first_audio(engine, voice_frames, seed=0)  # warm-up: compile / capture
     engine.prefix_cache.entries.clear()
     cold = time_to_first_audio(engine, voice_frames, seed=1)
     warm = time_to_first_audio(engine, voice_frames, seed=2)
-    result["ttfa_ms"] = {"voice_seconds": args.voice_seconds, "prompt_rows": voice_frames + 21,
-                         "cold": round(1000 * cold, 2), "prefix_reused": round(1000 * warm, 2)}
-    log(f"  time to first audio with a {args.voice_seconds:g} s voice prompt: cold {1000 * cold:.1f} ms, "
+    out["ttfa_ms"] = {"voice_seconds": args.voice_seconds, "prompt_rows": voice_frames + 21,
+                      "cold": round(1000 * cold, 2), "prefix_reused": round(1000 * warm, 2)}
+    log(f"  {mode:5s} time to first audio with a {args.voice_seconds:g} s voice prompt: cold {1000 * cold:.1f} ms, "
         f"prefix reused {1000 * warm:.1f} ms")
-    del engine
+    return out
 
-    if not args.no_peer:
-        peer_frames = args.peer_frames or (20 if cuda or args.preset == "tiny" else 2)
-        peer = peer_ms_per_frame(model, peer_frames)
-        if ms1 and "ms_per_frame" in peer:
-            peer["speedup_batch1"] = round(peer["ms_per_frame"] / ms1, 2)
-            log(f"  transformers generate: {peer['ms_per_frame']:.2f} ms/frame -> fastcsm is "
-                f"{peer['speedup_batch1']}x faster at batch 1")
-        result["peer_transformers"] = peer
-    print(json.dumps(result))
-    return result
+
+def quant_accuracy(reference: CSM, quantized: CSM, voice_frames: int, frames: int = 16, text_rows: int = 20) -> dict:
+    """Logit error and top-1 agreement of `quantized` against `reference` under teacher forcing:
+    over a voice prompt of `voice_frames` frames plus a line, then `frames` frames that the
+    reference generates greedily after it (so one differing code never compounds)."""
+    prompt = dummy_prompt(reference.cfg, text_rows, voice_frames)
+    request = Request(prompt, frames, SamplingParams(temperature=0), seed=0)
+    generated = list(Engine(reference).run(request))
+    seq = concat([prompt, audio_rows(torch.stack(generated), reference.cfg)]) if generated else prompt
+    rows = list(range(1, voice_frames + 1)) + list(range(len(prompt), len(prompt) + len(generated)))
+    ref = quant.teacher_forced_logits(reference, seq.tokens, seq.mask, rows)
+    got = quant.teacher_forced_logits(quantized, seq.tokens, seq.mask, rows)
+    return quant.accuracy(ref, got)
 
 
 if __name__ == "__main__":

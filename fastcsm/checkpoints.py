@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import FLAVORS, CsmConfig
 from .model import CSM
 
@@ -85,6 +86,8 @@ class CheckpointFiles:
     format: str  # "hf" or "sesame"
     config: CsmConfig
     weights: list[Path]
+    quantization: str | None = None  # "int8"/"fp8" for a checkpoint written by `fastcsm quantize`
+    config_dict: dict | None = None  # config.json as read (or as inferred from the tensors)
 
 
 def inspect(root: Path) -> CheckpointFiles:
@@ -107,20 +110,24 @@ def inspect(root: Path) -> CheckpointFiles:
             f"no CSM weights in {root}: expected model.safetensors, model.safetensors.index.json with shards, "
             "or ckpt.pt"
         )
+    stored = (raw or {}).get("quantization", {}).get("method")
+    if stored is not None and stored not in ("int8", "fp8"):
+        raise CheckpointError(f"{cfg_path} names an unknown quantization {stored!r} (known: int8, fp8)")
     if raw is not None and (raw.get("model_type") == "csm" or "depth_decoder_config" in raw):
-        return CheckpointFiles(root, "hf", CsmConfig.from_dict(raw), weights)
+        return CheckpointFiles(root, "hf", CsmConfig.from_dict(raw), weights, stored, raw)
     if raw is not None and "backbone_flavor" in raw:
-        return CheckpointFiles(root, "sesame", CsmConfig.from_dict(raw), weights)
+        return CheckpointFiles(root, "sesame", CsmConfig.from_dict(raw), weights, stored, raw)
     if raw is not None and raw.get("model_type") not in (None, "csm"):
         raise CheckpointError(f"{cfg_path} describes a {raw.get('model_type')!r} model, not CSM")
     with TensorReader(weights) as reader:
         names = set(reader.names())
         if not any(n.startswith("backbone.layers.") for n in names):
             raise CheckpointError(f"unknown checkpoint format in {root}: no config.json and no Sesame tensor names")
-        return CheckpointFiles(root, "sesame", _infer_sesame_config(reader), weights)
+        raw = _infer_sesame_dict(reader)
+        return CheckpointFiles(root, "sesame", CsmConfig.from_dict(raw), weights, None, raw)
 
 
-def _infer_sesame_config(reader: TensorReader) -> CsmConfig:
+def _infer_sesame_dict(reader: TensorReader) -> dict:
     """Match a config-less original checkpoint against the known flavours by its shapes."""
 
     def flavor(prefix: str) -> str:
@@ -137,13 +144,57 @@ def _infer_sesame_config(reader: TensorReader) -> CsmConfig:
 
     text_vocab = reader.shape("text_embeddings.weight")[0]
     k_minus_1, _, audio_vocab = reader.shape("audio_head")
-    return CsmConfig.from_dict({
+    return {
         "backbone_flavor": flavor("backbone"), "decoder_flavor": flavor("decoder"),
         "text_vocab_size": text_vocab, "audio_vocab_size": audio_vocab, "audio_num_codebooks": k_minus_1 + 1,
-    })
+    }
 
 
 # -- reading tensors one at a time ------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """One safetensors file, each tensor read with plain reads into its own memory. Unlike a
+    memory map, the file's pages never count towards the process (peak RSS while loading is the
+    model being built plus one tensor)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 (held open for reads tensor by tensor; see close)
+        n = int.from_bytes(self.file.read(8), "little")
+        header = json.loads(self.file.read(n))
+        header.pop("__metadata__", None)
+        self.header, self.base = header, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, stop = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported dtype {info['dtype']}")
+        if stop == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        data = bytearray(stop - start)
+        self.file.seek(self.base + start)
+        if self.file.readinto(data) != len(data):
+            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} is cut short")
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
 
 class TensorReader:
     """Lazy access to the tensors of one or more safetensors files or a torch `ckpt.pt`."""
@@ -154,13 +205,14 @@ class TensorReader:
         self._handles = []
 
     def __enter__(self) -> TensorReader:
-        from safetensors import safe_open
-
         for f in self.files:
             if f.suffix == ".safetensors":
-                h = safe_open(str(f), framework="pt")
+                try:
+                    h = SafetensorsFile(f)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{f} is not a valid safetensors file: {e}") from e
                 self._handles.append(h)
-                for name in h.keys():
+                for name in h.keys():  # noqa: SIM118 (a reader's names, not a dict)
                     self._where[name] = h
             else:
                 state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
@@ -173,6 +225,9 @@ class TensorReader:
         return self
 
     def __exit__(self, *exc):
+        for h in self._handles:
+            if isinstance(h, SafetensorsFile):
+                h.close()
         self._handles.clear()
         self._where.clear()
 
@@ -183,7 +238,7 @@ class TensorReader:
         src = self._where[name]
         if isinstance(src, dict):
             return tuple(src[name].shape)
-        return tuple(src.get_slice(name).get_shape())
+        return src.shape(name)
 
     def get(self, name: str) -> torch.Tensor:
         src = self._where[name]
@@ -267,14 +322,21 @@ def to_sesame_state_dict(state: dict[str, torch.Tensor], cfg: CsmConfig) -> dict
 
 # -- loading ----------------------------------------------------------------------------------
 
-def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill `model` (built on the meta device) from `files`, tensor by tensor. The HF codec
-    tensors (`codec_model.*`) are left for the codec loader (`iter_codec_tensors`)."""
-    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
+                 quantize: str | None = None) -> None:
+    """Fill `model` (built on the meta device, `quant.prepare`d for `quantize`) from `files`,
+    tensor by tensor: each weight is quantized as it arrives, so no full-precision copy of the
+    model exists. The HF codec tensors (`codec_model.*`) are left for the codec loader
+    (`iter_codec_tensors`)."""
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in CSM(model.cfg).state_dict().items()}  # as checkpoints hold them
     loaded: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
     unexpected = []
     with TensorReader(files.weights) as reader:
         for name in reader.names():
+            if files.quantization and name.endswith(quant.SCALE_SUFFIX):
+                continue  # read with its tensor
             if files.format == "hf":
                 if name.startswith(CODEC_PREFIX):
                     continue
@@ -290,26 +352,31 @@ def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype
                 raise CheckpointError(
                     f"tensor {name!r} has shape {list(found)}, expected {list(expected[target])} for this config"
                 )
-            if target in loaded:  # the tied audio table saved under both names
+            if target in done:  # the tied audio table saved under both names
                 continue
             t = reader.get(name)
+            scale = reader.get(name + quant.SCALE_SUFFIX) if quant.stored_mode(t) else None
             heads = _rope_heads(target, model.cfg) if files.format == "sesame" else None
             if heads:
                 t = interleaved_to_half(t, heads)
-            loaded[target] = t.to(device=device, dtype=dtype).contiguous()
+                scale = interleaved_to_half(scale[:, None], heads)[:, 0] if scale is not None else None
+            loaded.update(quant.convert(target, t, scale, quantize, device, dtype))
+            done.add(target)
         if unexpected:
             raise CheckpointError(f"checkpoint holds tensors this model does not have: {sorted(unexpected)[:10]}")
-        missing = sorted(set(expected) - set(loaded))
+        missing = sorted(set(expected) - done)
         if missing:
             raise CheckpointError(
-                f"checkpoint lacks tensors: " + ", ".join(f"{n} {list(expected[n])}" for n in missing[:10])
+                "checkpoint lacks tensors: " + ", ".join(f"{n} {list(expected[n])}" for n in missing[:10])
             )
     model.load_state_dict(loaded, assign=True, strict=True)
 
 
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present with bf16, else CPU with fp32. Refuses what the device cannot run."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -329,14 +396,66 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def load_model(path_or_repo, device=None, dtype=None) -> tuple[CSM, CheckpointFiles]:
+def load_model(path_or_repo, device=None, dtype=None, quantize=None) -> tuple[CSM, CheckpointFiles]:
+    """quantize: "int8"/"fp8" quantizes while loading; None keeps the checkpoint's own precision
+    (8-bit for one written by `fastcsm quantize`); "none" loads full precision."""
     device, dtype = resolve_device_dtype(device, dtype)
     files = inspect(resolve(path_or_repo))
+    mode = quant.check_mode(files.quantization if quantize is None else quantize, device)
     with torch.device("meta"):
-        model = CSM(files.config)
-    load_weights(model, files, device, dtype)
+        model = quant.prepare(CSM(files.config), mode)
+    load_weights(model, files, device, dtype, mode)
     model.init_buffers(device)
     return model.eval().requires_grad_(False), files
+
+
+def write_quantized(path_or_repo, out_dir: str | os.PathLike, mode: str = "int8") -> Path:
+    """Write a quantized copy of a checkpoint: the same format, names and shards, each quantized
+    weight as 8 bits with its per-output-channel scales beside it (`NAME_scale`, fp32), config.json
+    marked `"quantization": {"method": mode}`, the other files (tokenizer, codec tensors) as they
+    are. Read shard by shard. `load_model` loads it directly, in 8 bits."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if quant.check_mode(mode) is None:
+        raise ValueError("quantize to 'int8' or 'fp8'")
+    root = resolve(path_or_repo)
+    files = inspect(root)
+    if files.quantization:
+        raise CheckpointError(f"{root} is already quantized ({files.quantization})")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for src in files.weights:
+        shard = src.name if src.suffix == ".safetensors" else "model.safetensors"
+        tensors = {}
+        with TensorReader([src]) as reader:
+            for name in reader.names():
+                t = reader.get(name)
+                target = hf_name(name) if files.format == "hf" else name
+                if target is not None and quant.QUANTIZED.match(target):
+                    w = t.transpose(1, 2) if target == "audio_head" else t  # rows are output channels
+                    q, s = quant.to_checkpoint(target, *quant.quantize(w, mode))
+                    tensors[name], tensors[name + quant.SCALE_SUFFIX] = q, s
+                else:
+                    tensors[name] = t.contiguous().clone() if src.suffix != ".safetensors" else t
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    if len(files.weights) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = dict(files.config_dict, quantization={"method": mode, "scales": "per_output_channel",
+                                                   "scale_suffix": quant.SCALE_SUFFIX})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weights = {p.name for p in files.weights} | {"config.json", "model.safetensors.index.json"}
+    for f in root.iterdir():
+        if f.is_file() and f.name not in weights:
+            shutil.copy2(f, out / f.name)
+    return out
 
 
 def iter_codec_tensors(files: CheckpointFiles) -> Iterator[tuple[str, torch.Tensor]]:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch._inductor.config
 
+from . import quant
 from .model import CSM, KVCache
 from .prompt import Prompt
 from .sampling import SamplingParams, counter_noise, sample
-
 
 # -- the frame step ---------------------------------------------------------------------------
 
@@ -267,6 +267,8 @@ class Engine:
       the step runs asynchronously; on CPU the step is synchronous and waiting costs nothing).
     sample_candidates: rank only this many tokens per codebook while every request's top-k fits
       (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
+    quantize: "int8" or "fp8" runs a quantized copy of a full-precision `model` (see quant.py);
+      a model loaded with `quantize=` is already quantized (`self.quantization` says which).
     """
 
     def __init__(
@@ -281,17 +283,25 @@ class Engine:
         prefix_cache_bytes: int = 256 << 20,
         sample_candidates: int = 64,
         one_frame_late: bool | None = None,
+        quantize: str | None = None,
     ):
+        mode = quant.check_mode(quantize, model.device)
+        if mode is not None and quant.mode_of(model) != mode:
+            if quant.mode_of(model) is not None:
+                raise ValueError(f"the model is already quantized as {quant.mode_of(model)}; load it in full "
+                                 f"precision to run it as {mode}")
+            model = quant.quantized_copy(model, mode)
         self.model = model
+        self.quantization = quant.mode_of(model)
         self.cfg = model.cfg
-        p = model.codebook0_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len or self.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk
         self.cache = model.backbone_cache(max_slots, self.max_seq_len)
         self.decoder_cache = model.decoder_cache(max_slots)
-        self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device, self.dtype)
+        self.state = SlotState.allocate(max_slots, self.cfg.backbone.dim, self.cfg.num_codebooks, self.device,
+                                        self.dtype)
         pinned = self.device.type == "cuda"
         self.host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long, pin_memory=pinned)
         self.codec = codec
@@ -454,7 +464,7 @@ class Engine:
                     saved = [x.clone() for x in _tensors([self.state, self.codec_state])]
                     with torch.inference_mode():
                         self._step(*self._step_args(batch, candidates))
-                    for x, copy in zip(_tensors([self.state, self.codec_state]), saved):
+                    for x, copy in zip(_tensors([self.state, self.codec_state]), saved, strict=True):
                         x.copy_(copy)
         return time.perf_counter() - t
 
@@ -474,7 +484,7 @@ class Engine:
         with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             self._step(*args)
         self._graph_pool = self._graph_pool or graph.pool()
-        for t, copy in zip(_tensors([self.state, self.codec_state]), saved):
+        for t, copy in zip(_tensors([self.state, self.codec_state]), saved, strict=True):
             t.copy_(copy)
         return graph
 
@@ -557,7 +567,7 @@ class Engine:
         return [t[slot].clone() for t in _tensors(self.codec_state)]
 
     def _set_codec_rows(self, slot: int, rows: list[torch.Tensor]) -> None:
-        for t, row in zip(_tensors(self.codec_state), rows):
+        for t, row in zip(_tensors(self.codec_state), rows, strict=True):
             t[slot].copy_(row)
 
     def busy(self) -> bool:

@@ -27,8 +27,18 @@ from .codec import resolve_codec
 from .context import check_line_fits, fit
 from .engine import Engine, Request
 from .model import CSM
-from .prompt import (Prompt, Segment, TextTokenizer, audio_rows, build_prompt, check_speaker, check_text, concat,
-                     segment_rows, text_rows)
+from .prompt import (
+    Prompt,
+    Segment,
+    TextTokenizer,
+    audio_rows,
+    build_prompt,
+    check_speaker,
+    check_text,
+    concat,
+    segment_rows,
+    text_rows,
+)
 from .sampling import SamplingParams
 from .speech import AudioStream, Piece, SpeakOptions, Speech
 from .text import split_text
@@ -75,16 +85,20 @@ class Generator:
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.codec = codec
-        self.device = model.codebook0_head.weight.device
-        self.dtype = model.codebook0_head.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.engine: Engine | None = None  # created on first use
         self.watermarker: Watermarker | None = resolve_watermark(watermark, self.device)
 
     @classmethod
     def from_pretrained(cls, path_or_repo, device=None, dtype=None, tokenizer=None, codec="auto",
-                        watermark=False) -> Generator:
+                        quantize=None, watermark=False) -> Generator:
         """Load CSM from a local directory or hub repo id, in any published format.
 
+        `quantize`: "int8" (or "fp8" on GPUs of compute capability 8.9+) stores every linear in
+        8 bits, quantized tensor by tensor while loading; None keeps the checkpoint's precision (a
+        checkpoint written by `fastcsm quantize` loads in 8 bits); "none" loads full precision.
+        `dtype` is then the precision of the embeddings and activations.
         `tokenizer` is a `tokenizer.json` (or its directory) when the checkpoint has none; the
         begin/end-of-text ids come from it (then config.json, then Llama-3's: see `TextTokenizer`).
         `codec`: "auto" takes the Mimi stored in a transformers-format checkpoint (if any); a path
@@ -93,11 +107,10 @@ class Generator:
         `fastcsm[watermark]`, see watermark.py); a `Watermarker` brings its own model or key.
         """
         root = resolve(path_or_repo)
-        model, files = load_model(root, device, dtype)
+        model, files = load_model(root, device, dtype, quantize)
         cfg = files.config
         tok = TextTokenizer.from_file(tokenizer if tokenizer is not None else root, cfg.bos_token_id, cfg.eos_token_id)
-        return cls(model, tok, codec=resolve_codec(codec, files, model.codebook0_head.weight.device),
-                   watermark=watermark)
+        return cls(model, tok, codec=resolve_codec(codec, files, model.device), watermark=watermark)
 
     # -- prompts --------------------------------------------------------------------------------
 

@@ -175,17 +175,25 @@ class CSM(nn.Module):
         self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
         return self
 
+    @property
+    def device(self) -> torch.device:
+        return self.text_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (embeddings and norms; linears may hold 8-bit weights, see quant.py)."""
+        return self.text_embeddings.weight.dtype
+
     # -- caches -------------------------------------------------------------------------------
 
     def backbone_cache(self, batch: int, length: int | None = None, device=None, dtype=None) -> KVCache:
-        p = self.codebook0_head.weight
         return KVCache.allocate(self.cfg.backbone, batch, length or self.cfg.max_seq_len,
-                                device or p.device, dtype or p.dtype)
+                                device or self.device, dtype or self.dtype)
 
     def decoder_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         """Sized for one frame (positions 0..K-1); it restarts every frame, nothing is cleared."""
-        p = self.codebook0_head.weight
-        return KVCache.allocate(self.cfg.decoder, batch, self.cfg.num_codebooks, device or p.device, dtype or p.dtype)
+        return KVCache.allocate(self.cfg.decoder, batch, self.cfg.num_codebooks, device or self.device,
+                                dtype or self.dtype)
 
     # -- pieces of the frame step --------------------------------------------------------------
 
@@ -218,4 +226,6 @@ class CSM(nn.Module):
 
     def codebook_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
         """h: [B, d] decoder hidden -> logits [B, V] for codebook 1..K-1."""
+        if isinstance(self.audio_head, nn.Module):  # 8-bit heads (quant.QuantHeads)
+            return self.audio_head(h, codebook - 1)
         return h @ self.audio_head[codebook - 1]

@@ -1,9 +1,11 @@
-"""GPU paths: CUDA-graph replay equals eager, bf16 runs, warm-up captures every variant.
-Skipped where there is no CUDA device."""
+"""GPU paths: CUDA-graph replay equals eager (fp32 and bf16), warm-up captures every variant,
+8-bit weights run captured (int8 everywhere, fp8 on compute capability 8.9+) and compiled.
+Skipped where there is no CUDA device; `benchmarks/gpu_check.sh` runs them on a GPU machine."""
 
 import pytest
 import torch
 
+from fastcsm import quant
 from fastcsm.config import tiny_config
 from fastcsm.engine import Engine, Request
 from fastcsm.model import CSM
@@ -60,6 +62,69 @@ def test_graphs_equal_eager_fp32():
     for (c1, p1), (c2, p2) in zip(eager, graphed, strict=True):
         assert torch.equal(c1, c2)
         assert torch.allclose(p1, p2, atol=1e-4)
+
+
+def test_graphs_equal_eager_bf16():
+    """The captured bf16 step gives the eager bf16 step's codes for the same batch."""
+    m, c = model(torch.bfloat16), codec()
+    eager = run(Engine(m, max_slots=4, codec=c, cuda_graphs=False), requests(3))
+    graphed_engine = Engine(m, max_slots=4, codec=c, cuda_graphs=True)
+    graphed = run(graphed_engine, requests(3))
+    assert graphed_engine._graphs
+    for (c1, p1), (c2, p2) in zip(eager, graphed, strict=True):
+        assert torch.equal(c1, c2)
+        assert torch.allclose(p1, p2, atol=1e-3)
+
+
+FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize("mode", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(
+    not FP8, reason="fp8 needs compute capability 8.9+"))])
+def test_quantized_runs_captured_and_equals_eager(mode):
+    """8-bit linears inside the captured step: the same codes as the same quantized model eager."""
+    full = model(torch.bfloat16)
+    m, c = quant.quantized_copy(full, mode), codec()
+    assert quant.mode_of(m) == mode and m.codebook0_head.weight.dtype == quant.STORAGE[mode]
+    eager = run(Engine(m, max_slots=4, codec=c, cuda_graphs=False), requests(3))
+    engine = Engine(m, max_slots=4, codec=c)
+    assert engine.cuda_graphs and engine.warmup() > 0
+    graphed = run(engine, requests(3))
+    for (c1, _), (c2, p2) in zip(eager, graphed, strict=True):
+        assert torch.equal(c1, c2)
+        assert torch.isfinite(p2).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(
+    not FP8, reason="fp8 needs compute capability 8.9+"))])
+def test_quantized_compiled_and_captured(mode):
+    """torch.compile(fullgraph=True) of the 8-bit step (inductor fuses the int8 -> bf16 dequantize
+    into the matmul), captured per bucket: a greedy request's first codes equal the eager
+    quantized ones. Four codebooks keep the compile short; the step's code is the same for any count."""
+    cfg = tiny_config(num_codebooks=4)
+    full = CSM(cfg)
+    randomize_(full, seed=0)
+    m = quant.quantized_copy(full.to("cuda", torch.bfloat16).eval().requires_grad_(False), mode)
+    codes = torch.randint(0, 2048, (4, 4), generator=torch.Generator().manual_seed(0))
+    p = build_prompt("Compile me.", 0, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
+    greedy = SamplingParams(temperature=0.0)
+    eager = torch.stack(list(Engine(m, cuda_graphs=False).run(Request(p, 6, greedy, seed=0))))
+    engine = Engine(m, compile=True)
+    assert engine.cuda_graphs
+    compiled = torch.stack(list(engine.run(Request(p, 6, greedy, seed=0))))
+    assert compiled.shape == eager.shape
+    assert torch.equal(compiled[0, 0], eager[0, 0])  # first code: same logits up to fusion order
+    assert (compiled[0] == eager[0]).float().mean() >= 0.5
+
+
+def test_accuracy_of_8_bit_on_cuda():
+    """Teacher-forced logits of int8 (and fp8) against bf16 on the same weights, on the GPU."""
+    from fastcsm import bench
+
+    full = bench.random_model(CFG, "cuda", torch.bfloat16)
+    for mode in ["int8"] + (["fp8"] if FP8 else []):
+        acc = bench.quant_accuracy(full, quant.quantized_copy(full, mode), voice_frames=40, frames=8)
+        assert acc["codebook0_rel_rms"] < 0.06 and acc["decoder_rel_rms_max"] < 0.12, (mode, acc)
 
 
 def test_bf16_with_graphs_and_warmup():

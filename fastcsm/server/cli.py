@@ -37,6 +37,9 @@ def add_serve(sub) -> None:
     g.add_argument("--codec", metavar="PATH_OR_ID", help="a Mimi checkpoint for checkpoints that carry no codec")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights precision (default: bf16 on cuda)")
+    g.add_argument("--quantize", choices=["none", "int8", "fp8"],
+                   help="8-bit linears (int8 anywhere, fp8 on GPUs of compute capability 8.9+), quantized "
+                        "while loading (default: the checkpoint's own precision)")
     g.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the frame step: faster frames after minutes of warm-up")
     g.add_argument("--threads", type=int, metavar="N",
@@ -97,8 +100,9 @@ def add_serve(sub) -> None:
 def settings_from_args(args):
     from .settings import Settings
 
-    names = ["model", "tokenizer", "codec", "device", "dtype", "compile", "threads", "host", "port", "log_level",
-             "slots", "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins", "max_body_bytes",
+    names = ["model", "tokenizer", "codec", "device", "dtype", "quantize", "compile", "threads", "host", "port",
+             "log_level", "slots", "max_queue", "request_timeout_s", "prefill_chunk", "api_keys", "cors_origins",
+             "max_body_bytes",
              "max_input_chars", "max_audio_length_ms", "max_voice_audio_s", "voices_dir", "header_timeout_s",
              "body_timeout_s", "keep_alive_s", "max_connections", "watermark", "model_name", "voice_map"]
     return Settings.from_env(**{n: getattr(args, n, None) for n in names})
@@ -114,7 +118,8 @@ def run_serve(args) -> int:
 
         from .app import create_app
     except ImportError as e:
-        raise CliError(f"the server needs its extra packages ({e.name} is missing): pip install 'fastcsm[server]'")
+        missing = f"the server needs its extra packages ({e.name} is missing)"
+        raise CliError(f"{missing}: pip install 'fastcsm[server]'") from e
     try:
         from .settings import parse_voice_map
 
@@ -149,7 +154,8 @@ def run_serve(args) -> int:
         raise CliError(str(e), EXIT_MODEL) from e
     try:
         generator = Generator.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
-                                              tokenizer=settings.tokenizer, codec=settings.codec or "auto")
+                                              tokenizer=settings.tokenizer, codec=settings.codec or "auto",
+                                              quantize=settings.quantize)
     except (CheckpointError, OSError, ValueError) as e:
         raise CliError(f"could not load the model {settings.model!r}: {e}", EXIT_MODEL) from e
     generator.watermarker = watermarker

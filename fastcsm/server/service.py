@@ -111,7 +111,8 @@ class Service:
         s = self.settings
         try:
             gen = generator or Generator.from_pretrained(s.model, device=s.device, dtype=s.dtype,
-                                                         tokenizer=s.tokenizer, codec=s.codec or "auto")
+                                                         tokenizer=s.tokenizer, codec=s.codec or "auto",
+                                                         quantize=s.quantize)
             if gen.codec is None:
                 raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
             if s.watermark and gen.watermarker is None:

@@ -21,6 +21,7 @@ class Settings:
     codec: str | None = None  # Mimi checkpoint when the CSM checkpoint carries none
     device: str | None = None  # default: cuda if available, else cpu
     dtype: str | None = None  # fp32, bf16, fp16 (default: bf16 on cuda, fp32 on cpu)
+    quantize: str | None = None  # none, int8, fp8: 8-bit linears (default: the checkpoint's precision)
     compile: bool = False  # torch.compile the frame step (minutes of warm-up)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (small models on CPU: try 1)
     model_name: str | None = None  # the id /v1/models lists (default: the checkpoint's directory or repo name)

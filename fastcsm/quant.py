@@ -1,0 +1,330 @@
+"""Eight-bit weights: every linear of CSM in int8 (or fp8) with one scale per output channel.
+
+What is quantized: every linear of the backbone and the depth decoder, the projection,
+`codebook0_head` and the 31 audio heads; embeddings and norms stay in the model's dtype
+(`QUANTIZED` matches the names). A weight row w[n] is stored as q[n] = round(w[n] / s[n]) with
+s[n] = max|w[n]| / 127 (int8) or / 448 (fp8 e4m3), and y = (x @ q.T) * s.
+
+The kernel is chosen per device and mode, by measurement (README, "Eight-bit weights"):
+- int8 on CPU: fbgemm's int8 GEMM (`quantized::linear_dynamic`, VNNI where the CPU has it)
+  behind a custom op, so `torch.compile(fullgraph=True)` keeps it as one opaque call. fbgemm
+  quantizes activations with one scale per call; each row is first divided by its own max|x|
+  and a fixed row [1, -1, 0...] rides along, so every row is quantized on the same [-1, 1]
+  grid and a request's result never depends on the other rows of its batch.
+- int8 elsewhere (CUDA): weight-only, y = F.linear(x, q.to(x.dtype)) * s; inductor fuses the
+  int8 -> bf16 conversion into the matmul, so the weights are read as 8 bits (as gpt-fast does).
+- fp8 (CUDA sm_89+): e4m3 weights. Where enough rows come at once (`scaled_mm_rows`) and the
+  shapes suit the tensor cores, activations are cast to e4m3 per row and `torch._scaled_mm`
+  runs; otherwise the weight-only path above.
+
+A model is quantized on the meta device (`prepare`) and filled while loading, tensor by tensor
+(`convert`), so a full-precision copy never exists; `quantized_copy` makes a quantized model
+from a loaded one, sharing its embeddings (benchmarks and accuracy checks).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("none", "int8", "fp8")
+QMAX = {"int8": 127.0, "fp8": 448.0}
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+SCALE_SUFFIX = "_scale"  # a checkpoint stores the scale of tensor NAME as NAME_scale
+# fastcsm names of the weights that are quantized (the audio heads are one tensor, `audio_head`).
+QUANTIZED = re.compile(r"^((backbone|decoder)\.layers\.\d+\.(attn|mlp)\.\w+\.weight|projection\.weight|"
+                       r"codebook0_head\.weight|audio_head)$")
+# fp8 `_scaled_mm` needs both matrix dims in multiples of 16; on CUDA it runs from this many rows
+# (below, the weight-only matmul reads the same bytes without casting activations).
+_SCALED_MM_ALIGN = 16
+SCALED_MM_ROWS = 16
+
+
+def check_mode(mode: str | None, device: torch.device | str | None = None) -> str | None:
+    """A `quantize=` argument -> "int8", "fp8", or None for full precision; refuses what the
+    device cannot run."""
+    if mode is None or mode == "none":
+        return None
+    if mode not in MODES:
+        raise ValueError(f"unknown quantize={mode!r}; use one of {list(MODES)}")
+    device = torch.device(device) if device is not None else None
+    if mode == "fp8" and device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"quantize='fp8' needs a GPU with fp8 tensor cores (compute capability 8.9+, e.g. L4, "
+                             f"H100); {torch.cuda.get_device_name(device)} is {major}.{minor}: use quantize='int8'")
+    return mode
+
+
+def mode_of(model: nn.Module) -> str | None:
+    """The quantization of a model's linears: "int8", "fp8" or None."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantHeads)):
+            return m.mode
+    return None
+
+
+# -- the numbers ---------------------------------------------------------------------------------
+
+def quantize(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] (rows are output channels) -> (q [..., N, K] int8/fp8, scale [..., N] fp32)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=-1) / QMAX[mode]).clamp(min=1e-12)
+    x = w / scale[..., None]
+    q = x.round().clamp(-127, 127).to(torch.int8) if mode == "int8" else x.to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def stored_mode(t: torch.Tensor) -> str | None:
+    return {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}.get(t.dtype)
+
+
+# -- the CPU int8 kernel -------------------------------------------------------------------------
+
+def _vnni() -> bool:
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(is_vnni and is_vnni())
+
+
+# Without VNNI fbgemm's int8 dot products pass through saturating int16 sums, so activations get
+# 7 bits there (as `quantize_dynamic` does); with VNNI they get all 8 (half the rounding error).
+REDUCE_RANGE = not _vnni()
+_keys = itertools.count()
+_packed: dict[int, object] = {}  # key -> fbgemm packed weight, made on first use
+
+
+def _new_key(owner) -> int:
+    key = next(_keys)
+    weakref.finalize(owner, _packed.pop, key, None)
+    return key
+
+
+def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T * scale [N] with fbgemm, each row quantized on its own."""
+    packed = _packed.get(key)
+    if packed is None:
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; `fbgemm_available` checks
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero, 0)
+        packed = _packed[key] = torch.ops.quantized.linear_prepack(qw, None)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    pin = torch.zeros(1, rows.shape[1])
+    pin[0, 0], pin[0, -1] = 1.0, -1.0  # fixes the activation grid at [-1, 1] whatever the batch holds
+    y = torch.ops.quantized.linear_dynamic(torch.cat([pin, rows / amax]), packed, REDUCE_RANGE)[1:] * amax
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+# The op that compiled graphs keep as one opaque call; eager code calls the function itself,
+# sparing the custom-op dispatch (a tenth of a millisecond, a thousand times a frame).
+int8_linear_cpu = torch.library.custom_op("fastcsm::int8_linear_cpu", _int8_linear_cpu, mutates_args=())
+
+
+@int8_linear_cpu.register_fake
+def _(x, weight, scale, key):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """Whether this torch still has the quantized CPU ops (deprecated in 2.13); if not, CPU int8
+    runs weight-only like CUDA."""
+    try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
+        w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
+        int8_linear_cpu(torch.ones(2, 8, device="cpu"), w, torch.ones(8, device="cpu"), -1)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    finally:
+        _packed.pop(-1, None)
+
+
+# -- modules -------------------------------------------------------------------------------------
+
+def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+    if module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm:
+        op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
+        return op(x, weight, scale, key)
+    N, K = weight.shape
+    rows = x.numel() // K
+    from_rows = module.scaled_mm_rows if module.scaled_mm_rows is not None else \
+        (SCALED_MM_ROWS if weight.device.type == "cuda" else None)
+    # CUDA's row-wise scaled matmul writes bf16 only; an fp32 / fp16 model stays weight-only there.
+    dtype_ok = x.dtype == torch.bfloat16 or weight.device.type != "cuda"
+    if (module.mode == "fp8" and from_rows is not None and rows >= from_rows and N % _SCALED_MM_ALIGN == 0
+            and K % _SCALED_MM_ALIGN == 0 and dtype_ok):
+        x2 = x.reshape(-1, K).float()
+        xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
+        xq = (x2 / xs).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], N)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear with 8-bit weight [N, K] and fp32 scale [N] (one per output channel)."""
+
+    scaled_mm_rows: int | None = None  # rows from which fp8 uses `_scaled_mm` (None: SCALED_MM_ROWS on CUDA only)
+
+    def __init__(self, in_features: int, out_features: int, mode: str, device=None):
+        super().__init__()
+        self.mode = mode
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=STORAGE[mode], device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.key = _new_key(self)
+        self.fbgemm = fbgemm_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x, self.weight, self.scale, self.key)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        _packed.pop(self.key, None)  # new weights: pack again on first use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class QuantHeads(nn.Module):
+    """The K-1 audio heads: weight [K-1, V, d] (each head's output channels as rows), scale [K-1, V].
+    `forward(h, i)` is `h @ audio_head[i]` of the full-precision model."""
+
+    scaled_mm_rows: int | None = None
+
+    def __init__(self, heads: int, dim: int, vocab: int, mode: str, device=None):
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("weight", torch.empty(heads, vocab, dim, dtype=STORAGE[mode], device=device))
+        self.register_buffer("scale", torch.empty(heads, vocab, dtype=torch.float32, device=device))
+        self.keys = [_new_key(self) for _ in range(heads)]
+        self.fbgemm = fbgemm_available()
+
+    def forward(self, h: torch.Tensor, head: int) -> torch.Tensor:
+        return _linear(self, h, self.weight[head], self.scale[head], self.keys[head])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        for k in self.keys:
+            _packed.pop(k, None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+# -- whole models --------------------------------------------------------------------------------
+
+def prepare(model: nn.Module, mode: str | None, device=None) -> nn.Module:
+    """Swap the quantized linears of a CSM (built on the meta device) for empty 8-bit ones."""
+    if mode is None:
+        return model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and QUANTIZED.match(f"{name}.weight"):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, QuantLinear(m.in_features, m.out_features, mode, device))
+    heads, dim, vocab = model.audio_head.shape
+    del model.audio_head
+    model.audio_head = QuantHeads(heads, dim, vocab, mode, device)
+    return model
+
+
+def convert(target: str, t: torch.Tensor, scale: torch.Tensor | None, mode: str | None, device,
+            dtype) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor (fastcsm name `target`; `scale` if it is stored quantized) -> the
+    state-dict entries of a model quantized as `mode`, on `device` (floats in `dtype`)."""
+    if scale is not None:
+        if mode == stored_mode(t) and QUANTIZED.match(target):
+            q, s = t, scale
+            if target == "audio_head":  # stored as [K-1, d, V] like the full-precision tensor
+                q, s = q.transpose(1, 2), s
+            return _entries(target, q.to(device).contiguous(), s.to(device, torch.float32).contiguous())
+        t = dequantize(t.transpose(1, 2), scale, torch.float32).transpose(1, 2) if target == "audio_head" \
+            else dequantize(t, scale, torch.float32)
+    if mode is None or not QUANTIZED.match(target):
+        return {target: t.to(device=device, dtype=dtype).contiguous()}
+    w = t.to(device).transpose(1, 2) if target == "audio_head" else t.to(device)
+    q, s = quantize(w, mode)
+    return _entries(target, q.contiguous(), s)
+
+
+def _entries(target: str, q: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
+    base = "audio_head." if target == "audio_head" else target[: -len("weight")]
+    return {f"{base}weight": q, f"{base}scale": s}
+
+
+def to_checkpoint(target: str, q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized module's (weight, scale) in checkpoint layout (the inverse of `convert`)."""
+    return (q.transpose(1, 2).contiguous(), s) if target == "audio_head" else (q, s)
+
+
+@torch.no_grad()
+def quantized_copy(model: nn.Module, mode: str) -> nn.Module:
+    """A quantized CSM made from a loaded full-precision one; embeddings and norms are shared."""
+    from .model import CSM
+
+    ref = model.codebook0_head.weight
+    device = ref.device
+    with torch.device("meta"):
+        out = prepare(CSM(model.cfg), mode)
+    state = {}
+    for name, t in model.state_dict().items():
+        if QUANTIZED.match(name):
+            state.update(convert(name, t, None, mode, device, t.dtype))
+        else:
+            state[name] = t
+    out.load_state_dict(state, assign=True, strict=True)
+    out.init_buffers(device)
+    return out.eval().requires_grad_(False)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.nbytes for t in model.state_dict().values())
+
+
+# -- accuracy against full precision -------------------------------------------------------------
+
+@torch.inference_mode()
+def teacher_forced_logits(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                          rows: list[int]) -> list[torch.Tensor]:
+    """Logits of every codebook for the audio frames at `rows` of a sequence (tokens, mask
+    [T, K+1]), each predicted from the rows before it and, in the depth decoder, from the frame's
+    own earlier codes (teacher forcing: a differing code never changes what comes after).
+    Returns K tensors [len(rows), codebook_size] (fp32, CPU)."""
+    cfg, dev = model.cfg, model.device
+    K, C = cfg.num_codebooks, cfg.codebook_size
+    T, R = tokens.shape[0], len(rows)
+    x = model.embed_rows(tokens[None].to(dev), mask[None].to(dev))
+    h = model.run_backbone(x, torch.arange(T, device=dev)[None], model.backbone_cache(1, T))[0]  # [T, D]
+    idx = torch.tensor(rows, device=dev)
+    hs, codes = h[idx - 1], tokens[rows, :K].to(dev)  # [R, D], [R, K]
+    out = [model.codebook0_logits(hs)]
+    cache = model.decoder_cache(R)
+    x = torch.stack([hs, model.embed_code(codes[:, 0], 0)], dim=1)
+    pos = torch.arange(2, device=dev).expand(R, 2)
+    for i in range(1, K):
+        out.append(model.codebook_logits(model.run_decoder(x, pos, cache)[:, -1], i))
+        x = model.embed_code(codes[:, i], i)[:, None]
+        pos = pos[:, -1:] + 1
+    return [logits[:, :C].float().cpu() for logits in out]
+
+
+def accuracy(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> dict:
+    """Per codebook: relative RMS error of the logits and top-1 agreement, with summaries."""
+    rel = [float((q - r).norm() / r.norm()) for r, q in zip(reference, quantized, strict=True)]
+    top1 = [float((q.argmax(-1) == r.argmax(-1)).float().mean()) for r, q in zip(reference, quantized, strict=True)]
+    return {
+        "frames": reference[0].shape[0],
+        "codebook0_rel_rms": round(rel[0], 5), "codebook0_top1": round(top1[0], 4),
+        "decoder_rel_rms_mean": round(sum(rel[1:]) / len(rel[1:]), 5), "decoder_rel_rms_max": round(max(rel[1:]), 5),
+        "decoder_top1_mean": round(sum(top1[1:]) / len(top1[1:]), 4), "decoder_top1_min": round(min(top1[1:]), 4),
+        "rel_rms": [round(e, 5) for e in rel], "top1": [round(a, 4) for a in top1],
+    }
