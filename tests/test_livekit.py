@@ -28,10 +28,14 @@ def pcm(frame) -> bytes:
     return bytes(memoryview(frame.data).cast("B"))
 
 
-@pytest.mark.parametrize("model", ["tts-1", "gpt-4o-mini-tts"])  # sse and plain audio streams
-def test_openai_plugin_unchanged_with_an_openai_voice(server, model):
+@pytest.mark.parametrize("model,fmt", [("tts-1", "mp3"), ("gpt-4o-mini-tts", "mp3"), ("gpt-4o-mini-tts", "aac"),
+                                       ("gpt-4o-mini-tts", "opus"), ("gpt-4o-mini-tts", "flac"),
+                                       ("gpt-4o-mini-tts", "wav"), ("gpt-4o-mini-tts", "pcm")])
+def test_openai_plugin_unchanged_with_an_openai_voice(server, model, fmt):
+    # tts-1 asks for server-sent events, the others for the audio itself; the plugin decodes each format.
     async def run():
-        tts = lk_openai.TTS(base_url=server.url + "/v1", api_key="none", voice="alloy", model=model)
+        tts = lk_openai.TTS(base_url=server.url + "/v1", api_key="none", voice="alloy", model=model,
+                            response_format=fmt)
         async with tts.synthesize("Hello from LiveKit.") as stream:
             frames = [ev.frame async for ev in stream]
         await tts.aclose()
@@ -39,6 +43,7 @@ def test_openai_plugin_unchanged_with_an_openai_voice(server, model):
 
     frames = asyncio.run(run())
     assert {f.sample_rate for f in frames} == {24_000} and {f.num_channels for f in frames} == {1}
+    # The server's default bound for this text is 5.85 s: a little more or less after a lossy codec.
     assert sum(f.samples_per_channel for f in frames) >= 5 * FRAME
 
 
