@@ -148,7 +148,7 @@ def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[
     amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
     # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
     y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(rows.shape[1]), rows / amax]), packed, REDUCE_RANGE)
-    return (y[1:] * amax).reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y[1:].mul_(amax).view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 # The op that compiled graphs keep as one opaque call; eager code calls the function itself,
