@@ -67,6 +67,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def linears(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
+    """[m(x) for m in modules]; 8-bit linears (quant.QuantLinear) may run them as one matmul."""
+    if isinstance(modules[0], nn.Linear):
+        return [m(x) for m in modules]
+    return type(modules[0]).fused(x, list(modules))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -81,9 +88,7 @@ class Attention(nn.Module):
         # x: [B, S, D]; cos/sin: [B, S, hd]; pos: [B, S]; mask: [B, 1, S, T]; k/v_cache: [B, G, T, hd]
         B, S, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, S, -1, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, -1, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, -1, hd).transpose(1, 2)
+        q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -112,7 +117,8 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linears(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class Layer(nn.Module):

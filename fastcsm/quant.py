@@ -101,40 +101,64 @@ def _vnni() -> bool:
 # 7 bits there (as `quantize_dynamic` does); with VNNI they get all 8 (half the rounding error).
 REDUCE_RANGE = not _vnni()
 _keys = itertools.count()
-_packed: dict[int, object] = {}  # key -> fbgemm packed weight, made on first use
+# fbgemm packed weights, made on first use, by the keys of the linears packed together (one
+# linear, or the q/k/v or gate/up linears of a layer concatenated along their output channels).
+_packed: dict[tuple[int, ...], object] = {}
+_pins: dict[int, torch.Tensor] = {}  # width -> the row [1, -1, 0, ...] that pins the activation grid
 
 
 def _new_key(owner) -> int:
     key = next(_keys)
-    weakref.finalize(owner, _packed.pop, key, None)
+    weakref.finalize(owner, _forget, key)
     return key
 
 
-def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T * scale [N] with fbgemm, each row quantized on its own."""
-    packed = _packed.get(key)
+def _forget(key: int) -> None:
+    """Drop every packed weight that holds the linear `key` (it is gone or has new weights)."""
+    for keys in [k for k in _packed if key in k]:
+        _packed.pop(keys, None)
+
+
+def _pack(weights: list[torch.Tensor], scales: list[torch.Tensor], keys: list[int]):
+    weight, scale = torch.cat(weights), torch.cat(scales)
+    zero = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; `fbgemm_available` checks
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero, 0)
+    packed = _packed[tuple(keys)] = torch.ops.quantized.linear_prepack(qw, None)
+    return packed
+
+
+def _pin(width: int) -> torch.Tensor:
+    pin = _pins.get(width)
+    if pin is None:
+        pin = _pins[width] = torch.zeros(1, width)
+        pin[0, 0], pin[0, -1] = 1.0, -1.0
+    return pin
+
+
+def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                     keys: list[int]) -> torch.Tensor:
+    """x [..., K] @ cat(weights) [N, K].T * cat(scales) [N] with one fbgemm call, each row of x
+    quantized on its own; the outputs of the linears come side by side in the last dim."""
+    packed = _packed.get(tuple(keys))
     if packed is None:
-        zero = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; `fbgemm_available` checks
-            warnings.simplefilter("ignore", UserWarning)
-            qw = torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero, 0)
-        packed = _packed[key] = torch.ops.quantized.linear_prepack(qw, None)
+        packed = _pack(weights, scales, keys)
     rows = x.reshape(-1, x.shape[-1]).float()
-    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
-    pin = torch.zeros(1, rows.shape[1])
-    pin[0, 0], pin[0, -1] = 1.0, -1.0  # fixes the activation grid at [-1, 1] whatever the batch holds
-    y = torch.ops.quantized.linear_dynamic(torch.cat([pin, rows / amax]), packed, REDUCE_RANGE)[1:] * amax
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
+    y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(rows.shape[1]), rows / amax]), packed, REDUCE_RANGE)
+    return y[1:].mul_(amax).view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 # The op that compiled graphs keep as one opaque call; eager code calls the function itself,
-# sparing the custom-op dispatch (a tenth of a millisecond, a thousand times a frame).
+# sparing the custom-op dispatch (a tenth of a millisecond, hundreds of times a frame).
 int8_linear_cpu = torch.library.custom_op("fastcsm::int8_linear_cpu", _int8_linear_cpu, mutates_args=())
 
 
 @int8_linear_cpu.register_fake
-def _(x, weight, scale, key):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weights, scales, keys):
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
 @functools.cache
@@ -143,20 +167,28 @@ def fbgemm_available() -> bool:
     runs weight-only like CUDA."""
     try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
         w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
-        int8_linear_cpu(torch.ones(2, 8, device="cpu"), w, torch.ones(8, device="cpu"), -1)
+        int8_linear_cpu(torch.ones(2, 8, device="cpu"), [w], [torch.ones(8, device="cpu")], [-1])
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     finally:
-        _packed.pop(-1, None)
+        _forget(-1)
 
 
 # -- modules -------------------------------------------------------------------------------------
 
+def _fbgemm(module, weight: torch.Tensor) -> bool:
+    return module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm
+
+
+def _int8_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], keys: list[int]):
+    op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
+    return op(x, weights, scales, keys)
+
+
 def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
-    if module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm:
-        op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
-        return op(x, weight, scale, key)
+    if _fbgemm(module, weight):
+        return _int8_cpu(x, [weight], [scale], [key])
     N, K = weight.shape
     rows = x.numel() // K
     from_rows = module.scaled_mm_rows if module.scaled_mm_rows is not None else \
@@ -190,8 +222,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(self, x, self.weight, self.scale, self.key)
 
+    @staticmethod
+    def fused(x: torch.Tensor, linears: list[QuantLinear]) -> list[torch.Tensor]:
+        """[m(x) for m in linears], as one fbgemm call where that kernel runs (a layer's q/k/v, or
+        its gate and up projections: fewer, larger calls, each quantizing x once)."""
+        if not _fbgemm(linears[0], linears[0].weight):
+            return [m(x) for m in linears]
+        y = _int8_cpu(x, [m.weight for m in linears], [m.scale for m in linears], [m.key for m in linears])
+        return list(y.split([m.out_features for m in linears], dim=-1))
+
     def _load_from_state_dict(self, *args, **kwargs):
-        _packed.pop(self.key, None)  # new weights: pack again on first use
+        _forget(self.key)  # new weights: pack again on first use
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -217,7 +258,7 @@ class QuantHeads(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         for k in self.keys:
-            _packed.pop(k, None)
+            _forget(k)
         super()._load_from_state_dict(*args, **kwargs)
 
 

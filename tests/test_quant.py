@@ -78,6 +78,31 @@ def test_cpu_int8_rows_are_independent_of_the_batch():
             assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
 
 
+def test_fused_linears_equal_separate_ones_and_follow_new_weights():
+    """A layer's q/k/v (and gate/up) run as one int8 matmul over their concatenated weights; each
+    output equals its own linear's, and loading new weights into one of them repacks the fused one."""
+    g = torch.Generator().manual_seed(3)
+    lins = []
+    for n in (40, 16, 24):
+        lin = quant.QuantLinear(64, n, "int8")
+        lin.load_state_dict(dict(zip(("weight", "scale"), quant.quantize(torch.randn(n, 64, generator=g), "int8"),
+                                     strict=True)))
+        lins.append(lin)
+    x = torch.randn(3, 2, 64, generator=g)
+    with torch.inference_mode():
+        fused = quant.QuantLinear.fused(x, lins)
+        assert [t.shape for t in fused] == [(3, 2, 40), (3, 2, 16), (3, 2, 24)]
+        for f, lin in zip(fused, lins, strict=True):
+            assert torch.allclose(f, lin(x), rtol=1e-6, atol=1e-6)
+        w, s = quant.quantize(torch.randn(16, 64, generator=g), "int8")
+        lins[1].load_state_dict({"weight": w, "scale": s})
+        again = quant.QuantLinear.fused(x, lins)
+        ref = x @ quant.dequantize(w, s, torch.float32).T
+        assert (again[1] - ref).norm() / ref.norm() < 0.03
+        assert not torch.allclose(again[1], fused[1])
+        assert torch.equal(again[0], fused[0])
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 def test_what_is_quantized(model, int8):
