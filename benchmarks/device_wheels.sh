@@ -10,6 +10,7 @@ dest=.device-wheels
 WHEELS=(
     soundfile==0.14.0 cffi==2.0.0 pycparser==3.0   # audio files (libsndfile is inside the wheel)
     soxr==1.1.0                                    # resampling
+    av==18.1.0                                     # FFmpeg (inside the wheel): streamed flac, mp3, opus, aac, speed
     fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
     typing-inspection==0.4.2 opentelemetry-api==1.45.2 uvicorn==0.54.0 websockets==17.4 python-multipart==0.0.34
 )
