@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +25,8 @@ import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_server import free_port, stop, wait_ready  # noqa: E402
 
 
 def start() -> tuple[subprocess.Popen, str]:
@@ -44,16 +40,12 @@ def start() -> tuple[subprocess.Popen, str]:
                              "--threads", "1", "--port", str(port), "--log-level", "warning",
                              "--max-audio-length-ms", "8000"], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    try:
+        wait_ready(url, 120, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def pct(values: list[float], q: float) -> float:
@@ -124,8 +116,7 @@ def main() -> None:
     try:
         result = {"big_body": big_body(url), "burst": burst(url)}
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
     print(json.dumps(result))
 
 

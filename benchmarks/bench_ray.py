@@ -42,22 +42,6 @@ def fastcsm_root() -> str:
     return str(Path(fastcsm.__file__).resolve().parent.parent)
 
 
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("the server exited:\n" + proc.stderr.read()[-3000:])
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready in {timeout:g} s")
-
-
 def start_single(model: str, args) -> tuple[subprocess.Popen, str]:
     """`fastcsm serve`, exactly as a user runs it."""
     port = B.free_port()
@@ -71,7 +55,7 @@ def start_single(model: str, args) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, args.startup_timeout, proc)
+        B.wait_ready(url, args.startup_timeout, proc)
     except Exception:
         proc.kill()
         raise
@@ -89,7 +73,7 @@ def deploy_ray(model: str, args, replicas: int, port: int) -> str:
                         request_timeout_s=600, voices_dir=tempfile.mkdtemp(), log_level="warning"),
               name="fastcsm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, args.startup_timeout)
+    B.wait_ready(url, args.startup_timeout)
     return url
 
 
@@ -199,11 +183,7 @@ def main(argv=None) -> None:
             serve.shutdown()
             ray.shutdown()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        B.stop(proc)
 
     base = results["single"]["sweep"]
     for key, r in results.items():

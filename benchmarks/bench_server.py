@@ -101,20 +101,38 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd.append("--compile")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, args.startup_timeout, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll `/readyz` until it answers 200; a server process that exits first is an error with its stderr."""
     import httpx
 
-    deadline = time.monotonic() + args.startup_timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited:\n" + proc.stderr.read()[-3000:])
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("the server exited:\n" + (proc.stderr.read()[-3000:] if proc.stderr else ""))
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become ready in time")
+    raise RuntimeError(f"{url} did not become ready in {timeout:g} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server process, and kill it if it has not gone in 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def mean_step_ms(url: str) -> tuple[float, float]:
@@ -225,11 +243,7 @@ def main(argv=None) -> None:
                 break
             held = n
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     import torch
 
     print(json.dumps({

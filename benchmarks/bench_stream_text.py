@@ -24,12 +24,11 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_server import log, start_server  # noqa: E402
+from bench_server import log, start_server, stop  # noqa: E402
 
 REPLY = ("Sure, I can help with that. The train leaves at half past nine from platform four, and the trip takes "
          "about two hours. Would you like me to book a seat for you?")
@@ -108,11 +107,7 @@ def main(argv=None) -> None:
                 log(f"{mode:8s} run {run}: first audio {r['first_audio_ms']} ms after the first token "
                     f"(server: {r['server_first_audio_ms']} ms; the LLM took {r['llm_ms']} ms)")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     import torch
 
     summary = {}
