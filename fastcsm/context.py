@@ -64,21 +64,30 @@ def codebook0_only(p: Prompt, cfg: CsmConfig) -> Prompt:
     return Prompt(p.tokens, mask)
 
 
+def check_fits(rows: int, frames: int, window: int, frame_ms: int, what: str = "the prompt",
+               fix: str = "shorten the context or the text") -> None:
+    """The one window check: raise `ContextTooLong` unless `rows` prompt rows plus one row per
+    generated frame fit a `window` of rows. `what` names the rows, `fix` says what to change."""
+    if rows + frames <= window:
+        return
+    room_ms = max(0, window - rows) * frame_ms
+    raise ContextTooLong(
+        f"{what} and {frames} frames ({frames * frame_ms} ms) of audio need {rows + frames} rows, "
+        f"more than the {window}-row context window: "
+        + (f"allow at most {room_ms} ms of audio, or " if room_ms >= frame_ms else "")
+        + fix
+    )
+
+
 def check_line_fits(pinned: list[Prompt], line: Prompt, frames: int, cfg: CsmConfig) -> None:
     """Raise `ContextTooLong` unless pinned rows + the line + `frames` fit the window."""
-    window = cfg.max_seq_len
     fixed = sum(len(p) for p in pinned) + len(line)
-    if fixed + frames <= window:
-        return
-    room_ms = max(0, window - fixed) * cfg.frame_ms
-    raise ContextTooLong(
+    check_fits(
+        fixed, frames, cfg.max_seq_len, cfg.frame_ms,
         f"the line to speak ({len(line)} rows of text"
         + (f", plus {fixed - len(line)} rows of pinned voice prompt" if pinned else "")
-        + f") and {frames} frames ({frames * cfg.frame_ms} ms) of audio need {fixed + frames} rows, "
-        f"more than the {window}-row context window even with all other context dropped: "
-        + (f"allow at most {room_ms} ms of audio, " if room_ms >= cfg.frame_ms else "")
-        + "shorten the text (or split it into pieces)"
-        + (", or use a shorter voice sample" if pinned else "")
+        + ") with all other context dropped",
+        "shorten the text (or split it into pieces)" + (", or use a shorter voice sample" if pinned else ""),
     )
 
 

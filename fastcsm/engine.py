@@ -33,6 +33,7 @@ import torch
 import torch._inductor.config
 
 from . import quant
+from .context import check_fits
 from .model import CSM, KVCache
 from .prompt import Prompt
 from .sampling import SamplingParams, counter_noise, sample
@@ -337,11 +338,8 @@ class Engine:
 
     def add(self, request: Request) -> int:
         """Take the lowest free slot for `request`; its prompt is prefilled by later steps."""
-        if len(request.prompt) + request.max_frames > self.max_seq_len:
-            raise ValueError(
-                f"the prompt takes {len(request.prompt)} rows and {request.max_frames} frames were requested, "
-                f"but a slot holds {self.max_seq_len} rows"
-            )
+        check_fits(len(request.prompt), request.max_frames, self.max_seq_len, self.cfg.frame_ms,
+                   f"the prompt ({len(request.prompt)} rows)", "shorten the prompt or lower max_frames")
         try:
             slot = self.slots.index(None)
         except ValueError:

@@ -24,7 +24,7 @@ import torch
 
 from .checkpoints import load_model, resolve
 from .codec import resolve_codec
-from .context import check_line_fits, fit
+from .context import check_fits, check_line_fits, fit
 from .engine import Engine, Request
 from .model import CSM
 from .prompt import (
@@ -128,16 +128,6 @@ class Generator:
         encode = self.codec.encode_waveform if self.codec is not None else None
         return build_prompt(text, speaker, list(context), self.tokenizer, self.cfg, encode)
 
-    def check_fits(self, prompt_rows: int, frames: int) -> None:
-        window = self.cfg.max_seq_len
-        if prompt_rows + frames > window:
-            raise ValueError(
-                f"the prompt takes {prompt_rows} rows and {frames} frames of audio were requested "
-                f"({frames * self.cfg.frame_ms} ms), but the context window holds {window} rows: "
-                f"shorten the context or the text, or lower max_audio_length_ms to at most "
-                f"{max(0, window - prompt_rows) * self.cfg.frame_ms} ms"
-            )
-
     # -- generation -----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -157,7 +147,8 @@ class Generator:
         params = SamplingParams(temperature, topk, topp)
         frames = self.frames_for(max_audio_length_ms)
         prompt = self.prompt(text, speaker, context)
-        self.check_fits(len(prompt), frames)
+        check_fits(len(prompt), frames, self.cfg.max_seq_len, self.cfg.frame_ms,
+                   f"the prompt ({len(prompt)} rows)", "shorten the context or the text, or lower max_audio_length_ms")
         return torch.cat(list(self._frames(prompt, frames, params, seed)) or
                          [torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)])
 

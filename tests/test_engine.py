@@ -208,7 +208,7 @@ def test_closing_the_iterator_frees_the_slot(model, late):
 def test_prompt_longer_than_slot_is_refused(model):
     engine = Engine(model, max_slots=1, max_seq_len=64)
     r = requests(1, frames=60)[0]
-    with pytest.raises(ValueError, match="a slot holds 64 rows"):
+    with pytest.raises(ValueError, match="more than the 64-row context window"):
         engine.add(r)
     assert engine.free_slots == 1
 

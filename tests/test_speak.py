@@ -123,7 +123,7 @@ def test_trimming_drops_oldest_context_and_reports(gen, prompts, caplog):
 
 def test_a_line_that_cannot_fit_alone_is_a_clear_error(gen):
     huge_voice = Voice(0, "Long.", random_codes(2030, seed=1))
-    with pytest.raises(ContextTooLong, match="context window even with all other context dropped.*shorter voice"):
+    with pytest.raises(ContextTooLong, match="with all other context dropped.*context window.*shorter voice"):
         gen.speak("This line does not fit.", 0, voice=huge_voice, max_audio_length_ms=20 * FRAME_MS)
     with pytest.raises(ContextTooLong, match="shorten the text"):
         gen.speak("word " * 500, 0, options=SpeakOptions(max_piece_chars=None, guard_ms_per_char=None),
