@@ -69,7 +69,7 @@ def test_prompt_too_long_for_window(gen):
         gen.generate_codes("Hello.", 0, context=[Segment(1, "Hi.", codes=long_codes)], max_audio_length_ms=90_000)
     msg = str(e.value)
     rows = len(gen.prompt("Hello.", 0, [Segment(1, "Hi.", codes=long_codes)]))
-    assert f"takes {rows} rows" in msg and "1125 frames" in msg and "2048 rows" in msg
+    assert f"the prompt ({rows} rows)" in msg and "1125 frames" in msg and "2048-row context window" in msg
     assert "shorten the context" in msg and f"at most {(2048 - rows) * 80} ms" in msg
     ok(gen)
 
