@@ -21,6 +21,7 @@ def test_environment_then_flags():
     assert s.cors_origins == []
     assert Settings.from_env(env, slots=4, api_keys=None).slots == 4
     assert Settings.from_env({"FASTCSM_VOICES": "/tmp/v", "FASTCSM_VOICES_DIR": "/tmp/w"}).voices_dir == "/tmp/w"
+    assert Settings.from_env({"FASTCSM_LOG_LEVEL": "DEBUG", "FASTCSM_DTYPE": "BF16"}).log_level == "debug"
     with pytest.raises(ValueError, match="FASTCSM_SLOTS='many' is not a valid int"):
         Settings.from_env({"FASTCSM_SLOTS": "many"})
     with pytest.raises(ValueError, match="FASTCSM_COMPILE"):

@@ -287,7 +287,7 @@ def _parse(f: dataclasses.Field, raw: str):
             return float(raw)
     except ValueError:
         raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind}") from None
-    return raw
+    return raw.lower() if f.metadata["spec"].choices else raw  # FASTCSM_LOG_LEVEL=INFO is info
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
