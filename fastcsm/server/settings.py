@@ -46,6 +46,8 @@ def setting(default, help: str, group: str, **spec):
 
 @dataclass
 class Settings:
+    """Everything `fastcsm serve` can be told, checked when built (see the module's docstring)."""
+
     model: str = setting("sesame/csm-1b", "checkpoint directory or hub repo id", "model", metavar="PATH_OR_ID")
     tokenizer: str | None = setting(None, "tokenizer.json (or its directory) if the checkpoint has none", "model",
                                     metavar="PATH")
@@ -88,8 +90,8 @@ class Settings:
     max_input_chars: int = setting(4096, "longest text to speak at once", "security and limits", metavar="N",
                                    at_least=1)
     max_audio_length_ms: int = setting(90_000, "longest utterance, and the bound when a request gives none "
-                                               "(at least one 80 ms frame, at most what CSM's window holds)",
-                                       "security and limits", metavar="MS", at_least=1)
+                                               "(between one frame and what CSM's window holds)",
+                                       "security and limits", metavar="MS")
     max_voice_audio_s: float = setting(60.0, "longest reference or context recording", "security and limits",
                                        metavar="S", at_least=0.1)
     max_context_turns: int = setting(64, "turns in one speech request's context", "security and limits",
