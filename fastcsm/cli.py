@@ -4,10 +4,8 @@ Each subcommand is one `add_<name>(subparsers)` function that declares its argum
 `func` to the function that runs it; `COMMANDS` lists them, so a new subcommand (`serve`,
 `bench`) is one more function appended there.
 
-Errors a user can cause end in one line on stderr and an exit code, never a traceback:
-    0 success · 1 internal error (with traceback) · 2 bad arguments or input (text, voice,
-    context, audio files, lengths) · 3 the model or codec could not be loaded · 130 interrupted.
-Set FASTCSM_DEBUG=1 to see tracebacks for every error.
+Errors a user can cause end in one line on stderr and an exit code, never a traceback (the
+codes are in errors.py). Set FASTCSM_DEBUG=1 to see tracebacks for every error.
 """
 
 from __future__ import annotations
@@ -21,19 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
+
 DEFAULT_MODEL = "sesame/csm-1b"
-FRAME_MS = 80  # one Mimi frame
-WINDOW_ROWS = 2048  # CSM's context window, in rows
 log = logging.getLogger("fastcsm")
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exits with `code`."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
 
 
 # -- shared arguments ---------------------------------------------------------------------------
@@ -69,14 +58,12 @@ def _voice_store(args):
 
 def _load_generator(args):
     from .checkpoints import CheckpointError
-    from .generator import Generator
+    from .generator import load_generator
 
-    codec = args.codec if args.codec else "auto"
     try:
-        return Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                         tokenizer=args.tokenizer, codec=codec, quantize=args.quantize)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise CliError(f"could not load the model {args.model!r}: {e}", EXIT_MODEL) from e
+        return load_generator(args.model, args.device, args.dtype, args.tokenizer, args.codec, args.quantize)
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
 
 
 def _load_watermarker(args):
@@ -158,19 +145,25 @@ def _read_text(args) -> str:
 
 
 def _check_speak_args(args) -> None:
-    if not math.isfinite(args.max_ms) or args.max_ms < FRAME_MS:
-        raise CliError(f"--max-ms {args.max_ms:g} is too short: one audio frame takes {FRAME_MS} ms")
-    if args.max_ms > WINDOW_ROWS * FRAME_MS:
-        raise CliError(f"--max-ms {args.max_ms:g} cannot be honoured: at most {WINDOW_ROWS * FRAME_MS} ms "
-                       f"of audio fit CSM's {WINDOW_ROWS}-row context window")
+    from .config import preset
+    from .context import ContextTooLong, check_fits
+
+    cfg = preset("csm-1b")  # before loading: every CSM checkpoint has 80 ms frames and a 2048-row window
+    if not math.isfinite(args.max_ms) or args.max_ms < cfg.frame_ms:
+        raise CliError(f"--max-ms {args.max_ms:g} is too short: one audio frame takes {cfg.frame_ms} ms")
+    try:  # audio alone, before any text: the loaded model's window checks the whole prompt
+        check_fits(0, int(args.max_ms // cfg.frame_ms), cfg.max_seq_len, cfg.frame_ms, "even an empty prompt",
+                   "lower --max-ms")
+    except ContextTooLong as e:
+        raise CliError(f"--max-ms {args.max_ms:g} cannot be honoured: {e}") from e
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise CliError(f"--temperature must be a number >= 0, got {args.temperature:g}")
     if args.topk < 0:
         raise CliError(f"--topk must be >= 0, got {args.topk}")
     if args.max_piece_chars < 0:
         raise CliError(f"--max-piece-chars must be >= 0, got {args.max_piece_chars}")
-    if args.chunk_ms < FRAME_MS:
-        raise CliError(f"--chunk-ms must be at least one frame ({FRAME_MS} ms), got {args.chunk_ms}")
+    if args.chunk_ms < cfg.frame_ms:
+        raise CliError(f"--chunk-ms must be at least one frame ({cfg.frame_ms} ms), got {args.chunk_ms}")
     if args.speaker is not None and args.speaker < 0:
         raise CliError(f"--speaker must be a non-negative integer, got {args.speaker}")
     if (args.voice_audio is None) != (args.voice_text is None):
@@ -306,14 +299,11 @@ def run_speak(args) -> int:
     gen = _load_generator(args)
     gen.watermarker = watermarker
     load_s = time.perf_counter() - t_load
-    if gen.codec is None:
-        raise CliError(f"the model {args.model!r} carries no audio codec: pass --codec kyutai/mimi "
-                       "(or a directory holding Mimi weights)", EXIT_MODEL)
     if voice_audio is not None:
         voice = _clone_voice(gen, voice_audio, args)
     options = SpeakOptions(max_piece_chars=args.max_piece_chars or None)
     # Without --stream the file is written at the end; chunks of 2 s only drive the progress bar.
-    chunk_frames = max(1, args.chunk_ms // FRAME_MS) if args.stream else 25
+    chunk_frames = max(1, args.chunk_ms // gen.cfg.frame_ms) if args.stream else 25
 
     t0 = time.perf_counter()
     try:

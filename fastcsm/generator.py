@@ -336,3 +336,19 @@ class Generator:
 def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:
     """Sesame's published CSM-1B from the hub (a gated repo: accept its terms and log in first)."""
     return Generator.from_pretrained("sesame/csm-1b", device=device, dtype=dtype)
+
+
+def load_generator(model, device=None, dtype=None, tokenizer=None, codec=None, quantize=None) -> Generator:
+    """What `fastcsm speak` and `fastcsm serve` load: `model` with an audio codec (its own, else
+    `codec`), or a `CheckpointError` that says what failed and how to fix it."""
+    from .checkpoints import CheckpointError
+
+    try:
+        gen = Generator.from_pretrained(model, device=device, dtype=dtype, tokenizer=tokenizer, codec=codec or "auto",
+                                        quantize=quantize)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        raise CheckpointError(f"could not load the model {model!r}: {e}") from e
+    if gen.codec is None:
+        raise CheckpointError(f"the model {model!r} carries no audio codec: pass --codec kyutai/mimi "
+                              "(or a directory holding Mimi weights)")
+    return gen

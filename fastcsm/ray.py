@@ -129,11 +129,7 @@ def parse_args(args: dict[str, Any] | None = None, environ=None) -> tuple[Settin
             typed[key] = value
     if "voices_dir" in args:  # FASTCSM_VOICES must not win over an explicit argument
         environ.pop("FASTCSM_VOICES", None)
-    settings = Settings.from_env(environ, **typed)
-    for name, low in (("slots", 1), ("max_queue", 0), ("max_input_chars", 1), ("max_audio_length_ms", 80),
-                      ("prefill_chunk", 1), ("max_body_bytes", 1024), ("threads", 0)):
-        if getattr(settings, name) < low:
-            raise ValueError(f"{name} must be at least {low}, got {getattr(settings, name)}")
+    settings = Settings.from_env(environ, **typed)  # checked as `fastcsm serve` checks them
     if settings.voices_dir:
         settings.voices_dir = os.path.abspath(os.path.expanduser(settings.voices_dir))
     if os.path.isdir(os.path.expanduser(settings.model)):

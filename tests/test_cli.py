@@ -6,8 +6,10 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from fastcsm.cli import EXIT_MODEL, EXIT_USAGE, build_parser, main
+from fastcsm.cli import build_parser, main
+from fastcsm.errors import EXIT_MODEL, EXIT_USAGE
 
 FRAME = 1920
 
@@ -102,7 +104,7 @@ def test_empty_text(tmp_path, tiny_csm_dir, capsys, text):
 @pytest.mark.parametrize("args, message", [
     (["--max-ms", "0"], "too short: one audio frame takes 80 ms"),
     (["--max-ms", "nan"], "too short"),
-    (["--max-ms", "1e9"], "cannot be honoured: at most 163840 ms"),
+    (["--max-ms", "1e9"], "cannot be honoured: .*2048-row context window: allow at most 163840 ms"),
     (["--chunk-ms", "10"], "--chunk-ms must be at least one frame"),
     (["--temperature", "-1"], "--temperature must be"),
     (["--voice-audio", "x.wav"], "go together"),
@@ -149,3 +151,31 @@ def test_help_and_structure(capsys):
 
     args = build_parser([*COMMANDS, add_hello]).parse_args(["hello"])
     assert args.func(args) == 0
+
+
+def test_a_checkpoint_without_a_codec_is_refused_in_one_place(tmp_path, capsys):
+    """`speak`, `serve` and the server's loader all say the same: pass --codec."""
+    from safetensors.torch import save_file
+
+    from fastcsm import bench, checkpoints
+    from fastcsm.config import tiny_config
+    from fastcsm.server.service import Service
+    from fastcsm.server.settings import Settings
+    from fastcsm.testing import write_tokenizer
+
+    cfg = tiny_config()
+    root = tmp_path / "sesame"  # Sesame's own format carries no Mimi
+    root.mkdir()
+    state = checkpoints.to_sesame_state_dict(bench.random_model(cfg, "cpu", torch.float32).state_dict(), cfg)
+    save_file({k: v.contiguous() for k, v in state.items()}, root / "model.safetensors")
+    flavors = {"backbone_flavor": "tiny-backbone", "decoder_flavor": "tiny-decoder"}
+    (root / "config.json").write_text(json.dumps(flavors))
+    write_tokenizer(root)
+    message = f"the model {str(root)!r} carries no audio codec: pass --codec kyutai/mimi"
+    rc, _ = speak(tmp_path, root)
+    check_error(capsys, rc, EXIT_MODEL, re.escape(message))
+    check_error(capsys, main(["serve", "--model", str(root), "--device", "cpu"]), EXIT_MODEL, re.escape(message))
+    service = Service(Settings(model=str(root), device="cpu", voices_dir=str(tmp_path / "voices")))
+    with pytest.raises(checkpoints.CheckpointError, match=re.escape(message)):
+        service.load()
+    assert message in service.load_error

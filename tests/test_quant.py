@@ -297,7 +297,8 @@ def test_speak_and_serve_settings_take_quantize(tiny_csm_dir, tmp_path, capsys):
     import soundfile as sf
 
     from fastcsm.cli import main
-    from fastcsm.server.cli import add_serve, settings_from_args
+    from fastcsm.server.cli import add_serve
+    from fastcsm.server.settings import settings_from_args
 
     out = tmp_path / "int8.wav"
     assert main(["speak", "Hello.", "--model", str(tiny_csm_dir), "--device", "cpu", "--quantize", "int8",

@@ -16,7 +16,8 @@ import soundfile as sf
 import torch
 
 from fastcsm import watermark as wm
-from fastcsm.cli import EXIT_MODEL, main
+from fastcsm.cli import main
+from fastcsm.errors import EXIT_MODEL
 from fastcsm.generator import Generator
 from fastcsm.speech import SpeakOptions
 
@@ -147,7 +148,7 @@ def test_fastcsm_speak_watermark(monkeypatch, tmp_path, tiny_csm_dir, capsys):
 
 def test_fastcsm_serve_watermark_flag_and_missing_package(monkeypatch, capsys):
     from fastcsm.cli import build_parser
-    from fastcsm.server.cli import settings_from_args
+    from fastcsm.server.settings import settings_from_args
 
     assert settings_from_args(build_parser().parse_args(["serve", "--watermark"])).watermark is True
     assert settings_from_args(build_parser().parse_args(["serve"])).watermark is False

@@ -29,6 +29,8 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 import httpx
 import websockets
 
+from ..errors import EXIT_MODEL, CliError
+from ..server.settings import add_arguments, settings_from_args
 from ..server.urls import conversation_url
 
 log = logging.getLogger("fastcsm")
@@ -185,16 +187,12 @@ def add_wyoming(sub) -> None:
     p.add_argument("--server", metavar="URL", help="a running fastcsm serve (default: load the model in this process)")
     p.add_argument("--api-key", help="the server's API key, if it has one")
     p.add_argument("--voice", default="0", help="the voice when a request names none (default: %(default)s)")
-    g = p.add_argument_group("the model, when no --server is given (as fastcsm serve)")
-    for flag in ("--model", "--tokenizer", "--codec", "--device", "--voices-dir", "--voice-map"):
-        g.add_argument(flag)
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    # Without --server: fastcsm serve's own settings (flags and FASTCSM_* variables) for the model in this process.
+    add_arguments(p, groups=("model", "voices", "OpenAI compatibility"))
     p.set_defaults(func=run_wyoming)
 
 
 def run_wyoming(args) -> int:
-    from ..cli import CliError
-
     if args.server:
         return _run(args.uri, Backend(args.server, args.voice, args.api_key))
     # The model in this process: a fastcsm server on a free loopback port, this service in front.
@@ -202,18 +200,23 @@ def run_wyoming(args) -> int:
 
     import uvicorn
 
-    from ..generator import Generator
+    from ..checkpoints import CheckpointError
+    from ..generator import load_generator
     from ..server.app import create_app
-    from ..server.settings import Settings
 
     try:
-        settings = Settings.from_env(model=args.model, tokenizer=args.tokenizer, codec=args.codec, device=args.device,
-                                     dtype=args.dtype, voices_dir=args.voices_dir, voice_map=args.voice_map,
-                                     host="127.0.0.1", port=_free_port(), api_keys=[])
-        generator = Generator.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
-                                              tokenizer=settings.tokenizer, codec=settings.codec or "auto")
-    except (OSError, ValueError) as e:
-        raise CliError(f"could not load the model {settings.model if 'settings' in locals() else ''!r}: {e}") from e
+        settings = settings_from_args(args, host="127.0.0.1", port=_free_port(), api_keys=[])
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    try:
+        generator = load_generator(settings.model, settings.device, settings.dtype, settings.tokenizer,
+                                   settings.codec, settings.quantize)
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
     server = uvicorn.Server(uvicorn.Config(create_app(settings, generator=generator), host="127.0.0.1",
                                            port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="fastcsm-server", daemon=True)

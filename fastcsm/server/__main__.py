@@ -1,7 +1,7 @@
-"""`python -m fastcsm.server [flags]`: the same as `fastcsm serve [flags]`."""
+"""`python -m fastcsm.server [flags]`: `fastcsm serve [flags]`, through the same parser and errors."""
 
 import sys
 
-from .cli import main
+from ..cli import main
 
-sys.exit(main())
+sys.exit(main(["serve", *sys.argv[1:]]))

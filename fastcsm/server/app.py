@@ -28,7 +28,15 @@ from ..scheduler import End
 from . import protocol as P
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
-from .limits import API_KEY_SCOPE, Guard, error_response, install_redaction, json_values, max_speech_values
+from .limits import (
+    API_KEY_SCOPE,
+    Guard,
+    error_response,
+    install_redaction,
+    invalid_fields,
+    json_values,
+    max_speech_values,
+)
 from .metrics import render_metrics
 from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
@@ -41,18 +49,8 @@ ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 403:
 def _validation_message(errors: list) -> tuple[str, str | None]:
     if any(e.get("type") == "json_invalid" for e in errors):
         return "the request body is not valid JSON; send a JSON object (Content-Type: application/json)", None
-    parts, param = [], None
-    for e in errors[:4]:
-        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")]
-        where = ".".join(loc)
-        param = param or where or None
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field (see /docs for the accepted fields)"
-        if e.get("type") == "literal_error" and loc and loc[-1] == "response_format":
-            msg = f"{msg}; this server encodes {', '.join(available_formats())}"
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts) or "invalid request", param
+    return invalid_fields(errors, skip=("body", "query", "path", "form"),
+                          hints={"response_format": f"this server encodes {', '.join(available_formats())}"})
 
 
 def create_app(settings: Settings | None = None, generator=None) -> FastAPI:

@@ -35,7 +35,7 @@ from ..scheduler import End
 from ..text import speech_pieces
 from . import protocol as P
 from .audio_out import to_int16
-from .limits import json_values, max_message_values
+from .limits import invalid_fields, json_values, max_message_values
 from .service import ApiError, Service
 
 log = logging.getLogger("fastcsm")
@@ -381,14 +381,14 @@ class Conversation:
         await self.finish(u, "interrupted")
 
 
+_COMMANDS = ("configure", "add_turn", "speak", "append_text", "interrupt", "reset")
+
+
 def _describe(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:3]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("configure", "add_turn", "speak",
-                                                                        "append_text", "interrupt", "reset"))
+    errors = e.errors(include_url=False)
+    for err in errors:
         if err.get("type") == "json_invalid":
             return f"the message is not valid JSON ({err.get('msg')}); send one JSON object per text message"
         if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-            return ('the message needs a "type": one of configure, add_turn, speak, append_text, interrupt, reset')
-        parts.append(f"{where}: {err.get('msg')}" if where else err.get("msg", ""))
-    return "invalid message: " + "; ".join(parts)
+            return f'the message needs a "type": one of {", ".join(_COMMANDS)}'
+    return "invalid message: " + invalid_fields(errors, skip=_COMMANDS, limit=3)[0]

@@ -46,6 +46,25 @@ def error_response(status: int, message: str, type: str | None = None, param: st
     return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
 
 
+def invalid_fields(errors: list[dict], skip=(), hints: dict[str, str] | None = None,
+                   limit: int = 4) -> tuple[str, str | None]:
+    """Pydantic's validation errors as one line, `where: what; ...` (at most `limit`), and the
+    first field at fault. `loc` parts in `skip` (the body, a union's tag) are left out; `hints`
+    adds a sentence to errors of the named field."""
+    parts, param = [], None
+    for e in errors[:limit]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in skip]
+        where = ".".join(loc)
+        param = param or where or None
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field (see /docs for the accepted fields)"
+        elif loc and hints and loc[-1] in hints:
+            msg = f"{msg}; {hints[loc[-1]]}"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid", param
+
+
 def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
     """The server's own page (same host and port), any loopback page, or a --cors-origin."""
     if origin in allowed or "*" in allowed:

@@ -106,15 +106,11 @@ class Service:
 
     def load(self, generator=None) -> None:
         """Load the model (or take `generator`), build the engine and start the scheduler."""
-        from ..generator import Generator
+        from ..generator import load_generator
 
         s = self.settings
         try:
-            gen = generator or Generator.from_pretrained(s.model, device=s.device, dtype=s.dtype,
-                                                         tokenizer=s.tokenizer, codec=s.codec or "auto",
-                                                         quantize=s.quantize)
-            if gen.codec is None:
-                raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
+            gen = generator or load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
             if s.watermark and gen.watermarker is None:
                 gen.watermarker = resolve_watermark(True, gen.device)
             engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,

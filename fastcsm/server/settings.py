@@ -1,55 +1,137 @@
-"""Server settings: one dataclass, filled from flags, `FASTCSM_*` environment variables, or code.
+"""Server settings, declared once: the fields of `Settings` are the table.
 
-Every field has an environment variable named `FASTCSM_<FIELD>` (upper case); `fastcsm serve`
-flags override them. Lists (API keys, CORS origins) are comma-separated. An empty API key (say
+Each field says its type, default, help, group and checks (`setting(...)`); from that one table
+come the `fastcsm serve` flags (`add_arguments`), the `FASTCSM_<FIELD>` environment variables
+(`Settings.from_env`) and the checks `Settings` itself runs, so `create_app(Settings(slots=0))`
+refuses what `fastcsm serve --slots 0` refuses, with the same message. Flags override variables;
+lists (API keys, CORS origins) are comma-separated in a variable. An empty API key (say
 `FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without authentication.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What the table says of one setting, besides its name, type and default."""
+
+    help: str
+    group: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+    flag: str | None = None  # default: --<name with dashes>
+    shown: str | None = None  # the default as help prints it (default: the value itself)
+    env_fallback: str | None = None  # an older variable read when FASTCSM_<NAME> is unset
+
+    def flag_of(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+
+def setting(default, help: str, group: str, **spec):
+    """One row of the table: a dataclass field carrying its `Spec`."""
+    meta = {"spec": Spec(help, group, **spec)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class Settings:
-    # The model
-    model: str = "sesame/csm-1b"  # checkpoint directory or hub repo id
-    tokenizer: str | None = None  # tokenizer.json when the checkpoint has none
-    codec: str | None = None  # Mimi checkpoint when the CSM checkpoint carries none
-    device: str | None = None  # default: cuda if available, else cpu
-    dtype: str | None = None  # fp32, bf16, fp16 (default: bf16 on cuda, fp32 on cpu)
-    quantize: str | None = None  # none, int8, fp8: 8-bit linears (default: the checkpoint's precision)
-    compile: bool = False  # torch.compile the frame step (minutes of warm-up)
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default (small models on CPU: try 1)
-    model_name: str | None = None  # the id /v1/models lists (default: the checkpoint's directory or repo name)
-    watermark: bool = False  # mark all audio with Sesame's SilentCipher watermark (fastcsm[watermark])
-    # Listening
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Capacity
-    slots: int = 16  # concurrent streams generated in one batch
-    max_queue: int = 64  # requests that may wait for a slot; beyond that: 503 + Retry-After
-    request_timeout_s: float = 300.0  # deadline of one request, queueing included
-    prefill_chunk: int = 512  # prompt rows prefilled per engine step
-    # Security and limits
-    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
-    cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser
-    max_body_bytes: int = 16 << 20  # speech (context audio) and voice-upload bodies; other routes: 64 KiB
-    max_input_chars: int = 4096  # text of one line
-    max_audio_length_ms: int = 90_000  # longest utterance (and the default bound)
-    max_voice_audio_s: float = 60.0  # reference recordings, context audio
-    max_context_turns: int = 64  # turns in one speech request's `context`
-    # Slow or greedy clients
-    header_timeout_s: float = 10.0  # a request's head (line and headers) must arrive within this
-    body_timeout_s: float = 60.0  # a request's whole body must arrive within this
-    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 1000  # open connections (WebSockets included); more get 503
-    voices_dir: str | None = None  # default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices
-    voice_map: str | None = None  # "alloy=0,coral=myvoice" or a file of such lines: OpenAI voice names
-    log_level: str = "info"
+    """Everything `fastcsm serve` can be told, checked when built (see the module's docstring)."""
+
+    model: str = setting("sesame/csm-1b", "checkpoint directory or hub repo id", "model", metavar="PATH_OR_ID")
+    tokenizer: str | None = setting(None, "tokenizer.json (or its directory) if the checkpoint has none", "model",
+                                    metavar="PATH")
+    codec: str | None = setting(None, "a Mimi checkpoint (e.g. kyutai/mimi) for checkpoints that carry no codec",
+                                "model", metavar="PATH_OR_ID")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda if available, else cpu)", "model")
+    dtype: str | None = setting(None, "weights precision (default: bf16 on cuda, fp32 on cpu)", "model",
+                                choices=("fp32", "bf16", "fp16"))
+    quantize: str | None = setting(None, "8-bit linears (int8 anywhere, fp8 on GPUs of compute capability 8.9+), "
+                                         "quantized while loading (default: the checkpoint's own precision)",
+                                   "model", choices=("none", "int8", "fp8"))
+    compile: bool = setting(False, "torch.compile the frame step: faster frames after minutes of warm-up", "model")
+    threads: int = setting(0, "torch CPU threads; 0 keeps torch's choice (on CPU, small models run best with 1)",
+                           "model", metavar="N", at_least=0)
+    model_name: str | None = setting(None, "the model id GET /v1/models lists (default: the checkpoint "
+                                           "directory's or repo's name)", "model", metavar="NAME")
+    watermark: bool = setting(False, "mark all audio with Sesame's SilentCipher watermark, as its reference "
+                                     "generator does; audio then comes a piece at a time "
+                                     '(pip install "fastcsm[watermark]")', "model")
+    host: str = setting("127.0.0.1", "interface to bind (0.0.0.0 for every interface)", "listening")
+    port: int = setting(8000, "TCP port (0: any free port)", "listening", at_least=0, at_most=65535)
+    log_level: str = setting("info", "how much the server logs", "listening",
+                             choices=("critical", "error", "warning", "info", "debug"))
+    slots: int = setting(16, "streams generated together in one batch", "capacity", metavar="N", at_least=1)
+    max_queue: int = setting(64, "requests that may wait for a slot; more get 503 with Retry-After", "capacity",
+                             metavar="N", at_least=0)
+    request_timeout_s: float = setting(300.0, "deadline of a request, waiting included", "capacity", metavar="S",
+                                       at_least=0.1)
+    prefill_chunk: int = setting(512, "prompt rows prefilled per engine step", "capacity", metavar="ROWS",
+                                 at_least=1)
+    api_keys: list[str] = setting([], "require `Authorization: Bearer KEY` on /v1 (repeat for several keys; "
+                                      "FASTCSM_API_KEYS takes a comma-separated list; none: no authentication)",
+                                  "security and limits", metavar="KEY", flag="--api-key")
+    cors_origins: list[str] = setting([], "a browser origin allowed to call the API, e.g. https://app.example.com "
+                                          "(repeatable)", "security and limits", metavar="ORIGIN",
+                                      flag="--cors-origin")
+    max_body_bytes: int = setting(16 << 20, "largest speech body (context audio) or voice upload; other routes "
+                                            "take 64 KiB", "security and limits", metavar="N", at_least=1024,
+                                  shown="16 MiB")
+    max_input_chars: int = setting(4096, "longest text to speak at once", "security and limits", metavar="N",
+                                   at_least=1)
+    max_audio_length_ms: int = setting(90_000, "longest utterance, and the bound when a request gives none "
+                                               "(between one frame and what CSM's window holds)",
+                                       "security and limits", metavar="MS")
+    max_voice_audio_s: float = setting(60.0, "longest reference or context recording", "security and limits",
+                                       metavar="S", at_least=0.1)
+    max_context_turns: int = setting(64, "turns in one speech request's context", "security and limits",
+                                     metavar="N", at_least=0)
+    header_timeout_s: float = setting(10.0, "a request's line and headers must arrive within S seconds, else the "
+                                            "connection is closed", "slow clients", metavar="S", at_least=0.1)
+    body_timeout_s: float = setting(60.0, "a request's whole body must arrive within S seconds, else 408",
+                                    "slow clients", metavar="S", at_least=0.1)
+    keep_alive_s: float = setting(5.0, "idle keep-alive connections close after S seconds", "slow clients",
+                                  metavar="S", at_least=0.1)
+    max_connections: int = setting(1000, "open connections, WebSockets included; beyond it requests get 503",
+                                   "slow clients", metavar="N", at_least=1)
+    voices_dir: str | None = setting(None, "where voices live (default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices)",
+                                     "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
+    voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
+                                          "alloy=0,echo=1,coral=myvoice (a speaker id or a registered voice), or a "
+                                          "file of such lines; names left out keep the default (alloy=0, ash=1, "
+                                          "ballad=2, coral=3, echo=4, fable=5, nova=6, onyx=7, sage=8, shimmer=9, "
+                                          "verse=10, marin=11, cedar=12); a registered voice of the same name wins",
+                                    "OpenAI compatibility", metavar="MAP")
+
+    def __post_init__(self):
+        """Every check of the table, then those between settings: a `ValueError` naming the setting,
+        its flag and its variable."""
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        self.check_keys()
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise _refuse("cors_origins", "be origins such as https://app.example.com: scheme://host[:port], "
+                                              "no path, no trailing slash (or * for any)", origin)
+        from ..config import preset
+
+        cfg = preset("csm-1b")  # every CSM checkpoint: 80 ms frames, a 2048-row window
+        window_ms = cfg.max_seq_len * cfg.frame_ms
+        if not cfg.frame_ms <= self.max_audio_length_ms <= window_ms:
+            raise _refuse("max_audio_length_ms", f"be between one frame ({cfg.frame_ms} ms) and what CSM's "
+                                                 f"{cfg.max_seq_len}-row window holds ({window_ms} ms)",
+                          self.max_audio_length_ms)
+        parse_voice_map(self.voice_map)
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> Settings:
@@ -57,15 +139,14 @@ class Settings:
         environ = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):
-            raw = environ.get(f"FASTCSM_{f.name.upper()}")
+            fallback = f.metadata["spec"].env_fallback
+            raw = environ.get(env_name(f.name))
+            if not raw and fallback and environ.get(fallback):
+                raw = environ[fallback]
             if raw is not None and (raw != "" or f.name == "api_keys"):
                 values[f.name] = _parse(f, raw)
-        if "voices_dir" not in values and environ.get("FASTCSM_VOICES"):
-            values["voices_dir"] = environ["FASTCSM_VOICES"]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
-        settings.check_keys()
-        return settings
+        return cls(**values)
 
     def check_keys(self) -> list[str]:
         """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
@@ -81,6 +162,49 @@ class Settings:
         if self.model_name:
             return self.model_name
         return os.path.basename(os.path.normpath(os.path.expanduser(self.model))) or "csm"
+
+
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+")
+
+
+def env_name(name: str) -> str:
+    return f"FASTCSM_{name.upper()}"
+
+
+def _refuse(name: str, must: str, value) -> ValueError:
+    """The one form of a refusal, naming the setting by its field, its flag and its variable."""
+    flag = Settings.__dataclass_fields__[name].metadata["spec"].flag_of(name)
+    return ValueError(f"{name} must {must} ({flag}, {env_name(name)}), got {value!r}")
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """The table's type of `f` ("str", "int", "float", "bool" or "list") and whether None is allowed."""
+    kind = str(f.type)
+    optional = kind.endswith(" | None")
+    kind = kind.removesuffix(" | None")
+    return ("list" if kind.startswith("list") else kind), optional
+
+
+def _check(f: dataclasses.Field, value) -> None:
+    spec, (kind, optional) = f.metadata["spec"], _kind(f)
+    if value is None and optional:
+        return
+    numbers = {"int": (int,), "float": (int, float)}
+    if kind == "list":
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    elif kind in numbers:
+        ok = isinstance(value, numbers[kind]) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, {"str": str, "bool": bool}[kind])
+    if not ok:
+        want = {"list": "a list of strings", "int": "an integer", "float": "a finite number"}.get(kind, f"a {kind}")
+        raise _refuse(f.name, f"be {want}", value)
+    if spec.choices and value not in spec.choices:
+        raise _refuse(f.name, f"be one of {', '.join(spec.choices)}", value)
+    if spec.at_least is not None and value < spec.at_least:
+        raise _refuse(f.name, f"be at least {spec.at_least:g}", value)
+    if spec.at_most is not None and value > spec.at_most:
+        raise _refuse(f.name, f"be at most {spec.at_most:g}", value)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -147,9 +271,10 @@ _VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _parse(f: dataclasses.Field, raw: str):
-    kind = str(f.type)
+    """A variable's text as the field's type (checks of range and choice are `Settings`')."""
+    kind, _ = _kind(f)
     try:
-        if kind.startswith("list"):
+        if kind == "list":
             items = [x for x in (x.strip() for x in raw.split(",")) if x]
             if f.name == "api_keys" and not items:  # set, but to nothing: an error, never "no auth"
                 return [""]
@@ -163,5 +288,34 @@ def _parse(f: dataclasses.Field, raw: str):
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise ValueError(f"FASTCSM_{f.name.upper()}={raw!r} is not a valid {kind}") from None
-    return raw
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind}") from None
+    return raw.lower() if f.metadata["spec"].choices else raw  # FASTCSM_LOG_LEVEL=INFO is info
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting (of `groups`, default all), in argument groups named as the table's.
+    Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
+    made = {}
+    for f in dataclasses.fields(Settings):
+        spec, (kind, _) = f.metadata["spec"], _kind(f)
+        if groups is not None and spec.group not in groups:
+            continue
+        group = made.get(spec.group) or made.setdefault(spec.group, parser.add_argument_group(spec.group))
+        shown = spec.shown or (f.default if kind not in ("list", "bool") else None)
+        text = spec.help + (f" (default: {shown})" if shown is not None else "") + f" [{env_name(f.name)}]"
+        kwargs = {"dest": f.name, "default": None, "help": text}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(metavar=spec.metavar, choices=spec.choices)
+            if kind == "list":
+                kwargs["action"] = "append"
+            elif kind in ("int", "float"):
+                kwargs["type"] = {"int": int, "float": float}[kind]
+        group.add_argument(spec.flag_of(f.name), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, **overrides) -> Settings:
+    """Settings from parsed flags (those given) over the `FASTCSM_*` variables; `overrides` win."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**{**given, **overrides})
