@@ -63,7 +63,7 @@ class SpeakOptions:
             raise TypeError(f"max_audio_length_ms must be a number, got {ms!r}")
         if not math.isfinite(ms) or ms <= 0:
             raise ValueError(f"max_audio_length_ms must be a finite number > 0, got {ms!r}")
-        self.sampling  # checks temperature, topk and topp
+        SamplingParams(self.temperature, self.topk, self.topp)  # checks them
         m = self.max_piece_chars
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_piece_chars must be a positive integer or None, got {m!r}")
