@@ -108,7 +108,7 @@ def served(tmp_path_factory):
 
     from fastcsm.generator import Generator
 
-    with LiveServer(slots=4, max_audio_length_ms=4000, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
+    with LiveServer(slots=4, max_audio_length_ms=1600, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
         yield s, Generator.from_pretrained(tiny_checkpoint(), device="cpu")
 
 
