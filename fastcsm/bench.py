@@ -350,7 +350,7 @@ def quant_accuracy(reference: CSM, quantized: CSM, voice_frames: int, frames: in
     reference generates greedily after it (so one differing code never compounds)."""
     prompt = dummy_prompt(reference.cfg, text_rows, voice_frames)
     request = Request(prompt, frames, SamplingParams(temperature=0), seed=0)
-    generated = list(Engine(reference).run(request))
+    generated = [e.codes for e in Engine(reference).run(request)]
     seq = concat([prompt, audio_rows(torch.stack(generated), reference.cfg)]) if generated else prompt
     rows = list(range(1, voice_frames + 1)) + list(range(len(prompt), len(prompt) + len(generated)))
     ref = quant.teacher_forced_logits(reference, seq.tokens, seq.mask, rows)

@@ -301,14 +301,14 @@ def run_speak(args) -> int:
     load_s = time.perf_counter() - t_load
     if voice_audio is not None:
         voice = _clone_voice(gen, voice_audio, args)
-    options = SpeakOptions(max_piece_chars=args.max_piece_chars or None)
     # Without --stream the file is written at the end; chunks of 2 s only drive the progress bar.
     chunk_frames = max(1, args.chunk_ms // gen.cfg.frame_ms) if args.stream else 25
 
     t0 = time.perf_counter()
     try:
-        stream = gen.stream(text, args.speaker, context, voice=voice, max_audio_length_ms=args.max_ms,
-                            temperature=args.temperature, topk=args.topk, seed=args.seed, options=options,
+        options = SpeakOptions(max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
+                               max_piece_chars=args.max_piece_chars or None)
+        stream = gen.stream(text, args.speaker, context, voice=voice, seed=args.seed, options=options,
                             chunk_frames=chunk_frames)
     except (ContextTooLong, ValueError, TypeError) as e:
         raise CliError(str(e)) from e

@@ -1,10 +1,9 @@
-"""The codec as the Generator uses it: encode reference audio, decode generated frames, stream.
+"""The codec as fastcsm uses it: encode reference audio, decode codes to a waveform.
 
 `Codec` wraps a `fastcsm.mimi.Mimi` in CSM's row layout (codes [frames, K], waveforms
-[samples] on the CPU) and hands out `DecodeStream`s: one streaming-decoder slot each, with its
-convolution tails and transformer KV ring, so a stream's audio continues seamlessly from chunk
-to chunk (and from one generated piece to the next). Closing a stream returns its slot to a
-small pool for the next stream; an abandoned stream is simply garbage.
+[samples] on the CPU). Generated speech is decoded frame by frame inside the engine's step, in
+the engine's per-slot streaming state (`Mimi.decode_step`); `Codec.decode` decodes a whole
+sequence at once (tests, tools).
 
 The codec of a transformers-format CSM checkpoint is stored under `codec_model.*` in the same
 files; `load_codec_for` builds it from there. Original Sesame checkpoints carry no codec: pass
@@ -22,14 +21,9 @@ import torch
 
 from .audio import validate_waveform
 from .checkpoints import CheckpointFiles, iter_codec_tensors, resolve
-from .mimi import Mimi, MimiConfig, MimiStreamingDecoder
+from .mimi import Mimi, MimiConfig
 
 log = logging.getLogger("fastcsm")
-
-# Frames a pooled decoder slot takes per step; longer chunks are decoded in several steps.
-STREAM_STEP_FRAMES = 8
-MAX_IDLE_STREAMS = 4
-
 
 class Codec:
     """Mimi for CSM: `num_codebooks` (CSM's K) of Mimi's codebooks, fp32, on `mimi`'s device."""
@@ -42,8 +36,6 @@ class Codec:
             raise ValueError(f"the codec has {c.num_codebooks} codebooks; CSM asks for {self.num_codebooks}")
         self.sample_rate = c.sample_rate
         self.frame_size = c.frame_size  # samples per frame (1920)
-        self.open_streams = 0
-        self._idle: list[MimiStreamingDecoder] = []
 
     @property
     def device(self) -> torch.device:
@@ -76,48 +68,6 @@ class Codec:
         if codes.shape[0] == 0:
             return torch.zeros(0)
         return self.mimi.decode(self.playable(codes)).reshape(-1).float().cpu()
-
-    def open_stream(self) -> DecodeStream:
-        """A fresh decode stream (one slot); close it when done."""
-        dec = self._idle.pop() if self._idle else self.mimi.streaming_decoder(1, STREAM_STEP_FRAMES)
-        dec.reset()
-        self.open_streams += 1
-        return DecodeStream(self, dec)
-
-    def _release(self, dec: MimiStreamingDecoder) -> None:
-        self.open_streams -= 1
-        if len(self._idle) < MAX_IDLE_STREAMS:
-            self._idle.append(dec)
-
-
-class DecodeStream:
-    """One stream of frames to audio: `decode(codes [n, K])` -> the next n * frame_size samples."""
-
-    def __init__(self, codec: Codec, decoder: MimiStreamingDecoder):
-        self.codec = codec
-        self._decoder: MimiStreamingDecoder | None = decoder
-
-    @property
-    def closed(self) -> bool:
-        return self._decoder is None
-
-    @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if self._decoder is None:
-            raise RuntimeError("this decode stream is closed")
-        pcm = self._decoder.decode(self.codec.playable(codes))  # [1, 1, n * frame_size]
-        return pcm.reshape(-1).float().cpu()
-
-    def close(self) -> None:
-        if self._decoder is not None:
-            dec, self._decoder = self._decoder, None
-            self.codec._release(dec)
-
-    def __enter__(self) -> DecodeStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def load_codec_for(files: CheckpointFiles, device=None) -> Codec | None:

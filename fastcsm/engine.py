@@ -572,13 +572,14 @@ class Engine:
         return any(r is not None for r in self.slots) or bool(self.pending)
 
     def run(self, request: Request):
-        """Generate one request alone; yields its frames [K] (CPU long). Closing the iterator frees the slot."""
+        """Generate one request alone; yields its frame events (`Emitted`: codes [K] CPU long, and
+        PCM with a codec), never its end event. Closing the iterator frees the slot."""
         self.add(request)
         try:
             while not request.done:
                 for e in self.step():
                     if e.request is request and e.codes is not None:
-                        yield e.codes
+                        yield e
         finally:
             self.release(request)
 

@@ -3,45 +3,35 @@
     gen = Generator.from_pretrained("sesame/csm-1b")
     audio = gen.generate("Hello there.", speaker=0, context=[Segment(1, "Hi!", audio=wav)])
     for chunk in gen.stream("Hello there.", 0, voice="alice"): play(chunk)
+    speech = gen.speak("Hello there.", 0, options=SpeakOptions(temperature=0), seed=1)
     codes = gen.generate_codes("Hello there.", speaker=0)
 
-Speaking (`speak`, `generate`, `stream`) plans a request once — voice prompts pinned, context
-rows built, the text split into pieces, each piece bounded by its length guard and checked to
-fit — then generates piece after piece, each with the earlier pieces' audio as context, fitting
-every prompt into the window by dropping the oldest context (see context.py, speech.py).
+Speaking (`speak`, `generate`, `stream`) checks the inputs, builds the rows of voices and
+context once, and lets `planner.py` split the text, bound each piece and fit each piece's prompt
+into the window, exactly as the server does. The pieces run one after the other on a one-slot
+`Engine` that decodes every frame to PCM inside its step; each piece keeps its codec state for
+the next (`keep_audio` / `audio_after`), so the audio is one seamless stream (docs/design.md,
+"One request, from text to PCM").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checkpoints import load_model, resolve
 from .codec import resolve_codec
-from .context import check_fits, check_line_fits, fit
+from .context import check_fits
 from .engine import Engine, Request
 from .model import CSM
-from .prompt import (
-    Prompt,
-    Segment,
-    TextTokenizer,
-    audio_rows,
-    build_prompt,
-    check_speaker,
-    check_text,
-    concat,
-    segment_rows,
-    text_rows,
-)
+from .planner import SpeechPlan, plan_speech, requested_frames
+from .prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
 from .sampling import SamplingParams
 from .speech import AudioStream, Piece, SpeakOptions, Speech
-from .text import split_text
 from .watermark import Watermarker, resolve_watermark
 
 log = logging.getLogger("fastcsm")
@@ -49,15 +39,9 @@ log = logging.getLogger("fastcsm")
 
 @dataclass
 class _Plan:
-    """A checked request to speak: fixed rows, one (text, rows, max frames) per piece."""
+    """A checked request to speak (the planner's plan) and the records of the pieces started."""
 
-    speaker: int
-    pinned: list[Prompt]
-    context: list[Prompt]
-    lines: list[tuple[str, Prompt, int]]
-    params: SamplingParams
-    seed: int
-    options: SpeakOptions
+    speech: SpeechPlan
     pieces: list[Piece]
 
 
@@ -115,14 +99,8 @@ class Generator:
     # -- prompts --------------------------------------------------------------------------------
 
     def frames_for(self, max_audio_length_ms) -> int:
-        if isinstance(max_audio_length_ms, bool) or not isinstance(max_audio_length_ms, (int, float)):
-            raise TypeError(f"max_audio_length_ms must be a number, got {max_audio_length_ms!r}")
-        frames = int(max_audio_length_ms // self.cfg.frame_ms)
-        if frames < 1:
-            raise ValueError(
-                f"max_audio_length_ms={max_audio_length_ms} is shorter than one {self.cfg.frame_ms} ms frame"
-            )
-        return frames
+        """`max_audio_length_ms` in whole frames (rounded down; at least one)."""
+        return requested_frames(max_audio_length_ms, self.cfg.frame_ms)
 
     def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> Prompt:
         encode = self.codec.encode_waveform if self.codec is not None else None
@@ -143,14 +121,15 @@ class Generator:
         seed: int | None = None,
     ) -> torch.LongTensor:
         """Speak `text` as `speaker` after `context`. Returns Mimi codes [frames, K] (on CPU),
-        without the all-zero end frame. `temperature=0` is greedy; `seed` reproduces a draw."""
+        without the all-zero end frame: one generation, no splitting, no length guard, no codec
+        needed. `temperature=0` is greedy; `seed` reproduces a draw."""
         params = SamplingParams(temperature, topk, topp)
         frames = self.frames_for(max_audio_length_ms)
         prompt = self.prompt(text, speaker, context)
         check_fits(len(prompt), frames, self.cfg.max_seq_len, self.cfg.frame_ms,
                    f"the prompt ({len(prompt)} rows)", "shorten the context or the text, or lower max_audio_length_ms")
-        return torch.cat(list(self._frames(prompt, frames, params, seed)) or
-                         [torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)])
+        codes = [e.codes for e in self._run(Request(prompt, frames, params, seed))]
+        return torch.stack(codes) if codes else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)
 
     # -- speaking: text to audio -----------------------------------------------------------------
 
@@ -163,19 +142,19 @@ class Generator:
         temperature: float = 0.9,
         topk: int = 50,
         *,
-        topp: float = 1.0,
         seed: int | None = None,
         voice=None,
         options: SpeakOptions | None = None,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: the 24 kHz waveform [samples] (fp32, CPU).
 
-        The signature and result of Sesame's reference `generate`; the keyword-only arguments
-        are `speak`'s. Long text is split into pieces (see `SpeakOptions`).
+        The signature and result of Sesame's reference `generate`; its three numbers replace
+        those of `options` (which supplies the rest: top-p, splitting, the length guard). The
+        keyword-only arguments are `speak`'s. Long text is split into pieces (see `SpeakOptions`).
         """
-        return self.speak(text, speaker, context, max_audio_length_ms=max_audio_length_ms,
-                          temperature=temperature, topk=topk, topp=topp, seed=seed, voice=voice,
-                          options=options).audio
+        options = replace(options or SpeakOptions(), max_audio_length_ms=max_audio_length_ms,
+                          temperature=temperature, topk=topk)
+        return self.speak(text, speaker, context, voice=voice, seed=seed, options=options).audio
 
     def speak(
         self,
@@ -184,10 +163,6 @@ class Generator:
         context: Sequence[Segment] = (),
         *,
         voice=None,
-        max_audio_length_ms: float = 90_000,
-        temperature: float = 0.9,
-        topk: int = 50,
-        topp: float = 1.0,
         seed: int | None = None,
         options: SpeakOptions | None = None,
     ) -> Speech:
@@ -198,19 +173,24 @@ class Generator:
             A list of voices gives several speakers their voices, each under its own id.
         context: earlier turns, oldest first; the oldest are dropped whole when the window is
             short (each `Piece` says which, and a warning is logged).
-        max_audio_length_ms: the bound for each generated piece; the length guard of `options`
-            lowers it to what the piece's text can plausibly take.
         seed: pieces use seed, seed+1, ...; None draws one (recorded in `pieces`).
+        options: sampling, the bound of each piece, splitting and fitting (`SpeakOptions`).
         """
         codec = self._need_codec()
-        plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
-        frames = [f for f in self._speak_frames(plan) if f is not None]
-        codes = torch.cat(frames) if frames else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)
-        audio = codec.decode(codes)
-        if self.watermarker is not None:  # piece by piece, as `stream` gives it
-            cuts = [p.frames * codec.frame_size for p in plan.pieces]
-            audio = torch.cat([self.watermarker.apply(a, codec.sample_rate) for a in audio.split(cuts)])
-        return Speech(audio, codes, codec.sample_rate, plan.pieces)
+        plan = self._plan(text, speaker, context, voice, seed, options)
+        codes, audio, piece_audio = [], [], []
+        for frame in self._speak_frames(plan):
+            if frame is None:  # a piece ended: it is watermarked whole, as `stream` gives it
+                if piece_audio:
+                    pcm = torch.cat(piece_audio)
+                    audio.append(pcm if self.watermarker is None else self.watermarker.apply(pcm, codec.sample_rate))
+                piece_audio = []
+            else:
+                codes.append(frame.codes)
+                piece_audio.append(frame.pcm)
+        return Speech(torch.cat(audio) if audio else torch.zeros(0),
+                      torch.stack(codes) if codes else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long),
+                      codec.sample_rate, plan.pieces)
 
     def stream(
         self,
@@ -219,26 +199,23 @@ class Generator:
         context: Sequence[Segment] = (),
         *,
         voice=None,
-        max_audio_length_ms: float = 90_000,
-        temperature: float = 0.9,
-        topk: int = 50,
-        topp: float = 1.0,
         seed: int | None = None,
         options: SpeakOptions | None = None,
         chunk_frames: int = 4,
     ) -> AudioStream:
         """Like `speak`, but yield PCM chunks (fp32 [samples], 24 kHz) as frames are generated:
         the first after one frame, then `chunk_frames` frames at a time. The chunks concatenate
-        to `generate(...)` with the same seed. Input errors raise here, not at the first chunk;
+        to `speak(...).audio` with the same seed. Input errors raise here, not at the first chunk;
         `close()` the stream (or use it in a `with` block) to stop early. With a watermark, each
         piece comes as one chunk when it is done (the mark is computed over the whole piece).
         """
         codec = self._need_codec()
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
-        plan = self._plan(text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed, options)
-        return AudioStream(self._speak_frames(plan), codec.open_stream(), chunk_frames, codec.sample_rate,
-                           plan.pieces, len(plan.lines), self.watermarker)
+        plan = self._plan(text, speaker, context, voice, seed, options)
+        pcm = (None if frame is None else frame.pcm for frame in self._speak_frames(plan))
+        return AudioStream(pcm, chunk_frames, codec.sample_rate, plan.pieces, len(plan.speech.pieces),
+                           self.watermarker)
 
     def _need_codec(self):
         if self.codec is None:
@@ -249,14 +226,12 @@ class Generator:
         return self.codec
 
     @torch.inference_mode()
-    def _plan(self, text, speaker, context, voice, max_audio_length_ms, temperature, topk, topp, seed,
-              options) -> _Plan:
-        """Check every input and build the rows that stay fixed while pieces are generated."""
+    def _plan(self, text, speaker, context, voice, seed, options) -> _Plan:
+        """Check every input, build the rows that stay fixed, and plan the pieces."""
         options = options if options is not None else SpeakOptions()
-        params = SamplingParams(temperature, topk, topp)
-        if isinstance(max_audio_length_ms, (int, float)) and not math.isfinite(max_audio_length_ms):
-            raise ValueError(f"max_audio_length_ms must be a finite number, got {max_audio_length_ms!r}")
-        user_frames = self.frames_for(max_audio_length_ms)
+        if not isinstance(options, SpeakOptions):
+            raise TypeError(f"options must be a SpeakOptions, got {type(options).__name__}")
+        self.frames_for(options.max_audio_length_ms)  # checked before any audio is encoded
         voices = _as_voices(voice)
         if speaker is None:
             speaker = voices[0].speaker if voices else 0
@@ -267,70 +242,54 @@ class Generator:
         encode = self.codec.encode_waveform if self.codec is not None else None
         pinned = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in pinned_segments]
         history = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in context]
-        text = check_text(text)
-        texts = [text] if options.max_piece_chars is None else split_text(text, options.max_piece_chars)
-        lines = []
-        for piece in texts:
-            rows = text_rows(self.tokenizer, speaker, piece, self.cfg)
-            guard = options.guard_ms(piece)
-            frames = user_frames if guard is None else min(user_frames, math.ceil(guard / self.cfg.frame_ms))
-            check_line_fits(pinned, rows, frames, self.cfg)
-            lines.append((piece, rows, frames))
-        if seed is None:
-            seed = secrets.randbits(62)
-        return _Plan(speaker, pinned, history, lines, params, seed, options, [])
+        plan = plan_speech(check_text(text), speaker, pinned, history, self.tokenizer, self.cfg, options, seed)
+        return _Plan(plan, [])
 
     @torch.inference_mode()
     def _speak_frames(self, plan: _Plan):
-        """Yield each generated frame [1, K], and None at the end of every piece."""
-        opts, cfg = plan.options, self.cfg
-        history = list(plan.context)
-        labels = [("context", i) for i in range(len(history))]
-        for i, (text, line, max_frames) in enumerate(plan.lines):
-            prompt, trim = fit(plan.pinned, history, line, max_frames, cfg, opts.older_audio, opts.keep_full_audio)
-            dropped = [labels[j] for j in trim.dropped]
-            piece = Piece(i, text, max_frames, len(prompt), trim, [j for kind, j in dropped if kind == "context"],
-                          [j for kind, j in dropped if kind == "piece"], plan.seed + i)
+        """Yield each generated frame (an `Emitted`: codes [K] and PCM), and None at the end of
+        every piece."""
+        cfg, speech = self.cfg, plan.speech
+        spoken: list[tuple[Prompt, list[torch.Tensor]]] = []
+        before = None
+        n = len(speech.pieces)
+        for i, text in enumerate(speech.pieces):
+            planned = speech.piece(i, spoken, cfg, after=before)
+            request, trim = planned.request, planned.trim
+            piece = Piece(i, text.text, text.max_frames, len(request.prompt), trim, planned.dropped_context,
+                          planned.dropped_pieces, request.seed)
             plan.pieces.append(piece)
-            if dropped:
+            if trim.dropped:
                 log.warning("piece %d/%d: dropped context segments %s and earlier pieces %s "
-                            "(%d rows) so that %d frames fit the %d-row window", i + 1, len(plan.lines),
-                            piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, max_frames,
+                            "(%d rows) so that %d frames fit the %d-row window", i + 1, n,
+                            piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, text.max_frames,
                             cfg.max_seq_len)
             got = []
-            # Everything before the line (voice, context, earlier pieces) is kept for reuse.
-            frames = self._frames(prompt, max_frames, plan.params, piece.seed, len(prompt) - len(line))
-            try:
-                for f in frames:
-                    got.append(f)
-                    piece.frames += 1
-                    yield f
-            finally:
-                frames.close()
-            piece.ended = piece.frames < max_frames
+            for frame in self._run(request):
+                got.append(frame.codes)
+                piece.frames += 1
+                yield frame
+            piece.ended = piece.frames < text.max_frames
             if not piece.ended:
                 log.warning("piece %d/%d stopped at its bound of %d ms without an end frame",
-                            i + 1, len(plan.lines), max_frames * cfg.frame_ms)
-            if opts.carry_pieces and got:
-                history.append(concat([line, audio_rows(torch.cat(got), cfg)]))
-                labels.append(("piece", i))
+                            i + 1, n, text.max_frames * cfg.frame_ms)
+            spoken.append((text.line, got))
+            before = request
             yield None
 
-    def _frames(self, prompt: Prompt, max_frames: int, params: SamplingParams, seed: int | None,
-                prefix_rows: int = 0):
-        """Yield each generated frame [1, K] (CPU long) until the end frame or `max_frames`.
-        The KV of the first `prefix_rows` rows is kept, so a later call that starts with the same
-        rows (the same voice, a conversation that grew) prefills only what follows them."""
+    def _run(self, request: Request):
+        """The frames of `request` on this generator's one-slot engine (created on first use;
+        with the codec, it decodes PCM in its step). Everything before the line (`prefix_rows`:
+        voice, context, earlier pieces) is kept, so a later request that starts with the same
+        rows prefills only what follows them. Closing the iterator frees the slot."""
         if self.engine is None:
-            self.engine = Engine(self.model, max_slots=1)
+            self.engine = Engine(self.model, max_slots=1, codec=self.codec.mimi if self.codec is not None else None)
         if self.engine.free_slots == 0:
             raise RuntimeError(
                 "this Generator speaks one stream at a time and one is still open: close it (or finish "
                 "reading it) first; for many streams at once, use the engine's slots (`fastcsm serve`)"
             )
-        request = Request(prompt, max_frames, params, seed, prefix_rows=prefix_rows)
-        for codes in self.engine.run(request):
-            yield codes[None]
+        return self.engine.run(request)
 
 
 def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:

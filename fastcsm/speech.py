@@ -1,15 +1,16 @@
 """What speaking produces: options, per-piece records, the finished `Speech`, and `AudioStream`.
 
-`Generator.speak` / `generate` / `stream` (in generator.py) split the text into pieces, fit each
-piece's prompt into the window, generate its frames and decode them. This module holds the
-plain records they return and the iterator that turns frames into PCM chunks:
+`Generator.speak` / `generate` / `stream` (in generator.py) plan the pieces of a text through
+`planner.py` and generate them on the engine, which decodes every frame to PCM inside its step.
+This module holds the options they take, the plain records they return and the iterator that
+gathers the engine's PCM into chunks:
 
-    frames ──> [first frame] ──decode──> chunk 1 (80 ms, as early as possible)
-           ──> [chunk_frames frames] ──decode──> chunk 2, 3, ...
-           ──> end of a piece: whatever is pending is decoded at once (no audio waits on a prefill)
+    frames' PCM ──> [first frame] ──> chunk 1 (80 ms, as early as possible)
+                ──> [chunk_frames frames] ──> chunk 2, 3, ...
+                ──> end of a piece: whatever is pending goes out at once (no audio waits on a prefill)
 
-All chunks go through one `DecodeStream`, so the audio continues across chunks and pieces
-exactly as a whole-sequence decode of the same codes would.
+Each piece's audio continues the codec state of the piece before (the engine's `keep_audio` /
+`audio_after`), so the chunks of a line are one seamless stream, as the server sends it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,25 @@ from dataclasses import dataclass, field
 import torch
 
 from .context import OLDER_AUDIO_MODES, Trim
+from .sampling import SamplingParams
 
 log = logging.getLogger("fastcsm")
 
 
 @dataclass(frozen=True)
 class SpeakOptions:
-    """How a line is split, fitted and bounded. The defaults suit csm-1b."""
+    """How a line is sampled, bounded, split and fitted. The defaults are Sesame's reference
+    (`generate`'s 90 s, temperature 0.9, top-k 50) and suit csm-1b.
 
+    `Generator.speak` and `stream` take one of these; the server builds one from each request.
+    """
+
+    # The bound of each generated piece; the length guard below lowers it to what the piece's
+    # text can plausibly take.
+    max_audio_length_ms: float = 90_000
+    temperature: float = 0.9  # 0 is greedy
+    topk: int = 50  # 0 switches top-k off
+    topp: float = 1.0  # 1.0 switches nucleus sampling off
     # Text longer than this is split at sentence, then clause boundaries; None: never split.
     max_piece_chars: int | None = 200
     # Length guard: a piece may run to guard_base_ms + guard_ms_per_char * len(piece) (and never
@@ -46,6 +58,12 @@ class SpeakOptions:
     keep_full_audio: int = 2  # newest context segments that keep all codebooks in that mode
 
     def __post_init__(self):
+        ms = self.max_audio_length_ms
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            raise TypeError(f"max_audio_length_ms must be a number, got {ms!r}")
+        if not math.isfinite(ms) or ms <= 0:
+            raise ValueError(f"max_audio_length_ms must be a finite number > 0, got {ms!r}")
+        SamplingParams(self.temperature, self.topk, self.topp)  # checks them
         m = self.max_piece_chars
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_piece_chars must be a positive integer or None, got {m!r}")
@@ -56,6 +74,10 @@ class SpeakOptions:
             raise ValueError(f"guard_base_ms must be a number >= 0, got {self.guard_base_ms!r}")
         if self.older_audio not in OLDER_AUDIO_MODES:
             raise ValueError(f"older_audio must be one of {OLDER_AUDIO_MODES}, got {self.older_audio!r}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.topk, self.topp)
 
     def guard_ms(self, text: str) -> float | None:
         if self.guard_ms_per_char is None:
@@ -100,14 +122,15 @@ class Speech:
 class AudioStream:
     """An iterator of 24 kHz PCM chunks (fp32 [samples], CPU) as a line is generated.
 
+    `frames` yields each generated frame's PCM [frame_size], and None at the end of every piece.
     The first chunk is the first frame alone; later chunks hold `chunk_frames` frames, and each
     piece's last frames are flushed when it ends (with a `watermarker`, each piece comes as one
     watermarked chunk when it ends). `pieces` fills in as pieces start; `frames` counts the frames
-    decoded so far. `close()` (or leaving a `with` block, or breaking out of a loop
-    and dropping the stream) stops generation and frees the engine slot and the decoder slot.
+    received so far. `close()` (or leaving a `with` block, or breaking out of a loop and dropping
+    the stream) stops generation and frees the engine slot.
     """
 
-    def __init__(self, frames: Iterator, decoder, chunk_frames: int, sample_rate: int, pieces: list[Piece],
+    def __init__(self, frames: Iterator, chunk_frames: int, sample_rate: int, pieces: list[Piece],
                  num_pieces: int, watermarker=None):
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
@@ -116,8 +139,8 @@ class AudioStream:
         self.pieces = pieces
         self.num_pieces = num_pieces
         self.frames = 0
-        self._frames = frames
-        self._decoder = decoder
+        self.closed = False
+        self._source = frames
         self._watermarker = watermarker
         self._chunks = self._run()
 
@@ -125,26 +148,22 @@ class AudioStream:
         pending: list[torch.Tensor] = []
         piece: list[torch.Tensor] = []  # with a watermark: the piece's audio, marked when it ends
         try:
-            for frame in itertools.chain(self._frames, [None]):  # a last None flushes what is left
-                if frame is not None:
-                    pending.append(frame)
-                if pending and (frame is None or self.frames == 0 or len(pending) >= self.chunk_frames):
-                    chunk = self._decode(pending)
-                    pending = []
+            for pcm in itertools.chain(self._source, [None]):  # a last None flushes what is left
+                first = self.frames == 0
+                if pcm is not None:
+                    pending.append(pcm)
+                    self.frames += 1
+                if pending and (pcm is None or first or len(pending) >= self.chunk_frames):
+                    chunk, pending = torch.cat(pending), []
                     if self._watermarker is None:
                         yield chunk
                     else:
                         piece.append(chunk)
-                if frame is None and piece:
+                if pcm is None and piece:
                     yield self._watermarker.apply(torch.cat(piece), self.sample_rate)
                     piece = []
         finally:
             self.close()
-
-    def _decode(self, frames: list[torch.Tensor]) -> torch.Tensor:
-        codes = torch.cat(frames)
-        self.frames += codes.shape[0]
-        return self._decoder.decode(codes)
 
     def __iter__(self) -> AudioStream:
         return self
@@ -154,14 +173,10 @@ class AudioStream:
 
     def close(self) -> None:
         """Stop generating and free everything (safe to call more than once)."""
-        self._frames.close()
-        self._decoder.close()
+        self.closed = True
+        self._source.close()
         if self._chunks.gi_running is False:
             self._chunks.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._decoder.closed
 
     def __enter__(self) -> AudioStream:
         return self

@@ -98,10 +98,10 @@ def test_quantized_compiled_and_captured(mode):
     codes = torch.randint(0, 2048, (4, 4), generator=torch.Generator().manual_seed(0))
     p = build_prompt("Compile me.", 0, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
     greedy = SamplingParams(temperature=0.0)
-    eager = torch.stack(list(Engine(m, cuda_graphs=False).run(Request(p, 6, greedy, seed=0))))
+    eager = torch.stack([e.codes for e in Engine(m, cuda_graphs=False).run(Request(p, 6, greedy, seed=0))])
     engine = Engine(m, compile=True)
     assert engine.cuda_graphs
-    compiled = torch.stack(list(engine.run(Request(p, 6, greedy, seed=0))))
+    compiled = torch.stack([e.codes for e in engine.run(Request(p, 6, greedy, seed=0))])
     assert compiled.shape == eager.shape
     assert torch.equal(compiled[0, 0], eager[0, 0])  # first code: same logits up to fusion order
     assert (compiled[0] == eager[0]).float().mean() >= 0.5

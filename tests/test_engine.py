@@ -35,7 +35,7 @@ def prompt(text, speaker=0, frames=4, seed=0):
 
 
 def run_alone(model, request, **engine_kw):
-    return torch.stack(list(Engine(model, max_slots=1, **engine_kw).run(request)))
+    return torch.stack([e.codes for e in Engine(model, max_slots=1, **engine_kw).run(request)])
 
 
 def run_together(engine, requests):
@@ -112,12 +112,12 @@ def test_chunked_prefill_and_prefix_reuse_equal_plain(model):
     engine = Engine(model, max_slots=2, prefill_chunk=7)
     r1 = requests(1)[0]
     r1.prefix_rows = 10
-    first = torch.stack(list(engine.run(r1)))
+    first = torch.stack([e.codes for e in engine.run(r1)])
     assert engine.stats["reused_rows"] == 0
     r2 = requests(1)[0]
     r2.prefix_rows = 10
     prefill_before = engine.stats["prefill_rows"]
-    second = torch.stack(list(engine.run(r2)))
+    second = torch.stack([e.codes for e in engine.run(r2)])
     assert engine.stats["reused_rows"] == 10
     assert engine.stats["prefill_rows"] - prefill_before == len(r2.prompt) - 10
     assert torch.equal(first, ref) and torch.equal(second, ref)
@@ -193,7 +193,7 @@ def test_max_frames_stops_exactly(model, late):
     engine = Engine(model, max_slots=1, one_frame_late=late)
     engine._step = scripted_step([1000])
     r = requests(1, frames=4)[0]
-    assert [int(c[0]) for c in engine.run(r)] == [1, 2, 3, 4]
+    assert [int(e.codes[0]) for e in engine.run(r)] == [1, 2, 3, 4]
 
 
 def test_closing_the_iterator_frees_the_slot(model, late):

@@ -144,8 +144,8 @@ def test_first_frames_agree_with_full_precision(model, int8):
     agree, agree0 = 0, 0
     for i, text in enumerate(lines):
         p = prompt(text, i % 2, frames=3 + i, seed=i)
-        ref = next(Engine(model).run(Request(p, 1, SamplingParams(temperature=0), seed=0)))
-        got = next(Engine(int8).run(Request(p, 1, SamplingParams(temperature=0), seed=0)))
+        ref = next(Engine(model).run(Request(p, 1, SamplingParams(temperature=0), seed=0))).codes
+        got = next(Engine(int8).run(Request(p, 1, SamplingParams(temperature=0), seed=0))).codes
         agree += int((ref == got).sum())
         agree0 += int(ref[0] == got[0])
     assert agree0 == len(lines)  # codebook 0: every line
@@ -177,7 +177,7 @@ def test_int8_batched_equals_alone(int8):
                 out[id(e.request)].append(e.codes)
     for r in rs:
         alone = Request(r.prompt, 5, r.params, seed=r.seed)
-        assert torch.equal(torch.stack(out[id(r)]), torch.stack(list(Engine(int8).run(alone))))
+        assert torch.equal(torch.stack(out[id(r)]), torch.stack([e.codes for e in Engine(int8).run(alone)]))
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),

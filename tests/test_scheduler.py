@@ -58,7 +58,7 @@ def test_streams_equal_the_engine_alone_and_cancel_frees_the_slot(model):
         scheduler.close()
     for i, (frames, done) in enumerate(results):
         assert done.reason == "max_length" and done.frames == 6
-        alone = torch.stack(list(Engine(model, max_slots=1).run(request(i, 6))))
+        alone = torch.stack([e.codes for e in Engine(model, max_slots=1).run(request(i, 6))])
         assert torch.equal(torch.stack(frames), alone)
     assert end.reason == "cancelled" and end.frames < 500
     assert scheduler.metrics.cancelled == 1 and scheduler.active == 0

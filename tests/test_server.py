@@ -268,7 +268,9 @@ def test_full_queue_gets_503_with_retry_after():
         assert r.status_code == 200
         r = httpx.get(small.url + "/v1/voices", headers={"Authorization": "Bearer \xff\xfe".encode("latin-1")})
         assert r.status_code == 401
-        body = {"input": "Hold the slot.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 20_000}
+        # Long enough that its length guard (3 s + 150 ms a character) leaves it running a while.
+        body = {"input": "Hold the slot for a good long while, so that the next request has to wait.", "voice": "0",
+                "response_format": "pcm", "max_audio_length_ms": 20_000}
         with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
             with http.stream("POST", "/v1/audio/speech", json=body) as running:
                 audio = running.iter_raw()  # keep the iterator: dropping it closes the connection

@@ -107,7 +107,9 @@ def test_speak_interrupt_burst_leaves_no_stream_behind(server):
 
 
 def test_interrupt_ends_a_queued_utterance_and_a_closed_socket_ends_its_own(small):
-    body = {"input": "Hold the only slot.", "voice": "0", "response_format": "pcm", "max_audio_length_ms": 20_000}
+    # Long enough that its length guard (3 s + 150 ms a character) leaves it running a while.
+    body = {"input": "Hold the only slot for a good long while, so that the next has to wait.", "voice": "0",
+            "response_format": "pcm", "max_audio_length_ms": 20_000}
     with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
         with http.stream("POST", "/v1/audio/speech", json=body) as holding:
             audio = holding.iter_raw()

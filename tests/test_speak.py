@@ -30,17 +30,26 @@ def gen(tiny_csm_dir):
 @pytest.fixture
 def prompts(gen, monkeypatch):
     """Record the prompt of every generation and count the frames drawn from the engine."""
-    seen = {"prompts": [], "frames": 0}
-    frames = gen._frames
+    seen = {"prompts": [], "requests": [], "frames": 0}
+    run = gen._run
 
-    def recording(prompt, max_frames, params, seed, prefix_rows=0):
-        seen["prompts"].append(prompt)
-        for f in frames(prompt, max_frames, params, seed, prefix_rows):
-            seen["frames"] += 1
-            yield f
+    def recording(request):
+        seen["prompts"].append(request.prompt)
+        seen["requests"].append(request)
+        frames = run(request)
+        try:
+            for f in frames:
+                seen["frames"] += 1
+                yield f
+        finally:
+            frames.close()
 
-    monkeypatch.setattr(gen, "_frames", recording)
+    monkeypatch.setattr(gen, "_run", recording)
     return seen
+
+
+def ms(max_audio_length_ms, **kw):
+    return SpeakOptions(max_audio_length_ms=max_audio_length_ms, **kw)
 
 
 def random_codes(frames, seed):
@@ -48,40 +57,40 @@ def random_codes(frames, seed):
 
 
 def test_generate_decodes_the_generated_codes(gen):
-    speech = gen.speak("Hello there.", 0, max_audio_length_ms=3 * FRAME_MS, seed=5)
+    speech = gen.speak("Hello there.", 0, options=ms(3 * FRAME_MS), seed=5)
     assert speech.sample_rate == 24_000
     assert speech.codes.shape == (3, K) and speech.pieces[0].frames == 3 and not speech.pieces[0].ended
     assert speech.audio.shape == (3 * FRAME,) and speech.audio.dtype == torch.float32
     assert torch.equal(speech.codes, gen.generate_codes("Hello there.", 0, max_audio_length_ms=3 * FRAME_MS, seed=5))
-    assert torch.equal(speech.audio, gen.codec.decode(speech.codes))
+    # The engine decodes frame by frame in its step; one decode of the whole sequence agrees.
+    torch.testing.assert_close(speech.audio, gen.codec.decode(speech.codes), rtol=1e-4, atol=1e-5)
 
 
 def test_stream_concatenates_to_generate(gen):
-    kw = dict(max_audio_length_ms=5 * FRAME_MS, seed=3)
-    whole = gen.generate("Streaming works.", 1, [], **kw)  # the reference's signature
-    with gen.stream("Streaming works.", 1, chunk_frames=2, **kw) as stream:
+    whole = gen.generate("Streaming works.", 1, [], 5 * FRAME_MS, 0.9, 50, seed=3)  # the reference's signature
+    with gen.stream("Streaming works.", 1, chunk_frames=2, options=ms(5 * FRAME_MS), seed=3) as stream:
         chunks = list(stream)
     assert [c.numel() for c in chunks] == [FRAME, 2 * FRAME, 2 * FRAME]
-    torch.testing.assert_close(torch.cat(chunks), whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat(chunks), whole), "the same frames' PCM from the engine, chunked"
     assert stream.frames == 5 and stream.closed
 
 
 def test_first_chunk_after_one_frame_and_stopping_frees_everything(gen, prompts):
-    stream = gen.stream("Interrupt me.", 0, max_audio_length_ms=8 * FRAME_MS, seed=1, chunk_frames=4)
+    stream = gen.stream("Interrupt me.", 0, options=ms(8 * FRAME_MS), seed=1, chunk_frames=4)
     assert prompts["frames"] == 0, "nothing runs before the first chunk is asked for"
     first = next(stream)
     assert first.numel() == FRAME and prompts["frames"] == 1
-    assert gen.codec.open_streams == 1 and gen.engine.free_slots == 0
+    assert gen.engine.free_slots == 0
     stream.close()
-    assert gen.codec.open_streams == 0 and gen.engine.free_slots == gen.engine.max_slots
+    assert stream.closed and gen.engine.free_slots == gen.engine.max_slots
     assert list(stream) == []
     # Breaking out of a loop and dropping the stream frees it too.
-    for _ in gen.stream("Again.", 0, max_audio_length_ms=8 * FRAME_MS, seed=1):
+    for _ in gen.stream("Again.", 0, options=ms(8 * FRAME_MS), seed=1):
         break
     import gc
 
     gc.collect()
-    assert gen.codec.open_streams == 0 and gen.engine.free_slots == gen.engine.max_slots
+    assert gen.engine.free_slots == gen.engine.max_slots
     assert gen.generate_codes("Still works.", 0, max_audio_length_ms=2 * FRAME_MS, seed=1).shape == (2, K)
 
 
@@ -90,7 +99,7 @@ def test_context_audio_is_encoded_and_voice_is_pinned(gen, prompts):
     voice = Voice.from_audio(gen.codec, wav, "Reference words.", speaker=2)
     assert voice.codes.shape == (4, K)  # 3 frames and a partial one
     context = [Segment(1, "A turn with audio.", audio=wav)]
-    speech = gen.speak("With a voice.", None, context, voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=0)
+    speech = gen.speak("With a voice.", None, context, voice=voice, options=ms(2 * FRAME_MS), seed=0)
     prompt = prompts["prompts"][-1]
     voice_rows = text_rows(gen.tokenizer, 2, "Reference words.", CFG)
     n = len(voice_rows)
@@ -106,7 +115,7 @@ def test_trimming_drops_oldest_context_and_reports(gen, prompts, caplog):
     context = [Segment(i % 2, f"Turn {i}.", codes=random_codes(700, seed=i)) for i in range(4)]  # ~2850 rows
     voice = Voice(0, "Pinned voice.", random_codes(50, seed=9))
     with caplog.at_level(logging.WARNING, logger="fastcsm"):
-        speech = gen.speak("Reply.", 0, context, voice=voice, max_audio_length_ms=3 * FRAME_MS, seed=0)
+        speech = gen.speak("Reply.", 0, context, voice=voice, options=ms(3 * FRAME_MS), seed=0)
     piece = speech.pieces[0]
     assert piece.dropped_context == [0, 1] and speech.dropped_context == [0, 1]
     rows = [len(text_rows(gen.tokenizer, s.speaker, s.text, CFG)) + 701 for s in context]
@@ -124,10 +133,9 @@ def test_trimming_drops_oldest_context_and_reports(gen, prompts, caplog):
 def test_a_line_that_cannot_fit_alone_is_a_clear_error(gen):
     huge_voice = Voice(0, "Long.", random_codes(2030, seed=1))
     with pytest.raises(ContextTooLong, match="with all other context dropped.*context window.*shorter voice"):
-        gen.speak("This line does not fit.", 0, voice=huge_voice, max_audio_length_ms=20 * FRAME_MS)
+        gen.speak("This line does not fit.", 0, voice=huge_voice, options=ms(20 * FRAME_MS))
     with pytest.raises(ContextTooLong, match="shorten the text"):
-        gen.speak("word " * 500, 0, options=SpeakOptions(max_piece_chars=None, guard_ms_per_char=None),
-                  max_audio_length_ms=100 * FRAME_MS)
+        gen.speak("word " * 500, 0, options=ms(100 * FRAME_MS, max_piece_chars=None, guard_ms_per_char=None))
 
 
 def test_fit_unit():
@@ -149,8 +157,7 @@ def test_fit_unit():
 
 def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
     text = "The first sentence is here. A second one follows it. And a third closes the text."
-    opts = SpeakOptions(max_piece_chars=30)
-    kw = dict(max_audio_length_ms=2 * FRAME_MS, seed=7, options=opts)
+    kw = dict(seed=7, options=ms(2 * FRAME_MS, max_piece_chars=30))
     with caplog.at_level(logging.WARNING, logger="fastcsm"):
         speech = gen.speak(text, 0, **kw)
     assert [p.text for p in speech.pieces] == ["The first sentence is here.", "A second one follows it.",
@@ -165,11 +172,17 @@ def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
     assert (p3.tokens[len(r1) + 2, :K] == 0).all(), "each earlier piece ends with the EOS frame"
     assert speech.pieces[2].prompt_rows == len(p3)
     assert "piece 3/3 stopped at its bound" in caplog.text
-    # Streaming runs across pieces without a seam: the chunks equal one decode of all the codes.
+    # Each piece's audio continues the codec state of the one before: the whole equals one decode
+    # of all the codes, which fresh decoder states per piece would not.
+    torch.testing.assert_close(speech.audio, gen.codec.decode(speech.codes), rtol=1e-4, atol=1e-5)
+    fresh = torch.cat([gen.codec.decode(speech.codes[i:i + 2]) for i in (0, 2, 4)])
+    assert (fresh - speech.audio).abs().max() > 1e-2
+    requests = prompts["requests"][-3:]
+    assert [r.keep_audio for r in requests] == [True, True, False]
     with gen.stream(text, 0, chunk_frames=4, **kw) as stream:
         chunks = list(stream)
     assert [c.numel() // FRAME for c in chunks] == [1, 1, 2, 2], "a piece's last frames are flushed at its end"
-    torch.testing.assert_close(torch.cat(chunks), speech.audio, rtol=1e-4, atol=1e-5)  # fp32 noise on order-1 audio
+    assert torch.equal(torch.cat(chunks), speech.audio)
     assert len(stream.pieces) == 3 and stream.num_pieces == 3
 
 
@@ -187,16 +200,16 @@ def test_input_errors_raise_before_any_generation(gen, prompts):
     with pytest.raises(ValueError, match="text is empty"):
         gen.stream("   ", 0)
     with pytest.raises(ValueError, match="shorter than one 80 ms frame"):
-        gen.stream("Hi.", 0, max_audio_length_ms=40)
+        gen.stream("Hi.", 0, options=ms(40))
     with pytest.raises(ValueError, match="finite"):
-        gen.speak("Hi.", 0, max_audio_length_ms=float("inf"))
+        gen.speak("Hi.", 0, options=ms(float("inf")))
     with pytest.raises(ValueError, match="chunk_frames"):
         gen.stream("Hi.", 0, chunk_frames=0)
     with pytest.raises(TypeError, match="context must be a sequence of Segment"):
         gen.speak("Hi.", 0, [("not", "a segment")])
     with pytest.raises(ValueError, match="no voice named"):
         gen.speak("Hi.", 0, voice="nobody-here-" + "x" * 8)
-    assert prompts["frames"] == 0 and gen.codec.open_streams == 0
+    assert prompts["frames"] == 0 and (gen.engine is None or gen.engine.free_slots == gen.engine.max_slots)
 
 
 class _ByteTok:
@@ -208,9 +221,9 @@ class _ByteTok:
 
 def test_a_voice_is_prefilled_once_and_reused(gen):
     voice = Voice(speaker=1, text="My own voice sample.", codes=random_codes(12, 4))
-    gen.speak("First line in this voice.", voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=1)
+    gen.speak("First line in this voice.", voice=voice, options=ms(2 * FRAME_MS), seed=1)
     stats = dict(gen.engine.stats)
-    gen.speak("Second line, same voice.", voice=voice, max_audio_length_ms=2 * FRAME_MS, seed=1)
+    gen.speak("Second line, same voice.", voice=voice, options=ms(2 * FRAME_MS), seed=1)
     line = text_rows(gen.tokenizer, 1, "Second line, same voice.", CFG)
     reused = gen.engine.stats["reused_rows"] - stats["reused_rows"]
     assert reused > 12  # the voice's text and audio rows
@@ -218,7 +231,7 @@ def test_a_voice_is_prefilled_once_and_reused(gen):
 
 
 def test_one_stream_at_a_time_is_a_clear_error(gen):
-    with gen.stream("An open stream.", 0, max_audio_length_ms=4 * FRAME_MS, seed=1) as first:
+    with gen.stream("An open stream.", 0, options=ms(4 * FRAME_MS), seed=1) as first:
         next(iter(first))
         with pytest.raises(RuntimeError, match="one stream at a time"):
             gen.generate_codes("Another.", 0, max_audio_length_ms=FRAME_MS)

@@ -23,7 +23,7 @@ from fastcsm.speech import SpeakOptions
 
 SESAME_KEY = [212, 211, 146, 56, 201]  # csm's watermarking.py: CSM_1B_GH_WATERMARK
 TEXT = "First sentence here. And a second one."
-TWO_PIECES = SpeakOptions(max_piece_chars=24)
+TWO_PIECES = SpeakOptions(max_audio_length_ms=400, max_piece_chars=24)
 LOAD_SILENTCIPHER = wm.load_silentcipher
 
 
@@ -48,7 +48,7 @@ def gen(tiny_csm_dir):
 def speak(gen, watermarker):
     gen.watermarker = watermarker
     try:
-        return gen.speak(TEXT, 0, seed=5, max_audio_length_ms=400, options=TWO_PIECES)
+        return gen.speak(TEXT, 0, seed=5, options=TWO_PIECES)
     finally:
         gen.watermarker = None
 
@@ -68,7 +68,7 @@ def test_each_piece_is_marked_with_sesames_key_at_44khz(gen):
         samples = piece.frames * 1920
         assert abs(call["audio"].shape[0] - samples * 44_100 / 24_000) <= 1  # the piece, at 44.1 kHz
         assert np.abs(call["audio"]).max() > 0  # its audio, not silence
-    unmarked = gen.speak(TEXT, 0, seed=5, max_audio_length_ms=400, options=TWO_PIECES).audio
+    unmarked = gen.speak(TEXT, 0, seed=5, options=TWO_PIECES).audio
     assert a.audio.shape == b.audio.shape == unmarked.shape
     assert torch.allclose(b.audio, -a.audio, atol=1e-6)  # what the model returned, back at 24 kHz
     assert torch.equal(a.codes, b.codes)
@@ -78,7 +78,7 @@ def test_a_stream_gives_each_marked_piece_when_it_is_done(gen):
     whole = speak(gen, wm.Watermarker(StandIn())).audio
     gen.watermarker = wm.Watermarker(stand_in := StandIn())
     try:
-        with gen.stream(TEXT, 0, seed=5, max_audio_length_ms=400, options=TWO_PIECES, chunk_frames=1) as stream:
+        with gen.stream(TEXT, 0, seed=5, options=TWO_PIECES, chunk_frames=1) as stream:
             chunks = list(stream)
     finally:
         gen.watermarker = None

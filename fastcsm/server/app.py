@@ -212,16 +212,22 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
             raise ApiError(400, f"response_format {req.response_format!r} is not available on this server; "
                                 f"choose one of {', '.join(formats)}", param="response_format")
         service.need_ready()
-        plan = await run_in_threadpool(service.speech_plan, req)
-        stream = service.submit(plan.first.request)
+
+        def plan_first():  # building rows may encode audio: off the event loop
+            plan = service.speech_plan(req)
+            return plan, service.piece(plan, 0, [])
+
+        plan, first = await run_in_threadpool(plan_first)
+        stream = service.submit(first.request)
         enc = encoder(req.response_format, P.SAMPLE_RATE, speed=req.speed)
         headers = {"X-Fastcsm-Seed": str(plan.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
                    "X-Fastcsm-Pieces": str(len(plan.pieces)), "Cache-Control": "no-store"}
-        if plan.first.dropped_turns:
-            headers["X-Fastcsm-Context-Dropped"] = str(plan.first.dropped_turns)
-        body = _audio(service, plan, stream, enc)
+        if first.dropped_context:
+            headers["X-Fastcsm-Context-Dropped"] = str(len(first.dropped_context))
+        frames = [0]  # frames streamed so far, all pieces together
+        body = _audio(service, plan, stream, enc, frames)
         if req.stream_format == "sse":
-            return StreamingResponse(_sse(body, plan), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(body, plan, frames), media_type="text/event-stream", headers=headers)
         return StreamingResponse(body, media_type=enc.media_type, headers=headers)
 
     # -- voices ---------------------------------------------------------------------------------
@@ -333,23 +339,26 @@ def _document_speech_request(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-async def _audio(service: Service, plan, stream, enc):
-    """The response body: encoded frames as they come, piece after piece; the slot is freed
-    if the client leaves."""
+async def _audio(service: Service, plan, stream, enc, frames: list[int]):
+    """The response body: encoded frames as they come, piece after piece, each piece's audio
+    continuing from the one before; the slot is freed if the client leaves."""
     spoken = []  # (text rows, codes) of the pieces done
     try:
         head = enc.start()
         if head:
             yield head
-        index = 0
-        while True:
-            codes = []
-            while True:
-                item = await stream.next()
-                if isinstance(item, End):
+        for index in range(len(plan.pieces)):
+            if index:
+                try:
+                    planned = service.piece(plan, index, spoken, after=stream.request)
+                    stream = service.submit(planned.request, follow_on=True)
+                except ApiError as e:
+                    log.warning("speech stopped before piece %d: %s", index, e.message)
                     break
+            codes = []
+            while not isinstance(item := await stream.next(), End):
                 codes.append(item.codes)
-                plan.frames_done += 1
+                frames[0] += 1
                 if item.pcm is not None:
                     data = enc.write(item.pcm)
                     if data:
@@ -357,17 +366,7 @@ async def _audio(service: Service, plan, stream, enc):
             if stream.end.reason not in ("end", "max_length"):
                 log.warning("speech stream ended early: %s %s", stream.end.reason, stream.end.message)
                 break
-            spoken.append((plan.pieces[index][0], codes))
-            index += 1
-            if index == len(plan.pieces):
-                break
-            try:
-                request = service.next_piece(plan, index, spoken).request
-                request.audio_after = stream.request  # its audio continues where this piece's ended
-                stream = service.submit(request, follow_on=True)
-            except ApiError as e:
-                log.warning("speech stopped before piece %d: %s", index, e.message)
-                break
+            spoken.append((plan.pieces[index].line, codes))
         tail = enc.finish()
         if tail:
             yield tail
@@ -376,16 +375,15 @@ async def _audio(service: Service, plan, stream, enc):
             stream.cancel()
 
 
-async def _sse(audio, plan):
+async def _sse(audio, plan, frames: list[int]):
     """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage."""
     sent = 0
     try:
         async for data in audio:
             sent += len(data)
             yield f'data: {json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})}\n\n'
-        rows = sum(len(line) for line, _ in plan.pieces)
-        frames = plan.frames_done
-        usage = {"input_tokens": rows, "output_tokens": frames, "total_tokens": rows + frames}
+        rows = sum(len(p.line) for p in plan.pieces)
+        usage = {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}
         yield f'data: {json.dumps({"type": "speech.audio.done", "usage": usage})}\n\n'
     finally:
         await audio.aclose()

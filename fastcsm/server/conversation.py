@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..prompt import Prompt, Segment, audio_rows, concat, segment_rows
-from ..sampling import SamplingParams
+from ..context import ContextTooLong
+from ..planner import plan_piece, spoken_rows, streamed_pieces
+from ..prompt import Prompt, Segment, concat, segment_rows
 from ..scheduler import End
-from ..text import speech_pieces
+from ..speech import SpeakOptions
 from . import protocol as P
 from .audio_out import to_int16
 from .limits import invalid_fields, json_values, max_message_values
@@ -55,8 +55,7 @@ class Utterance:
     id: str | None
     index: int
     speaker: int
-    max_ms: float | None
-    params: SamplingParams
+    options: SpeakOptions  # sampling and the bound of each piece
     seed: int
     text: str
     more: bool  # more text may follow (append_text)
@@ -211,15 +210,15 @@ class Conversation:
                 self.pinned_voices.append(m.voice)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
-        max_ms = m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms
-        svc.frames_for(max_ms, text)  # a bound above the server's limit is refused now, not per piece
-        params = SamplingParams(c.temperature if m.temperature is None else m.temperature,
-                                c.topk if m.topk is None else m.topk)
+        # A bound above the server's limit is refused now, not per piece.
+        options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
+                              c.temperature if m.temperature is None else m.temperature,
+                              c.topk if m.topk is None else m.topk)
         seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, max_ms, params, seed, text, m.more)
+        u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more)
         self.mark(u, now)
         first = None
-        if speech_pieces(u.text, final=not u.more):
+        if streamed_pieces(u.text, final=not u.more):
             first = await self.plan_piece(u, 0)  # a line that cannot be spoken is an error here, not a `done`
         elif not u.more:
             raise ApiError(400, "text has no words to speak", param="text")
@@ -252,29 +251,28 @@ class Conversation:
     @staticmethod
     def mark(u: Utterance, now: float) -> None:
         """First audio is timed from the message that completed the line's first piece."""
-        if u.t0 is None and speech_pieces(u.text, final=not u.more):
+        if u.t0 is None and streamed_pieces(u.text, final=not u.more):
             u.t0 = now
 
     async def plan_piece(self, u: Utterance, index: int):
         """Piece `index` of the line, after the conversation and the pieces spoken before it (with
         their audio), as `POST /v1/audio/speech` speaks long text."""
         svc, cfg = self.service, self.service.cfg
-        piece = speech_pieces(u.text, final=not u.more)[index]
-        text = svc.check_input(piece, "text")
-        frames = svc.frames_for(u.max_ms, text)
-        carried = [concat([line, audio_rows(torch.stack(codes), cfg)]) for line, codes in u.spoken if codes]
-        planned = svc.plan(text, u.speaker, self.pinned, self.turns + carried, frames, u.params, u.seed + index)
-        if planned.dropped_turns:
-            turns = min(planned.dropped_turns, len(self.turns))
-            self.turns = self.turns[turns:]
-            if planned.dropped_turns > turns:  # the window is smaller than this line: its oldest pieces go
-                spoken = [x for x in u.spoken if x[1]]
-                u.spoken = spoken[planned.dropped_turns - turns:]
-            await self.send(P.ContextDropped(dropped_turns=planned.dropped_turns, dropped_rows=planned.dropped_rows,
+        text = svc.check_input(streamed_pieces(u.text, final=not u.more)[index], "text")
+        piece = svc.piece_text(text, u.speaker, u.options)
+        try:  # a later fragment may yet bring another piece: every piece keeps its audio state
+            planned = plan_piece(cfg, self.pinned, self.turns, u.spoken, piece.line, piece.max_frames,
+                                 u.options.sampling, u.seed + index, u.options, keep_audio=True,
+                                 audio_after=u.requests[-1] if index and u.requests else None)
+        except ContextTooLong as e:
+            raise ApiError(400, str(e), param="text") from None
+        trim = planned.trim
+        if trim.dropped:  # dropped for good: the oldest turns, then (a window smaller than the line) its oldest pieces
+            self.turns = self.turns[len(planned.dropped_context):]
+            if planned.dropped_pieces:
+                u.spoken = u.spoken[max(planned.dropped_pieces) + 1:]
+            await self.send(P.ContextDropped(dropped_turns=len(trim.dropped), dropped_rows=trim.dropped_rows,
                                              remaining_rows=self.rows()))
-        if index and u.requests:  # one audio stream: this piece continues where the one before ended
-            planned.request.audio_after = u.requests[-1]
-        planned.request.keep_audio = True  # cheap, and a later fragment may yet bring another piece
         return planned
 
     async def start_piece(self, u: Utterance, planned) -> None:
@@ -314,12 +312,12 @@ class Conversation:
                             await self.error(end.message or "generation failed", "internal", u.id)
                         break
                 index += 1
-                while index >= len(speech_pieces(u.text, final=not u.more)):
+                while index >= len(streamed_pieces(u.text, final=not u.more)):
                     if not u.more:
                         break
                     u.wake.clear()
                     await u.wake.wait()
-                if index >= len(speech_pieces(u.text, final=not u.more)):
+                if index >= len(streamed_pieces(u.text, final=not u.more)):
                     if index == 0:
                         await self.error("the line has no words to speak", "bad_request", u.id)
                     break
@@ -358,9 +356,7 @@ class Conversation:
         rows = []
         pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
         for line, codes in pieces:
-            rows.append(line)
-            if codes:
-                rows.append(audio_rows(torch.stack(codes), cfg))
+            rows.append(spoken_rows(line, codes, cfg) if codes else line)
         if rows:
             self.turns.append(concat(rows))
 

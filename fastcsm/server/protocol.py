@@ -71,7 +71,7 @@ keeps the conversation's KV cache, so the next `speak` prefills only the rows ad
 oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
 prefilled again.
 
-A line is spoken in pieces (`fastcsm.text.speech_pieces`): its sentences, and inside a long
+A line is spoken in pieces (`fastcsm.planner.streamed_pieces`): its sentences, and inside a long
 sentence a cut after a clause (, ; : or a dash) once the piece has 40 characters. Each piece is
 one generation that sees the pieces before it with their audio, and the audio runs on from one
 piece to the next without a seam, as `POST /v1/audio/speech` does with long text. A line that
@@ -172,8 +172,8 @@ class SpeechRequest(_Strict):
     topk: Int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
     max_audio_length_ms: Number | None = Field(
         None, gt=0, description="longest audio to generate for each piece of the text (at most "
-                                "`ServerInfo.max_audio_length_ms`; default: that limit, lowered to what the text "
-                                "can plausibly take, 3 s + 150 ms a character)")
+                                "`ServerInfo.max_audio_length_ms`, the default), lowered to what the piece's "
+                                "text can plausibly take, 3 s + 150 ms a character")
 
 
 # -- voices ---------------------------------------------------------------------------------------

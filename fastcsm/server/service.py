@@ -10,23 +10,18 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import math
 import re
-import secrets
 import threading
 import unicodedata
-from dataclasses import dataclass
 
 import torch
 
 from ..audio import AudioError, read_audio
-from ..context import ContextTooLong, check_line_fits, fit
 from ..engine import Engine, Request
-from ..prompt import Prompt, Segment, audio_rows, check_text, concat, segment_rows, text_rows
-from ..sampling import SamplingParams
+from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
+from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
-from ..text import split_text
 from ..voices import Voice, VoiceError, VoiceExists, VoiceStore, check_name
 from ..watermark import WatermarkedStream, resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
@@ -54,32 +49,6 @@ class BrokenVoice(ApiError):
     def __init__(self, name: str, param: str = "voice"):
         super().__init__(409, f"the voice {name!r} is damaged (its file cannot be read): upload it again with "
                               "overwrite=true, or delete it", "conflict_error", param=param)
-
-
-@dataclass
-class Planned:
-    """A checked utterance, ready to submit."""
-
-    request: Request
-    speaker: int
-    line: Prompt  # the text rows of the line (the prompt's tail)
-    dropped_turns: int
-    dropped_rows: int
-
-
-@dataclass
-class SpeechPlan:
-    """A checked speech request: long text is spoken in pieces, one generation each, every piece
-    seeing the audio of the pieces before it (as `Generator.speak` does)."""
-
-    speaker: int
-    pinned: list[Prompt]
-    history: list[Prompt]
-    pieces: list[tuple[Prompt, int]]  # (text rows of the piece, frame bound)
-    params: SamplingParams
-    seed: int
-    first: Planned | None = None
-    frames_done: int = 0  # frames streamed so far, all pieces together
 
 
 def voice_info(name: str, voice: Voice) -> VoiceInfo:
@@ -278,24 +247,26 @@ class Service:
             return (v if speaker is None else speaker), None
         return (v.speaker if speaker is None else speaker), v
 
-    def frames_for(self, max_audio_length_ms: float | None, text: str, param: str = "max_audio_length_ms") -> int:
-        """The frame bound of an utterance: the request's (at most the server's limit), else the
-        server's limit lowered by a generous length guard for the text (an untrained or confused
-        model may never emit its end frame)."""
+    def options(self, max_audio_length_ms: float | None, temperature: float, topk: int,
+                param: str = "max_audio_length_ms") -> SpeakOptions:
+        """How one line is spoken: sampled as asked, each piece bounded by the request's bound (by
+        default the server's limit; 400 above it) lowered by the length guard of its text."""
         limit = self.settings.max_audio_length_ms
-        frame_ms = self.cfg.frame_ms
-        if max_audio_length_ms is None:
-            guard = SpeakOptions().guard_ms(text)
-            ms = limit if guard is None else min(limit, guard)
-        else:
-            ms = max_audio_length_ms
-            if not math.isfinite(ms) or ms > limit:
-                raise ApiError(400, f"max_audio_length_ms={ms:g} is above this server's limit of {limit} ms",
-                               param=param)
-            if ms < frame_ms:
-                raise ApiError(400, f"max_audio_length_ms={ms:g} is shorter than one {frame_ms} ms frame",
-                               param=param)
-        return max(1, int(ms // frame_ms))
+        try:
+            options = SpeakOptions(max_audio_length_ms=limit if max_audio_length_ms is None else max_audio_length_ms,
+                                   temperature=temperature, topk=topk)
+            requested_frames(options.max_audio_length_ms, self.cfg.frame_ms, limit)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, str(e), param=param) from None
+        return options
+
+    def piece_text(self, text: str, speaker: int, options: SpeakOptions, param: str = "text") -> PieceText:
+        """One piece's rows and frame bound (a piece of a line that streams in)."""
+        try:
+            return piece_text(text, speaker, self.generator.tokenizer, self.cfg, options,
+                              self.settings.max_audio_length_ms)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param) from None
 
     def check_input(self, text: str, param: str = "input") -> str:
         limit = self.settings.max_input_chars
@@ -315,37 +286,13 @@ class Service:
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e), param=param) from None
 
-    def plan(self, text: str, speaker: int, pinned: list[Prompt], history: list[Prompt], frames: int,
-             params: SamplingParams, seed: int | None) -> Planned:
-        """Fit pinned + history + the line into the window (oldest history dropped first)."""
+    def piece(self, plan: SpeechPlan, index: int, spoken: list, after: Request | None = None) -> PlannedPiece:
+        """Piece `index` of a speech request, after the pieces spoken so far (their rows and
+        codes), its audio continuing from `after`'s."""
         try:
-            line = text_rows(self.generator.tokenizer, speaker, text, self.cfg)
-        except ValueError as e:
+            return plan.piece(index, spoken, self.cfg, after)
+        except ValueError as e:  # ContextTooLong
             raise ApiError(400, str(e), param="input") from None
-        return self.plan_rows(line, speaker, pinned, history, frames, params, seed)
-
-    def plan_rows(self, line: Prompt, speaker: int, pinned: list[Prompt], history: list[Prompt], frames: int,
-                  params: SamplingParams, seed: int | None) -> Planned:
-        try:
-            prompt, trim = fit(pinned, history, line, frames, self.cfg)
-        except ContextTooLong as e:
-            raise ApiError(400, str(e)) from None
-        if seed is None:
-            seed = secrets.randbits(62)
-        # Everything before the line is worth keeping: the next request with the same voice or
-        # conversation reuses its KV and prefills only its own rows.
-        request = Request(prompt, frames, params, seed=seed, prefix_rows=len(prompt) - len(line))
-        return Planned(request, speaker, line, len(trim.dropped), trim.dropped_rows)
-
-    def next_piece(self, plan: SpeechPlan, index: int, spoken: list[tuple[Prompt, list[torch.Tensor]]]) -> Planned:
-        """Piece `index` of a long text, after the pieces spoken so far (their rows and codes)."""
-        carried = [concat([line, audio_rows(torch.stack(codes), self.cfg)]) for line, codes in spoken if codes]
-        line, frames = plan.pieces[index]
-        planned = self.plan_rows(line, plan.speaker, plan.pinned, plan.history + carried, frames, plan.params,
-                                 plan.seed + index)
-        # One audio stream across the pieces: each keeps its codec state for the next to continue.
-        planned.request.keep_audio = index + 1 < len(plan.pieces)
-        return planned
 
     def speech_plan(self, req: SpeechRequest) -> SpeechPlan:
         """A checked `POST /v1/audio/speech` (runs in a worker thread: it may encode audio)."""
@@ -355,7 +302,7 @@ class Service:
             raise ApiError(400, f"context has {len(req.context)} turns; at most {self.settings.max_context_turns}",
                            param="context")
         speaker, voice = self.resolve_speaker(req.voice, req.speaker)
-        self.frames_for(req.max_audio_length_ms, text)  # checks the bound before any audio is encoded
+        options = self.options(req.max_audio_length_ms, req.temperature, req.topk)  # before any audio is encoded
         encode = gen.codec.encode_waveform
         pinned = [self.voice_rows(voice, speaker)] if voice is not None else []
         history = []
@@ -368,22 +315,11 @@ class Service:
                                             encode))
             except (AudioError, ValueError) as e:
                 raise ApiError(400, f"context[{i}]: {e}", param=f"context[{i}]") from None
-        params = SamplingParams(req.temperature, req.topk)
-        pieces = []
-        for piece in split_text(text, SpeakOptions().max_piece_chars):
-            try:
-                line = text_rows(gen.tokenizer, speaker, piece, self.cfg)
-                frames = self.frames_for(req.max_audio_length_ms, piece)
-                check_line_fits(pinned, line, frames, self.cfg)
-            except ContextTooLong as e:
-                raise ApiError(400, str(e), param="input") from None
-            except ValueError as e:
-                raise ApiError(400, str(e), param="input") from None
-            pieces.append((line, frames))
-        seed = secrets.randbits(62) if req.seed is None else req.seed
-        plan = SpeechPlan(speaker, pinned, history, pieces, params, seed)
-        plan.first = self.next_piece(plan, 0, [])
-        return plan
+        try:
+            return plan_speech(text, speaker, pinned, history, gen.tokenizer, self.cfg, options, req.seed,
+                               self.settings.max_audio_length_ms)
+        except ValueError as e:  # ContextTooLong too
+            raise ApiError(400, str(e), param="input") from None
 
     def submit(self, request: Request, follow_on: bool = False) -> Stream:
         """Queue an utterance; 503 (with Retry-After) when the waiting queue is full. A

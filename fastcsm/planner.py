@@ -1,0 +1,161 @@
+"""The speech planner: the one place that turns text into the engine requests that speak it.
+
+`Generator.speak` / `generate` / `stream`, `POST /v1/audio/speech` and WebSocket conversations
+all plan through here, so the same text, voice, context, options and seed give the same pieces,
+bounds, prompts and requests on every path:
+
+- **pieces**: whole text (the library, HTTP) is cut by `split`: sentences packed into pieces of
+  at most `SpeakOptions.max_piece_chars` characters, text that fits left exactly as given. Text
+  that arrives in fragments (a WebSocket line with `more: true`) is cut by `streamed_pieces`:
+  every sentence, and a long sentence after a clause, in pieces that stay the same whatever is
+  appended later. These are two rules on purpose: packing needs the whole text (a packed piece
+  may still grow until its text is complete, which would hold back the first audio of a live
+  line), and a live line wants its first sentence spoken as soon as it is complete.
+- **frame bound** (`frame_bound`): the requested `max_audio_length_ms` (a server asks for its
+  limit when a request gives none, and refuses one above it), floored to whole frames, lowered by
+  the length guard of the piece's text (`SpeakOptions.guard_ms`, rounded up to whole frames).
+- **prompt** (`plan_piece`): pinned voices, then the context, then every earlier piece of the
+  line with the audio generated for it, then the piece's own text; `context.fit` drops the
+  oldest context (then the oldest earlier pieces) until the prompt and its frames fit the window.
+  The `Request` carries everything before the piece as `prefix_rows` (its KV is worth keeping)
+  and chains the audio: `keep_audio` when a piece follows, `audio_after` the piece before it.
+
+Nothing here touches the engine or the codec: the functions are pure over prompts and options.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CsmConfig
+from .context import Trim, check_line_fits, fit
+from .engine import Request
+from .prompt import Prompt, TextTokenizer, audio_rows, concat, text_rows
+from .sampling import SamplingParams
+from .speech import SpeakOptions
+from .text import speech_pieces, split_text
+
+
+def split(text: str, options: SpeakOptions) -> list[str]:
+    """The pieces of a whole text (see the module docstring)."""
+    return [text] if options.max_piece_chars is None else split_text(text, options.max_piece_chars)
+
+
+def streamed_pieces(text: str, final: bool) -> list[str]:
+    """The pieces of a line whose text may still grow (`final=False`): only those that are
+    certainly complete, and always a prefix of the pieces of the whole line."""
+    return speech_pieces(text, final=final)
+
+
+def requested_frames(ms, frame_ms: int, limit_ms: float | None = None) -> int:
+    """The requested bound `ms` in whole frames (rounded down). A bound above `limit_ms` (a
+    server's limit) is an error, as is one shorter than a frame."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+        raise TypeError(f"max_audio_length_ms must be a number, got {ms!r}")
+    if not math.isfinite(ms):
+        raise ValueError(f"max_audio_length_ms must be a finite number, got {ms!r}")
+    if limit_ms is not None and ms > limit_ms:
+        raise ValueError(f"max_audio_length_ms={ms:g} is above this server's limit of {limit_ms:g} ms")
+    if ms < frame_ms:
+        raise ValueError(f"max_audio_length_ms={ms:g} is shorter than one {frame_ms} ms frame")
+    return int(ms // frame_ms)
+
+
+def frame_bound(text: str, options: SpeakOptions, frame_ms: int, limit_ms: float | None = None) -> int:
+    """The frame bound of one piece: the requested bound lowered by the piece's length guard."""
+    frames = requested_frames(options.max_audio_length_ms, frame_ms, limit_ms)
+    guard = options.guard_ms(text)
+    return frames if guard is None else min(frames, math.ceil(guard / frame_ms))
+
+
+def spoken_rows(line: Prompt, codes, cfg: CsmConfig) -> Prompt:
+    """A piece as later pieces see it: its text rows, then its audio (codes [frames, K], or a
+    list of frames [K]) with the end frame."""
+    return concat([line, audio_rows(_stacked(codes), cfg)])
+
+
+def _stacked(codes) -> torch.Tensor:
+    return torch.stack(list(codes)) if isinstance(codes, (list, tuple)) else codes
+
+
+@dataclass
+class PlannedPiece:
+    """The request that speaks one piece, and what fitting its prompt did."""
+
+    request: Request
+    line: Prompt  # the piece's text rows (the prompt's tail)
+    trim: Trim
+    dropped_context: list[int]  # indices into the context given to `plan_piece`, oldest first
+    dropped_pieces: list[int]  # indices into `spoken`: earlier pieces no longer in the prompt
+
+
+def plan_piece(cfg: CsmConfig, pinned: list[Prompt], context: Sequence[Prompt],
+               spoken: Sequence[tuple[Prompt, Sequence]], line: Prompt, max_frames: int,
+               params: SamplingParams, seed: int, options: SpeakOptions,
+               keep_audio: bool = False, audio_after: Request | None = None) -> PlannedPiece:
+    """The request for the piece `line` after `pinned`, `context` and the pieces of the same line
+    already `spoken` ((text rows, its codes) each, oldest first). Raises
+    `context.ContextTooLong` when the piece cannot fit even with all of them dropped."""
+    carried = [i for i, (_, codes) in enumerate(spoken) if options.carry_pieces and len(codes)]
+    history = [*context, *(spoken_rows(spoken[i][0], spoken[i][1], cfg) for i in carried)]
+    prompt, trim = fit(pinned, history, line, max_frames, cfg, options.older_audio, options.keep_full_audio)
+    request = Request(prompt, max_frames, params, seed, prefix_rows=len(prompt) - len(line),
+                      keep_audio=keep_audio, audio_after=audio_after)
+    n = len(context)
+    return PlannedPiece(request, line, trim, [j for j in trim.dropped if j < n],
+                        [carried[j - n] for j in trim.dropped if j >= n])
+
+
+@dataclass
+class PieceText:
+    text: str
+    line: Prompt  # its text rows under the speaker
+    max_frames: int
+
+
+def piece_text(text: str, speaker: int, tokenizer: TextTokenizer, cfg: CsmConfig, options: SpeakOptions,
+               limit_ms: float | None = None) -> PieceText:
+    """One piece's text rows and frame bound."""
+    return PieceText(text, text_rows(tokenizer, speaker, text, cfg), frame_bound(text, options, cfg.frame_ms, limit_ms))
+
+
+@dataclass
+class SpeechPlan:
+    """A whole text to speak, checked: the rows that stay fixed and one entry per piece."""
+
+    speaker: int
+    pinned: list[Prompt]
+    context: list[Prompt]
+    pieces: list[PieceText]
+    options: SpeakOptions
+    seed: int
+    params: SamplingParams = field(init=False)
+
+    def __post_init__(self):
+        self.params = self.options.sampling
+
+    def piece(self, index: int, spoken: Sequence[tuple[Prompt, Sequence]], cfg: CsmConfig,
+              after: Request | None = None) -> PlannedPiece:
+        """Piece `index`, after the pieces spoken before it; its audio continues from `after`'s
+        (the request of the piece before), and it keeps its own when another piece follows."""
+        p = self.pieces[index]
+        return plan_piece(cfg, self.pinned, self.context, spoken, p.line, p.max_frames, self.params,
+                          self.seed + index, self.options, keep_audio=index + 1 < len(self.pieces),
+                          audio_after=after)
+
+
+def plan_speech(text: str, speaker: int, pinned: list[Prompt], context: list[Prompt], tokenizer: TextTokenizer,
+                cfg: CsmConfig, options: SpeakOptions, seed: int | None = None,
+                limit_ms: float | None = None) -> SpeechPlan:
+    """Split `text`, bound every piece and check that each fits the window beside the pinned
+    rows alone (the context may be dropped later, the pinned rows never). `seed` None draws one;
+    piece i uses seed + i. Raises ValueError (or `ContextTooLong`) for what cannot be spoken."""
+    pieces = [piece_text(piece, speaker, tokenizer, cfg, options, limit_ms) for piece in split(text, options)]
+    for p in pieces:
+        check_line_fits(pinned, p.line, p.max_frames, cfg)
+    return SpeechPlan(speaker, pinned, context, pieces, options, secrets.randbits(62) if seed is None else seed)
