@@ -329,8 +329,8 @@ class Generator:
                 "reading it) first; for many streams at once, use the engine's slots (`fastcsm serve`)"
             )
         request = Request(prompt, max_frames, params, seed, prefix_rows=prefix_rows)
-        for codes in self.engine.run(request):
-            yield codes[None]
+        for e in self.engine.run(request):
+            yield e.codes[None]
 
 
 def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:

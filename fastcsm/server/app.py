@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -364,8 +365,8 @@ async def _audio(service: Service, plan, stream, enc):
             if index == len(plan.pieces):
                 break
             try:
-                request = service.next_piece(plan, index, spoken).request
-                request.audio_after = stream.request  # its audio continues where this piece's ended
+                # Its audio continues where this piece's ended.
+                request = dataclasses.replace(service.next_piece(plan, index, spoken).request, audio_after=stream.request)
                 stream = service.submit(request, follow_on=True)
             except ApiError as e:
                 log.warning("speech stopped before piece %d: %s", index, e.message)

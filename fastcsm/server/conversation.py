@@ -18,6 +18,7 @@ not started yet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -64,6 +65,7 @@ class Utterance:
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
     requests: list = field(default_factory=list)  # one per piece started
+    ends: list = field(default_factory=list)  # the End of each piece that ended
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
     spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
@@ -272,9 +274,10 @@ class Conversation:
                 u.spoken = spoken[planned.dropped_turns - turns:]
             await self.send(P.ContextDropped(dropped_turns=planned.dropped_turns, dropped_rows=planned.dropped_rows,
                                              remaining_rows=self.rows()))
-        if index and u.requests:  # one audio stream: this piece continues where the one before ended
-            planned.request.audio_after = u.requests[-1]
-        planned.request.keep_audio = True  # cheap, and a later fragment may yet bring another piece
+        # One audio stream: this piece continues where the one before ended. Every piece keeps its
+        # audio state: cheap, and a later fragment may yet bring another piece.
+        after = u.requests[-1] if index and u.requests else None
+        planned.request = dataclasses.replace(planned.request, keep_audio=True, audio_after=after)
         return planned
 
     async def start_piece(self, u: Utterance, planned) -> None:
@@ -298,6 +301,7 @@ class Conversation:
                         item = await u.stream.next()
                         if isinstance(item, End):
                             end = item
+                            u.ends.append(end)
                             break
                         if item.pcm is not None:
                             await self.send_audio(item.pcm)
@@ -346,8 +350,8 @@ class Conversation:
         try:
             await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
-                                   prefill_rows=sum(max(0, r.prefilled - r.reused_rows) for r in u.requests),
-                                   reused_rows=sum(r.reused_rows for r in u.requests), pieces=len(u.requests)))
+                                   prefill_rows=sum(e.prefill_rows for e in u.ends),
+                                   reused_rows=sum(e.reused_rows for e in u.ends), pieces=len(u.requests)))
         except Exception:
             pass
 

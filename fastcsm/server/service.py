@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import unicodedata
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,7 @@ class Service:
                 raise ValueError(f"the model {s.model!r} carries no audio codec: set --codec (e.g. kyutai/mimi)")
             if s.watermark and gen.watermarker is None:
                 gen.watermarker = resolve_watermark(True, gen.device)
-            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
+            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
                             compile=s.compile)
             if engine.cuda_graphs or s.compile:
                 log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup())
@@ -348,7 +349,7 @@ class Service:
         planned = self.plan_rows(line, plan.speaker, plan.pinned, plan.history + carried, frames, plan.params,
                                  plan.seed + index)
         # One audio stream across the pieces: each keeps its codec state for the next to continue.
-        planned.request.keep_audio = index + 1 < len(plan.pieces)
+        planned.request = dataclasses.replace(planned.request, keep_audio=index + 1 < len(plan.pieces))
         return planned
 
     def speech_plan(self, req: SpeechRequest) -> SpeechPlan:
