@@ -210,7 +210,7 @@ class Engine:
             model = quant.quantized_copy(model, mode)
         self.model, self.cfg, self.codec = model, model.cfg, codec
         self.quantization = quant.mode_of(model)
-        self.device = model.device
+        self.device, self.dtype = model.device, model.dtype
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len or self.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk

@@ -7,7 +7,7 @@ import torch
 
 from fastcsm import checkpoints
 from fastcsm.config import CsmConfig, preset, tiny_config
-from fastcsm.engine import prefill
+from fastcsm.step import prefill
 from fastcsm.generator import Generator
 from fastcsm.prompt import Segment
 from fastcsm.testing import write_hf_checkpoint, write_tokenizer

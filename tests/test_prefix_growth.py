@@ -28,11 +28,11 @@ def test_growing_conversation_prefills_only_new_rows():
         prompt = concat([*history, line])
         prefix = len(prompt) - len(line)
         before = dict(engine.stats)
-        got = torch.stack(list(engine.run(Request(prompt, 4, params, seed=turn, prefix_rows=prefix))))
+        got = torch.stack([e.codes for e in engine.run(Request(prompt, 4, params, seed=turn, prefix_rows=prefix))])
         reused = engine.stats["reused_rows"] - before["reused_rows"]
         assert reused == stored
         assert engine.stats["prefill_rows"] - before["prefill_rows"] == len(prompt) - stored
-        plain = torch.stack(list(Engine(model, max_slots=1).run(Request(prompt, 4, params, seed=turn))))
+        plain = torch.stack([e.codes for e in Engine(model, max_slots=1).run(Request(prompt, 4, params, seed=turn))])
         assert torch.equal(got, plain)
         stored = prefix
         # The spoken line and its audio join the conversation, then the other party answers.
