@@ -424,7 +424,8 @@ def test_a_follow_on_request_continues_the_audio_stream(model, late, ends_by):
     script_a = list(torch.randint(0, 2048, (4, K), generator=g))
     script_b = list(torch.randint(0, 2048, (3, K), generator=g))
     script = {0: script_a, 1: script_b * 20}
-    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late, runner=Runner(step=scripted_audio_step(script)))
+    runner = Runner(step=scripted_audio_step(script))
+    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late, runner=runner)
     a, b, other = requests(3, frames=4 if ends_by == "max_frames" else 10)
     a = replace(a, keep_audio=True)
     b, other = replace(b, max_frames=3, audio_after=a), replace(other, max_frames=40)

@@ -365,8 +365,9 @@ async def _audio(service: Service, plan, stream, enc):
             if index == len(plan.pieces):
                 break
             try:
+                request = service.next_piece(plan, index, spoken).request
                 # Its audio continues where this piece's ended.
-                request = dataclasses.replace(service.next_piece(plan, index, spoken).request, audio_after=stream.request)
+                request = dataclasses.replace(request, audio_after=stream.request)
                 stream = service.submit(request, follow_on=True)
             except ApiError as e:
                 log.warning("speech stopped before piece %d: %s", index, e.message)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import math
 import re
 import secrets
 import threading
 import unicodedata
-import dataclasses
 from dataclasses import dataclass
 
 import torch
