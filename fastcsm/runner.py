@@ -65,6 +65,13 @@ class Runner:
         self.built: set[tuple[int, int | None]] = set()  # variants compiled / captured / run so far
         self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool for every graph: only one runs at a time
+        self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
+
+    def _bind(self, bufs: Buffers) -> None:
+        if self._buffers is None:
+            self._buffers = bufs
+        elif bufs is not self._buffers:
+            raise ValueError("this Runner already serves another engine; give each engine its own")
 
     def prefill(self, bufs: Buffers, slot: int, tokens: torch.Tensor, mask: torch.Tensor,
                 start: torch.Tensor) -> torch.Tensor:
@@ -72,6 +79,7 @@ class Runner:
             return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1))
 
     def step(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+        self._bind(bufs)
         key = (batch, candidates)
         if self.cuda_graphs:
             if key not in self._graphs:
@@ -89,6 +97,7 @@ class Runner:
                 self._build(bufs, *key)
 
     def _build(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+        self._bind(bufs)
         args = bufs.step_args(batch, candidates)
         with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
             if self.cuda_graphs:

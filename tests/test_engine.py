@@ -472,3 +472,14 @@ def test_kept_audio_is_taken_once_and_bounded(model):
     for _ in range(KEPT_AUDIO_PER_SLOT * engine.max_slots):  # followers that never come
         audio(keep_audio=True)
     assert torch.allclose(audio(audio_after=oldest)[1], fresh, atol=1e-5)
+
+
+def test_a_runner_serves_one_engine(model):
+    runner = Runner()
+    list(Engine(model, runner=runner).run(requests(1, frames=1)[0]))
+    with pytest.raises(ValueError, match="another engine"):
+        list(Engine(model, runner=runner).run(requests(1, frames=1)[0]))
+    with pytest.raises(ValueError, match="to the Runner you pass"):
+        Engine(model, runner=Runner(), compile=True)
+    with pytest.raises(TypeError, match="Codec"):
+        Engine(model, codec=object())
