@@ -28,6 +28,7 @@ import time
 import torch
 
 from . import quant
+from .codec import Codec
 from .config import CsmConfig, preset
 from .engine import Engine, Request
 from .model import CSM
@@ -60,11 +61,11 @@ def random_model(cfg: CsmConfig, device, dtype) -> CSM:
     return model.eval().requires_grad_(False)
 
 
-def random_codec(cfg: CsmConfig, device):
+def random_codec(cfg: CsmConfig, device) -> Codec:
     from .mimi import mimi_preset
     from .testing import random_mimi
 
-    return random_mimi(mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")).to(device)
+    return Codec(random_mimi(mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")).to(device), cfg.num_codebooks)
 
 
 def weight_bytes_per_frame(cfg: CsmConfig, itemsize: int, linear_itemsize: int | None = None) -> int:
@@ -148,7 +149,7 @@ def time_to_first_audio(engine: Engine, voice_frames: int, seed: int) -> float:
     t = time.perf_counter()
     engine.add(request)
     while True:
-        if any(e.request is request and e.codes is not None for e in engine.step()):
+        if any(e.request is request and not e.ended for e in engine.step()):
             break
     elapsed = time.perf_counter() - t
     engine.release(request)

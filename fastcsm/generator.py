@@ -283,7 +283,7 @@ class Generator:
         voice, context, earlier pieces) is kept, so a later request that starts with the same
         rows prefills only what follows them. Closing the iterator frees the slot."""
         if self.engine is None:
-            self.engine = Engine(self.model, max_slots=1, codec=self.codec.mimi if self.codec is not None else None)
+            self.engine = Engine(self.model, max_slots=1, codec=self.codec)
         if self.engine.free_slots == 0:
             raise RuntimeError(
                 "this Generator speaks one stream at a time and one is still open: close it (or finish "

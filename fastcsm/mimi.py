@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nested import leaves
+
 # Whole-sequence encode/decode work through the streaming path this many frames at a time.
 WHOLE_CHUNK_FRAMES = 64
 
@@ -299,12 +301,7 @@ class TransformerState:
         self.key_pos.masked_fill_(_row_mask(mask, self.key_pos), -1)
 
 
-def _leaves(state) -> list:
-    if state is None:
-        return []
-    if isinstance(state, (list, tuple)):
-        return [leaf for s in state for leaf in _leaves(s)]
-    return [state]
+_STATES = (ConvState, ConvTrState, TransformerState)  # the pieces with their own reset
 
 
 @dataclass
@@ -315,7 +312,7 @@ class MimiEncoderState:
     max_chunk_frames: int
 
     def reset(self, mask: Tensor) -> None:
-        for leaf in _leaves([self.seanet, self.transformer, self.downsample]):
+        for leaf in leaves([self.seanet, self.transformer, self.downsample], _STATES):
             leaf.reset(mask)
 
 
@@ -327,7 +324,7 @@ class MimiDecoderState:
     max_chunk_frames: int
 
     def reset(self, mask: Tensor) -> None:
-        for leaf in _leaves([self.upsample, self.transformer, self.seanet]):
+        for leaf in leaves([self.upsample, self.transformer, self.seanet], _STATES):
             leaf.reset(mask)
 
 

@@ -163,7 +163,7 @@ class Scheduler:
         self._cancels: list[Stream] = []
         self._waiting: deque[Stream] = deque()  # seen by the loop, waiting for a slot
         self._queued = 0  # inbox + waiting, guarded by _cv
-        self._running: dict[int, Stream] = {}  # id(request) -> stream, in the engine
+        self._running: dict[Request, Stream] = {}  # in the engine
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="fastcsm-scheduler", daemon=True)
         self._thread.start()
@@ -284,7 +284,7 @@ class Scheduler:
             except (ValueError, RuntimeError) as e:
                 self._finish(s, End("error", 0, str(e)), out, in_queue=False)
                 continue
-            self._running[id(s.request)] = s
+            self._running[s.request] = s
         if not engine.busy():
             return
         t0 = time.perf_counter()
@@ -298,14 +298,13 @@ class Scheduler:
             return
         self.metrics.step.observe(time.perf_counter() - t0)
         for e in emitted:
-            s = self._running.get(id(e.request))
+            s = self._running.get(e.request)
             if s is None or s.finished:
                 continue
-            if e.codes is None:
-                r = e.request
-                reason = "max_length" if r.frames >= r.max_frames else "end"
+            if e.ended:
+                reason = "max_length" if s.frames >= s.request.max_frames else "end"
                 self.metrics.completed += 1
-                self._finish(s, End(reason, s.frames), out)
+                self._finish(s, End(reason, s.frames, prefill_rows=e.prefill_rows, reused_rows=e.reused_rows), out)
                 continue
             if s.first_frame_at is None:
                 s.first_frame_at = time.monotonic()
@@ -321,8 +320,8 @@ class Scheduler:
         log.error("engine step failed: %r", error, exc_info=error)
         cause = error.__cause__ if isinstance(error, PrefillError) and error.__cause__ else error
         message = f"generation failed: {type(cause).__name__}"
-        if prefilling is not None and id(prefilling) in self._running:
-            s = self._running[id(prefilling)]
+        if prefilling is not None and prefilling in self._running:
+            s = self._running[prefilling]
             self._finish(s, End("error", s.frames, message), out)
             return
         for s in list(self._running.values()):
@@ -333,14 +332,14 @@ class Scheduler:
         if s.finished:
             return
         r = s.request
-        if self._running.pop(id(r), None) is not None:
-            self.engine.release(r)
+        if self._running.pop(r, None) is not None:
+            gone = self.engine.release(r)  # None when the engine ended it itself
+            if gone is not None:
+                end.prefill_rows, end.reused_rows = gone.prefill_rows, gone.reused_rows
         elif in_queue is not False and s in self._waiting:
             self._waiting.remove(s)
             with self._cv:
                 self._queued -= 1
-        end.prefill_rows = max(0, r.prefilled - r.reused_rows)
-        end.reused_rows = r.reused_rows
         if end.reason == "error":
             self.metrics.errors += 1
         with self._cv:

@@ -1,14 +1,20 @@
 """The slot engine: compiled equals eager, batched equals alone, slots reuse cleanly, end frames
-detected a frame late never leak."""
+detected a frame late never leak. Behaviour is injected through the engine's `Runner` (a
+scripted step, a recording step), never by patching the engine."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
+from fastcsm.codec import Codec
 from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request, SlotState, frame_step
+from fastcsm.engine import KEPT_AUDIO_PER_SLOT, Engine, PrefillError, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
+from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
+from fastcsm.step import SlotState, engine_step, frame_step
 from fastcsm.testing import byte_tokenizer_json, randomize_
 
 CFG = tiny_config()
@@ -39,14 +45,21 @@ def run_alone(model, request, **engine_kw):
 
 
 def run_together(engine, requests):
-    out = {id(r): [] for r in requests}
+    out = {r: [] for r in requests}
     for r in requests:
         engine.add(r)
-    while any(not r.done for r in requests):
+    while any(r in engine for r in requests):
         for e in engine.step():
-            if e.codes is not None:
-                out[id(e.request)].append(e.codes)
-    return [torch.stack(out[id(r)]) for r in requests]
+            if not e.ended:
+                out[e.request].append(e.codes)
+    return [torch.stack(out[r]) for r in requests]
+
+
+def mimi_codec(**config):
+    from fastcsm.mimi import tiny_mimi_config
+    from fastcsm.testing import random_mimi
+
+    return Codec(random_mimi(tiny_mimi_config(**config) if config else None))
 
 
 def requests(n=4, frames=6):
@@ -91,18 +104,18 @@ def test_join_mid_stream_does_not_change_others(model, late):
     engine = Engine(model, max_slots=4, one_frame_late=late)
     a, b = requests(2)
     engine.add(a)
-    got = {id(a): [], id(b): []}
+    got = {a: [], b: []}
     steps = 0
-    while not (a.done and b.done):
+    while steps <= 3 or a in engine or b in engine:
         if steps == 3:
             engine.add(b)
         for e in engine.step():
-            if e.codes is not None:
-                got[id(e.request)].append(e.codes)
+            if not e.ended:
+                got[e.request].append(e.codes)
         steps += 1
     ref_a, ref_b = (run_alone(model, r) for r in requests(2))
-    assert torch.equal(torch.stack(got[id(a)]), ref_a)
-    assert torch.equal(torch.stack(got[id(b)]), ref_b)
+    assert torch.equal(torch.stack(got[a]), ref_a)
+    assert torch.equal(torch.stack(got[b]), ref_b)
 
 
 def test_chunked_prefill_and_prefix_reuse_equal_plain(model):
@@ -110,12 +123,10 @@ def test_chunked_prefill_and_prefix_reuse_equal_plain(model):
     chunked = run_alone(model, requests(1)[0], prefill_chunk=5)
     assert torch.equal(ref, chunked)
     engine = Engine(model, max_slots=2, prefill_chunk=7)
-    r1 = requests(1)[0]
-    r1.prefix_rows = 10
+    r1 = replace(requests(1)[0], prefix_rows=10)
     first = torch.stack([e.codes for e in engine.run(r1)])
     assert engine.stats["reused_rows"] == 0
-    r2 = requests(1)[0]
-    r2.prefix_rows = 10
+    r2 = replace(requests(1)[0], prefix_rows=10)
     prefill_before = engine.stats["prefill_rows"]
     second = torch.stack([e.codes for e in engine.run(r2)])
     assert engine.stats["reused_rows"] == 10
@@ -124,8 +135,8 @@ def test_chunked_prefill_and_prefix_reuse_equal_plain(model):
 
 
 def test_seed_changes_codes(model):
-    a, b = requests(1)[0], requests(1)[0]
-    b.seed += 1
+    a = requests(1)[0]
+    b = replace(a, seed=a.seed + 1)
     assert not torch.equal(run_alone(model, a), run_alone(model, b))
 
 
@@ -148,18 +159,18 @@ def test_compiled_frame_step_equals_eager(backend, codebooks):
             codes = torch.randint(0, 2048, (3, codebooks), generator=torch.Generator().manual_seed(i))
             p = build_prompt("Compile me.", i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
             e.add(Request(p, 8, SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
-        while e.waiting:
-            e._prefill_chunk(e.waiting[0])
+        while e.waiting:  # the same eager steps in both: prefill, and a first frame
+            e.step()
     compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
-    eager_e, comp_e = engines
+    eager, comp = (e.buffers for e in engines)
     with torch.inference_mode():
         for _ in range(3):
-            frame_step(m, eager_e.state.rows(B), eager_e.cache.rows(0, B), eager_e.decoder_cache.rows(0, B))
-            compiled(m, comp_e.state.rows(B), comp_e.cache.rows(0, B), comp_e.decoder_cache.rows(0, B))
-            assert torch.equal(eager_e.state.codes, comp_e.state.codes)
-            assert torch.allclose(eager_e.state.h, comp_e.state.h, atol=1e-4)
-            assert torch.equal(eager_e.state.pos, comp_e.state.pos)
-            assert torch.allclose(eager_e.cache.k, comp_e.cache.k, atol=1e-4)
+            frame_step(m, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
+            compiled(m, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
+            assert torch.equal(eager.state.codes, comp.state.codes)
+            assert torch.allclose(eager.state.h, comp.state.h, atol=1e-4)
+            assert torch.equal(eager.state.pos, comp.state.pos)
+            assert torch.allclose(eager.cache.k, comp.cache.k, atol=1e-4)
 
 
 def scripted_step(end_at):
@@ -178,20 +189,43 @@ def scripted_step(end_at):
 
 
 def test_end_frame_found_a_frame_late_never_leaks(model, late):
-    engine = Engine(model, max_slots=2, one_frame_late=late)
-    engine._step = scripted_step([3, 5])
+    engine = Engine(model, max_slots=2, one_frame_late=late, runner=Runner(step=scripted_step([3, 5])))
     a, b = requests(2, frames=50)
     out = run_together(engine, [a, b])
     # Frames 1..3 for slot 0 and 1..5 for slot 1: the end frame and the frame computed after it
     # (before the host saw the end) are both dropped.
     assert out[0][:, 0].tolist() == [1, 2, 3]
     assert out[1][:, 0].tolist() == [1, 2, 3, 4, 5]
-    assert a.done and b.done and engine.free_slots == 2
+    assert a not in engine and b not in engine and engine.free_slots == 2
+
+
+def test_end_events_carry_the_rows_prefilled_and_reused(model, late):
+    """Every request ends with exactly one end event, after its last frame, reporting the rows
+    it prefilled itself and those it took from the prefix cache; releasing it early gives the
+    same report, and releasing it again gives nothing."""
+    engine = Engine(model, max_slots=2, one_frame_late=late, prefill_chunk=7)
+    first = replace(requests(1, frames=3)[0], prefix_rows=10)
+    events = [e for e in engine.run(first)]
+    assert len(events) == 3 and not any(e.ended for e in events)
+    second = replace(first)
+    engine.add(second)
+    seen = []
+    while second in engine:
+        seen += [e for e in engine.step() if e.request is second]
+    assert [e.ended for e in seen] == [False] * 3 + [True]
+    end = seen[-1]
+    assert end.codes is None and end.slot == 0
+    assert (end.reused_rows, end.prefill_rows) == (10, len(first.prompt) - 10)
+    third = replace(first)
+    engine.add(third)
+    engine.step()
+    gone = engine.release(third)
+    assert gone.ended and gone.request is third and gone.reused_rows == 10
+    assert engine.release(third) is None and third not in engine
 
 
 def test_max_frames_stops_exactly(model, late):
-    engine = Engine(model, max_slots=1, one_frame_late=late)
-    engine._step = scripted_step([1000])
+    engine = Engine(model, max_slots=1, one_frame_late=late, runner=Runner(step=scripted_step([1000])))
     r = requests(1, frames=4)[0]
     assert [int(e.codes[0]) for e in engine.run(r)] == [1, 2, 3, 4]
 
@@ -216,31 +250,29 @@ def test_prompt_longer_than_slot_is_refused(model):
 def test_engine_decodes_each_slot_to_pcm(model, late):
     """PCM that leaves the engine every frame equals decoding each request's codes whole,
     with slots starting at different times and a slot reused by a later request."""
-    from fastcsm.testing import random_mimi
-
-    codec = random_mimi()
+    codec = mimi_codec()
     engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late)
     rs = requests(3, frames=5)
-    got = {id(r): ([], []) for r in rs}
+    got = {r: ([], []) for r in rs}
     engine.add(rs[0])
-    step = 0
-    while not all(r.done for r in rs):
+    step, ended = 0, 0
+    while ended < len(rs):
         if step == 2:
             engine.add(rs[1])
         if step == 4:
             engine.add(rs[2])  # waits for a free slot below
         for e in engine.step():
-            if e.codes is not None:
-                got[id(e.request)][0].append(e.codes)
-                got[id(e.request)][1].append(e.pcm)
+            ended += e.ended
+            if not e.ended:
+                got[e.request][0].append(e.codes)
+                got[e.request][1].append(e.pcm)
         step += 1
         if step == 4 and engine.free_slots == 0:
             step = 3  # hold the third request until a slot frees
     for r in rs:
-        codes, pcm = got[id(r)]
+        codes, pcm = got[r]
         assert len(codes) == 5 and all(p.shape == (1920,) for p in pcm)
-        whole = codec.decode(torch.stack(codes).T[None])[0, 0]
-        assert torch.allclose(torch.cat(pcm), whole, atol=1e-5)
+        assert torch.allclose(torch.cat(pcm), codec.decode(torch.stack(codes)), atol=1e-5)
 
 
 def test_prefill_budget_is_shared_across_waiting_requests(model):
@@ -258,7 +290,7 @@ def test_prefill_budget_is_shared_across_waiting_requests(model):
     emitted_first = 0
     while engine.waiting:
         before = engine.stats["prefill_rows"]
-        emitted_first += sum(e.request is first and e.codes is not None for e in engine.step())
+        emitted_first += sum(e.request is first and not e.ended for e in engine.step())
         rows.append(engine.stats["prefill_rows"] - before)
     total = sum(len(r.prompt) for r in late)
     assert sum(rows) == total and max(rows) <= 40
@@ -269,21 +301,15 @@ def test_prefill_budget_is_shared_across_waiting_requests(model):
 def test_compiled_engine_with_codec_equals_eager():
     """The engine's whole step (frame + Mimi decode, as captured on CUDA) is one graph under
     torch.compile(fullgraph=True): same codes, same PCM, through the engine's own loop."""
-    from fastcsm.engine import engine_step
-    from fastcsm.mimi import tiny_mimi_config
-    from fastcsm.testing import random_mimi
-
     torch._dynamo.reset()
     cfg = tiny_config(num_codebooks=8)
     m = CSM(cfg)
     randomize_(m, seed=3)
     m = m.eval().requires_grad_(False)
-    codec = random_mimi(tiny_mimi_config(num_codebooks=8))
+    codec = mimi_codec(num_codebooks=8)
 
     def run(compiled):
-        engine = Engine(m, max_slots=2, codec=codec)
-        if compiled:
-            engine._step = torch.compile(engine_step, fullgraph=True, dynamic=False, backend="aot_eager")
+        engine = Engine(m, max_slots=2, codec=codec, runner=Runner(compile="aot_eager") if compiled else None)
         rs = []
         for i in range(2):
             codes = torch.randint(0, 2048, (3, 8), generator=torch.Generator().manual_seed(i))
@@ -292,8 +318,8 @@ def test_compiled_engine_with_codec_equals_eager():
         out = []
         for r in rs:
             engine.add(r)
-        while not all(r.done for r in rs):
-            out += [(e.slot, e.codes, e.pcm) for e in engine.step() if e.codes is not None]
+        while any(r in engine for r in rs):
+            out += [(e.slot, e.codes, e.pcm) for e in engine.step() if not e.ended]
         return out
 
     eager, compiled = run(False), run(True)
@@ -307,59 +333,54 @@ def test_slot_prefilled_over_many_steps_is_not_disturbed_by_running_streams(mode
     """While a new request's prompt is prefilled chunk by chunk into a slot that an earlier
     request used, the frame steps of other streams must leave that slot's cache and codec
     state alone."""
-    from fastcsm.testing import random_mimi
-
-    codec = random_mimi()
+    codec = mimi_codec()
     engine = Engine(model, max_slots=2, codec=codec, prefill_chunk=8, one_frame_late=late)
     first, other = requests(2, frames=30)
-    first.max_frames = 12
+    first = replace(first, max_frames=12)
     engine.add(first)
     engine.add(other)
-    while not first.done:  # slot 0 now holds a stale position well inside the next prompt
+    while first in engine:  # slot 0 now holds a stale position well inside the next prompt
         engine.step()
     new = Request(prompt("A new line that takes several prefill steps to put in the cache.", 0, frames=20),
                   6, SamplingParams(), seed=9)
     assert len(new.prompt) > 8 * 5
     engine.add(new)
     got, pcm = [], []
-    while not new.done:
+    while new in engine:
         for e in engine.step():
-            if e.request is new and e.codes is not None:
+            if e.request is new and not e.ended:
                 got.append(e.codes)
                 pcm.append(e.pcm)
     alone = run_alone(model, Request(new.prompt, 6, SamplingParams(), seed=9))
     assert torch.equal(torch.stack(got), alone)
-    assert torch.allclose(torch.cat(pcm), codec.decode(alone.T[None])[0, 0], atol=1e-5)
+    assert torch.allclose(torch.cat(pcm), codec.decode(alone), atol=1e-5)
 
 
 def test_warmup_builds_every_variant_without_advancing_streams(model):
-    from fastcsm.engine import engine_step
-
-    engine = Engine(model, max_slots=2)
     variants = []
 
-    def step(*args):  # the eager step, recording which variants were built
+    def step(*args):  # the eager step, recording which variants it ran
         variants.append((args[2].h.shape[0], args[-1]))
         engine_step(*args)
 
-    engine._step, engine.compiled = step, True
+    engine = Engine(model, max_slots=2, runner=Runner(step=step))
     r = requests(1, frames=5)[0]
     engine.add(r)
     engine.step()
-    state = [t.clone() for t in vars(engine.state).values()]
+    assert variants == [(1, 64)]  # built by running it
+    state = [t.clone() for t in vars(engine.buffers.state).values()]
     variants.clear()
     assert engine.warmup() > 0
-    assert sorted(variants, key=str) == sorted([(1, 64), (1, None), (2, 64), (2, None)], key=str)
-    assert all(torch.equal(a, b) for a, b in zip(state, vars(engine.state).values(), strict=True))
+    assert sorted(variants, key=str) == sorted([(1, None), (2, 64), (2, None)], key=str)
+    assert engine.runner.built == {(1, 64), (1, None), (2, 64), (2, None)}
+    assert all(torch.equal(a, b) for a, b in zip(state, vars(engine.buffers.state).values(), strict=True))
     rest = []
-    while not r.done:
-        rest += [e.codes for e in engine.step() if e.codes is not None]
+    while r in engine:
+        rest += [e.codes for e in engine.step() if not e.ended]
     assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=5)[0])[1:])
 
 
 def test_prefill_failure_names_its_request_and_leaves_the_others(model):
-    from fastcsm.engine import PrefillError
-
     engine = Engine(model, max_slots=2)
     good, bad = requests(2, frames=3)
     engine.add(good)
@@ -368,18 +389,18 @@ def test_prefill_failure_names_its_request_and_leaves_the_others(model):
     engine.add(bad)
     with pytest.raises(PrefillError) as e:
         engine.step()
-    assert e.value.request is bad and bad.done and engine.free_slots == 1
+    assert e.value.request is bad and bad not in engine and engine.free_slots == 1
     rest = []
-    while not good.done:
-        rest += [x.codes for x in engine.step() if x.request is good and x.codes is not None]
+    while good in engine:
+        rest += [x.codes for x in engine.step() if x.request is good and not x.ended]
     assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=3)[0])[1:])
 
 
 def scripted_audio_step(script):
     """Codes from `script[slot][frame]` (the all-zero end frame where the script runs out), then
-    the engine's own Mimi decode of them."""
+    the engine's own Mimi decode of them. `script` may change between steps."""
 
-    def step(model, codec, state, cache, decoder_cache, codec_state, pcm, candidates):
+    def step(model, mimi, state, cache, decoder_cache, codec_state, pcm, candidates):
         rows = []
         for slot in range(state.codes.shape[0]):
             frames = script.get(slot, [])
@@ -388,7 +409,7 @@ def scripted_audio_step(script):
         state.codes.copy_(torch.stack(rows))
         state.frame.add_(state.active.long())
         state.pos.add_(state.active.long())
-        pcm.copy_(codec.decode_step(state.codes[:, :, None], codec_state)[:, 0])
+        pcm.copy_(mimi.decode_step(state.codes[:, :, None], codec_state)[:, 0])
 
     return step
 
@@ -398,32 +419,67 @@ def test_a_follow_on_request_continues_the_audio_stream(model, late, ends_by):
     """The pieces of one utterance, as consecutive requests, give the audio of one stream:
     the second starts from the codec state right after the first's last frame (the end frame
     and a frame computed after it are never heard), while another stream runs alongside."""
-    from fastcsm.testing import random_mimi
-
-    codec = random_mimi()
+    codec = mimi_codec()
     g = torch.Generator().manual_seed(5)
     script_a = list(torch.randint(0, 2048, (4, K), generator=g))
     script_b = list(torch.randint(0, 2048, (3, K), generator=g))
-    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late)
+    script = {0: script_a, 1: script_b * 20}
+    runner = Runner(step=scripted_audio_step(script))
+    engine = Engine(model, max_slots=2, codec=codec, one_frame_late=late, runner=runner)
     a, b, other = requests(3, frames=4 if ends_by == "max_frames" else 10)
-    b.max_frames, other.max_frames = 3, 40
-    a.keep_audio, b.audio_after = True, a
+    a = replace(a, keep_audio=True)
+    b, other = replace(b, max_frames=3, audio_after=a), replace(other, max_frames=40)
     engine.add(a)  # slot 0
     engine.add(other)  # slot 1
-    engine._step = scripted_audio_step({0: script_a, 1: script_b * 20})
-    pcm = {id(a): [], id(b): []}
+    pcm = {a: [], b: []}
 
     def drain(r):
-        while not r.done:
+        while r in engine:
             for e in engine.step():
-                if e.request in (a, b) and e.codes is not None:
-                    pcm[id(e.request)].append(e.pcm)
+                if e.request in (a, b) and not e.ended:
+                    pcm[e.request].append(e.pcm)
 
     drain(a)
-    assert a.audio_state is not None and len(pcm[id(a)]) == 4
+    assert len(pcm[a]) == 4
     engine.step()  # steps in between decode noise into the free slot
-    engine._step = scripted_audio_step({0: script_b, 1: script_b * 20})
+    script[0] = script_b
     engine.add(b)
     drain(b)
-    whole = codec.decode(torch.stack(script_a + script_b).T[None])[0, 0]
-    assert torch.allclose(torch.cat(pcm[id(a)] + pcm[id(b)]), whole, atol=1e-5)
+    whole = codec.decode(torch.stack(script_a + script_b))
+    assert torch.allclose(torch.cat(pcm[a] + pcm[b]), whole, atol=1e-5)
+
+
+def test_kept_audio_is_taken_once_and_bounded(model):
+    """A kept codec state serves one follower; a second follower of the same request, or one
+    whose predecessor's state was pushed out by newer ones, starts a fresh stream."""
+    codec = mimi_codec()
+    frames = list(torch.randint(0, 2048, (4, K), generator=torch.Generator().manual_seed(7)))
+    engine = Engine(model, max_slots=1, codec=codec, runner=Runner(step=scripted_audio_step({0: frames})))
+    base = requests(1, frames=2)[0]
+
+    def audio(**kw):
+        request = replace(base, **kw)
+        return request, torch.cat([e.pcm for e in engine.run(request)])
+
+    fresh = codec.decode(torch.stack(frames[:2]))
+    continued = codec.decode(torch.stack(frames[:2] * 2))[-fresh.numel():]
+    assert not torch.allclose(fresh, continued, atol=1e-3)
+    first, pcm = audio(keep_audio=True)
+    assert torch.allclose(pcm, fresh, atol=1e-5)
+    assert torch.allclose(audio(audio_after=first)[1], continued, atol=1e-5)
+    assert torch.allclose(audio(audio_after=first)[1], fresh, atol=1e-5)  # taken by the first follower
+    oldest, _ = audio(keep_audio=True)
+    for _ in range(KEPT_AUDIO_PER_SLOT * engine.max_slots):  # followers that never come
+        audio(keep_audio=True)
+    assert torch.allclose(audio(audio_after=oldest)[1], fresh, atol=1e-5)
+
+
+def test_a_runner_serves_one_engine(model):
+    runner = Runner()
+    list(Engine(model, runner=runner).run(requests(1, frames=1)[0]))
+    with pytest.raises(ValueError, match="another engine"):
+        list(Engine(model, runner=runner).run(requests(1, frames=1)[0]))
+    with pytest.raises(ValueError, match="to the Runner you pass"):
+        Engine(model, runner=Runner(), compile=True)
+    with pytest.raises(TypeError, match="Codec"):
+        Engine(model, codec=object())

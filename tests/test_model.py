@@ -7,9 +7,9 @@ import torch
 
 from fastcsm import checkpoints
 from fastcsm.config import CsmConfig, preset, tiny_config
-from fastcsm.engine import prefill
 from fastcsm.generator import Generator
 from fastcsm.prompt import Segment
+from fastcsm.step import prefill
 from fastcsm.testing import write_hf_checkpoint, write_tokenizer
 
 pytest.importorskip("transformers")

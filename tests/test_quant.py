@@ -10,11 +10,12 @@ import torch
 
 from fastcsm import bench, checkpoints, quant
 from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request, frame_step
+from fastcsm.engine import Engine, Request
 from fastcsm.generator import Generator
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.sampling import SamplingParams
+from fastcsm.step import frame_step
 from fastcsm.testing import byte_tokenizer_json, randomize_, write_tokenizer
 
 CFG = tiny_config()
@@ -168,16 +169,16 @@ def test_int8_batched_equals_alone(int8):
     rs = [Request(prompt(t, i, frames=2 + i, seed=i), 5, SamplingParams(temperature=[0.9, 0.0, 1.1][i], topk=20),
                   seed=10 + i) for i, t in enumerate(["One.", "Two, longer.", "Three!"])]
     engine = Engine(int8, max_slots=4)
-    out = {id(r): [] for r in rs}
+    out = {r: [] for r in rs}
     for r in rs:
         engine.add(r)
-    while any(not r.done for r in rs):
+    while any(r in engine for r in rs):
         for e in engine.step():
-            if e.codes is not None:
-                out[id(e.request)].append(e.codes)
+            if not e.ended:
+                out[e.request].append(e.codes)
     for r in rs:
         alone = Request(r.prompt, 5, r.params, seed=r.seed)
-        assert torch.equal(torch.stack(out[id(r)]), torch.stack([e.codes for e in Engine(int8).run(alone)]))
+        assert torch.equal(torch.stack(out[r]), torch.stack([e.codes for e in Engine(int8).run(alone)]))
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
@@ -206,16 +207,16 @@ def test_quantized_step_compiles_fullgraph_and_equals_eager(mode, backend):
         for i in range(B):
             e.add(Request(prompt("Compile me.", i, frames=3, seed=i, cfg=cfg), 8,
                           SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
-        while e.waiting:
-            e._prefill_chunk(e.waiting[0])
+        while e.waiting:  # the same eager steps in both: prefill, and a first frame
+            e.step()
     compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
-    eager_e, comp_e = engines
+    eager, comp = (e.buffers for e in engines)
     with torch.inference_mode():
         for _ in range(3):
-            frame_step(q, eager_e.state.rows(B), eager_e.cache.rows(0, B), eager_e.decoder_cache.rows(0, B))
-            compiled(q, comp_e.state.rows(B), comp_e.cache.rows(0, B), comp_e.decoder_cache.rows(0, B))
-            assert torch.equal(eager_e.state.codes, comp_e.state.codes)
-            assert torch.allclose(eager_e.state.h, comp_e.state.h, atol=1e-3, rtol=1e-3)
+            frame_step(q, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
+            compiled(q, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
+            assert torch.equal(eager.state.codes, comp.state.codes)
+            assert torch.allclose(eager.state.h, comp.state.h, atol=1e-3, rtol=1e-3)
 
 
 # -- loading --------------------------------------------------------------------------------------

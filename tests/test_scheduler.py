@@ -13,8 +13,10 @@ from fastcsm.config import tiny_config
 from fastcsm.engine import Engine, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import TextTokenizer, build_prompt
+from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
 from fastcsm.scheduler import Busy, End, Scheduler
+from fastcsm.step import engine_step, prefill
 from fastcsm.testing import byte_tokenizer_json, randomize_
 
 CFG = tiny_config()
@@ -58,9 +60,10 @@ def test_streams_equal_the_engine_alone_and_cancel_frees_the_slot(model):
         scheduler.close()
     for i, (frames, done) in enumerate(results):
         assert done.reason == "max_length" and done.frames == 6
+        assert (done.prefill_rows, done.reused_rows) == (len(request(i, 6).prompt), 0)
         alone = torch.stack([e.codes for e in Engine(model, max_slots=1).run(request(i, 6))])
         assert torch.equal(torch.stack(frames), alone)
-    assert end.reason == "cancelled" and end.frames < 500
+    assert end.reason == "cancelled" and end.frames < 500 and end.prefill_rows == len(request(9, 500).prompt)
     assert scheduler.metrics.cancelled == 1 and scheduler.active == 0
 
 
@@ -90,19 +93,16 @@ def test_full_queue_refuses_and_bad_requests_fail_alone(model):
     assert scheduler.metrics.rejected == 1 and scheduler.metrics.deadline == 1
 
 
-class FlakyEngine(Engine):
-    """Fails the prefill of requests marked `poison`, as a broken input or a bug would."""
-
-    def _prefill_chunk(self, request, rows=None):
-        if getattr(request, "poison", False):
-            raise RuntimeError("boom")
-        return super()._prefill_chunk(request, rows)
-
-
 def test_a_failing_request_ends_alone(model):
-    scheduler = Scheduler(FlakyEngine(model, max_slots=4), max_queue=8)
     bad = request(1, 5)
-    bad.poison = True
+
+    def flaky_prefill(model, tokens, mask, start, cache):
+        """Fails on the rows of `bad`'s prompt, as a broken input or a bug would."""
+        if torch.equal(tokens[0], bad.prompt.tokens):
+            raise RuntimeError("boom")
+        return prefill(model, tokens, mask, start, cache)
+
+    scheduler = Scheduler(Engine(model, max_slots=4, runner=Runner(prefill=flaky_prefill)), max_queue=8)
 
     async def main():
         streams = [scheduler.submit(r) for r in (request(0, 5), bad, request(2, 5))]
@@ -117,22 +117,19 @@ def test_a_failing_request_ends_alone(model):
     assert scheduler.metrics.errors == 1 and scheduler.engine.free_slots == 4
 
 
-class BrokenStepEngine(Engine):
-    """The frame step fails once, as a device fault would, when three streams hold slots."""
-
-    broken = True
-
-    def _run_step(self, batch, candidates):
-        if self.broken and self.max_slots - self.free_slots == 3:
-            self.broken = False
-            raise RuntimeError("device fault")
-        return super()._run_step(batch, candidates)
-
-
 def test_a_failing_frame_step_ends_its_batch_and_serving_goes_on(model):
     """A frame-step failure is not blamed on a prompt waiting for prefill: every stream whose
     state is suspect ends with an error, and the next request is served normally."""
-    scheduler = Scheduler(BrokenStepEngine(model, max_slots=4), max_queue=8)
+    broken = [True]
+
+    def step(*args):
+        """Fails once, as a device fault would, when three streams run."""
+        if broken[0] and int(args[2].active.sum()) == 3:
+            broken[0] = False
+            raise RuntimeError("device fault")
+        engine_step(*args)
+
+    scheduler = Scheduler(Engine(model, max_slots=4, runner=Runner(step=step)), max_queue=8)
 
     async def main():
         ends = await asyncio.gather(*(collect(scheduler.submit(request(i, 200))) for i in range(3)))

@@ -134,14 +134,14 @@ def test_pieces_of_long_text_decode_as_one_audio_stream(server, monkeypatch):
 
     engine = server.service.scheduler.engine
     codes = []
-    emit = engine._emit
+    step = engine.step
 
-    def recording(previous, frames, pcm):
-        out = emit(previous, frames, pcm)
-        codes.extend(e.codes for e in out if e.codes is not None)
+    def recording():  # the engine's public step, noting the codes it hands out
+        out = step()
+        codes.extend(e.codes for e in out if not e.ended)
         return out
 
-    monkeypatch.setattr(engine, "_emit", recording)
+    monkeypatch.setattr(engine, "step", recording)
     text = " ".join(f"Sentence number {i} is here." for i in range(16))
     body = {"input": text, "voice": "0", "response_format": "pcm", "max_audio_length_ms": 160, "seed": 3}
     with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:

@@ -63,6 +63,7 @@ class Utterance:
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
     requests: list = field(default_factory=list)  # one per piece started
+    ends: list = field(default_factory=list)  # the End of each piece that ended
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
     spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
@@ -296,6 +297,7 @@ class Conversation:
                         item = await u.stream.next()
                         if isinstance(item, End):
                             end = item
+                            u.ends.append(end)
                             break
                         if item.pcm is not None:
                             await self.send_audio(item.pcm)
@@ -344,8 +346,8 @@ class Conversation:
         try:
             await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
-                                   prefill_rows=sum(max(0, r.prefilled - r.reused_rows) for r in u.requests),
-                                   reused_rows=sum(r.reused_rows for r in u.requests), pieces=len(u.requests)))
+                                   prefill_rows=sum(e.prefill_rows for e in u.ends),
+                                   reused_rows=sum(e.reused_rows for e in u.ends), pieces=len(u.requests)))
         except Exception:
             pass
 

@@ -82,7 +82,7 @@ class Service:
             gen = generator or load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
             if s.watermark and gen.watermarker is None:
                 gen.watermarker = resolve_watermark(True, gen.device)
-            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec.mimi, prefill_chunk=s.prefill_chunk,
+            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
                             compile=s.compile)
             if engine.cuda_graphs or s.compile:
                 log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup())

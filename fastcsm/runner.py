@@ -1,0 +1,120 @@
+"""How the engine's device work runs: eagerly, under `torch.compile`, or as CUDA graphs.
+
+The engine owns the buffers (`step.Buffers`) and decides what to run; a `Runner` runs it:
+
+    runner.prefill(buffers, slot, tokens, mask, start) -> h   prompt rows into one slot's cache row
+    runner.step(buffers, batch, candidates)                   one frame for rows 0..batch-1
+    runner.warmup(buffers, variants)                          build those (batch, candidates) steps now
+
+A step variant is (batch bucket, sampling path). With CUDA graphs each variant is captured once
+(after two warm-up runs on a side stream) and replayed; compiled or eager, it is called. Building
+a variant must not advance any stream, so every per-slot tensor is saved and restored around it
+(`preserved`). The functions run are arguments: a test gives a scripted step or a failing
+prefill instead of patching the engine. A runner serves one engine (its graphs hold that
+engine's buffers).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+
+from .nested import leaves
+from .step import Buffers, engine_step, prefill
+
+
+def enable_compile_cache() -> Path:
+    """Keep compiled kernels on disk (`$FASTCSM_CACHE/inductor`, default ~/.cache/fastcsm), so a
+    restart loads them instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    root = Path(os.environ.get("FASTCSM_CACHE", "~/.cache/fastcsm")).expanduser() / "inductor"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))
+    torch._inductor.config.fx_graph_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+@contextmanager
+def preserved(*states):
+    """Run the body, then put every tensor in `states` back as it was."""
+    saved = [t.clone() for t in leaves(states)]
+    try:
+        yield
+    finally:
+        for t, copy in zip(leaves(states), saved, strict=True):
+            t.copy_(copy)
+
+
+class Runner:
+    """step: the frame step, called as `engine_step` is; prefill: as `step.prefill`.
+    compile: False, True (inductor) or a `torch.compile` backend name, for the step.
+    cuda_graphs: capture one graph per variant (CUDA only)."""
+
+    def __init__(self, step=engine_step, prefill=prefill, compile: bool | str = False, cuda_graphs: bool = False):
+        if compile:
+            backend = "inductor" if compile is True else compile
+            if backend == "inductor":
+                enable_compile_cache()
+            step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+        self._step, self._prefill = step, prefill
+        self.compiled = bool(compile)
+        self.cuda_graphs = cuda_graphs
+        self.built: set[tuple[int, int | None]] = set()  # variants compiled / captured / run so far
+        self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
+        self._pool = None  # one memory pool for every graph: only one runs at a time
+        self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
+
+    def _bind(self, bufs: Buffers) -> None:
+        if self._buffers is None:
+            self._buffers = bufs
+        elif bufs is not self._buffers:
+            raise ValueError("this Runner already serves another engine; give each engine its own")
+
+    def prefill(self, bufs: Buffers, slot: int, tokens: torch.Tensor, mask: torch.Tensor,
+                start: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1))
+
+    def step(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+        self._bind(bufs)
+        key = (batch, candidates)
+        if self.cuda_graphs:
+            if key not in self._graphs:
+                self._build(bufs, *key)
+            self._graphs[key].replay()
+            return
+        with torch.inference_mode():
+            self._step(*bufs.step_args(batch, candidates))
+        self.built.add(key)
+
+    def warmup(self, bufs: Buffers, variants) -> None:
+        """Build every variant not built yet, without advancing any stream."""
+        for key in variants:
+            if key not in self.built:
+                self._build(bufs, *key)
+
+    def _build(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+        self._bind(bufs)
+        args = bufs.step_args(batch, candidates)
+        with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
+            if self.cuda_graphs:
+                self._graphs[(batch, candidates)] = self._capture(args)
+            else:
+                self._step(*args)
+        self.built.add((batch, candidates))
+
+    def _capture(self, args: tuple) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(*args)
+        self._pool = self._pool or graph.pool()
+        return graph

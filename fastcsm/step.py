@@ -1,0 +1,145 @@
+"""The frame step and prefill as plain functions over preallocated per-slot tensors.
+
+One frame (docs/design.md):
+  h --codebook0_head--> c0 ; decoder([h, emb0(c0)]) --audio_head[0]--> c1 ;
+  decoder(emb1(c1)) --audio_head[1]--> c2 ; ... ; c31 ; then the 32 codes, embedded as one
+  row, go through the backbone at the slot's next position to give the next h.
+
+`engine_step` does all of it for rows 0..B-1 with static shapes, in place, without host syncs
+(and, with a codec, decodes the new frame to 80 ms of PCM), so the same function runs eagerly,
+under `torch.compile(fullgraph=True)` or captured as a CUDA graph (`runner.py`). It knows
+nothing of requests: the engine fills and reads the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mimi import Mimi, MimiDecoderState
+from .model import CSM, KVCache
+from .nested import first_rows
+from .sampling import counter_noise, sample
+
+
+@dataclass
+class SlotState:
+    """Per-slot tensors, one row per slot. `rows(n)` gives views of the first n rows."""
+
+    h: torch.Tensor  # [S, D] backbone hidden state the next frame is sampled from
+    pos: torch.Tensor  # [S] long, position the next frame is written at
+    frame: torch.Tensor  # [S] long, frames sampled so far (the noise counter)
+    seed: torch.Tensor  # [S] long
+    active: torch.Tensor  # [S] bool
+    temperature: torch.Tensor  # [S] float
+    topk: torch.Tensor  # [S] long
+    topp: torch.Tensor  # [S] float
+    codes: torch.Tensor  # [S, K] long, the newest frame
+
+    @staticmethod
+    def allocate(slots: int, dim: int, num_codebooks: int, device, dtype) -> SlotState:
+        long = dict(device=device, dtype=torch.long)
+        return SlotState(
+            h=torch.zeros(slots, dim, device=device, dtype=dtype),
+            pos=torch.zeros(slots, **long),
+            frame=torch.zeros(slots, **long),
+            seed=torch.zeros(slots, **long),
+            active=torch.zeros(slots, device=device, dtype=torch.bool),
+            temperature=torch.ones(slots, device=device),
+            topk=torch.zeros(slots, **long),
+            topp=torch.ones(slots, device=device),
+            codes=torch.zeros(slots, num_codebooks, **long),
+        )
+
+    def rows(self, n: int) -> SlotState:
+        return first_rows(self, n)
+
+
+@dataclass
+class Buffers:
+    """Everything a step reads and writes, allocated once by the engine, one row per slot."""
+
+    model: CSM
+    mimi: Mimi | None  # decodes each new frame inside the step when given
+    state: SlotState
+    cache: KVCache  # the backbone's
+    decoder_cache: KVCache  # the depth decoder's (restarts at 0 every frame)
+    codec_state: MimiDecoderState | None  # one streaming decoder row per slot
+    pcm: torch.Tensor | None  # [S, frame_size] fp32, the newest frame's audio
+
+    @staticmethod
+    def allocate(model: CSM, slots: int, seq_len: int, mimi: Mimi | None) -> Buffers:
+        cfg = model.cfg
+        return Buffers(
+            model=model, mimi=mimi,
+            state=SlotState.allocate(slots, cfg.backbone.dim, cfg.num_codebooks, model.device, model.dtype),
+            cache=model.backbone_cache(slots, seq_len), decoder_cache=model.decoder_cache(slots),
+            codec_state=mimi.init_decoder_state(slots, 1) if mimi is not None else None,
+            pcm=torch.zeros(slots, mimi.config.frame_size, device=model.device) if mimi is not None else None,
+        )
+
+    def step_args(self, batch: int, candidates: int | None) -> tuple:
+        """`engine_step`'s arguments for rows 0..batch-1."""
+        return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch),
+                self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch),
+                candidates)
+
+
+def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, candidates: int | None = None) -> torch.Tensor:
+    """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0).
+    `candidates`: see `sampling.sample`."""
+    K, C = model.cfg.num_codebooks, model.cfg.codebook_size
+    h = state.h
+    B = h.shape[0]
+
+    def pick(logits, codebook):
+        # Only real Mimi codes are drawn: ids from codebook_size up (padding) are never audio.
+        noise = counter_noise(state.seed, state.frame, codebook, C)
+        return sample(logits[:, :C], noise, state.temperature, state.topk, state.topp, candidates)
+
+    c = pick(model.codebook0_logits(h), 0)
+    codes = [c]
+    x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
+    pos = torch.arange(2, device=h.device).expand(B, 2)
+    for i in range(1, K):
+        out = model.run_decoder(x, pos, decoder_cache)[:, -1]  # [B, d]
+        c = pick(model.codebook_logits(out, i), i)
+        codes.append(c)
+        x = model.embed_code(c, i)[:, None]  # [B, 1, D]
+        pos = pos[:, -1:] + 1
+    return torch.stack(codes, dim=1)
+
+
+def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache,
+               candidates: int | None = None) -> None:
+    """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
+    codes = sample_frame(model, state, decoder_cache, candidates)
+    active = state.active
+    # Inactive rows (free, or a prompt being prefilled) write at the window's last position: a
+    # request writes that position itself, if it ever gets there, before reading it.
+    pos = torch.where(active, state.pos, cache.length - 1)
+    h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
+    state.codes.copy_(codes)
+    state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
+    state.pos.add_(active.long())
+    state.frame.add_(active.long())
+
+
+def engine_step(model: CSM, mimi: Mimi | None, state: SlotState, cache: KVCache, decoder_cache: KVCache,
+                codec_state: MimiDecoderState | None, pcm: torch.Tensor | None, candidates: int | None) -> None:
+    """One frame for rows 0..B-1 and, with a codec, its 80 ms of audio into pcm [B, frame_size]."""
+    frame_step(model, state, cache, decoder_cache, candidates)
+    if mimi is not None:
+        pcm.copy_(mimi.decode_step(state.codes[:, :, None], codec_state)[:, 0].to(pcm.dtype))
+
+
+def prefill(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the backbone over prompt rows.
+
+    tokens, mask: [B, S, K+1]; start: [B] first position of these rows; cache: B rows.
+    Returns the final-normed hidden state of each row's last prompt row [B, D].
+    """
+    S = tokens.shape[1]
+    pos = start[:, None] + torch.arange(S, device=tokens.device)
+    return model.run_backbone(model.embed_rows(tokens, mask), pos, cache)[:, -1]
