@@ -145,3 +145,31 @@ def write_hf_checkpoint(root: str | Path, cfg: CsmConfig | None = None, seed: in
     model.save_pretrained(root, **save_kwargs)
     write_tokenizer(root)
     return model
+
+
+def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float = 1e-4, rtol: float = 1e-5,
+                                      steps: int = 3) -> None:
+    """Run `requests` in two engines over `model` to their first frame, then `steps` frame
+    steps each: eager in one, `torch.compile(fullgraph=True)` with `backend` in the other. The
+    codes and positions must be equal, the hidden state and backbone cache close."""
+    from .engine import Engine
+    from .step import frame_step
+
+    torch._dynamo.reset()
+    B = len(requests)
+    engines = [Engine(model, max_slots=B), Engine(model, max_slots=B)]
+    for e in engines:
+        for r in requests:
+            e.add(r)
+        while e.waiting:  # the same eager steps in both: prefill, and a first frame
+            e.step()
+    compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
+    eager, comp = (e.buffers for e in engines)
+    with torch.inference_mode():
+        for _ in range(steps):
+            frame_step(model, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
+            compiled(model, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
+            assert torch.equal(eager.state.codes, comp.state.codes)
+            assert torch.allclose(eager.state.h, comp.state.h, atol=atol, rtol=rtol)
+            assert torch.equal(eager.state.pos, comp.state.pos)
+            assert torch.allclose(eager.cache.k, comp.cache.k, atol=atol, rtol=rtol)

@@ -14,8 +14,8 @@ from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
-from fastcsm.step import SlotState, engine_step, frame_step
-from fastcsm.testing import byte_tokenizer_json, randomize_
+from fastcsm.step import SlotState, engine_step
+from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_
 
 CFG = tiny_config()
 K = CFG.num_codebooks
@@ -147,30 +147,16 @@ def test_compiled_frame_step_equals_eager(backend, codebooks):
     give the eager numbers. Fewer codebooks than CSM's 32 keep CPU compile times short; the
     step's code is the same for any count. Slow (inductor took minutes on a busy 2-core CPU);
     the default run keeps the whole-step graph check, `test_compiled_engine_with_codec_equals_eager`."""
-    torch._dynamo.reset()
     cfg = tiny_config(num_codebooks=codebooks)
     m = CSM(cfg)
     randomize_(m, seed=1)
     m = m.eval().requires_grad_(False)
-    B = 2
-    engines = [Engine(m, max_slots=B), Engine(m, max_slots=B)]
-    for e in engines:
-        for i in range(B):
-            codes = torch.randint(0, 2048, (3, codebooks), generator=torch.Generator().manual_seed(i))
-            p = build_prompt("Compile me.", i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
-            e.add(Request(p, 8, SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
-        while e.waiting:  # the same eager steps in both: prefill, and a first frame
-            e.step()
-    compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
-    eager, comp = (e.buffers for e in engines)
-    with torch.inference_mode():
-        for _ in range(3):
-            frame_step(m, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
-            compiled(m, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
-            assert torch.equal(eager.state.codes, comp.state.codes)
-            assert torch.allclose(eager.state.h, comp.state.h, atol=1e-4)
-            assert torch.equal(eager.state.pos, comp.state.pos)
-            assert torch.allclose(eager.cache.k, comp.cache.k, atol=1e-4)
+    rs = []
+    for i in range(2):
+        codes = torch.randint(0, 2048, (3, codebooks), generator=torch.Generator().manual_seed(i))
+        p = build_prompt("Compile me.", i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
+        rs.append(Request(p, 8, SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
+    assert_compiled_step_equals_eager(m, rs, backend)
 
 
 def scripted_step(end_at):

@@ -15,8 +15,7 @@ from fastcsm.generator import Generator
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.sampling import SamplingParams
-from fastcsm.step import frame_step
-from fastcsm.testing import byte_tokenizer_json, randomize_, write_tokenizer
+from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_, write_tokenizer
 
 CFG = tiny_config()
 K = CFG.num_codebooks
@@ -201,22 +200,9 @@ def test_quantized_step_compiles_fullgraph_and_equals_eager(mode, backend):
         for mod in q.modules():
             if isinstance(mod, (quant.QuantLinear, quant.QuantHeads)):
                 mod.scaled_mm_rows = 1
-    B = 2
-    engines = [Engine(q, max_slots=B), Engine(q, max_slots=B)]
-    for e in engines:
-        for i in range(B):
-            e.add(Request(prompt("Compile me.", i, frames=3, seed=i, cfg=cfg), 8,
-                          SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i))
-        while e.waiting:  # the same eager steps in both: prefill, and a first frame
-            e.step()
-    compiled = torch.compile(frame_step, fullgraph=True, dynamic=False, backend=backend)
-    eager, comp = (e.buffers for e in engines)
-    with torch.inference_mode():
-        for _ in range(3):
-            frame_step(q, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
-            compiled(q, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
-            assert torch.equal(eager.state.codes, comp.state.codes)
-            assert torch.allclose(eager.state.h, comp.state.h, atol=1e-3, rtol=1e-3)
+    rs = [Request(prompt("Compile me.", i, frames=3, seed=i, cfg=cfg), 8,
+                  SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i) for i in range(2)]
+    assert_compiled_step_equals_eager(q, rs, backend, atol=1e-3, rtol=1e-3)
 
 
 # -- loading --------------------------------------------------------------------------------------
