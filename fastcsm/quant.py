@@ -145,7 +145,7 @@ def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[
     if packed is None:
         packed = _pack(weights, scales, keys)
     rows = x.reshape(-1, x.shape[-1]).float()
-    amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # (vector_norm(inf) is 10x slower here)
     # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
     y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(rows.shape[1]), rows / amax]), packed, REDUCE_RANGE)
     return y[1:].mul_(amax).view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
