@@ -28,10 +28,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.scale * x.to(dtype)
+        # One call for what Llama's norm spells out: normalize in fp32, cast back, then scale.
+        return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
 
 
 class KVCache:
@@ -62,9 +60,10 @@ class KVCache:
         return KVCache(self.k[:, start:stop], self.v[:, start:stop])
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin for x = cat(x1, x2): swapping the halves is a
+    roll and their signs ride in sin_signed = cat(-sin_half, sin_half) (the same numbers, fewer ops)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 def linears(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
@@ -84,16 +83,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=False)
         self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, pos, mask, k_cache, v_cache):
-        # x: [B, S, D]; cos/sin: [B, S, hd]; pos: [B, S]; mask: [B, 1, S, T]; k/v_cache: [B, G, T, hd]
+    def forward(self, x, cos, sin, index, mask, k_cache, v_cache):
+        # x: [B, S, D]; cos/sin: [B, 1, S, hd] (sin signed, see `rope`); index: [B, G, S, hd] the
+        # cache positions of the new rows; mask: [B, 1, R*S, T] (see Transformer); k/v_cache: [B, G, T, hd]
         B, S, _ = x.shape
         hd = self.cfg.head_dim
         q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
-        index = pos[:, None, :, None].expand(B, k.shape[1], S, hd)
         k_cache.scatter_(2, index, k.to(k_cache.dtype))
         v_cache.scatter_(2, index, v.to(v_cache.dtype))
         # Grouped-query attention without copying keys: the R query heads that share a kv head
@@ -101,7 +98,6 @@ class Attention(nn.Module):
         G = k_cache.shape[1]
         R = q.shape[1] // G
         q = q.reshape(B, G, R * S, hd)
-        mask = mask.unsqueeze(2).expand(B, 1, R, S, mask.shape[-1]).reshape(B, 1, R * S, -1)
         out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
         out = out.view(B, G * R, S, hd)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
@@ -129,8 +125,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, pos, mask, k_cache, v_cache):
-        x = x + self.attn(self.sa_norm(x), cos, sin, pos, mask, k_cache, v_cache)
+    def forward(self, x, cos, sin, index, mask, k_cache, v_cache):
+        x = x + self.attn(self.sa_norm(x), cos, sin, index, mask, k_cache, v_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -146,14 +142,20 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position)
-        freqs = pos[..., None].float() * self.inv_freq.float()  # [B, S, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        # Causal by position: a query at position p sees cache entries 0..p of its own row.
+        # Everything the layers share is made once here: RoPE tables, cache write index, mask.
+        cfg = self.cfg
+        B, S, _ = x.shape
+        freqs = pos[:, None, :, None].float() * self.inv_freq.float()  # [B, 1, S, hd/2]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [B, 1, S, hd]
+        index = pos[:, None, :, None].expand(B, cfg.num_kv_heads, S, cfg.head_dim)
+        # Causal by position: a query at position p sees cache entries 0..p of its own row; the
+        # R query heads of a kv head are R blocks of S query rows (see Attention).
         key_pos = torch.arange(cache.length, device=x.device)
-        mask = (key_pos[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # [B, 1, S, T]
+        R = cfg.num_heads // cfg.num_kv_heads
+        mask = (key_pos <= pos[:, None, :, None]).expand(B, R, S, cache.length).reshape(B, 1, R * S, -1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, pos, mask, cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, index, mask, cache.k[i], cache.v[i])
         return self.norm(x)
 
 

@@ -144,11 +144,14 @@ def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[
     packed = _packed.get(tuple(keys))
     if packed is None:
         packed = _pack(weights, scales, keys)
-    rows = x.reshape(-1, x.shape[-1]).float()
-    amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    rows = rows if rows.dtype == torch.float32 else rows.float()  # (no-op calls cost, ~600 a frame)
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # (vector_norm(inf) is 10x slower here)
     # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
-    y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(rows.shape[1]), rows / amax]), packed, REDUCE_RANGE)
-    return y[1:].mul_(amax).view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(K), rows / amax]), packed, REDUCE_RANGE)[1:].mul_(amax)
+    y = y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 # The op that compiled graphs keep as one opaque call; eager code calls the function itself,
