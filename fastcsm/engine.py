@@ -116,6 +116,7 @@ class _Row:
         """Rows worth keeping in the prefix cache (never the whole prompt: its last row starts the audio)."""
         return min(self.request.prefix_rows, len(self.request.prompt) - 1)
 
+
 class PrefixCache:
     """KV rows of recently seen prompt prefixes, keyed by their content, within a byte budget."""
 
@@ -162,7 +163,6 @@ class PrefixCache:
         self.entries[key] = (k, v)
         while sum(a.nbytes + b.nbytes for a, b in self.entries.values()) > self.budget:
             self.entries.popitem(last=False)
-
 
 
 class Engine:
