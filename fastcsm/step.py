@@ -103,13 +103,13 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, candidate
     c = choose(model.codebook0_logits(h), 0)
     codes = [c]
     x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
-    pos = torch.arange(K, device=h.device).expand(B, K)  # pass i runs at positions i+1 (the first at 0 and 1)
-    out = model.run_decoder(x, pos[:, :2], decoder_cache)[:, -1]  # [B, d]
+    out = model.run_decoder(x, torch.arange(2, device=h.device).expand(B, 2), decoder_cache)[:, -1]  # [B, d]
+    tables = model.decoder_tables(B)  # pass i > 1 runs one row at position i
     for i in range(1, K):
         c = choose(model.codebook_logits(out, i), i)
         codes.append(c)
         if i < K - 1:
-            out = model.run_decoder(model.embed_code(c, i)[:, None], pos[:, i + 1:i + 2], decoder_cache)[:, -1]
+            out = model.run_decoder(model.embed_code(c, i)[:, None], tables.at(i + 1), decoder_cache)[:, 0]
     return torch.stack(codes, dim=1)
 
 
