@@ -93,14 +93,17 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
-        k_cache.scatter_(2, index, k.to(k_cache.dtype))
-        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        # (The casts are skipped, not called, where the dtypes agree: ~600 no-op calls a frame.)
+        cast = k_cache.dtype != q.dtype
+        k_cache.scatter_(2, index, k.to(k_cache.dtype) if cast else k)
+        v_cache.scatter_(2, index, v.to(v_cache.dtype) if cast else v)
         # Grouped-query attention without copying keys: the R query heads that share a kv head
         # become R times as many query rows of that head (head h = g * R + r uses kv head g).
         G = k_cache.shape[1]
         R = q.shape[1] // G
         q = q.reshape(B, G, R * S, hd)
-        out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
+        keys, values = (k_cache.to(q.dtype), v_cache.to(q.dtype)) if cast else (k_cache, v_cache)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(B, G * R, S, hd)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
