@@ -256,7 +256,7 @@ class QuantLinear(nn.Module):
         its gate and up projections: fewer, larger calls, each quantizing x once)."""
         packed = _packed_eager(tuple(m.key for m in linears))
         if packed is not None:
-            return list(_run_packed(x, packed).split([m.out_features for m in linears], dim=-1))
+            return list(_run_packed(x, packed).split_with_sizes([m.out_features for m in linears], dim=-1))
         if not _fbgemm(linears[0], linears[0].weight):
             return [m(x) for m in linears]
         y = _int8_cpu(x, [m.weight for m in linears], [m.scale for m in linears], [m.key for m in linears])

@@ -117,6 +117,7 @@ class RowParams(NamedTuple):
     divisor: torch.Tensor  # [B, 1] float, temperature clamped away from 0
     sampled: torch.Tensor  # [B] bool, temperature > 0 (else greedy)
     keep: torch.Tensor  # [B, n] bool, rank < top-k (n: `candidates`, or V for the full sort)
+    drop: torch.Tensor  # [B, n] bool, ~keep
     topp: torch.Tensor  # [B, 1] float
 
 
@@ -126,7 +127,8 @@ def row_params(temperature: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor
     n = candidates if candidates is not None and candidates < vocab else vocab
     rank = torch.arange(n, device=temperature.device)
     k = torch.where(topk > 0, topk, vocab)
-    return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, rank < k[:, None], topp[:, None])
+    keep = rank < k[:, None]
+    return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, keep, ~keep, topp[:, None])
 
 
 def pick(logits: torch.Tensor, log_noise, rows: RowParams) -> torch.Tensor:
@@ -140,7 +142,7 @@ def pick(logits: torch.Tensor, log_noise, rows: RowParams) -> torch.Tensor:
         best, order = scores.topk(n, dim=-1)  # [B, n], descending
     else:
         best, order = scores.sort(dim=-1, descending=True)
-    probs = torch.softmax(best.masked_fill(~rows.keep, float("-inf")), dim=-1)
+    probs = torch.softmax(best.masked_fill(rows.drop, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
     keep = rows.keep & ((probs.cumsum(dim=-1) - probs) < rows.topp)
     race = torch.where(keep, best - log_noise(order), float("-inf"))
