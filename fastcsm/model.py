@@ -104,7 +104,7 @@ class Attention(nn.Module):
         q = q.reshape(B, G, R * S, hd)
         keys, values = (k_cache.to(q.dtype), v_cache.to(q.dtype)) if cast else (k_cache, v_cache)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(B, G * R, S, hd)
+        out = out.reshape(B, G * R, S, hd)  # (a view on the CPU; CUDA kernels may lay out S>1 rows otherwise)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -141,7 +141,7 @@ class Tables(NamedTuple):
     cos: torch.Tensor  # [B, 1, S, hd]
     sin: torch.Tensor  # [B, 1, S, hd], signed (see `rope`)
     index: torch.Tensor  # [B, G, S, hd], the cache positions of the new rows
-    mask: torch.Tensor  # [B, 1, R*S, T] bool; [B, 1, S, T] where that broadcasts the same (S = 1 or R = 1)
+    mask: torch.Tensor  # [B, 1, R*S, T] additive (0 or -inf); [B, 1, S, T] where that broadcasts the same
 
     def at(self, p: int) -> Tables:
         """The tables of the single position p of tables made for positions 0..S-1 (a one-row pass)."""
@@ -170,7 +170,9 @@ class Transformer(nn.Module):
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
         # R query heads of a kv head are R blocks of S query rows (see Attention), which a
         # one-row mask covers by broadcasting.
-        mask = torch.arange(length, device=pos.device) <= pos[:, None, :, None]  # [B, 1, S, T]
+        seen = torch.arange(length, device=pos.device) <= pos[:, None, :, None]  # [B, 1, S, T]
+        # Additive, as attention would turn a boolean mask into in every layer.
+        mask = torch.where(seen, 0.0, float("-inf")).to(dtype)
         R = cfg.num_heads // cfg.num_kv_heads
         if S > 1 and R > 1 and not one_row:
             mask = mask.expand(B, R, S, length).reshape(B, 1, R * S, length)
