@@ -14,6 +14,8 @@ K codebooks, V audio vocabulary per codebook.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,15 +93,18 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
-        k_cache.scatter_(2, index, k.to(k_cache.dtype))
-        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        # (The casts are skipped, not called, where the dtypes agree: ~600 no-op calls a frame.)
+        cast = k_cache.dtype != q.dtype
+        k_cache.scatter_(2, index, k.to(k_cache.dtype) if cast else k)
+        v_cache.scatter_(2, index, v.to(v_cache.dtype) if cast else v)
         # Grouped-query attention without copying keys: the R query heads that share a kv head
         # become R times as many query rows of that head (head h = g * R + r uses kv head g).
         G = k_cache.shape[1]
         R = q.shape[1] // G
         q = q.reshape(B, G, R * S, hd)
-        out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
-        out = out.view(B, G * R, S, hd)
+        keys, values = (k_cache.to(q.dtype), v_cache.to(q.dtype)) if cast else (k_cache, v_cache)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(B, G * R, S, hd)  # (a view on the CPU; CUDA kernels may lay out S>1 rows otherwise)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -130,6 +135,19 @@ class Layer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class Tables(NamedTuple):
+    """What every layer of a stack shares for one set of positions (`Transformer.tables`)."""
+
+    cos: torch.Tensor  # [B, 1, S, hd]
+    sin: torch.Tensor  # [B, 1, S, hd], signed (see `rope`)
+    index: torch.Tensor  # [B, G, S, hd], the cache positions of the new rows
+    mask: torch.Tensor  # [B, 1, R*S, T] additive (0 or -inf); [B, 1, S, T] where that broadcasts the same
+
+    def at(self, p: int) -> Tables:
+        """The tables of the single position p of tables made for positions 0..S-1 (a one-row pass)."""
+        return Tables(*(t[:, :, p:p + 1] for t in self))
+
+
 class Transformer(nn.Module):
     """A Llama-style stack with external KV cache; returns final-normed hidden states."""
 
@@ -140,22 +158,32 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position)
-        # Everything the layers share is made once here: RoPE tables, cache write index, mask.
+    def tables(self, pos: torch.Tensor, length: int, dtype: torch.dtype, one_row: bool = False) -> Tables:
+        """RoPE tables, cache write index and mask for positions pos [B, S] over a cache of `length`.
+        `one_row`: the rows will be used one at a time (`Tables.at`), so the mask is left per row."""
         cfg = self.cfg
-        B, S, _ = x.shape
+        B, S = pos.shape
         freqs = pos[:, None, :, None].float() * self.inv_freq.float()  # [B, 1, S, hd/2]
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [B, 1, S, hd]
         index = pos[:, None, :, None].expand(B, cfg.num_kv_heads, S, cfg.head_dim)
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
-        # R query heads of a kv head are R blocks of S query rows (see Attention).
-        key_pos = torch.arange(cache.length, device=x.device)
+        # R query heads of a kv head are R blocks of S query rows (see Attention), which a
+        # one-row mask covers by broadcasting.
+        seen = torch.arange(length, device=pos.device) <= pos[:, None, :, None]  # [B, 1, S, T]
+        # Additive, as attention would turn a boolean mask into in every layer.
+        mask = torch.where(seen, 0.0, float("-inf")).to(dtype)
         R = cfg.num_heads // cfg.num_kv_heads
-        mask = (key_pos <= pos[:, None, :, None]).expand(B, R, S, cache.length).reshape(B, 1, R * S, -1)
+        if S > 1 and R > 1 and not one_row:
+            mask = mask.expand(B, R, S, length).reshape(B, 1, R * S, length)
+        return Tables(cos, sin, index, mask)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
+        # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position), or
+        # the `tables` made for them. Everything the layers share is made once per stack.
+        t = pos if isinstance(pos, Tables) else self.tables(pos, cache.length, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, index, mask, cache.k[i], cache.v[i])
+            x = layer(x, t.cos, t.sin, t.index, t.mask, cache.k[i], cache.v[i])
         return self.norm(x)
 
 
@@ -228,9 +256,17 @@ class CSM(nn.Module):
     def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.codebook0_head(h)
 
-    def run_decoder(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """x: [B, S, D_backbone] -> decoder hidden [B, S, d] (projection applied here)."""
+    def run_decoder(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
+        """x: [B, S, D_backbone] -> decoder hidden [B, S, d] (projection applied here). pos: [B, S]
+        positions or `decoder_tables(...).at(p)`."""
         return self.decoder(self.projection(x), pos, cache)
+
+    def decoder_tables(self, batch: int) -> Tables:
+        """The decoder's tables for positions 0..K-1 of every row, to run a frame's one-row passes
+        from (`Tables.at`): the same for every frame."""
+        K = self.cfg.num_codebooks
+        pos = torch.arange(K, device=self.device).expand(batch, K)
+        return self.decoder.tables(pos, K, self.dtype, one_row=True)
 
     def codebook_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
         """h: [B, d] decoder hidden -> logits [B, V] for codebook 1..K-1."""

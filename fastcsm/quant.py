@@ -105,6 +105,7 @@ _keys = itertools.count()
 # linear, or the q/k/v or gate/up linears of a layer concatenated along their output channels).
 _packed: dict[tuple[int, ...], object] = {}
 _pins: dict[int, torch.Tensor] = {}  # width -> the row [1, -1, 0, ...] that pins the activation grid
+_linear_dynamic = None  # fbgemm's op, resolved by `fbgemm_available`
 
 
 def _new_key(owner) -> int:
@@ -137,6 +138,14 @@ def _pin(width: int) -> torch.Tensor:
     return pin
 
 
+def _linear_dynamic_op():
+    """fbgemm's `quantized::linear_dynamic` as the C++ op itself: the Python packet around it checks
+    every call's arguments for fake script objects (a few microseconds, ~600 calls a frame), which
+    only tracing could pass, and tracing runs the custom op's fake below instead."""
+    packet = torch.ops.quantized.linear_dynamic
+    return getattr(packet, "_op", packet)
+
+
 def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
                      keys: list[int]) -> torch.Tensor:
     """x [..., K] @ cat(weights) [N, K].T * cat(scales) [N] with one fbgemm call, each row of x
@@ -144,14 +153,24 @@ def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[
     packed = _packed.get(tuple(keys))
     if packed is None:
         packed = _pack(weights, scales, keys)
+    return _run_packed(x, packed)
+
+
+def _run_packed(x: torch.Tensor, packed) -> torch.Tensor:
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     rows = rows if rows.dtype == torch.float32 else rows.float()  # (no-op calls cost, ~600 a frame)
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # (vector_norm(inf) is 10x slower here)
     # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
-    y = torch.ops.quantized.linear_dynamic(torch.cat([_pin(K), rows / amax]), packed, REDUCE_RANGE)[1:].mul_(amax)
+    y = _linear_dynamic(torch.cat([_pin(K), rows / amax]), packed, REDUCE_RANGE)[1:].mul_(amax)
     y = y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _packed_eager(keys: tuple[int, ...]):
+    """The packed fbgemm weight of these linears if eager code may run it straight away (it was
+    packed from CPU weights that have not changed or moved since), else None."""
+    return None if torch.compiler.is_compiling() else _packed.get(keys)
 
 
 # The op that compiled graphs keep as one opaque call; eager code calls the function itself,
@@ -168,7 +187,9 @@ def _(x, weights, scales, keys):
 def fbgemm_available() -> bool:
     """Whether this torch still has the quantized CPU ops (deprecated in 2.13); if not, CPU int8
     runs weight-only like CUDA."""
+    global _linear_dynamic
     try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
+        _linear_dynamic = _linear_dynamic_op()
         w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
         int8_linear_cpu(torch.ones(2, 8, device="cpu"), [w], [torch.ones(8, device="cpu")], [-1])
         return True
@@ -220,15 +241,22 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=STORAGE[mode], device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.key = _new_key(self)
+        self.keys = (self.key,)
         self.fbgemm = fbgemm_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = _packed_eager(self.keys)
+        if packed is not None:
+            return _run_packed(x, packed)
         return _linear(self, x, self.weight, self.scale, self.key)
 
     @staticmethod
     def fused(x: torch.Tensor, linears: list[QuantLinear]) -> list[torch.Tensor]:
         """[m(x) for m in linears], as one fbgemm call where that kernel runs (a layer's q/k/v, or
         its gate and up projections: fewer, larger calls, each quantizing x once)."""
+        packed = _packed_eager(tuple(m.key for m in linears))
+        if packed is not None:
+            return list(_run_packed(x, packed).split_with_sizes([m.out_features for m in linears], dim=-1))
         if not _fbgemm(linears[0], linears[0].weight):
             return [m(x) for m in linears]
         y = _int8_cpu(x, [m.weight for m in linears], [m.scale for m in linears], [m.key for m in linears])
@@ -237,6 +265,10 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         _forget(self.key)  # new weights: pack again on first use
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        _forget(self.key)  # moved or cast: pack again on first use (if still on the CPU)
+        return super()._apply(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
@@ -257,12 +289,20 @@ class QuantHeads(nn.Module):
         self.fbgemm = fbgemm_available()
 
     def forward(self, h: torch.Tensor, head: int) -> torch.Tensor:
+        packed = _packed_eager((self.keys[head],))
+        if packed is not None:
+            return _run_packed(h, packed)
         return _linear(self, h, self.weight[head], self.scale[head], self.keys[head])
 
     def _load_from_state_dict(self, *args, **kwargs):
         for k in self.keys:
             _forget(k)
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        for k in self.keys:
+            _forget(k)
+        return super()._apply(*args, **kwargs)
 
 
 # -- whole models --------------------------------------------------------------------------------

@@ -6,11 +6,16 @@ Sampling is split in two so that a request's codes depend only on its own random
 softmax (the exponential race, equivalently the Gumbel-max trick). No `.item()`, no
 data-dependent shapes, no host branches: the same code runs on CPU, on GPU and inside a
 captured graph, and per-row parameters are tensors so one batch can mix settings.
+
+A frame samples 32 codebooks with the same rows: `FrameNoise` derives the frame's keys once
+(and, for a small batch, the noise of every codebook and token in one pass) and `row_params`
+the rows' settings, so each codebook's `pick` is a couple of dozen small ops, not a hundred.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,15 +38,37 @@ class SamplingParams:
 
 
 _MASK32 = 0xFFFFFFFF
+# Precompute a whole frame's noise (every codebook, every token) up to this many numbers: a few
+# dozen ops a frame instead of a few dozen per codebook, which is what a small batch on a CPU pays
+# for. Above it (e.g. 256 rows x 32 x 2051 would be 134 MB per int64 temporary) each codebook
+# hashes only the tokens `sample` ranks. Both give the same bits.
+WHOLE_FRAME_NOISE = 1 << 20
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32.
 
-    Products stay below 2**59, so int64 arithmetic never overflows on any device."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
+    Products stay below 2**59, so int64 arithmetic never overflows on any device. (In place on
+    its own temporaries: x itself is never written.)"""
+    x = (x >> 16).bitwise_xor_(x).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    x = (x >> 16).bitwise_xor_(x).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    return (x >> 16).bitwise_xor_(x)
+
+
+def _row_key(seed: torch.Tensor) -> torch.Tensor:
+    """seed [B] int64 -> the row's 32-bit key [B]."""
+    return _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
+
+
+def _codebook_keys(row: torch.Tensor, frame: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Row keys, frames [B] and codebook ids [K] (< 64) -> per-(row, codebook) keys [B, K]."""
+    return _mix32((row[:, None] + frame[:, None] * 64 + codebooks).bitwise_and_(_MASK32))
+
+
+def _uniform(key: torch.Tensor, token: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The (0, 1) uniform (24 bits) of each token id under its (row, codebook) key; broadcasts."""
+    bits = _mix32((_mix32(key ^ token) + row).bitwise_and_(_MASK32))
+    return (bits >> 8).float().add_(0.5).mul_(1.0 / (1 << 24))
 
 
 def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab: int) -> torch.Tensor:
@@ -49,13 +76,82 @@ def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab:
 
     seed, frame: [B] int64. A counter-based stream: a row's draws never depend on which other
     rows share the batch or on any generator state, and replaying a seed reproduces them.
+    `FrameNoise` gives the same numbers for all codebooks of a frame at once.
     """
-    s = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))  # [B]
-    key = _mix32((s + frame * 64 + codebook) & _MASK32)  # [B]; codebooks < 64
-    token = torch.arange(vocab, device=seed.device)
-    bits = _mix32((_mix32(key[:, None] ^ token) + s[:, None]) & _MASK32)  # [B, vocab]
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits
-    return -torch.log(uniform)
+    row = _row_key(seed)
+    key = _codebook_keys(row, frame, torch.tensor([codebook], device=seed.device))  # [B, 1]
+    return -torch.log(_uniform(key, torch.arange(vocab, device=seed.device), row[:, None]))
+
+
+class FrameNoise:
+    """`counter_noise` for every codebook of one frame, as the log of the noise (what the race
+    subtracts), derived once: `log_at(codebook, tokens)` is `counter_noise(...).gather(-1, tokens).log()`.
+
+    `whole` (static; default: when B * codebooks * vocab <= WHOLE_FRAME_NOISE) hashes every token of
+    every codebook up front; otherwise each call hashes just the tokens it is given.
+    """
+
+    def __init__(self, seed: torch.Tensor, frame: torch.Tensor, codebooks: int, vocab: int,
+                 whole: bool | None = None):
+        device = seed.device
+        self.row = _row_key(seed)[:, None]  # [B, 1]
+        self.keys = _codebook_keys(self.row[:, 0], frame, torch.arange(codebooks, device=device))  # [B, K]
+        if whole is None:
+            whole = seed.shape[0] * codebooks * vocab <= WHOLE_FRAME_NOISE
+        self.table = None
+        if whole:  # [B, K, vocab]
+            token = torch.arange(vocab, device=device)
+            self.table = _log_noise(_uniform(self.keys[:, :, None], token, self.row[:, :, None]))
+
+    def log_at(self, codebook: int, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n] ids -> log of their Exp(1) noise [B, n] in `codebook`."""
+        if self.table is not None:
+            return self.table[:, codebook].gather(-1, tokens)
+        return _log_noise(_uniform(self.keys[:, codebook, None], tokens, self.row))
+
+
+def _log_noise(uniform: torch.Tensor) -> torch.Tensor:
+    """log(-log(u)): the log of the Exp(1) noise, from u in place."""
+    return uniform.log_().neg_().log_()
+
+
+class RowParams(NamedTuple):
+    """The per-row sampling settings in the form `pick` uses, made once for all codebooks of a frame."""
+
+    divisor: torch.Tensor  # [B, 1] float, temperature clamped away from 0
+    sampled: torch.Tensor  # [B] bool, temperature > 0 (else greedy)
+    keep: torch.Tensor  # [B, n] bool, rank < top-k (n: `candidates`, or V for the full sort)
+    drop: torch.Tensor  # [B, n] bool, ~keep
+    topp: torch.Tensor  # [B, 1] float
+
+
+def row_params(temperature: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor, vocab: int,
+               candidates: int | None = None) -> RowParams:
+    """temperature, topp: [B] float; topk: [B] long; `candidates` as in `sample`."""
+    n = candidates if candidates is not None and candidates < vocab else vocab
+    rank = torch.arange(n, device=temperature.device)
+    k = torch.where(topk > 0, topk, vocab)
+    keep = rank < k[:, None]
+    return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, keep, ~keep, topp[:, None])
+
+
+def pick(logits: torch.Tensor, log_noise, rows: RowParams) -> torch.Tensor:
+    """`sample` with its per-row settings made beforehand (`row_params`) and the noise as a function
+    from token ids [B, n] to the log of their Exp(1) noise (e.g. `FrameNoise.log_at`)."""
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    greedy = logits.argmax(dim=-1)
+    scores = logits / rows.divisor
+    n = rows.keep.shape[-1]
+    if n < logits.shape[-1]:
+        best, order = scores.topk(n, dim=-1)  # [B, n], descending
+    else:
+        best, order = scores.sort(dim=-1, descending=True)
+    probs = torch.softmax(best.masked_fill(rows.drop, float("-inf")), dim=-1)
+    # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
+    keep = rows.keep & ((probs.cumsum(dim=-1) - probs) < rows.topp)
+    race = torch.where(keep, best - log_noise(order), float("-inf"))
+    picked = order.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(rows.sampled, picked, greedy)
 
 
 def sample(
@@ -74,21 +170,8 @@ def sample(
     `candidates` (static) limits the work to the best `candidates` tokens of each row (a partial
     top-k instead of a full sort). The pick is the same as with all V tokens whenever every
     row's top-k is within `candidates`; rows with top-k off (0) need candidates=None.
+    A frame's codebooks share their settings and noise keys: `row_params`, `FrameNoise` and `pick`
+    make those once (the same picks).
     """
-    logits = logits.float()
-    V = logits.shape[-1]
-    greedy = logits.argmax(dim=-1)
-    scores = logits / temperature.clamp_min(1e-6)[:, None]
-    if candidates is not None and candidates < V:
-        best, order = scores.topk(candidates, dim=-1)  # [B, n], descending
-    else:
-        best, order = scores.sort(dim=-1, descending=True)
-    rank = torch.arange(best.shape[-1], device=logits.device)
-    k = torch.where(topk > 0, topk, V)
-    keep = rank[None, :] < k[:, None]
-    probs = torch.softmax(best.masked_fill(~keep, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
-    keep &= (probs.cumsum(dim=-1) - probs) < topp[:, None]
-    race = (best - noise.gather(-1, order).log()).masked_fill(~keep, float("-inf"))
-    picked = order.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, picked, greedy)
+    rows = row_params(temperature, topk, topp, logits.shape[-1], candidates)
+    return pick(logits, lambda order: noise.gather(-1, order).log(), rows)

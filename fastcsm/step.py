@@ -20,7 +20,7 @@ import torch
 from .mimi import Mimi, MimiDecoderState
 from .model import CSM, KVCache
 from .nested import first_rows
-from .sampling import counter_noise, sample
+from .sampling import FrameNoise, pick, row_params
 
 
 @dataclass
@@ -92,22 +92,24 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, candidate
     K, C = model.cfg.num_codebooks, model.cfg.codebook_size
     h = state.h
     B = h.shape[0]
+    # What the 32 picks share is made once: the rows' settings and the frame's noise keys.
+    noise = FrameNoise(state.seed, state.frame, K, C)
+    rows = row_params(state.temperature, state.topk, state.topp, C, candidates)
 
-    def pick(logits, codebook):
+    def choose(logits, codebook):
         # Only real Mimi codes are drawn: ids from codebook_size up (padding) are never audio.
-        noise = counter_noise(state.seed, state.frame, codebook, C)
-        return sample(logits[:, :C], noise, state.temperature, state.topk, state.topp, candidates)
+        return pick(logits[:, :C], lambda order: noise.log_at(codebook, order), rows)
 
-    c = pick(model.codebook0_logits(h), 0)
+    c = choose(model.codebook0_logits(h), 0)
     codes = [c]
     x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
-    pos = torch.arange(2, device=h.device).expand(B, 2)
+    out = model.run_decoder(x, torch.arange(2, device=h.device).expand(B, 2), decoder_cache)[:, -1]  # [B, d]
+    tables = model.decoder_tables(B)  # pass i > 1 runs one row at position i
     for i in range(1, K):
-        out = model.run_decoder(x, pos, decoder_cache)[:, -1]  # [B, d]
-        c = pick(model.codebook_logits(out, i), i)
+        c = choose(model.codebook_logits(out, i), i)
         codes.append(c)
-        x = model.embed_code(c, i)[:, None]  # [B, 1, D]
-        pos = pos[:, -1:] + 1
+        if i < K - 1:
+            out = model.run_decoder(model.embed_code(c, i)[:, None], tables.at(i + 1), decoder_cache)[:, 0]
     return torch.stack(codes, dim=1)
 
 

@@ -103,6 +103,25 @@ def test_fused_linears_equal_separate_ones_and_follow_new_weights():
         assert torch.equal(again[0], fused[0])
 
 
+def test_moving_an_int8_linear_drops_its_packed_weight():
+    """Eager CPU int8 calls run the packed fbgemm weight straight away; a move or cast (`_apply`)
+    must drop it, or a linear moved off the CPU, or back with new numbers, would run stale bytes."""
+    g = torch.Generator().manual_seed(4)
+    lin = quant.QuantLinear(64, 40, "int8")
+    lin.load_state_dict(dict(zip(("weight", "scale"), quant.quantize(torch.randn(40, 64, generator=g), "int8"),
+                                 strict=True)))
+    x = torch.randn(2, 64, generator=g)
+    with torch.inference_mode():
+        first = lin(x)  # packs
+        assert quant._packed_eager(lin.keys) is not None and torch.equal(lin(x), first)
+        lin.to("meta")
+        assert quant._packed_eager(lin.keys) is None
+        lin.to_empty(device="cpu")
+        lin.weight.copy_(quant.quantize(torch.randn(40, 64, generator=g), "int8")[0])
+        lin.scale.fill_(0.01)
+        assert not torch.equal(lin(x), first)
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 def test_what_is_quantized(model, int8):
