@@ -11,8 +11,10 @@ The kernel is chosen per device and mode, by measurement (README, "Eight-bit wei
   quantizes activations with one scale per call; each row is first divided by its own max|x|
   and a fixed row [1, -1, 0...] rides along, so every row is quantized on the same [-1, 1]
   grid and a request's result never depends on the other rows of its batch.
-- int8 elsewhere (CUDA): weight-only, y = F.linear(x, q.to(x.dtype)) * s; inductor fuses the
-  int8 -> bf16 conversion into the matmul, so the weights are read as 8 bits (as gpt-fast does).
+- int8 elsewhere (CUDA): weight-only, y = F.linear(x, q.to(x.dtype)) * s, an opaque custom op
+  under `torch.compile`. It saves memory, not time: measured on an H200 (torch 2.11), the
+  conversion is a kernel of its own, so an int8 step is slower than bf16 (README). Reading the
+  weights as 8 bits needs a fused int8 GEMV kernel, which fastcsm does not have yet.
 - fp8 (CUDA sm_89+): e4m3 weights. Where enough rows come at once (`scaled_mm_rows`) and the
   shapes suit the tensor cores, activations are cast to e4m3 per row and `torch._scaled_mm`
   runs; otherwise the weight-only path above.
@@ -226,7 +228,26 @@ def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
         xq = (x2 / xs).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], N)
+    op = weight_only_linear if torch.compiler.is_compiling() else _weight_only_linear
+    return op(x, weight, scale)
+
+
+def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T * scale, the 8-bit weight converted to x's dtype first."""
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+# Compiled graphs keep the weight-only matmul as one opaque call. Inductor (torch 2.11, H200)
+# neither fused the int8 -> bf16 conversion into the matmul (a 8192x2048 linear, captured: 23.7 us
+# against 8.3 us in bf16, with or without prologue fusion) nor always lowered it: an int8 step
+# failed to compile (`AssertionError: Pointwise` in the mm's extern choice). As a custom op it
+# compiles everywhere and runs exactly as in eager.
+weight_only_linear = torch.library.custom_op("fastcsm::weight_only_linear", _weight_only_linear, mutates_args=())
+
+
+@weight_only_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class QuantLinear(nn.Module):

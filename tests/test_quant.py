@@ -203,22 +203,23 @@ SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
                           reason="inductor compiles for minutes on a busy CPU; set FASTCSM_SLOW_TESTS=1")
 
 
-@pytest.mark.parametrize("mode, backend", [("int8", "aot_eager"), ("fp8", "aot_eager"),
+@pytest.mark.parametrize("mode, backend", [("int8", "aot_eager"), ("fp8", "aot_eager"), ("weight-only", "aot_eager"),
                                            pytest.param("int8", "inductor", marks=SLOW),
-                                           pytest.param("fp8", "inductor", marks=SLOW)])
+                                           pytest.param("fp8", "inductor", marks=SLOW),
+                                           pytest.param("weight-only", "inductor", marks=SLOW)])
 def test_quantized_step_compiles_fullgraph_and_equals_eager(mode, backend):
-    """The 8-bit frame step is one graph (the CPU int8 kernel is an opaque custom op; fp8 is
-    forced onto `torch._scaled_mm` from one row, as on CUDA for larger batches) and the compiled
-    step gives the eager codes."""
+    """The 8-bit frame step is one graph (the CPU int8 kernel and the weight-only matmul of CUDA,
+    here forced onto the CPU, are opaque custom ops; fp8 is forced onto `torch._scaled_mm` from
+    one row, as on CUDA for larger batches) and the compiled step gives the eager codes."""
     torch._dynamo.reset()
     cfg = tiny_config(num_codebooks=2)
     m = CSM(cfg)
     randomize_(m, seed=1)
-    q = quant.quantized_copy(m.eval().requires_grad_(False), mode)
-    if mode == "fp8":
-        for mod in q.modules():
-            if isinstance(mod, (quant.QuantLinear, quant.QuantHeads)):
-                mod.scaled_mm_rows = 1
+    q = quant.quantized_copy(m.eval().requires_grad_(False), "int8" if mode == "weight-only" else mode)
+    for mod in q.modules():
+        if isinstance(mod, (quant.QuantLinear, quant.QuantHeads)):
+            mod.scaled_mm_rows = 1 if mode == "fp8" else None
+            mod.fbgemm = mod.fbgemm and mode != "weight-only"
     rs = [Request(prompt("Compile me.", i, frames=3, seed=i, cfg=cfg), 8,
                   SamplingParams(temperature=0.9 if i else 0.0, topk=20), seed=i) for i in range(2)]
     assert_compiled_step_equals_eager(q, rs, backend, atol=1e-3, rtol=1e-3)
