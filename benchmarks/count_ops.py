@@ -1,0 +1,62 @@
+"""Count the operations one frame step launches: csm-1b's layer and codebook counts at tiny widths
+(the count does not depend on the widths), batch 1, eager, on the CPU.
+
+On a GPU each compute op is at least one kernel, so this count times a kernel's launch latency
+bounds a captured step from below, whatever the bandwidth:
+
+    python benchmarks/count_ops.py [--preset csm-1b] [--codec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastcsm import config
+from fastcsm.codec import Codec
+from fastcsm.engine import Engine, Request
+from fastcsm.model import CSM
+from fastcsm.prompt import Prompt
+from fastcsm.testing import random_mimi, randomize_
+
+# Ops that only make a view or change metadata: no kernel on a GPU.
+VIEWS = {"transpose", "reshape", "view", "select", "slice", "expand", "unsqueeze", "squeeze", "permute",
+         "as_strided", "t", "detach", "alias", "unbind", "split", "split_with_sizes", "chunk", "narrow",
+         "_unsafe_view", "view_as", "expand_as", "unflatten", "flatten", "lift_fresh", "empty", "empty_like",
+         "contiguous", "to", "_to_copy", "resolve_conj", "resolve_neg"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="csm-1b")
+    p.add_argument("--codec", action="store_true", help="decode Mimi inside the step too")
+    args = p.parse_args()
+    cfg = config.preset(args.preset)
+    narrow = lambda t: dataclasses.replace(t, dim=64, intermediate_size=128, head_dim=8)  # noqa: E731
+    cfg = dataclasses.replace(cfg, backbone=narrow(cfg.backbone), decoder=narrow(cfg.decoder))
+    model = CSM(cfg)
+    randomize_(model, seed=0)
+    engine = Engine(model.eval().requires_grad_(False), max_slots=1, codec=Codec(random_mimi()) if args.codec else None)
+    K = cfg.num_codebooks
+    mask = torch.zeros(8, K + 1, dtype=torch.bool)
+    mask[:, -1] = True
+    engine.add(Request(Prompt(torch.zeros(8, K + 1, dtype=torch.long), mask), 16, seed=1))
+    for _ in range(3):  # prefill and a few frames
+        engine.step()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.runner.step(engine.buffers, 1, engine.sample_candidates)
+    top = [e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    work = collections.Counter(name for name in top if name not in VIEWS)
+    print(json.dumps({"preset": args.preset, "codec": args.codec, "backbone_layers": cfg.backbone.num_layers,
+                      "decoder_layers": cfg.decoder.num_layers, "codebooks": K, "ops": len(top),
+                      "compute_ops": sum(work.values()), "most": dict(work.most_common(10))}))
+
+
+if __name__ == "__main__":
+    main()
