@@ -147,6 +147,25 @@ def write_hf_checkpoint(root: str | Path, cfg: CsmConfig | None = None, seed: in
     return model
 
 
+def run_alone(model, request, **engine_kw) -> torch.Tensor:
+    """The codes [frames, K] of `request` generated alone, in an engine of one slot."""
+    from .engine import Engine
+
+    return torch.stack([e.codes for e in Engine(model, max_slots=1, **engine_kw).run(request)])
+
+
+def run_together(engine, requests) -> list[torch.Tensor]:
+    """The codes [frames, K] of each request, all added to `engine` and stepped together."""
+    out = {r: [] for r in requests}
+    for r in requests:
+        engine.add(r)
+    while any(r in engine for r in requests):
+        for e in engine.step():
+            if not e.ended:
+                out[e.request].append(e.codes)
+    return [torch.stack(out[r]) for r in requests]
+
+
 def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float = 1e-4, rtol: float = 1e-5,
                                       steps: int = 3) -> None:
     """Run `requests` in two engines over `model` to their first frame, then `steps` frame

@@ -15,7 +15,13 @@ from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
 from fastcsm.step import SlotState, engine_step
-from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_
+from fastcsm.testing import (
+    assert_compiled_step_equals_eager,
+    byte_tokenizer_json,
+    randomize_,
+    run_alone,
+    run_together,
+)
 
 CFG = tiny_config()
 K = CFG.num_codebooks
@@ -38,21 +44,6 @@ def model():
 def prompt(text, speaker=0, frames=4, seed=0):
     codes = torch.randint(0, 2048, (frames, K), generator=torch.Generator().manual_seed(seed))
     return build_prompt(text, speaker, [Segment(1, "Voice sample.", codes=codes)], TOK, CFG)
-
-
-def run_alone(model, request, **engine_kw):
-    return torch.stack([e.codes for e in Engine(model, max_slots=1, **engine_kw).run(request)])
-
-
-def run_together(engine, requests):
-    out = {r: [] for r in requests}
-    for r in requests:
-        engine.add(r)
-    while any(r in engine for r in requests):
-        for e in engine.step():
-            if not e.ended:
-                out[e.request].append(e.codes)
-    return [torch.stack(out[r]) for r in requests]
 
 
 def mimi_codec(**config):

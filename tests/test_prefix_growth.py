@@ -8,7 +8,7 @@ from fastcsm.engine import Engine, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, audio_rows, concat, segment_rows, text_rows
 from fastcsm.sampling import SamplingParams
-from fastcsm.testing import byte_tokenizer_json, randomize_
+from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone
 
 CFG = tiny_config()
 TOK = TextTokenizer.from_json(byte_tokenizer_json())
@@ -32,8 +32,7 @@ def test_growing_conversation_prefills_only_new_rows():
         reused = engine.stats["reused_rows"] - before["reused_rows"]
         assert reused == stored
         assert engine.stats["prefill_rows"] - before["prefill_rows"] == len(prompt) - stored
-        plain = torch.stack([e.codes for e in Engine(model, max_slots=1).run(Request(prompt, 4, params, seed=turn))])
-        assert torch.equal(got, plain)
+        assert torch.equal(got, run_alone(model, Request(prompt, 4, params, seed=turn)))
         stored = prefix
         # The spoken line and its audio join the conversation, then the other party answers.
         history += [concat([line, audio_rows(got, CFG)]),

@@ -15,7 +15,14 @@ from fastcsm.generator import Generator
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.sampling import SamplingParams
-from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_, write_tokenizer
+from fastcsm.testing import (
+    assert_compiled_step_equals_eager,
+    byte_tokenizer_json,
+    randomize_,
+    run_alone,
+    run_together,
+    write_tokenizer,
+)
 
 CFG = tiny_config()
 K = CFG.num_codebooks
@@ -186,17 +193,8 @@ def test_engine_quantize_argument(model):
 def test_int8_batched_equals_alone(int8):
     rs = [Request(prompt(t, i, frames=2 + i, seed=i), 5, SamplingParams(temperature=[0.9, 0.0, 1.1][i], topk=20),
                   seed=10 + i) for i, t in enumerate(["One.", "Two, longer.", "Three!"])]
-    engine = Engine(int8, max_slots=4)
-    out = {r: [] for r in rs}
-    for r in rs:
-        engine.add(r)
-    while any(r in engine for r in rs):
-        for e in engine.step():
-            if not e.ended:
-                out[e.request].append(e.codes)
-    for r in rs:
-        alone = Request(r.prompt, 5, r.params, seed=r.seed)
-        assert torch.equal(torch.stack(out[r]), torch.stack([e.codes for e in Engine(int8).run(alone)]))
+    for r, together in zip(rs, run_together(Engine(int8, max_slots=4), rs), strict=True):
+        assert torch.equal(together, run_alone(int8, Request(r.prompt, 5, r.params, seed=r.seed)))
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),

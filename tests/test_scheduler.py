@@ -17,7 +17,7 @@ from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
 from fastcsm.scheduler import Busy, End, Scheduler
 from fastcsm.step import engine_step, prefill
-from fastcsm.testing import byte_tokenizer_json, randomize_
+from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone
 
 CFG = tiny_config()
 TOK = TextTokenizer.from_json(byte_tokenizer_json())
@@ -61,8 +61,7 @@ def test_streams_equal_the_engine_alone_and_cancel_frees_the_slot(model):
     for i, (frames, done) in enumerate(results):
         assert done.reason == "max_length" and done.frames == 6
         assert (done.prefill_rows, done.reused_rows) == (len(request(i, 6).prompt), 0)
-        alone = torch.stack([e.codes for e in Engine(model, max_slots=1).run(request(i, 6))])
-        assert torch.equal(torch.stack(frames), alone)
+        assert torch.equal(torch.stack(frames), run_alone(model, request(i, 6)))
     assert end.reason == "cancelled" and end.frames < 500 and end.prefill_rows == len(request(9, 500).prompt)
     assert scheduler.metrics.cancelled == 1 and scheduler.active == 0
 
