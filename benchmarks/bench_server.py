@@ -126,6 +126,13 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise RuntimeError(f"{url} did not become ready in {timeout:g} s")
 
 
+def device_name(device: str | None) -> str:
+    """What the server ran on, for the report: "cpu", or the GPU's name."""
+    import torch
+
+    return device if device == "cpu" or not torch.cuda.is_available() else torch.cuda.get_device_name(0)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Terminate a server process, and kill it if it has not gone in 10 s."""
     proc.terminate()
@@ -244,13 +251,10 @@ def main(argv=None) -> None:
             held = n
     finally:
         stop(proc)
-    import torch
-
     print(json.dumps({
         "benchmark": "server_realtime_streams",
         "model": args.model or args.preset,
-        "device": args.device if args.device == "cpu" or not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
+        "device": device_name(args.device),
         "cpu_count": os.cpu_count(),
         "seconds_per_stream": args.seconds,
         "buffer_ms": args.buffer_ms,

@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_server import log, start_server, stop  # noqa: E402
+from bench_server import device_name, log, start_server, stop  # noqa: E402
 
 REPLY = ("Sure, I can help with that. The train leaves at half past nine from platform four, and the trip takes "
          "about two hours. Would you like me to book a seat for you?")
@@ -108,8 +108,6 @@ def main(argv=None) -> None:
                     f"(server: {r['server_first_audio_ms']} ms; the LLM took {r['llm_ms']} ms)")
     finally:
         stop(proc)
-    import torch
-
     summary = {}
     for mode, runs in results.items():
         values = [r["first_audio_ms"] for r in runs]
@@ -119,8 +117,7 @@ def main(argv=None) -> None:
     print(json.dumps({
         "benchmark": "stream_text_first_audio",
         "model": args.model or args.preset,
-        "device": args.device if args.device == "cpu" or not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
+        "device": device_name(args.device),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "tokens_per_s": args.tokens_per_s,
