@@ -23,12 +23,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+
+from fastcsm.server.urls import free_port, wait_ready
 
 SAMPLE_RATE = 24_000
 BYTES_PER_SAMPLE = 2  # pcm: signed 16-bit
@@ -37,12 +38,6 @@ FRAME_MS = 80
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,23 +102,6 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         proc.kill()
         raise
     return proc, url
-
-
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll `/readyz` until it answers 200; a server process that exits first is an error with its stderr."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("the server exited:\n" + (proc.stderr.read()[-3000:] if proc.stderr else ""))
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready in {timeout:g} s")
 
 
 def device_name(device: str | None) -> str:

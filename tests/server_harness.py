@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ import uvicorn
 from fastcsm.server.app import create_app
 from fastcsm.server.limits import uvicorn_config
 from fastcsm.server.settings import Settings
+from fastcsm.server.urls import free_port, wait_ready
 
 
 @functools.cache
@@ -25,12 +24,6 @@ def tiny_checkpoint() -> Path:
     root = Path(tempfile.mkdtemp(prefix="fastcsm-server-ckpt-"))
     write_hf_checkpoint(root, seed=0)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -50,15 +43,8 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 120  # a loaded machine loads slowly
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("the test server did not become ready")
+        wait_ready(self.url, 120)  # a loaded machine loads slowly
+        return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

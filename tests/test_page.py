@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
+from fastcsm.server.urls import free_port, wait_ready
 
 CHROMIUM = os.environ.get("FASTCSM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -57,27 +58,6 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 # -- fixtures -------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fastcsm serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("fastcsm serve did not become ready in time")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`fastcsm serve` on a free loopback port with a tiny random checkpoint; yields its URL."""
@@ -86,7 +66,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("page_server")
     ckpt = root / "ckpt"
     write_hf_checkpoint(ckpt)
-    port = _free_port()
+    port = free_port()
     # only the flags below configure the server: no FASTCSM_* setting leaks in from outside
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCSM_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -98,7 +78,7 @@ def server(tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, proc)
+            wait_ready(url, 120, proc)
         except Exception:
             proc.kill()
             log.seek(0)

@@ -31,7 +31,7 @@ import websockets
 
 from ..errors import EXIT_MODEL, CliError
 from ..server.settings import add_arguments, settings_from_args
-from ..server.urls import conversation_url
+from ..server.urls import conversation_url, free_port, wait_ready
 
 log = logging.getLogger("fastcsm")
 RATE, WIDTH, CHANNELS = 24_000, 2, 1
@@ -205,7 +205,7 @@ def run_wyoming(args) -> int:
     from ..server.app import create_app
 
     try:
-        settings = settings_from_args(args, host="127.0.0.1", port=_free_port(), api_keys=[])
+        settings = settings_from_args(args, host="127.0.0.1", port=free_port(), api_keys=[])
     except ValueError as e:
         raise CliError(str(e)) from e
     if settings.threads:
@@ -222,7 +222,7 @@ def run_wyoming(args) -> int:
     thread = threading.Thread(target=server.run, name="fastcsm-server", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{settings.port}"
-    _wait_ready(url)
+    wait_ready(url, 600)
     try:
         return _run(args.uri, Backend(url, args.voice))
     finally:
@@ -236,25 +236,3 @@ def _run(uri: str, backend: Backend) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, timeout_s: float = 600) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the in-process fastcsm server did not become ready")
