@@ -52,7 +52,7 @@ def random_model(cfg: CsmConfig, device, dtype) -> CSM:
     model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.state_dict().items():  # the checkpoint's linears, in order (see model.FusedLinears)
             if name.endswith("scale"):
                 p.fill_(1.0)
             else:

@@ -25,7 +25,7 @@ import torch
 
 from . import quant
 from .config import FLAVORS, CsmConfig
-from .model import CSM
+from .model import CSM, FusedState
 
 
 class CheckpointError(ValueError):
@@ -330,7 +330,7 @@ def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype
     (`iter_codec_tensors`)."""
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in CSM(model.cfg).state_dict().items()}  # as checkpoints hold them
-    loaded: dict[str, torch.Tensor] = {}
+    loaded = FusedState(model)  # a fused linear's parts go straight into its stacked tensor
     done: set[str] = set()
     unexpected = []
     with TensorReader(files.weights) as reader:
@@ -360,7 +360,7 @@ def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype
             if heads:
                 t = interleaved_to_half(t, heads)
                 scale = interleaved_to_half(scale[:, None], heads)[:, 0] if scale is not None else None
-            loaded.update(quant.convert(target, t, scale, quantize, device, dtype))
+            loaded.add(quant.convert(target, t, scale, quantize, device, dtype))
             done.add(target)
         if unexpected:
             raise CheckpointError(f"checkpoint holds tensors this model does not have: {sorted(unexpected)[:10]}")

@@ -4,9 +4,11 @@ The network holds weights only. Generation state (KV caches, positions, random s
 outside it in `KVCache` objects that the caller allocates once and passes in, so the same
 module serves one request or a batch of slots, eagerly or inside a captured graph.
 
-Module names follow the original Sesame checkpoint (torchtune naming) so that format loads
-as-is; attention uses the rotate-half RoPE convention of the Hugging Face port (the original
-checkpoint's interleaved-pair q/k rows are permuted once at load time, see `checkpoints.py`).
+State-dict names follow the original Sesame checkpoint (torchtune naming) so that format loads
+as-is. A layer runs 4 linears, not the checkpoint's 7: q/k/v are one matmul and so are gate/up
+(`FusedLinears`), while its state dict still holds the separate ones. Attention uses the
+rotate-half RoPE convention of the Hugging Face port (the original checkpoint's interleaved-pair
+q/k rows are permuted once at load time, see `checkpoints.py`).
 
 Shapes: B batch (= cache rows), S new rows, T cache length, D width, H heads, G kv heads,
 K codebooks, V audio vocabulary per codebook.
@@ -68,21 +70,113 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
-def linears(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
-    """[m(x) for m in modules]; 8-bit linears (quant.QuantLinear) may run them as one matmul."""
-    if isinstance(modules[0], nn.Linear):
-        return [m(x) for m in modules]
-    return type(modules[0]).fused(x, list(modules))
+class FusedLinears(nn.Module):
+    """Base of a layer's attention and MLP, which run some of the checkpoint's linears as one
+    matmul: `fuse` stacks their weights by rows, in the order given, in one linear.
+
+    The state dict keeps the checkpoint's names: each part is a view of its rows (`weight`, and
+    `scale` when 8-bit: per-output-channel scales stack exactly like the rows), listed in the
+    checkpoint's order `ORDER`; a state dict in those names loads by stacking them again. So every
+    checkpoint format and every reader or writer of state dicts sees the separate linears."""
+
+    ORDER: tuple[str, ...]  # the checkpoint's linears of this module, in state-dict order
+
+    def __init__(self):
+        super().__init__()
+        self.fused: dict[str, dict[str, int]] = {}  # fused linear -> {part: rows}, parts in row order
+        self.register_state_dict_post_hook(_split_fused)
+        self.register_load_state_dict_pre_hook(_stack_fused)
+
+    def fuse(self, name: str, in_features: int, parts: dict[str, int]) -> tuple[int, ...]:
+        """Add the linear `name` holding `parts` (name -> output rows); returns the rows of each, to
+        split its output by."""
+        self.fused[name] = dict(parts)
+        setattr(self, name, nn.Linear(in_features, sum(parts.values()), bias=False))
+        return tuple(parts.values())
 
 
-class Attention(nn.Module):
+def _split_fused(module: FusedLinears, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: each fused linear's entries become its parts' (views of their rows),
+    and the module's entries are put in the checkpoint's order."""
+    local = {}
+    for key in [k for k in state if k.startswith(prefix)]:
+        t = state.pop(key)
+        name, _, attr = key[len(prefix):].partition(".")
+        parts = module.fused.get(name)
+        if parts is None:
+            local[key] = t
+            continue
+        for part, rows in zip(parts, t.split(list(parts.values())), strict=True):
+            local[f"{prefix}{part}.{attr}"] = rows
+    rank = {name: i for i, name in enumerate(module.ORDER)}
+    state.update(sorted(local.items(), key=lambda kv: rank.get(kv[0][len(prefix):].partition(".")[0], len(rank))))
+
+
+def _stack_fused(module: FusedLinears, state: dict, prefix: str, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: the parts' entries (checkpoint names) -> their fused linear's.
+    A part that is absent is reported missing under its own name."""
+    for name, parts in module.fused.items():
+        heads = [f"{prefix}{part}." for part in parts]
+        attrs = {k[len(h):] for h in heads for k in state if k.startswith(h)}
+        for attr in sorted(attrs):
+            keys = [f"{prefix}{part}.{attr}" for part in parts]
+            pieces = [state.pop(k, None) for k in keys]
+            if any(t is None for t in pieces):
+                missing_keys.extend(k for k, t in zip(keys, pieces, strict=True) if t is None)
+            else:
+                state[f"{prefix}{name}.{attr}"] = torch.cat(pieces)
+
+
+class FusedState(dict):
+    """A state dict of `model` from entries in the checkpoint's names, added tensor by tensor, that
+    writes each part of a fused linear straight into the rows of the stacked tensor (made at its
+    first part): loading a checkpoint never holds a part twice, and `model.load_state_dict` takes
+    it as it is."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.rows: dict[str, tuple[str, int, int, int]] = {}  # part -> (fused linear, first row, rows, all rows)
+        for path, m in model.named_modules():
+            if isinstance(m, FusedLinears):
+                for name, parts in m.fused.items():
+                    start, total = 0, sum(parts.values())
+                    for part, rows in parts.items():
+                        self.rows[f"{path}.{part}"] = (f"{path}.{name}", start, rows, total)
+                        start += rows
+
+    def add(self, entries: dict[str, torch.Tensor]) -> None:
+        for name, t in entries.items():
+            module, _, attr = name.rpartition(".")
+            where = self.rows.get(module)
+            if where is None:
+                self[name] = t
+                continue
+            fused, start, rows, total = where
+            if t.shape[0] != rows:
+                raise ValueError(f"{name} has {t.shape[0]} rows, expected {rows}")
+            key = f"{fused}.{attr}"
+            stacked = self.get(key)
+            if stacked is None:
+                stacked = self[key] = t.new_empty((total, *t.shape[1:]))
+            elif stacked.dtype != t.dtype or stacked.shape[1:] != t.shape[1:]:
+                raise ValueError(f"{name} is {t.dtype} {list(t.shape)}, unlike the other parts of {key} "
+                                 f"({stacked.dtype} {list(stacked.shape)})")
+            stacked[start:start + rows].copy_(t)
+
+
+class Attention(FusedLinears):
+    """q, k and v come from one linear, `qkv_proj` (weight [(H + 2G) * hd, D]); the state dict holds
+    the checkpoint's q_proj, k_proj, v_proj (see `FusedLinears`)."""
+
+    ORDER = ("q_proj", "k_proj", "v_proj", "output_proj")
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=False)
+        self.qkv_rows = self.fuse("qkv_proj", cfg.dim, {"q_proj": cfg.num_heads * hd, "k_proj": cfg.num_kv_heads * hd,
+                                                        "v_proj": cfg.num_kv_heads * hd})
         self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, index, mask, k_cache, v_cache):
@@ -90,7 +184,8 @@ class Attention(nn.Module):
         # cache positions of the new rows; mask: [B, 1, R*S, T] (see Transformer); k/v_cache: [B, G, T, hd]
         B, S, _ = x.shape
         hd = self.cfg.head_dim
-        q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
+        qkv = self.qkv_proj(x).split(self.qkv_rows, dim=-1)
+        q, k, v = (t.view(B, S, -1, hd).transpose(1, 2) for t in qkv)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
         # (The casts are skipped, not called, where the dtypes agree: ~600 no-op calls a frame.)
@@ -108,17 +203,19 @@ class Attention(nn.Module):
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+class MLP(FusedLinears):
+    """SwiGLU: w2(silu(w1 x) * w3 x), the gate w1 and up w3 as one linear, `gate_up_proj` (weight
+    [2 * hidden, D]); the state dict holds the checkpoint's w1, w2, w3 (see `FusedLinears`)."""
+
+    ORDER = ("w1", "w2", "w3")
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.gate_up_rows = self.fuse("gate_up_proj", dim, {"w1": hidden, "w3": hidden})
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
 
     def forward(self, x):
-        gate, up = linears(x, self.w1, self.w3)
+        gate, up = self.gate_up_proj(x).split(self.gate_up_rows, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 

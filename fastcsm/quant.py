@@ -3,7 +3,9 @@
 What is quantized: every linear of the backbone and the depth decoder, the projection,
 `codebook0_head` and the 31 audio heads; embeddings and norms stay in the model's dtype
 (`QUANTIZED` matches the names). A weight row w[n] is stored as q[n] = round(w[n] / s[n]) with
-s[n] = max|w[n]| / 127 (int8) or / 448 (fp8 e4m3), and y = (x @ q.T) * s.
+s[n] = max|w[n]| / 127 (int8) or / 448 (fp8 e4m3), and y = (x @ q.T) * s. A layer's q/k/v and
+its gate/up run as one linear each (`model.FusedLinears`), in 8 bits as in full precision: one
+`QuantLinear` over the stacked rows, whose per-row scales are exactly the separate linears'.
 
 The kernel is chosen per device and mode, by measurement (README, "Eight-bit weights"):
 - int8 on CPU: fbgemm's int8 GEMM (`quantized::linear_dynamic`, VNNI where the CPU has it)
@@ -103,9 +105,8 @@ def _vnni() -> bool:
 # 7 bits there (as `quantize_dynamic` does); with VNNI they get all 8 (half the rounding error).
 REDUCE_RANGE = not _vnni()
 _keys = itertools.count()
-# fbgemm packed weights, made on first use, by the keys of the linears packed together (one
-# linear, or the q/k/v or gate/up linears of a layer concatenated along their output channels).
-_packed: dict[tuple[int, ...], object] = {}
+# fbgemm packed weights, made on first use, by the key of their linear (or audio head).
+_packed: dict[int, object] = {}
 _pins: dict[int, torch.Tensor] = {}  # width -> the row [1, -1, 0, ...] that pins the activation grid
 _linear_dynamic = None  # fbgemm's op, resolved by `fbgemm_available`
 
@@ -117,18 +118,16 @@ def _new_key(owner) -> int:
 
 
 def _forget(key: int) -> None:
-    """Drop every packed weight that holds the linear `key` (it is gone or has new weights)."""
-    for keys in [k for k in _packed if key in k]:
-        _packed.pop(keys, None)
+    """Drop the packed weight of the linear `key` (it is gone or has new weights)."""
+    _packed.pop(key, None)
 
 
-def _pack(weights: list[torch.Tensor], scales: list[torch.Tensor], keys: list[int]):
-    weight, scale = torch.cat(weights), torch.cat(scales)
+def _pack(weight: torch.Tensor, scale: torch.Tensor, key: int):
     zero = torch.zeros(weight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; `fbgemm_available` checks
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero, 0)
-    packed = _packed[tuple(keys)] = torch.ops.quantized.linear_prepack(qw, None)
+    packed = _packed[key] = torch.ops.quantized.linear_prepack(qw, None)
     return packed
 
 
@@ -148,13 +147,12 @@ def _linear_dynamic_op():
     return getattr(packet, "_op", packet)
 
 
-def _int8_linear_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
-                     keys: list[int]) -> torch.Tensor:
-    """x [..., K] @ cat(weights) [N, K].T * cat(scales) [N] with one fbgemm call, each row of x
-    quantized on its own; the outputs of the linears come side by side in the last dim."""
-    packed = _packed.get(tuple(keys))
+def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T * scale [N] with one fbgemm call, each row of x quantized on its
+    own; `weight` is packed on first use and kept under `key`."""
+    packed = _packed.get(key)
     if packed is None:
-        packed = _pack(weights, scales, keys)
+        packed = _pack(weight, scale, key)
     return _run_packed(x, packed)
 
 
@@ -169,10 +167,10 @@ def _run_packed(x: torch.Tensor, packed) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _packed_eager(keys: tuple[int, ...]):
-    """The packed fbgemm weight of these linears if eager code may run it straight away (it was
+def _packed_eager(key: int):
+    """The packed fbgemm weight of the linear `key` if eager code may run it straight away (it was
     packed from CPU weights that have not changed or moved since), else None."""
-    return None if torch.compiler.is_compiling() else _packed.get(keys)
+    return None if torch.compiler.is_compiling() else _packed.get(key)
 
 
 # The op that compiled graphs keep as one opaque call; eager code calls the function itself,
@@ -181,8 +179,8 @@ int8_linear_cpu = torch.library.custom_op("fastcsm::int8_linear_cpu", _int8_line
 
 
 @int8_linear_cpu.register_fake
-def _(x, weights, scales, keys):
-    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+def _(x, weight, scale, key):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @functools.cache
@@ -193,7 +191,7 @@ def fbgemm_available() -> bool:
     try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
         _linear_dynamic = _linear_dynamic_op()
         w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
-        int8_linear_cpu(torch.ones(2, 8, device="cpu"), [w], [torch.ones(8, device="cpu")], [-1])
+        int8_linear_cpu(torch.ones(2, 8, device="cpu"), w, torch.ones(8, device="cpu"), -1)
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -207,14 +205,14 @@ def _fbgemm(module, weight: torch.Tensor) -> bool:
     return module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm
 
 
-def _int8_cpu(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], keys: list[int]):
+def _int8_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int):
     op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
-    return op(x, weights, scales, keys)
+    return op(x, weight, scale, key)
 
 
 def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
     if _fbgemm(module, weight):
-        return _int8_cpu(x, [weight], [scale], [key])
+        return _int8_cpu(x, weight, scale, key)
     N, K = weight.shape
     rows = x.numel() // K
     from_rows = module.scaled_mm_rows if module.scaled_mm_rows is not None else \
@@ -251,7 +249,9 @@ def _(x, weight, scale):
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear with 8-bit weight [N, K] and fp32 scale [N] (one per output channel)."""
+    """A bias-free linear with 8-bit weight [N, K] and fp32 scale [N] (one per output channel). A
+    layer's fused q/k/v or gate/up linear (model.FusedLinears) is one of these over the stacked
+    rows: per-row scales make it exactly the separate linears quantized on their own."""
 
     scaled_mm_rows: int | None = None  # rows from which fp8 uses `_scaled_mm` (None: SCALED_MM_ROWS on CUDA only)
 
@@ -262,26 +262,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=STORAGE[mode], device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.key = _new_key(self)
-        self.keys = (self.key,)
         self.fbgemm = fbgemm_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = _packed_eager(self.keys)
+        packed = _packed_eager(self.key)
         if packed is not None:
             return _run_packed(x, packed)
         return _linear(self, x, self.weight, self.scale, self.key)
-
-    @staticmethod
-    def fused(x: torch.Tensor, linears: list[QuantLinear]) -> list[torch.Tensor]:
-        """[m(x) for m in linears], as one fbgemm call where that kernel runs (a layer's q/k/v, or
-        its gate and up projections: fewer, larger calls, each quantizing x once)."""
-        packed = _packed_eager(tuple(m.key for m in linears))
-        if packed is not None:
-            return list(_run_packed(x, packed).split_with_sizes([m.out_features for m in linears], dim=-1))
-        if not _fbgemm(linears[0], linears[0].weight):
-            return [m(x) for m in linears]
-        y = _int8_cpu(x, [m.weight for m in linears], [m.scale for m in linears], [m.key for m in linears])
-        return list(y.split([m.out_features for m in linears], dim=-1))
 
     def _load_from_state_dict(self, *args, **kwargs):
         _forget(self.key)  # new weights: pack again on first use
@@ -310,7 +297,7 @@ class QuantHeads(nn.Module):
         self.fbgemm = fbgemm_available()
 
     def forward(self, h: torch.Tensor, head: int) -> torch.Tensor:
-        packed = _packed_eager((self.keys[head],))
+        packed = _packed_eager(self.keys[head])
         if packed is not None:
             return _run_packed(h, packed)
         return _linear(self, h, self.weight[head], self.scale[head], self.keys[head])
@@ -374,18 +361,15 @@ def to_checkpoint(target: str, q: torch.Tensor, s: torch.Tensor) -> tuple[torch.
 @torch.no_grad()
 def quantized_copy(model: nn.Module, mode: str) -> nn.Module:
     """A quantized CSM made from a loaded full-precision one; embeddings and norms are shared."""
-    from .model import CSM
+    from .model import CSM, FusedState
 
     ref = model.codebook0_head.weight
     device = ref.device
     with torch.device("meta"):
         out = prepare(CSM(model.cfg), mode)
-    state = {}
+    state = FusedState(out)
     for name, t in model.state_dict().items():
-        if QUANTIZED.match(name):
-            state.update(convert(name, t, None, mode, device, t.dtype))
-        else:
-            state[name] = t
+        state.add(convert(name, t, None, mode, device, t.dtype) if QUANTIZED.match(name) else {name: t})
     out.load_state_dict(state, assign=True, strict=True)
     out.init_buffers(device)
     return out.eval().requires_grad_(False)

@@ -83,10 +83,12 @@ def tiny_mimi_hf_config() -> dict:
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    """Replace every parameter with N(0, std) noise (norm scales near 1) so no weight hides a bug."""
+    """Replace every weight with N(0, std) noise (norm scales near 1) so no weight hides a bug. The
+    weights are drawn in state-dict order (the checkpoint's linears: a fused linear's parts get the
+    numbers the separate linears would)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in module.state_dict().items():
             noise = torch.randn(p.shape, generator=g) * std
             p.copy_(1 + 0.1 * noise if name.endswith(("norm.weight", "layernorm.weight", "norm.scale")) else noise)
 

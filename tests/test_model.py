@@ -205,10 +205,11 @@ def test_interleaved_rope_permutation_is_the_original_convention(hf_dir, tmp_pat
         emb_cos, emb_sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
         return t * emb_cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * emb_sin
 
-    layer = ours.backbone.layers[0].attn
+    state = ours.state_dict()
     q_ref = interleaved(original["backbone.layers.0.attn.q_proj.weight"], b.num_heads)
     k_ref = interleaved(original["backbone.layers.0.attn.k_proj.weight"], b.num_kv_heads)
-    q, k = half(layer.q_proj.weight, b.num_heads), half(layer.k_proj.weight, b.num_kv_heads)
+    q = half(state["backbone.layers.0.attn.q_proj.weight"], b.num_heads)
+    k = half(state["backbone.layers.0.attn.k_proj.weight"], b.num_kv_heads)
     group = b.num_heads // b.num_kv_heads
     scores_ref = torch.einsum("shd,thd->hst", q_ref, k_ref.repeat_interleave(group, dim=1))
     scores = torch.einsum("shd,thd->hst", q, k.repeat_interleave(group, dim=1))

@@ -85,29 +85,38 @@ def test_cpu_int8_rows_are_independent_of_the_batch():
             assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
 
 
-def test_fused_linears_equal_separate_ones_and_follow_new_weights():
-    """A layer's q/k/v (and gate/up) run as one int8 matmul over their concatenated weights; each
-    output equals its own linear's, and loading new weights into one of them repacks the fused one."""
+def test_a_fused_linear_equals_its_parts_and_follows_new_weights():
+    """A layer's q/k/v (and gate/up) are one 8-bit linear over their stacked rows: quantizing the
+    stack is exactly quantizing each part (one scale per row), each slice of its output equals its
+    part's own linear, and loading new weights packs them again."""
     g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(n, 64, generator=g) * (i + 1) for i, n in enumerate((40, 16, 24))]
+    for mode in ("int8", "fp8"):
+        q, s = quant.quantize(torch.cat(ws), mode)
+        parts = [quant.quantize(w, mode) for w in ws]
+        assert torch.equal(q.float(), torch.cat([p[0] for p in parts]).float())
+        assert torch.equal(s, torch.cat([p[1] for p in parts]))
+    fused = quant.QuantLinear(64, 80, "int8")
+    fused.load_state_dict(dict(zip(("weight", "scale"), quant.quantize(torch.cat(ws), "int8"), strict=True)))
     lins = []
-    for n in (40, 16, 24):
-        lin = quant.QuantLinear(64, n, "int8")
-        lin.load_state_dict(dict(zip(("weight", "scale"), quant.quantize(torch.randn(n, 64, generator=g), "int8"),
-                                     strict=True)))
+    for w in ws:
+        lin = quant.QuantLinear(64, w.shape[0], "int8")
+        lin.load_state_dict(dict(zip(("weight", "scale"), quant.quantize(w, "int8"), strict=True)))
         lins.append(lin)
     x = torch.randn(3, 2, 64, generator=g)
     with torch.inference_mode():
-        fused = quant.QuantLinear.fused(x, lins)
-        assert [t.shape for t in fused] == [(3, 2, 40), (3, 2, 16), (3, 2, 24)]
-        for f, lin in zip(fused, lins, strict=True):
+        first = fused(x)
+        assert first.shape == (3, 2, 80)
+        for f, lin in zip(first.split([40, 16, 24], dim=-1), lins, strict=True):
             assert torch.allclose(f, lin(x), rtol=1e-6, atol=1e-6)
-        w, s = quant.quantize(torch.randn(16, 64, generator=g), "int8")
-        lins[1].load_state_dict({"weight": w, "scale": s})
-        again = quant.QuantLinear.fused(x, lins)
-        ref = x @ quant.dequantize(w, s, torch.float32).T
-        assert (again[1] - ref).norm() / ref.norm() < 0.03
-        assert not torch.allclose(again[1], fused[1])
-        assert torch.equal(again[0], fused[0])
+        w = torch.randn(16, 64, generator=g)
+        q, s = quant.quantize(torch.cat([ws[0], w, ws[2]]), "int8")
+        fused.load_state_dict({"weight": q, "scale": s})
+        again = fused(x)
+        ref = x @ quant.dequantize(q[40:56], s[40:56], torch.float32).T
+        assert (again[..., 40:56] - ref).norm() / ref.norm() < 0.03
+        assert not torch.allclose(again[..., 40:56], first[..., 40:56])
+        assert torch.equal(again[..., :40], first[..., :40])
 
 
 def test_moving_an_int8_linear_drops_its_packed_weight():
@@ -120,9 +129,9 @@ def test_moving_an_int8_linear_drops_its_packed_weight():
     x = torch.randn(2, 64, generator=g)
     with torch.inference_mode():
         first = lin(x)  # packs
-        assert quant._packed_eager(lin.keys) is not None and torch.equal(lin(x), first)
+        assert quant._packed_eager(lin.key) is not None and torch.equal(lin(x), first)
         lin.to("meta")
-        assert quant._packed_eager(lin.keys) is None
+        assert quant._packed_eager(lin.key) is None
         lin.to_empty(device="cpu")
         lin.weight.copy_(quant.quantize(torch.randn(40, 64, generator=g), "int8")[0])
         lin.scale.fill_(0.01)
@@ -268,8 +277,8 @@ def test_prequantized_checkpoint_loads_directly(sesame_root, model, tmp_path):
     assert saved > 0.7 * linears  # int8 + fp32 scales (tiny rows of 32-64: the scales show), mostly embeddings
     full = Generator.from_pretrained(out, device="cpu", quantize="none").model  # dequantized
     assert quant.mode_of(full) is None
-    rel = (full.backbone.layers[0].mlp.w1.weight - model.backbone.layers[0].mlp.w1.weight).norm() \
-        / model.backbone.layers[0].mlp.w1.weight.norm()
+    w1 = "backbone.layers.0.mlp.w1.weight"
+    rel = (full.state_dict()[w1] - model.state_dict()[w1]).norm() / model.state_dict()[w1].norm()
     assert rel < 0.01
     with pytest.raises(checkpoints.CheckpointError, match="already quantized"):
         checkpoints.write_quantized(out, tmp_path / "again")
