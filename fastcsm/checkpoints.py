@@ -9,7 +9,8 @@ Formats:
   rows are in the interleaved-pair RoPE order and are permuted here to rotate-half.
 
 Tensors are read one at a time, converted to the target device and dtype, and assigned into a
-model built on the meta device, so a checkpoint never sits in memory twice.
+model built on the meta device (the parts of a fused q/k/v or gate/up linear straight into its
+stacked rows, `model.FusedState`), so a checkpoint never sits in memory twice.
 """
 
 from __future__ import annotations
