@@ -104,6 +104,7 @@ class _Row:
     prefilled: int = 0  # prompt rows in the cache so far
     reused: int = 0  # of those, rows copied from the prefix cache
     frames: int = 0  # frames emitted
+    steps: int = 0  # frame steps run for it (one more than `frames` while a frame is in flight)
     snapshots: list = field(default_factory=list)  # codec rows before the latest two steps (keep_audio)
 
     @property
@@ -312,7 +313,11 @@ class Engine:
         if running:
             batch = self.bucket()
             self._snapshot_audio(running)
-            self.runner.step(self.buffers, batch, self._candidates(running))
+            # Row r writes its next frame at position prefilled + steps: attention needs no more.
+            window = max(row.prefilled + row.steps for row in running) + 1
+            self.runner.step(self.buffers, batch, self._candidates(running), window)
+            for row in running:
+                row.steps += 1
             self._copy_to_host(batch)
             self.stats["steps"] += 1
         if self.one_frame_late:
@@ -405,7 +410,7 @@ class Engine:
         tokens = prompt.tokens[None, start:stop].to(self.device, non_blocking=True)
         mask = prompt.mask[None, start:stop].to(self.device, non_blocking=True)
         start_t = torch.full((1,), start, device=self.device, dtype=torch.long)
-        h = self.runner.prefill(self.buffers, slot, tokens, mask, start_t)
+        h = self.runner.prefill(self.buffers, slot, tokens, mask, start_t, window=stop)
         row.prefilled = stop
         self.stats["prefill_rows"] += stop - start
         if stop == P and row.reused < P:

@@ -74,11 +74,14 @@ class Runner:
             raise ValueError("this Runner already serves another engine; give each engine its own")
 
     def prefill(self, bufs: Buffers, slot: int, tokens: torch.Tensor, mask: torch.Tensor,
-                start: torch.Tensor) -> torch.Tensor:
+                start: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """`window`: the prompt's rows end below it (attention reads no further; prefill is eager)."""
         with torch.inference_mode():
-            return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1))
+            return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1).within(window))
 
-    def step(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+    def step(self, bufs: Buffers, batch: int, candidates: int | None, window: int | None = None) -> None:
+        """`window`: every active row's position is below it. An eager step attends over that
+        many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
         self._bind(bufs)
         key = (batch, candidates)
         if self.cuda_graphs:
@@ -87,7 +90,7 @@ class Runner:
             self._graphs[key].replay()
             return
         with torch.inference_mode():
-            self._step(*bufs.step_args(batch, candidates))
+            self._step(*bufs.step_args(batch, candidates, None if self.compiled else window))
         self.built.add(key)
 
     def warmup(self, bufs: Buffers, variants) -> None:

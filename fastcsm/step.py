@@ -79,9 +79,10 @@ class Buffers:
             pcm=torch.zeros(slots, mimi.config.frame_size, device=model.device) if mimi is not None else None,
         )
 
-    def step_args(self, batch: int, candidates: int | None) -> tuple:
-        """`engine_step`'s arguments for rows 0..batch-1."""
-        return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch),
+    def step_args(self, batch: int, candidates: int | None, window: int | None = None) -> tuple:
+        """`engine_step`'s arguments for rows 0..batch-1; `window`: the backbone attends over
+        positions 0..window-1 only (every active row sits below it; see `KVCache.within`)."""
+        return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch).within(window),
                 self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch),
                 candidates)
 

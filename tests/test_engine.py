@@ -460,3 +460,31 @@ def test_a_runner_serves_one_engine(model):
         Engine(model, runner=Runner(), compile=True)
     with pytest.raises(TypeError, match="Codec"):
         Engine(model, codec=object())
+
+
+class WholeWindow(Runner):
+    """Steps and prefills that attend over the whole cache, as compiled and captured ones do."""
+
+    def prefill(self, bufs, slot, tokens, mask, start, window=None):
+        return super().prefill(bufs, slot, tokens, mask, start)
+
+    def step(self, bufs, batch, candidates, window=None):
+        super().step(bufs, batch, candidates)
+
+
+def test_attention_over_the_live_window_equals_the_whole_cache(model, late):
+    windows = []
+
+    def step(*args):  # the eager step, recording the window it was given
+        windows.append(args[3].attended)
+        engine_step(*args)
+
+    rs = requests(3, frames=5)
+    windowed = run_together(Engine(model, max_slots=4, one_frame_late=late, runner=Runner(step=step)), rs)
+    whole = run_together(Engine(model, max_slots=4, one_frame_late=late, runner=WholeWindow()), requests(3, frames=5))
+    for a, b in zip(windowed, whole, strict=True):
+        assert torch.equal(a, b)
+    # The window is the furthest running row's position + 1, far below the cache's length.
+    longest = max(len(r.prompt) for r in rs)
+    assert longest < windows[0] <= longest + 1 + 5 and max(windows) <= longest + 5 + int(late) + 1
+    assert max(windows) < CFG.max_seq_len
