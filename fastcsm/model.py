@@ -148,6 +148,13 @@ class Tables(NamedTuple):
         return Tables(*(t[:, :, p:p + 1] for t in self))
 
 
+class DecoderTables(NamedTuple):
+    """The depth decoder's tables for one frame, the same every frame (`CSM.decoder_tables`)."""
+
+    first: Tables  # the first pass: positions 0 and 1 (h and codebook 0)
+    rows: Tables  # positions 0..K-1 one row at a time: pass i > 1 takes `rows.at(i)`
+
+
 class Transformer(nn.Module):
     """A Llama-style stack with external KV cache; returns final-normed hidden states."""
 
@@ -258,15 +265,16 @@ class CSM(nn.Module):
 
     def run_decoder(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
         """x: [B, S, D_backbone] -> decoder hidden [B, S, d] (projection applied here). pos: [B, S]
-        positions or `decoder_tables(...).at(p)`."""
+        positions or the tables of `decoder_tables`."""
         return self.decoder(self.projection(x), pos, cache)
 
-    def decoder_tables(self, batch: int) -> Tables:
-        """The decoder's tables for positions 0..K-1 of every row, to run a frame's one-row passes
-        from (`Tables.at`): the same for every frame."""
+    def decoder_tables(self, batch: int) -> DecoderTables:
+        """The decoder's tables for a frame's passes over `batch` rows: the same for every frame,
+        so the engine makes them once (`step.Buffers`)."""
         K = self.cfg.num_codebooks
         pos = torch.arange(K, device=self.device).expand(batch, K)
-        return self.decoder.tables(pos, K, self.dtype, one_row=True)
+        return DecoderTables(self.decoder.tables(pos[:, :2], K, self.dtype),
+                             self.decoder.tables(pos, K, self.dtype, one_row=True))
 
     def codebook_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
         """h: [B, d] decoder hidden -> logits [B, V] for codebook 1..K-1."""

@@ -13,7 +13,7 @@ from fastcsm.engine import KEPT_AUDIO_PER_SLOT, Engine, PrefillError, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams
+from fastcsm.sampling import SamplingParams, SamplingPath
 from fastcsm.step import SlotState, engine_step
 from fastcsm.testing import (
     assert_compiled_step_equals_eager,
@@ -154,7 +154,7 @@ def scripted_step(end_at):
     """A frame step whose codes are scripted: slot s emits frame number f+1 everywhere, and
     the all-zero end frame when f == end_at[s]."""
 
-    def step(model, codec, state: SlotState, cache, decoder_cache, codec_state, pcm, candidates):
+    def step(model, codec, state: SlotState, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
         ends = torch.tensor(end_at[: state.codes.shape[0]])
         codes = (state.frame + 1)[:, None].expand_as(state.codes)
         codes = torch.where((state.frame == ends)[:, None], torch.zeros_like(codes), codes)
@@ -344,12 +344,15 @@ def test_warmup_builds_every_variant_without_advancing_streams(model):
     r = requests(1, frames=5)[0]
     engine.add(r)
     engine.step()
-    assert variants == [(1, 64)]  # built by running it
+    ran = (1, SamplingPath(64, nucleus=False, greedy=False))  # topk 50, topp 1: no nucleus, no argmax
+    assert variants == [ran]  # built by running it
     state = [t.clone() for t in vars(engine.buffers.state).values()]
     variants.clear()
     assert engine.warmup() > 0
-    assert sorted(variants, key=str) == sorted([(1, None), (2, 64), (2, None)], key=str)
-    assert engine.runner.built == {(1, 64), (1, None), (2, 64), (2, None)}
+    every = [(b, p) for b in (1, 2) for p in SamplingPath.every(64)]
+    assert len(every) == 2 * 9 and ran in every
+    assert sorted(variants, key=str) == sorted(set(every) - {ran}, key=str)
+    assert engine.runner.built == set(every)
     assert all(torch.equal(a, b) for a, b in zip(state, vars(engine.buffers.state).values(), strict=True))
     rest = []
     while r in engine:
@@ -377,7 +380,7 @@ def scripted_audio_step(script):
     """Codes from `script[slot][frame]` (the all-zero end frame where the script runs out), then
     the engine's own Mimi decode of them. `script` may change between steps."""
 
-    def step(model, mimi, state, cache, decoder_cache, codec_state, pcm, candidates):
+    def step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
         rows = []
         for slot in range(state.codes.shape[0]):
             frames = script.get(slot, [])
