@@ -253,8 +253,10 @@ class CSM(nn.Module):
         return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
 
     def embed_code(self, code: torch.Tensor, codebook: int) -> torch.Tensor:
-        """code: [B] -> [B, D], the audio embedding of `code` in `codebook`."""
-        return self.audio_embeddings(code + codebook * self.cfg.audio_vocab_size)
+        """code: [B] -> [B, D], the audio embedding of `code` in `codebook` (the rows of its codebook
+        are a view of the table: no offset to add)."""
+        V = self.cfg.audio_vocab_size
+        return F.embedding(code, self.audio_embeddings.weight[codebook * V:(codebook + 1) * V])
 
     def run_backbone(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """x: [B, S, D] embedded rows at positions pos [B, S] -> final-normed hidden [B, S, D]."""

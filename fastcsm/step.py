@@ -127,8 +127,9 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
     h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     state.codes.copy_(codes)
     state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
-    state.pos.add_(active.long())
-    state.frame.add_(active.long())
+    advance = active.long()
+    state.pos.add_(advance)
+    state.frame.add_(advance)
 
 
 def engine_step(model: CSM, mimi: Mimi | None, state: SlotState, cache: KVCache, decoder_cache: KVCache,
