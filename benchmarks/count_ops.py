@@ -54,7 +54,8 @@ def main() -> None:
         engine.step()
     n = engine.sample_candidates
     paths = {"default": SamplingPath.of([SamplingParams()], n), "every_filter": SamplingPath(n),
-             "nucleus": SamplingPath(n, nucleus=True, greedy=False), "greedy": SamplingPath.of([SamplingParams(0.0)], n)}
+             "nucleus": SamplingPath(n, nucleus=True, greedy=False),
+             "greedy": SamplingPath.of([SamplingParams(0.0)], n)}
     counts = {name: count(engine, path) for name, path in paths.items()}
     top, work = counts["default"]
     print(json.dumps({"preset": args.preset, "codec": args.codec, "backbone_layers": cfg.backbone.num_layers,

@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
     codec = bench.random_codec(cfg, device) if args.codec else None
     params = SamplingParams()
     path = SamplingPath.of([params], 64)
-    result = {"preset": name, "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+    result = {"preset": name, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "codec_in_step": args.codec,
               "path": path._asdict(), "steps": steps, "profile_steps": args.profile_steps, "runs": []}
     for batch in batches:
@@ -75,8 +76,8 @@ def main(argv=None) -> dict:
             except Exception as e:  # report it and go on: a cut-off GPU run still tells the rest
                 run["error"] = f"{type(e).__name__}: {e}"[:500]
             result["runs"].append(run)
-            bench.log(f"profile_step: {mode} batch {batch}: " + ", ".join(
-                f"{k} {v}" for k, v in run.items() if k in ("wall_ms", "kernels_per_frame", "busy_ms", "note", "error")))
+            shown = ("wall_ms", "kernels_per_frame", "busy_ms", "note", "error")
+            bench.log(f"profile_step: {mode} batch {batch}: " + ", ".join(f"{k} {run[k]}" for k in shown if k in run))
         del engine
     print(json.dumps(result))
     return result

@@ -144,8 +144,11 @@ class SamplingPath(NamedTuple):
     def every(candidates: int | None = None) -> list[SamplingPath]:
         """Every path `of` can give for `candidates`."""
         ranks = dict.fromkeys([candidates or None, None])
-        return [SamplingPath(None, False, True, False)] + [
-            SamplingPath(n, nucleus, greedy, True) for n in ranks for nucleus in (False, True) for greedy in (False, True)]
+        return [SamplingPath(None, False, True, False)] + [SamplingPath(n, nucleus, greedy, True) for n in ranks
+                                                             for nucleus in (False, True) for greedy in (False, True)]
+
+
+EVERY_FILTER = SamplingPath()  # the full sort, the nucleus and the argmax: right for any rows
 
 
 class RowParams(NamedTuple):
@@ -159,7 +162,7 @@ class RowParams(NamedTuple):
 
 
 def row_params(temperature: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor, vocab: int,
-               path: SamplingPath = SamplingPath()) -> RowParams:
+               path: SamplingPath = EVERY_FILTER) -> RowParams:
     """temperature, topp: [B] float; topk: [B] long; `path.candidates` as in `sample`."""
     n = path.candidates if path.candidates is not None and path.candidates < vocab else vocab
     rank = torch.arange(n, device=temperature.device)
@@ -173,7 +176,7 @@ def row_params(temperature: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor
     return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, keep, drop, topp_off)
 
 
-def pick(logits: torch.Tensor, log_noise, rows: RowParams | None, path: SamplingPath = SamplingPath()) -> torch.Tensor:
+def pick(logits: torch.Tensor, log_noise, rows: RowParams | None, path: SamplingPath = EVERY_FILTER) -> torch.Tensor:
     """`sample` with its per-row settings made beforehand (`row_params`, for the same `path`) and the
     noise as a function from token ids [B, n] to the log of their Exp(1) noise (e.g.
     `FrameNoise.log_at`). A path without `sampled` needs neither (the argmax of every row)."""

@@ -20,7 +20,7 @@ import torch
 from .mimi import Mimi, MimiDecoderState
 from .model import CSM, DecoderTables, KVCache
 from .nested import first_rows
-from .sampling import FrameNoise, SamplingPath, pick, row_params
+from .sampling import EVERY_FILTER, FrameNoise, SamplingPath, pick, row_params
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Buffers:
 
 
 def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, tables: DecoderTables,
-                 path: SamplingPath = SamplingPath()) -> torch.Tensor:
+                 path: SamplingPath = EVERY_FILTER) -> torch.Tensor:
     """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0).
     tables: `model.decoder_tables(B)`; path: which sampling ops run (`sampling.SamplingPath`)."""
     K, C = model.cfg.num_codebooks, model.cfg.codebook_size
@@ -116,8 +116,8 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, tables: D
     return torch.stack(codes, dim=1)
 
 
-def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache, decoder_tables: DecoderTables,
-               path: SamplingPath = SamplingPath()) -> None:
+def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache,
+               decoder_tables: DecoderTables, path: SamplingPath = EVERY_FILTER) -> None:
     """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
     codes = sample_frame(model, state, decoder_cache, decoder_tables, path)
     active = state.active

@@ -176,7 +176,8 @@ def test_every_path_picks_what_the_path_with_every_filter_picks():
             if B == 1 and path.greedy and path.sampled:
                 continue  # one row is either greedy or sampled
             seed, frame, temperature, topk, topp = _rows_for(path, g, B)
-            params = [SamplingParams(float(t), int(k), float(p)) for t, k, p in zip(temperature, topk, topp, strict=True)]
+            params = [SamplingParams(float(t), int(k), float(p))
+                      for t, k, p in zip(temperature, topk, topp, strict=True)]
             assert SamplingPath.of(params, 64) == path
             noise = FrameNoise(seed, frame, K, V)
             full, lean = SamplingPath(path.candidates), path
