@@ -35,7 +35,7 @@ from .model import CSM
 from .nested import leaves
 from .prompt import Prompt
 from .runner import Runner
-from .sampling import SamplingParams, SamplingPath
+from .sampling import SamplingParams, SamplingPath, row_key
 from .step import Buffers
 
 # Kept codec states (for `audio_after`) per slot: enough for every slot's follower to be
@@ -268,7 +268,7 @@ class Engine:
         self._slots[row.slot] = self._rows[request] = row
         st, p = self.buffers.state, request.params
         st.active[row.slot] = False
-        st.seed[row.slot], st.frame[row.slot] = request.seed, 0
+        st.key[row.slot], st.frame[row.slot] = row_key(torch.tensor(request.seed)), 0
         st.temperature[row.slot], st.topk[row.slot], st.topp[row.slot] = p.temperature, p.topk, p.topp
         self._reuse_prefix(row)
         self._waiting.append(row)

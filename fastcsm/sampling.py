@@ -59,8 +59,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16).bitwise_xor_(x)
 
 
-def _row_key(seed: torch.Tensor) -> torch.Tensor:
-    """seed [B] int64 -> the row's 32-bit key [B]."""
+def row_key(seed: torch.Tensor) -> torch.Tensor:
+    """seed [B] int64 -> the row's 32-bit key [B]: a request's, made once (the engine keeps it per slot)."""
     return _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
 
 
@@ -82,7 +82,7 @@ def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab:
     rows share the batch or on any generator state, and replaying a seed reproduces them.
     `FrameNoise` gives the same numbers for all codebooks of a frame at once.
     """
-    row = _row_key(seed)
+    row = row_key(seed)
     key = _codebook_keys(row, frame, torch.tensor([codebook], device=seed.device))  # [B, 1]
     return -torch.log(_uniform(key, torch.arange(vocab, device=seed.device), row[:, None]))
 
@@ -90,18 +90,19 @@ def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab:
 class FrameNoise:
     """`counter_noise` for every codebook of one frame, as the log of the noise (what the race
     subtracts), derived once: `log_at(codebook, tokens)` is `counter_noise(...).gather(-1, tokens).log()`.
+    key: the rows' `row_key(seed)` [B]; frame: [B].
 
     `whole` (static; default: when B * codebooks * vocab <= WHOLE_FRAME_NOISE) hashes every token of
     every codebook up front; otherwise each call hashes just the tokens it is given.
     """
 
-    def __init__(self, seed: torch.Tensor, frame: torch.Tensor, codebooks: int, vocab: int,
+    def __init__(self, key: torch.Tensor, frame: torch.Tensor, codebooks: int, vocab: int,
                  whole: bool | None = None):
-        device = seed.device
-        self.row = _row_key(seed)[:, None]  # [B, 1]
-        self.keys = _codebook_keys(self.row[:, 0], frame, torch.arange(codebooks, device=device))  # [B, K]
+        device = key.device
+        self.row = key[:, None]  # [B, 1]
+        self.keys = _codebook_keys(key, frame, torch.arange(codebooks, device=device))  # [B, K]
         if whole is None:
-            whole = seed.shape[0] * codebooks * vocab <= WHOLE_FRAME_NOISE
+            whole = key.shape[0] * codebooks * vocab <= WHOLE_FRAME_NOISE
         self.table = None
         if whole:  # [B, K, vocab]
             token = torch.arange(vocab, device=device)

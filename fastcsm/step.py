@@ -30,7 +30,7 @@ class SlotState:
     h: torch.Tensor  # [S, D] backbone hidden state the next frame is sampled from
     pos: torch.Tensor  # [S] long, position the next frame is written at
     frame: torch.Tensor  # [S] long, frames sampled so far (the noise counter)
-    seed: torch.Tensor  # [S] long
+    key: torch.Tensor  # [S] long, the request's noise key: `sampling.row_key(seed)`
     active: torch.Tensor  # [S] bool
     temperature: torch.Tensor  # [S] float
     topk: torch.Tensor  # [S] long
@@ -44,7 +44,7 @@ class SlotState:
             h=torch.zeros(slots, dim, device=device, dtype=dtype),
             pos=torch.zeros(slots, **long),
             frame=torch.zeros(slots, **long),
-            seed=torch.zeros(slots, **long),
+            key=torch.zeros(slots, **long),
             active=torch.zeros(slots, device=device, dtype=torch.bool),
             temperature=torch.ones(slots, device=device),
             topk=torch.zeros(slots, **long),
@@ -97,7 +97,7 @@ def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, tables: D
     # What the 32 picks share is made once: the rows' settings and the frame's noise keys.
     noise = rows = None
     if path.sampled:
-        noise = FrameNoise(state.seed, state.frame, K, C)
+        noise = FrameNoise(state.key, state.frame, K, C)
         rows = row_params(state.temperature, state.topk, state.topp, C, path)
 
     def choose(logits, codebook):

@@ -5,7 +5,16 @@ import functools
 
 import torch
 
-from fastcsm.sampling import FrameNoise, SamplingParams, SamplingPath, counter_noise, pick, row_params, sample
+from fastcsm.sampling import (
+    FrameNoise,
+    SamplingParams,
+    SamplingPath,
+    counter_noise,
+    pick,
+    row_key,
+    row_params,
+    sample,
+)
 
 V = 300
 
@@ -116,7 +125,7 @@ def test_noise_is_bit_identical_to_the_reference_formula():
     seed, frame, *_ = _random_rows(g, 33)
     K, V = 5, 301
     tokens = torch.randint(0, V, (33, 17), generator=g)
-    whole, lazy = FrameNoise(seed, frame, K, V, whole=True), FrameNoise(seed, frame, K, V, whole=False)
+    whole, lazy = (FrameNoise(row_key(seed), frame, K, V, whole=w) for w in (True, False))
     assert whole.table is not None and lazy.table is None
     for cb in range(K):
         ref = _ref_counter_noise(seed, frame, cb, V)
@@ -133,7 +142,7 @@ def test_sampler_is_bit_identical_to_the_reference_formulas():
         if topk_off:
             topk[::2] = 0
         for whole in (True, False):
-            noise = FrameNoise(seed, frame, K, V, whole=whole)
+            noise = FrameNoise(row_key(seed), frame, K, V, whole=whole)
             path = SamplingPath(candidates)
             rows = row_params(temperature, topk, topp, V, path)
             for cb in range(K):
@@ -179,7 +188,7 @@ def test_every_path_picks_what_the_path_with_every_filter_picks():
             params = [SamplingParams(float(t), int(k), float(p))
                       for t, k, p in zip(temperature, topk, topp, strict=True)]
             assert SamplingPath.of(params, 64) == path
-            noise = FrameNoise(seed, frame, K, V)
+            noise = FrameNoise(row_key(seed), frame, K, V)
             full, lean = SamplingPath(path.candidates), path
             rows_full = row_params(temperature, topk, topp, V, full)
             rows_lean = row_params(temperature, topk, topp, V, lean) if lean.sampled else None
