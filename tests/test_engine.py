@@ -463,3 +463,40 @@ def test_a_runner_serves_one_engine(model):
         Engine(model, runner=Runner(), compile=True)
     with pytest.raises(TypeError, match="Codec"):
         Engine(model, codec=object())
+
+
+def test_compiled_runner_keeps_every_variant(model):
+    """Every bucket and sampling path is one compiled graph of the same function: more than dynamo's
+    default recompile limit (8), past which fullgraph=True fails. A trivial step keeps it fast."""
+
+    def step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
+        state.codes.add_((path.candidates or 0) + path.nucleus + 2 * path.greedy + 4 * path.sampled)
+
+    torch._dynamo.reset()
+    engine = Engine(model, max_slots=2, runner=Runner(step=step, compile="eager"))
+    assert engine.warmup() > 0
+    assert len(engine.runner.built) == 2 * 9
+
+
+def test_lean_sampling_paths_give_the_codes_of_every_filter(model):
+    """Requests with topp 1 mixing temperatures, top-k and greedy rows: the engine runs lean paths
+    (no nucleus; no argmax without a greedy row; only the argmax for greedy rows alone) and gets the
+    codes that the path with every filter gets."""
+    rs = [replace(r, params=replace(r.params, topp=1.0)) for r in requests(4, frames=5)]
+    lean_paths = []
+
+    def lean(*args):
+        lean_paths.append(args[-1])
+        engine_step(*args)
+
+    def every_filter(*args):
+        path = args[-1]
+        engine_step(*args[:-1], SamplingPath(path.candidates if path.sampled else None))
+
+    for batch in (rs[:1], rs[1:2], rs[2:3], rs):
+        got = run_together(Engine(model, max_slots=4, runner=Runner(step=lean)), batch)
+        want = run_together(Engine(model, max_slots=4, runner=Runner(step=every_filter)), batch)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not any(p.nucleus for p in lean_paths)
+    assert {SamplingPath(64, False, False), SamplingPath(None, False, True, False), SamplingPath(None, False, True)} \
+        <= set(lean_paths)
