@@ -122,8 +122,8 @@ def _log_noise(uniform: torch.Tensor) -> torch.Tensor:
 
 class SamplingPath(NamedTuple):
     """The static part of sampling a step: which ops it runs, one compiled / captured step variant
-    each. `of` picks the leanest path for a set of rows; every path picks what `SamplingPath()`
-    (all of them) picks for the rows it is chosen for."""
+    each. `of` picks the leanest path for a set of rows, and it picks what the path with every
+    filter and the same `candidates` picks for those rows, bit for bit (tests/test_sampling.py)."""
 
     candidates: int | None = None  # rank only the best n tokens (a partial top-k); None: sort them all
     nucleus: bool = True  # some row has topp < 1
