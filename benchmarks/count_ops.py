@@ -5,6 +5,9 @@ On a GPU each compute op is at least one kernel, so this count times a kernel's 
 bounds a captured step from below, whatever the bandwidth:
 
     python benchmarks/count_ops.py [--preset csm-1b] [--codec]
+
+The top-level figures are for the default request's sampling path (temperature 0.9, top-k 50,
+top-p 1: no nucleus, no argmax); `paths` gives the compute ops of others for comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fastcsm.codec import Codec
 from fastcsm.engine import Engine, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Prompt
+from fastcsm.sampling import SamplingParams, SamplingPath
 from fastcsm.testing import random_mimi, randomize_
 
 # Ops that only make a view or change metadata: no kernel on a GPU.
@@ -48,14 +52,27 @@ def main() -> None:
     engine.add(Request(Prompt(torch.zeros(8, K + 1, dtype=torch.long), mask), 16, seed=1))
     for _ in range(3):  # prefill and a few frames
         engine.step()
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.runner.step(engine.buffers, 1, engine.sample_candidates)
-    top = [e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    work = collections.Counter(name for name in top if name not in VIEWS)
+    n = engine.sample_candidates
+    paths = {"default": SamplingPath.of([SamplingParams()], n), "every_filter": SamplingPath(n),
+             "nucleus": SamplingPath(n, nucleus=True, greedy=False),
+             "greedy": SamplingPath.of([SamplingParams(0.0)], n)}
+    counts = {name: count(engine, path) for name, path in paths.items()}
+    top, work = counts["default"]
     print(json.dumps({"preset": args.preset, "codec": args.codec, "backbone_layers": cfg.backbone.num_layers,
                       "decoder_layers": cfg.decoder.num_layers, "codebooks": K, "ops": len(top),
-                      "compute_ops": sum(work.values()), "most": dict(work.most_common(10))}))
+                      "compute_ops": sum(work.values()), "most": dict(work.most_common(10)),
+                      "paths": {name: {"compute_ops": sum(w.values()), **path._asdict()}
+                                for (name, path), (_, w) in zip(paths.items(), counts.values(), strict=True)}}))
+
+
+def count(engine: Engine, path: SamplingPath) -> tuple[list[str], collections.Counter]:
+    """The aten ops one frame step on `path` calls at the top level, and those that compute, by name.
+    (Run on the engine's buffers: the step advances its one stream, which nothing reads.)"""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.runner.step(engine.buffers, 1, path)
+    top = [e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return top, collections.Counter(name for name in top if name not in VIEWS)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ timeout 200 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64,
     --quantize none,int8,fp8 --peer-frames 10 | tail -1 | tee "$out/bench_graphs.json"
 
 left=$(( 475 - ($(date +%s) - start) ))
+step "profile: one csm-1b bf16 frame's kernels, eager and captured, batches 1 and 64; ${left} s left"
+if [ "$left" -gt 120 ]; then  # -> $out/profile.json (kernels a frame, busy time, gaps, top kernels)
+    timeout 120 python3 benchmarks/profile_step.py --batch 1,64 | tail -1 | tee "$out/profile.json"
+else
+    echo "skipped: less than 120 s left"
+fi
+
+left=$(( 475 - ($(date +%s) - start) ))
 step "bench: bf16 compiled and captured, batch 1; ${left} s left"
 if [ "$left" -gt 235 ]; then
     timeout "$left" python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1 --steps 30 --compile \

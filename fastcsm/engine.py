@@ -35,7 +35,7 @@ from .model import CSM
 from .nested import leaves
 from .prompt import Prompt
 from .runner import Runner
-from .sampling import SamplingParams
+from .sampling import SamplingParams, SamplingPath, row_key
 from .step import Buffers
 
 # Kept codec states (for `audio_after`) per slot: enough for every slot's follower to be
@@ -176,7 +176,9 @@ class Engine:
     one_frame_late: learn each step's frames during the next step (default: on CUDA, where
       the step runs asynchronously; on CPU the step is synchronous and waiting costs nothing).
     sample_candidates: rank only this many tokens per codebook while every request's top-k fits
-      (default 64; the reference's top-k is 50); other steps sort the whole vocabulary.
+      (default 64; the reference's top-k is 50); other steps sort the whole vocabulary. Each step
+      runs the leanest `SamplingPath` for its running requests' settings (no nucleus while every
+      topp is 1, no argmax while none is greedy), picked on the host: the same codes.
     quantize: "int8" or "fp8" runs a quantized copy of a full-precision `model` (see quant.py);
       a model loaded with `quantize=` is already quantized (`self.quantization` says which).
     runner: how the step and prefill run (`runner.Runner`); by default one built from
@@ -267,7 +269,7 @@ class Engine:
         self._slots[row.slot] = self._rows[request] = row
         st, p = self.buffers.state, request.params
         st.active[row.slot] = False
-        st.seed[row.slot], st.frame[row.slot] = request.seed, 0
+        st.key[row.slot], st.frame[row.slot] = row_key(torch.tensor(request.seed)), 0
         st.temperature[row.slot], st.topk[row.slot], st.topp[row.slot] = p.temperature, p.topk, p.topp
         self._reuse_prefix(row)
         self._waiting.append(row)
@@ -315,7 +317,7 @@ class Engine:
             self._snapshot_audio(running)
             # Row r writes its next frame at position prefilled + steps: attention needs no more.
             window = max(row.prefilled + row.steps for row in running) + 1
-            self.runner.step(self.buffers, batch, self._candidates(running), window)
+            self.runner.step(self.buffers, batch, self._sampling_path(running), window)
             for row in running:
                 row.steps += 1
             self._copy_to_host(batch)
@@ -332,20 +334,18 @@ class Engine:
 
     def warmup(self) -> float:
         """Build every variant of the step before traffic arrives (compile it, capture its CUDA
-        graph) for each batch bucket and both sampling paths, so that no request waits for that
+        graph) for each batch bucket and every sampling path, so that no request waits for that
         later. Streams already running are not advanced. Returns the seconds it took."""
         t = time.perf_counter()
-        paths = dict.fromkeys([self.sample_candidates or None, None])
-        self.runner.warmup(self.buffers, [(b, c) for b in self.buckets for c in paths])
+        paths = SamplingPath.every(self.sample_candidates)
+        self.runner.warmup(self.buffers, [(b, p) for b in self.buckets for p in paths])
         return time.perf_counter() - t
 
-    def _candidates(self, running: list[_Row]) -> int | None:
-        """Tokens the sampler must rank this step: a partial top-k when every running request's
-        top-k fits in `sample_candidates` (the pick is the same), else a full sort."""
-        n = self.sample_candidates
-        if n and all(0 < row.request.params.topk <= n for row in running):
-            return n
-        return None
+    def _sampling_path(self, running: list[_Row]) -> SamplingPath:
+        """The sampling ops this step needs, from its running requests' settings (set at admission,
+        known here without asking the device): a partial top-k when every top-k fits in
+        `sample_candidates`, the nucleus only when some topp < 1, and so on (`SamplingPath.of`)."""
+        return SamplingPath.of([row.request.params for row in running], self.sample_candidates)
 
     def _copy_to_host(self, batch: int) -> None:
         self._host_codes[:batch].copy_(self.buffers.state.codes[:batch], non_blocking=True)

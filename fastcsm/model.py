@@ -267,6 +267,13 @@ class Tables(NamedTuple):
         return Tables(*(t[:, :, p:p + 1] for t in self))
 
 
+class DecoderTables(NamedTuple):
+    """The depth decoder's tables for one frame, the same every frame (`CSM.decoder_tables`)."""
+
+    first: Tables  # the first pass: positions 0 and 1 (h and codebook 0)
+    rows: Tables  # positions 0..K-1 one row at a time: pass i > 1 takes `rows.at(i)`
+
+
 class Transformer(nn.Module):
     """A Llama-style stack with external KV cache; returns final-normed hidden states."""
 
@@ -365,8 +372,10 @@ class CSM(nn.Module):
         return self.audio_embeddings(codes + self.codebook_offsets).sum(dim=1, keepdim=True)
 
     def embed_code(self, code: torch.Tensor, codebook: int) -> torch.Tensor:
-        """code: [B] -> [B, D], the audio embedding of `code` in `codebook`."""
-        return self.audio_embeddings(code + codebook * self.cfg.audio_vocab_size)
+        """code: [B] -> [B, D], the audio embedding of `code` in `codebook` (the rows of its codebook
+        are a view of the table: no offset to add)."""
+        V = self.cfg.audio_vocab_size
+        return F.embedding(code, self.audio_embeddings.weight[codebook * V:(codebook + 1) * V])
 
     def run_backbone(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """x: [B, S, D] embedded rows at positions pos [B, S] -> final-normed hidden [B, S, D]."""
@@ -377,15 +386,16 @@ class CSM(nn.Module):
 
     def run_decoder(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
         """x: [B, S, D_backbone] -> decoder hidden [B, S, d] (projection applied here). pos: [B, S]
-        positions or `decoder_tables(...).at(p)`."""
+        positions or the tables of `decoder_tables`."""
         return self.decoder(self.projection(x), pos, cache)
 
-    def decoder_tables(self, batch: int) -> Tables:
-        """The decoder's tables for positions 0..K-1 of every row, to run a frame's one-row passes
-        from (`Tables.at`): the same for every frame."""
+    def decoder_tables(self, batch: int) -> DecoderTables:
+        """The decoder's tables for a frame's passes over `batch` rows: the same for every frame,
+        so the engine makes them once (`step.Buffers`)."""
         K = self.cfg.num_codebooks
         pos = torch.arange(K, device=self.device).expand(batch, K)
-        return self.decoder.tables(pos, K, self.dtype, one_row=True)
+        return DecoderTables(self.decoder.tables(pos[:, :2], K, self.dtype),
+                             self.decoder.tables(pos, K, self.dtype, one_row=True))
 
     def codebook_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
         """h: [B, d] decoder hidden -> logits [B, V] for codebook 1..K-1."""

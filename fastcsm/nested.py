@@ -14,7 +14,8 @@ def map_leaves(fn, obj, kind=torch.Tensor):
     if isinstance(obj, kind):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_leaves(fn, o, kind) for o in obj)
+        items = [map_leaves(fn, o, kind) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a NamedTuple or not
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: map_leaves(fn, getattr(obj, f.name), kind)
                                            for f in dataclasses.fields(obj) if f.init})

@@ -3,10 +3,10 @@
 The engine owns the buffers (`step.Buffers`) and decides what to run; a `Runner` runs it:
 
     runner.prefill(buffers, slot, tokens, mask, start) -> h   prompt rows into one slot's cache row
-    runner.step(buffers, batch, candidates)                   one frame for rows 0..batch-1
-    runner.warmup(buffers, variants)                          build those (batch, candidates) steps now
+    runner.step(buffers, batch, path)                         one frame for rows 0..batch-1
+    runner.warmup(buffers, variants)                          build those (batch, path) steps now
 
-A step variant is (batch bucket, sampling path). With CUDA graphs each variant is captured once
+A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each variant is captured once
 (after two warm-up runs on a side stream) and replayed; compiled or eager, it is called. Building
 a variant must not advance any stream, so every per-slot tensor is saved and restored around it
 (`preserved`). The functions run are arguments: a test gives a scripted step or a failing
@@ -24,6 +24,7 @@ import torch
 import torch._inductor.config
 
 from .nested import leaves
+from .sampling import SamplingPath
 from .step import Buffers, engine_step, prefill
 
 
@@ -58,12 +59,16 @@ class Runner:
             backend = "inductor" if compile is True else compile
             if backend == "inductor":
                 enable_compile_cache()
+            # Each variant is one compiled graph of the same function, more than dynamo's default
+            # recompile limit (8) for a few buckets; past the limit fullgraph=True fails.
+            for name in ("recompile_limit", "accumulated_recompile_limit"):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
         self._step, self._prefill = step, prefill
         self.compiled = bool(compile)
         self.cuda_graphs = cuda_graphs
-        self.built: set[tuple[int, int | None]] = set()  # variants compiled / captured / run so far
-        self._graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
+        self.built: set[tuple[int, SamplingPath]] = set()  # variants compiled / captured / run so far
+        self._graphs: dict[tuple[int, SamplingPath], torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool for every graph: only one runs at a time
         self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
 
@@ -79,18 +84,18 @@ class Runner:
         with torch.inference_mode():
             return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1).within(window))
 
-    def step(self, bufs: Buffers, batch: int, candidates: int | None, window: int | None = None) -> None:
+    def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
         many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
         self._bind(bufs)
-        key = (batch, candidates)
+        key = (batch, path)
         if self.cuda_graphs:
             if key not in self._graphs:
                 self._build(bufs, *key)
             self._graphs[key].replay()
             return
         with torch.inference_mode():
-            self._step(*bufs.step_args(batch, candidates, None if self.compiled else window))
+            self._step(*bufs.step_args(batch, path, None if self.compiled else window))
         self.built.add(key)
 
     def warmup(self, bufs: Buffers, variants) -> None:
@@ -99,15 +104,15 @@ class Runner:
             if key not in self.built:
                 self._build(bufs, *key)
 
-    def _build(self, bufs: Buffers, batch: int, candidates: int | None) -> None:
+    def _build(self, bufs: Buffers, batch: int, path: SamplingPath) -> None:
         self._bind(bufs)
-        args = bufs.step_args(batch, candidates)
+        args = bufs.step_args(batch, path)
         with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
             if self.cuda_graphs:
-                self._graphs[(batch, candidates)] = self._capture(args)
+                self._graphs[(batch, path)] = self._capture(args)
             else:
                 self._step(*args)
-        self.built.add((batch, candidates))
+        self.built.add((batch, path))
 
     def _capture(self, args: tuple) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()

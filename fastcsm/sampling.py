@@ -9,7 +9,11 @@ captured graph, and per-row parameters are tensors so one batch can mix settings
 
 A frame samples 32 codebooks with the same rows: `FrameNoise` derives the frame's keys once
 (and, for a small batch, the noise of every codebook and token in one pass) and `row_params`
-the rows' settings, so each codebook's `pick` is a couple of dozen small ops, not a hundred.
+the rows' settings, so each codebook's `pick` is a handful of small ops, not a hundred. Which
+filters run at all is static (`SamplingPath`): the engine knows on the host which settings its
+running rows use, and a path leaves out the ops no row needs (the nucleus when every topp is 1,
+the greedy argmax when every row samples, the whole draw when every row is greedy), with the
+same picks as the path that runs them all.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16).bitwise_xor_(x)
 
 
-def _row_key(seed: torch.Tensor) -> torch.Tensor:
-    """seed [B] int64 -> the row's 32-bit key [B]."""
+def row_key(seed: torch.Tensor) -> torch.Tensor:
+    """seed [B] int64 -> the row's 32-bit key [B]: a request's, made once (the engine keeps it per slot)."""
     return _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
 
 
@@ -78,7 +82,7 @@ def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab:
     rows share the batch or on any generator state, and replaying a seed reproduces them.
     `FrameNoise` gives the same numbers for all codebooks of a frame at once.
     """
-    row = _row_key(seed)
+    row = row_key(seed)
     key = _codebook_keys(row, frame, torch.tensor([codebook], device=seed.device))  # [B, 1]
     return -torch.log(_uniform(key, torch.arange(vocab, device=seed.device), row[:, None]))
 
@@ -86,18 +90,19 @@ def counter_noise(seed: torch.Tensor, frame: torch.Tensor, codebook: int, vocab:
 class FrameNoise:
     """`counter_noise` for every codebook of one frame, as the log of the noise (what the race
     subtracts), derived once: `log_at(codebook, tokens)` is `counter_noise(...).gather(-1, tokens).log()`.
+    key: the rows' `row_key(seed)` [B]; frame: [B].
 
     `whole` (static; default: when B * codebooks * vocab <= WHOLE_FRAME_NOISE) hashes every token of
     every codebook up front; otherwise each call hashes just the tokens it is given.
     """
 
-    def __init__(self, seed: torch.Tensor, frame: torch.Tensor, codebooks: int, vocab: int,
+    def __init__(self, key: torch.Tensor, frame: torch.Tensor, codebooks: int, vocab: int,
                  whole: bool | None = None):
-        device = seed.device
-        self.row = _row_key(seed)[:, None]  # [B, 1]
-        self.keys = _codebook_keys(self.row[:, 0], frame, torch.arange(codebooks, device=device))  # [B, K]
+        device = key.device
+        self.row = key[:, None]  # [B, 1]
+        self.keys = _codebook_keys(key, frame, torch.arange(codebooks, device=device))  # [B, K]
         if whole is None:
-            whole = seed.shape[0] * codebooks * vocab <= WHOLE_FRAME_NOISE
+            whole = key.shape[0] * codebooks * vocab <= WHOLE_FRAME_NOISE
         self.table = None
         if whole:  # [B, K, vocab]
             token = torch.arange(vocab, device=device)
@@ -115,43 +120,85 @@ def _log_noise(uniform: torch.Tensor) -> torch.Tensor:
     return uniform.log_().neg_().log_()
 
 
+class SamplingPath(NamedTuple):
+    """The static part of sampling a step: which ops it runs, one compiled / captured step variant
+    each. `of` picks the leanest path for a set of rows, and it picks what the path with every
+    filter and the same `candidates` picks for those rows, bit for bit (tests/test_sampling.py)."""
+
+    candidates: int | None = None  # rank only the best n tokens (a partial top-k); None: sort them all
+    nucleus: bool = True  # some row has topp < 1
+    greedy: bool = True  # some row is greedy (temperature 0): its argmax is taken
+    sampled: bool = True  # some row samples (temperature > 0); False: the argmax is all there is
+
+    @staticmethod
+    def of(params, candidates: int | None = None) -> SamplingPath:
+        """The path for rows with these `SamplingParams`: `candidates` when every top-k fits in it."""
+        params = list(params)
+        sampled = [p for p in params if p.temperature > 0]
+        if not sampled:
+            return SamplingPath(None, False, True, False)
+        fits = candidates and all(0 < p.topk <= candidates for p in sampled)
+        return SamplingPath(candidates if fits else None, any(p.topp < 1 for p in sampled),
+                            len(sampled) < len(params), True)
+
+    @staticmethod
+    def every(candidates: int | None = None) -> list[SamplingPath]:
+        """Every path `of` can give for `candidates`."""
+        ranks = dict.fromkeys([candidates or None, None])
+        return [SamplingPath(None, False, True, False)] + [SamplingPath(n, nucleus, greedy, True) for n in ranks
+                                                             for nucleus in (False, True) for greedy in (False, True)]
+
+
+EVERY_FILTER = SamplingPath()  # the full sort, the nucleus and the argmax: right for any rows
+
+
 class RowParams(NamedTuple):
     """The per-row sampling settings in the form `pick` uses, made once for all codebooks of a frame."""
 
     divisor: torch.Tensor  # [B, 1] float, temperature clamped away from 0
     sampled: torch.Tensor  # [B] bool, temperature > 0 (else greedy)
     keep: torch.Tensor  # [B, n] bool, rank < top-k (n: `candidates`, or V for the full sort)
-    drop: torch.Tensor  # [B, n] bool, ~keep
-    topp: torch.Tensor  # [B, 1] float
+    drop: torch.Tensor | None  # [B, n] bool, ~keep (with the nucleus)
+    topp: torch.Tensor | None  # [B, 1] float, topp where < 1, else inf: the filter is off (with the nucleus)
 
 
 def row_params(temperature: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor, vocab: int,
-               candidates: int | None = None) -> RowParams:
-    """temperature, topp: [B] float; topk: [B] long; `candidates` as in `sample`."""
-    n = candidates if candidates is not None and candidates < vocab else vocab
+               path: SamplingPath = EVERY_FILTER) -> RowParams:
+    """temperature, topp: [B] float; topk: [B] long; `path.candidates` as in `sample`."""
+    n = path.candidates if path.candidates is not None and path.candidates < vocab else vocab
     rank = torch.arange(n, device=temperature.device)
     k = torch.where(topk > 0, topk, vocab)
     keep = rank < k[:, None]
-    return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, keep, ~keep, topp[:, None])
+    drop = topp_off = None
+    if path.nucleus:
+        # topp = 1 is off by definition, not by arithmetic: a prefix mass that rounds up to 1
+        # would otherwise drop a tail token, and only with the nucleus on.
+        drop, topp_off = ~keep, torch.where(topp < 1, topp, float("inf"))[:, None]
+    return RowParams(temperature.clamp_min(1e-6)[:, None], temperature > 0, keep, drop, topp_off)
 
 
-def pick(logits: torch.Tensor, log_noise, rows: RowParams) -> torch.Tensor:
-    """`sample` with its per-row settings made beforehand (`row_params`) and the noise as a function
-    from token ids [B, n] to the log of their Exp(1) noise (e.g. `FrameNoise.log_at`)."""
+def pick(logits: torch.Tensor, log_noise, rows: RowParams | None, path: SamplingPath = EVERY_FILTER) -> torch.Tensor:
+    """`sample` with its per-row settings made beforehand (`row_params`, for the same `path`) and the
+    noise as a function from token ids [B, n] to the log of their Exp(1) noise (e.g.
+    `FrameNoise.log_at`). A path without `sampled` needs neither (the argmax of every row)."""
     logits = logits if logits.dtype == torch.float32 else logits.float()
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1) if path.greedy else None
+    if not path.sampled:
+        return greedy
     scores = logits / rows.divisor
     n = rows.keep.shape[-1]
     if n < logits.shape[-1]:
         best, order = scores.topk(n, dim=-1)  # [B, n], descending
     else:
         best, order = scores.sort(dim=-1, descending=True)
-    probs = torch.softmax(best.masked_fill(rows.drop, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
-    keep = rows.keep & ((probs.cumsum(dim=-1) - probs) < rows.topp)
+    keep = rows.keep
+    if path.nucleus:
+        probs = torch.softmax(best.masked_fill(rows.drop, float("-inf")), dim=-1)
+        # Keep the smallest prefix whose mass reaches topp (the first token is always kept).
+        keep = keep & ((probs.cumsum(dim=-1) - probs) < rows.topp)
     race = torch.where(keep, best - log_noise(order), float("-inf"))
     picked = order.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where(rows.sampled, picked, greedy)
+    return torch.where(rows.sampled, picked, greedy) if path.greedy else picked
 
 
 def sample(
@@ -171,7 +218,8 @@ def sample(
     top-k instead of a full sort). The pick is the same as with all V tokens whenever every
     row's top-k is within `candidates`; rows with top-k off (0) need candidates=None.
     A frame's codebooks share their settings and noise keys: `row_params`, `FrameNoise` and `pick`
-    make those once (the same picks).
+    make those once (the same picks). topp = 1 (and above) switches the nucleus off exactly.
     """
-    rows = row_params(temperature, topk, topp, logits.shape[-1], candidates)
-    return pick(logits, lambda order: noise.gather(-1, order).log(), rows)
+    path = SamplingPath(candidates)
+    rows = row_params(temperature, topk, topp, logits.shape[-1], path)
+    return pick(logits, lambda order: noise.gather(-1, order).log(), rows, path)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .mimi import Mimi, MimiDecoderState
-from .model import CSM, KVCache
+from .model import CSM, DecoderTables, KVCache
 from .nested import first_rows
-from .sampling import FrameNoise, pick, row_params
+from .sampling import EVERY_FILTER, FrameNoise, SamplingPath, pick, row_params
 
 
 @dataclass
@@ -30,7 +30,7 @@ class SlotState:
     h: torch.Tensor  # [S, D] backbone hidden state the next frame is sampled from
     pos: torch.Tensor  # [S] long, position the next frame is written at
     frame: torch.Tensor  # [S] long, frames sampled so far (the noise counter)
-    seed: torch.Tensor  # [S] long
+    key: torch.Tensor  # [S] long, the request's noise key: `sampling.row_key(seed)`
     active: torch.Tensor  # [S] bool
     temperature: torch.Tensor  # [S] float
     topk: torch.Tensor  # [S] long
@@ -44,7 +44,7 @@ class SlotState:
             h=torch.zeros(slots, dim, device=device, dtype=dtype),
             pos=torch.zeros(slots, **long),
             frame=torch.zeros(slots, **long),
-            seed=torch.zeros(slots, **long),
+            key=torch.zeros(slots, **long),
             active=torch.zeros(slots, device=device, dtype=torch.bool),
             temperature=torch.ones(slots, device=device),
             topk=torch.zeros(slots, **long),
@@ -65,6 +65,7 @@ class Buffers:
     state: SlotState
     cache: KVCache  # the backbone's
     decoder_cache: KVCache  # the depth decoder's (restarts at 0 every frame)
+    decoder_tables: DecoderTables  # its RoPE tables, cache index and masks: the same every frame
     codec_state: MimiDecoderState | None  # one streaming decoder row per slot
     pcm: torch.Tensor | None  # [S, frame_size] fp32, the newest frame's audio
 
@@ -75,49 +76,51 @@ class Buffers:
             model=model, mimi=mimi,
             state=SlotState.allocate(slots, cfg.backbone.dim, cfg.num_codebooks, model.device, model.dtype),
             cache=model.backbone_cache(slots, seq_len), decoder_cache=model.decoder_cache(slots),
+            decoder_tables=model.decoder_tables(slots),
             codec_state=mimi.init_decoder_state(slots, 1) if mimi is not None else None,
             pcm=torch.zeros(slots, mimi.config.frame_size, device=model.device) if mimi is not None else None,
         )
 
-    def step_args(self, batch: int, candidates: int | None, window: int | None = None) -> tuple:
+    def step_args(self, batch: int, path: SamplingPath, window: int | None = None) -> tuple:
         """`engine_step`'s arguments for rows 0..batch-1; `window`: the backbone attends over
         positions 0..window-1 only (every active row sits below it; see `KVCache.within`)."""
         return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch).within(window),
-                self.decoder_cache.rows(0, batch), first_rows(self.codec_state, batch), first_rows(self.pcm, batch),
-                candidates)
+                self.decoder_cache.rows(0, batch), first_rows(self.decoder_tables, batch),
+                first_rows(self.codec_state, batch), first_rows(self.pcm, batch), path)
 
 
-def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, candidates: int | None = None) -> torch.Tensor:
+def sample_frame(model: CSM, state: SlotState, decoder_cache: KVCache, tables: DecoderTables,
+                 path: SamplingPath = EVERY_FILTER) -> torch.Tensor:
     """Sample one frame [B, K] from state.h for every row (the decoder cache restarts at 0).
-    `candidates`: see `sampling.sample`."""
+    tables: `model.decoder_tables(B)`; path: which sampling ops run (`sampling.SamplingPath`)."""
     K, C = model.cfg.num_codebooks, model.cfg.codebook_size
     h = state.h
-    B = h.shape[0]
     # What the 32 picks share is made once: the rows' settings and the frame's noise keys.
-    noise = FrameNoise(state.seed, state.frame, K, C)
-    rows = row_params(state.temperature, state.topk, state.topp, C, candidates)
+    noise = rows = None
+    if path.sampled:
+        noise = FrameNoise(state.key, state.frame, K, C)
+        rows = row_params(state.temperature, state.topk, state.topp, C, path)
 
     def choose(logits, codebook):
         # Only real Mimi codes are drawn: ids from codebook_size up (padding) are never audio.
-        return pick(logits[:, :C], lambda order: noise.log_at(codebook, order), rows)
+        return pick(logits[:, :C], lambda order: noise.log_at(codebook, order), rows, path)
 
     c = choose(model.codebook0_logits(h), 0)
     codes = [c]
     x = torch.stack([h, model.embed_code(c, 0)], dim=1)  # [B, 2, D]
-    out = model.run_decoder(x, torch.arange(2, device=h.device).expand(B, 2), decoder_cache)[:, -1]  # [B, d]
-    tables = model.decoder_tables(B)  # pass i > 1 runs one row at position i
+    out = model.run_decoder(x, tables.first, decoder_cache)[:, -1]  # [B, d]
     for i in range(1, K):
         c = choose(model.codebook_logits(out, i), i)
         codes.append(c)
-        if i < K - 1:
-            out = model.run_decoder(model.embed_code(c, i)[:, None], tables.at(i + 1), decoder_cache)[:, 0]
+        if i < K - 1:  # pass i > 1 runs one row at position i
+            out = model.run_decoder(model.embed_code(c, i)[:, None], tables.rows.at(i + 1), decoder_cache)[:, 0]
     return torch.stack(codes, dim=1)
 
 
 def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCache,
-               candidates: int | None = None) -> None:
+               decoder_tables: DecoderTables, path: SamplingPath = EVERY_FILTER) -> None:
     """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
-    codes = sample_frame(model, state, decoder_cache, candidates)
+    codes = sample_frame(model, state, decoder_cache, decoder_tables, path)
     active = state.active
     # Inactive rows (free, or a prompt being prefilled) write at the window's last position: a
     # request writes that position itself, if it ever gets there, before reading it.
@@ -125,14 +128,16 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
     h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     state.codes.copy_(codes)
     state.h.copy_(torch.where(active[:, None], h.to(state.h.dtype), state.h))
-    state.pos.add_(active.long())
-    state.frame.add_(active.long())
+    advance = active.long()
+    state.pos.add_(advance)
+    state.frame.add_(advance)
 
 
 def engine_step(model: CSM, mimi: Mimi | None, state: SlotState, cache: KVCache, decoder_cache: KVCache,
-                codec_state: MimiDecoderState | None, pcm: torch.Tensor | None, candidates: int | None) -> None:
+                decoder_tables: DecoderTables, codec_state: MimiDecoderState | None, pcm: torch.Tensor | None,
+                path: SamplingPath) -> None:
     """One frame for rows 0..B-1 and, with a codec, its 80 ms of audio into pcm [B, frame_size]."""
-    frame_step(model, state, cache, decoder_cache, candidates)
+    frame_step(model, state, cache, decoder_cache, decoder_tables, path)
     if mimi is not None:
         pcm.copy_(mimi.decode_step(state.codes[:, :, None], codec_state)[:, 0].to(pcm.dtype))
 

@@ -174,6 +174,7 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
     steps each: eager in one, `torch.compile(fullgraph=True)` with `backend` in the other. The
     codes and positions must be equal, the hidden state and backbone cache close."""
     from .engine import Engine
+    from .nested import first_rows
     from .step import frame_step
 
     torch._dynamo.reset()
@@ -188,8 +189,9 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
     eager, comp = (e.buffers for e in engines)
     with torch.inference_mode():
         for _ in range(steps):
-            frame_step(model, eager.state.rows(B), eager.cache.rows(0, B), eager.decoder_cache.rows(0, B))
-            compiled(model, comp.state.rows(B), comp.cache.rows(0, B), comp.decoder_cache.rows(0, B))
+            for step, bufs in ((frame_step, eager), (compiled, comp)):
+                step(model, bufs.state.rows(B), bufs.cache.rows(0, B), bufs.decoder_cache.rows(0, B),
+                     first_rows(bufs.decoder_tables, B))
             assert torch.equal(eager.state.codes, comp.state.codes)
             assert torch.allclose(eager.state.h, comp.state.h, atol=atol, rtol=rtol)
             assert torch.equal(eager.state.pos, comp.state.pos)

@@ -101,3 +101,77 @@ def test_fastcsm_bench_command(capsys):
                  "--no-peer", "--threads", "1"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["modes"]) == {"none"} and set(printed["modes"]["none"]["batches"]) == {"1"}
+
+
+@pytest.fixture
+def profile_step(monkeypatch):
+    """benchmarks/profile_step.py, imported as a module (it imports count_ops beside it)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import profile_step
+
+    return profile_step
+
+
+def test_profile_step_reports_kernels_per_frame_on_cpu(profile_step, capsys):
+    """The GPU profile script runs on the CPU (the tiny preset, eager): one JSON line with the wall
+    time a frame, its ops (the CPU's kernels), their time, the gaps, and the top ops with the fastcsm
+    lines that called them. Nothing here depends on how fast the machine is."""
+    result = profile_step.main(["--device", "cpu", "--batch", "1,2", "--steps", "1", "--profile-steps", "1",
+                                "--top", "6"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["preset"] == "tiny" and result["path"] == {"candidates": 64, "nucleus": False, "greedy": False,
+                                                             "sampled": True}
+    assert [(r["mode"], r["batch"]) for r in result["runs"]] == [("eager", 1), ("eager", 2)]
+    for run in result["runs"]:
+        assert "error" not in run and "note" not in run, run
+        assert run["wall_ms"] > 0 and run["busy_ms"] > 0 and run["kernels"] > 10
+        assert run["gaps_ms"] == pytest.approx(run["wall_ms"] - run["busy_ms"], abs=2e-3)
+        # The tiny preset: 4 backbone and 4 decoder layers, 32 codebooks; at least one op a layer pass.
+        assert run["kernels_per_frame"] > 4 + 4 * 31
+        assert len(run["top"]) == 6
+        assert [t["us_per_frame"] for t in run["top"]] == sorted((t["us_per_frame"] for t in run["top"]), reverse=True)
+        for t in run["top"]:
+            assert t["name"].startswith("aten::") and t["per_frame"] > 0 and t["mean_us"] > 0
+            assert sum(t["where"].values()) > 0 and all(w.startswith("fastcsm/") for w in t["where"])
+    # The same ops a frame at any batch (the step's code does not depend on it).
+    assert result["runs"][0]["kernels_per_frame"] == result["runs"][1]["kernels_per_frame"]
+
+
+def test_profile_step_groups_cuda_kernels_and_their_launchers(profile_step):
+    """The CUDA side of the table, on profiler events built by hand (there is no GPU here): kernels
+    are grouped by name with count and time per frame, syncs are left out, and each kernel is put
+    down to the top-level op and the fastcsm line that launched it."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, device=DeviceType.CPU, parent=None):
+        e = FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=device)
+        if parent is not None:
+            e.set_cpu_parent(parent)
+        return e
+
+    def frame(t):  # one frame: a linear (its mm launches one gemm) and a topk (two kernels)
+        line = event("fastcsm/model.py(88): forward", t, t + 50)
+        linear = event("aten::linear", t, t + 20, parent=line)
+        mm = event("aten::mm", t + 1, t + 19, parent=linear)
+        mm.append_kernel("gemm", 0, 6.0)
+        topk = event("aten::topk", t + 30, t + 40, parent=event("fastcsm/sampling.py(171): pick", t + 29, t + 41))
+        topk.append_kernel("radix", 0, 2.0)
+        topk.append_kernel("sort", 0, 1.0)
+        gpu = [event("gemm", t + 2, t + 8, DeviceType.CUDA), event("radix", t + 31, t + 33, DeviceType.CUDA),
+               event("sort", t + 33, t + 34, DeviceType.CUDA), event("Stream Sync", t + 40, t + 90, DeviceType.CUDA)]
+        return [line, linear, mm, topk, *gpu]
+
+    events = frame(0) + frame(100)
+    table = profile_step.kernel_table(events, events, cuda=True, frames=2, top=2)
+    assert table["kernels_per_frame"] == 3 and table["kernels"] == 3 and table["busy_ms"] == 0.009
+    assert table["top"] == [
+        {"name": "gemm", "per_frame": 1, "us_per_frame": 6.0, "mean_us": 6.0, "ops": {"aten::linear": 2},
+         "where": {"fastcsm/model.py(88): forward": 2}},
+        {"name": "radix", "per_frame": 1, "us_per_frame": 2.0, "mean_us": 2.0, "ops": {"aten::topk": 2},
+         "where": {"fastcsm/sampling.py(171): pick": 2}},
+    ]
+    replays = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels no op launched (a graph replay)
+    assert "ops" not in profile_step.kernel_table(replays, replays, cuda=True, frames=2, top=1)["top"][0]

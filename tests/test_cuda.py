@@ -10,7 +10,7 @@ from fastcsm.config import tiny_config
 from fastcsm.engine import Engine, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.sampling import SamplingParams
+from fastcsm.sampling import SamplingParams, SamplingPath
 from fastcsm.testing import byte_tokenizer_json, randomize_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -123,7 +123,7 @@ def test_bf16_with_graphs_and_warmup():
     engine = Engine(m, max_slots=4, codec=c)
     assert engine.cuda_graphs and engine.one_frame_late
     assert engine.warmup() > 0
-    assert len(engine.runner.built) == 2 * len(engine.buckets)  # every bucket, both sampling paths
+    assert engine.runner.built == {(b, p) for b in engine.buckets for p in SamplingPath.every(64)}
     out = run(engine, requests(4))
     assert all(codes.shape == (10, 32) and pcm.shape == (10 * 1920,) for codes, pcm in out)
     assert all(torch.isfinite(pcm).all() for _, pcm in out)

@@ -13,7 +13,7 @@ from fastcsm.engine import KEPT_AUDIO_PER_SLOT, Engine, PrefillError, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams
+from fastcsm.sampling import SamplingParams, SamplingPath
 from fastcsm.step import SlotState, engine_step
 from fastcsm.testing import (
     assert_compiled_step_equals_eager,
@@ -154,7 +154,7 @@ def scripted_step(end_at):
     """A frame step whose codes are scripted: slot s emits frame number f+1 everywhere, and
     the all-zero end frame when f == end_at[s]."""
 
-    def step(model, codec, state: SlotState, cache, decoder_cache, codec_state, pcm, candidates):
+    def step(model, codec, state: SlotState, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
         ends = torch.tensor(end_at[: state.codes.shape[0]])
         codes = (state.frame + 1)[:, None].expand_as(state.codes)
         codes = torch.where((state.frame == ends)[:, None], torch.zeros_like(codes), codes)
@@ -344,12 +344,15 @@ def test_warmup_builds_every_variant_without_advancing_streams(model):
     r = requests(1, frames=5)[0]
     engine.add(r)
     engine.step()
-    assert variants == [(1, 64)]  # built by running it
+    ran = (1, SamplingPath(64, nucleus=False, greedy=False))  # topk 50, topp 1: no nucleus, no argmax
+    assert variants == [ran]  # built by running it
     state = [t.clone() for t in vars(engine.buffers.state).values()]
     variants.clear()
     assert engine.warmup() > 0
-    assert sorted(variants, key=str) == sorted([(1, None), (2, 64), (2, None)], key=str)
-    assert engine.runner.built == {(1, 64), (1, None), (2, 64), (2, None)}
+    every = [(b, p) for b in (1, 2) for p in SamplingPath.every(64)]
+    assert len(every) == 2 * 9 and ran in every
+    assert sorted(variants, key=str) == sorted(set(every) - {ran}, key=str)
+    assert engine.runner.built == set(every)
     assert all(torch.equal(a, b) for a, b in zip(state, vars(engine.buffers.state).values(), strict=True))
     rest = []
     while r in engine:
@@ -377,7 +380,7 @@ def scripted_audio_step(script):
     """Codes from `script[slot][frame]` (the all-zero end frame where the script runs out), then
     the engine's own Mimi decode of them. `script` may change between steps."""
 
-    def step(model, mimi, state, cache, decoder_cache, codec_state, pcm, candidates):
+    def step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
         rows = []
         for slot in range(state.codes.shape[0]):
             frames = script.get(slot, [])
@@ -468,8 +471,8 @@ class WholeWindow(Runner):
     def prefill(self, bufs, slot, tokens, mask, start, window=None):
         return super().prefill(bufs, slot, tokens, mask, start)
 
-    def step(self, bufs, batch, candidates, window=None):
-        super().step(bufs, batch, candidates)
+    def step(self, bufs, batch, path, window=None):
+        super().step(bufs, batch, path)
 
 
 def test_attention_over_the_live_window_equals_the_whole_cache(model, late):
@@ -488,3 +491,40 @@ def test_attention_over_the_live_window_equals_the_whole_cache(model, late):
     longest = max(len(r.prompt) for r in rs)
     assert longest < windows[0] <= longest + 1 + 5 and max(windows) <= longest + 5 + int(late) + 1
     assert max(windows) < CFG.max_seq_len
+
+
+def test_compiled_runner_keeps_every_variant(model):
+    """Every bucket and sampling path is one compiled graph of the same function: more than dynamo's
+    default recompile limit (8), past which fullgraph=True fails. A trivial step keeps it fast."""
+
+    def step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
+        state.codes.add_((path.candidates or 0) + path.nucleus + 2 * path.greedy + 4 * path.sampled)
+
+    torch._dynamo.reset()
+    engine = Engine(model, max_slots=2, runner=Runner(step=step, compile="eager"))
+    assert engine.warmup() > 0
+    assert len(engine.runner.built) == 2 * 9
+
+
+def test_lean_sampling_paths_give_the_codes_of_every_filter(model):
+    """Requests with topp 1 mixing temperatures, top-k and greedy rows: the engine runs lean paths
+    (no nucleus; no argmax without a greedy row; only the argmax for greedy rows alone) and gets the
+    codes that the path with every filter gets."""
+    rs = [replace(r, params=replace(r.params, topp=1.0)) for r in requests(4, frames=5)]
+    lean_paths = []
+
+    def lean(*args):
+        lean_paths.append(args[-1])
+        engine_step(*args)
+
+    def every_filter(*args):
+        path = args[-1]
+        engine_step(*args[:-1], SamplingPath(path.candidates if path.sampled else None))
+
+    for batch in (rs[:1], rs[1:2], rs[2:3], rs):
+        got = run_together(Engine(model, max_slots=4, runner=Runner(step=lean)), batch)
+        want = run_together(Engine(model, max_slots=4, runner=Runner(step=every_filter)), batch)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert not any(p.nucleus for p in lean_paths)
+    assert {SamplingPath(64, False, False), SamplingPath(None, False, True, False), SamplingPath(None, False, True)} \
+        <= set(lean_paths)
