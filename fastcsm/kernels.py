@@ -217,3 +217,10 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config: triton.Co
             raise ValueError(f"qlinear: {tiles} tiles split over K need more than {LOCKS} counters")
         _fixed[(tiles, kw["SPLIT_K"])](*args, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
     return y.view(*x.shape[:-1], N)
+
+
+def tuned_configs() -> dict[str, str]:
+    """What autotuning chose so far in this process: {key: config} (benchmarks report it)."""
+    cache = getattr(_tuned, "cache", None) or {}
+    return {", ".join(map(str, key)): " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+            + f" warps={config.num_warps} stages={config.num_stages}" for key, config in cache.items()}

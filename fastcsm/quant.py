@@ -11,13 +11,19 @@ The kernel is chosen per device and mode, by measurement (README, "Eight-bit wei
   quantizes activations with one scale per call; each row is first divided by its own max|x|
   and a fixed row [1, -1, 0...] rides along, so every row is quantized on the same [-1, 1]
   grid and a request's result never depends on the other rows of its batch.
-- int8 elsewhere (CUDA): weight-only, y = F.linear(x, q.to(x.dtype)) * s, an opaque custom op
-  under `torch.compile`. It saves memory, not time: measured on an H200 (torch 2.11), the
-  conversion is a kernel of its own, so an int8 step is slower than bf16 (README). Reading the
-  weights as 8 bits needs a fused int8 GEMV kernel, which fastcsm does not have yet.
+- int8 on CUDA: `kernels.qlinear`, a Triton kernel that reads the weight once as 8 bits and
+  converts it in registers (fp32 sums, split-K reduced deterministically, autotuned per row
+  bucket and shape during warm-up), up to `TRITON_MAX_ROWS` rows; an opaque custom op under
+  `torch.compile`, captured in the CUDA graphs like any kernel. `cuda_kernel()` decides once per
+  process: "triton" if Triton imports and the kernel equals the reference on the GPU, else
+  "torch"; FASTCSM_QUANT_KERNEL=torch|triton overrides. Its speed is still to be measured on a
+  GPU (`benchmarks/bench_quant_kernels.py`). Otherwise, and above that many rows (prefill):
+  weight-only, y = F.linear(x, q.to(x.dtype)) * s, also an opaque custom op. Weight-only saves
+  memory, not time: measured on an H200 (torch 2.11), the conversion is a kernel of its own, so
+  an int8 step was slower than bf16 (README).
 - fp8 (CUDA sm_89+): e4m3 weights. Where enough rows come at once (`scaled_mm_rows`) and the
   shapes suit the tensor cores, activations are cast to e4m3 per row and `torch._scaled_mm`
-  runs; otherwise the weight-only path above.
+  runs; otherwise the int8 paths above (the Triton kernel takes e4m3 weights too).
 
 A model is quantized on the meta device (`prepare`) and filled while loading, tensor by tensor
 (`convert`), so a full-precision copy never exists; `quantized_copy` makes a quantized model
@@ -225,16 +231,22 @@ def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     dtype_ok = x.dtype == torch.bfloat16 or weight.device.type != "cuda"
     if (module.mode == "fp8" and from_rows is not None and rows >= from_rows and N % _SCALED_MM_ALIGN == 0
             and K % _SCALED_MM_ALIGN == 0 and dtype_ok):
-        x2 = x.reshape(-1, K).float()
-        xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
-        xq = (x2 / xs).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], N)
+        return _scaled_mm_linear(x, weight, scale)
     if rows <= TRITON_MAX_ROWS and _device_kernel(weight.device.type) == "triton":
         op = triton_linear if torch.compiler.is_compiling() else _triton_linear
         return op(x, weight, scale)
     op = weight_only_linear if torch.compiler.is_compiling() else _weight_only_linear
     return op(x, weight, scale)
+
+
+def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T * scale for an e4m3 weight on fp8 tensor cores, x cast to e4m3 row by row."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K).float()
+    xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
+    xq = (x2 / xs).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -355,25 +367,25 @@ def _device_kernel(device_type: str) -> str:
         return cuda_kernel()
     if device_type not in _kernels:
         interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        _kernels[device_type] = "triton" if _forced_kernel() == "triton" and interpreted else "torch"
+        forced = _forced_kernel() == "triton" and interpreted
+        _kernels[device_type] = "triton" if forced else "torch"
+        _kernel_reasons[device_type] = f"{KERNEL_ENV}=triton, TRITON_INTERPRET=1" if forced else "not CUDA"
     return _kernels[device_type]
 
 
 def kernel_report(model: nn.Module) -> dict | None:
-    """What runs the 8-bit linears of `model` on its device, for benchmarks: {"kernel", "why"}."""
+    """Which kernel runs the 8-bit linears of `model` on its device, and why (benchmarks report it)."""
     mode = mode_of(model)
     if mode is None:
         return None
-    device = next(m.weight.device for m in model.modules() if isinstance(m, (QuantLinear, QuantHeads)))
-    kernel = _device_kernel(device.type)
-    if device.type == "cpu" and kernel == "torch":
-        fbgemm = mode == "int8" and fbgemm_available()
-        name = "fbgemm" if fbgemm else "weight-only"
-        return {"kernel": name, "why": "CPU" + ("" if fbgemm or mode == "fp8" else ": no quantized ops in this torch")}
-    name = "triton" if kernel == "triton" else "weight-only"
-    out = {"kernel": name, "why": _kernel_reasons.get(device.type, "")}
-    if name == "triton":
-        out["kernel_above_rows"] = {"rows": TRITON_MAX_ROWS, "kernel": "weight-only"}
+    device = model.codebook0_head.weight.device
+    if _device_kernel(device.type) == "triton":
+        out = {"kernel": "triton", "up_to_rows": TRITON_MAX_ROWS, "above": "weight-only"}
+    elif device.type == "cpu" and mode == "int8" and fbgemm_available():
+        out = {"kernel": "fbgemm"}
+    else:
+        out = {"kernel": "weight-only"}
+    out["why"] = _kernel_reasons.get(device.type, "")
     if mode == "fp8" and device.type == "cuda":
         out["scaled_mm_from_rows"] = SCALED_MM_ROWS
     return out
