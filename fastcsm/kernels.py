@@ -45,7 +45,7 @@ def bucket(m: int) -> int:
 @triton.jit(do_not_specialize=["M", "N", "M_BUCKET"])
 def _qlinear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                     M_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, X_F32: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -73,9 +73,11 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, strid
             in_k = (rk[None, :] + k) < K
             x = tl.load(x_ptrs, mask=in_k, other=0.0)
             w = tl.load(w_ptrs, mask=in_k, other=0.0)
-        if BLOCK_M >= 16:
-            # int8 and e4m3 values are exact in bf16, fp16 and fp32; fp32 x multiplies in full precision.
-            acc = tl.dot(x, tl.trans(w.to(x_dtype)), acc, input_precision="ieee")
+        if BLOCK_M >= 16:  # int8 and e4m3 values are exact in bf16, fp16 and fp32
+            if X_F32:  # full fp32 products, not tf32
+                acc = tl.dot(x, tl.trans(w.to(x_dtype)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x_dtype)), acc)
         else:
             acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         x_ptrs += BLOCK_K
@@ -148,6 +150,13 @@ def _even_k(args) -> bool:
     return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
 
 
+def _x_f32(args) -> bool:
+    return args["x_ptr"].dtype == torch.float32
+
+
+_HEURISTICS = {"EVEN_K": _even_k, "X_F32": _x_f32}
+
+
 def _bench(fn, quantiles=None, **_):
     # Triton's do_bench clears L2 before every call (as the real frame does: its weights are far
     # larger than L2) and times the kernel alone; a short run is enough to rank a few configs.
@@ -155,7 +164,7 @@ def _bench(fn, quantiles=None, **_):
 
 
 def _autotuned():
-    kernel = triton.heuristics({"EVEN_K": _even_k})(_qlinear_kernel)
+    kernel = triton.heuristics(_HEURISTICS)(_qlinear_kernel)
     tune = {"configs": _ALL, "key": ["M_BUCKET", "N", "K"], "prune_configs_by": {"early_config_prune": _prune}}
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         return triton.autotune(**tune, do_bench=_bench)(kernel)
@@ -163,7 +172,7 @@ def _autotuned():
 
 
 _tuned = None if interpreting() else _autotuned()
-_fixed = triton.heuristics({"EVEN_K": _even_k})(_qlinear_kernel)
+_fixed = triton.heuristics(_HEURISTICS)(_qlinear_kernel)
 
 
 def _lock_buffer(device: torch.device) -> torch.Tensor:
