@@ -15,9 +15,10 @@ bits, whichever program finishes first. The counters are one int32 buffer per de
 kernels leave at zero, so launches must not overlap on two streams (fastcsm runs one at a time).
 
 Block sizes, split and warps are chosen by `triton.autotune` on the GPU, once per process for
-each (row bucket, N, K) and dtypes; the engine's warm-up runs every step variant twice before
-capturing it, so tuning is done by then. Under `TRITON_INTERPRET=1` (CPU tensors, numpy) one
-fixed config runs, or the one a test names. Only Triton features of 3.2+ are used.
+each (row bucket, N, K) and dtypes, and kept on disk where this Triton can (`cache_results`); the
+engine's warm-up runs every step variant twice before capturing it, so tuning is done by then.
+Under `TRITON_INTERPRET=1` (CPU tensors, numpy) one fixed config runs, or the one a test names.
+Only Triton features of 3.2+ are used.
 """
 
 from __future__ import annotations
@@ -166,7 +167,12 @@ def _bench(fn, quantiles=None, **_):
 def _autotuned():
     kernel = triton.heuristics(_HEURISTICS)(_qlinear_kernel)
     tune = {"configs": _ALL, "key": ["M_BUCKET", "N", "K"], "prune_configs_by": {"early_config_prune": _prune}}
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
+    params = inspect.signature(triton.autotune).parameters
+    if "cache_results" in params:
+        # Choices kept in Triton's cache directory (per Triton, GPU, kernel source and key): a restart
+        # reuses them instead of tuning again, and so runs the same configs, giving the same bits.
+        tune["cache_results"] = True
+    if "do_bench" in params:
         return triton.autotune(**tune, do_bench=_bench)(kernel)
     return triton.autotune(**tune, warmup=2, rep=10)(kernel)  # a Triton without do_bench=
 
