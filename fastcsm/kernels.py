@@ -29,8 +29,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-LOCKS = 4096  # tile counters per device: split-K configs are pruned where a launch would need more
+LOCKS = 4096  # tile counters per device: the most tiles one split-K launch may have
+SPLIT_TILES = 512  # autotuning splits K only while a launch has this many tiles or fewer (too few to fill a GPU)
 _locks: dict[torch.device, torch.Tensor] = {}
 
 
@@ -64,6 +66,8 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, strid
     x_dtype = x_ptr.dtype.element_ty
     if BLOCK_M >= 16:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif BLOCK_M == 1:  # a GEMV: the weight tile's own layout throughout, x broadcast over its rows
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k in range(0, k_span, BLOCK_K):
@@ -79,11 +83,15 @@ def _qlinear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, strid
                 acc = tl.dot(x, tl.trans(w.to(x_dtype)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w.to(x_dtype)), acc)
+        elif BLOCK_M == 1:
+            acc2 += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
         else:
             acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if BLOCK_M < 16:
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=1)[None, :]
+    elif BLOCK_M < 16:
         acc = tl.sum(acc3, axis=2)
 
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -137,7 +145,7 @@ def _max_split(m_bucket: int, n: int) -> int:
 def _fits(config: triton.Config, m_bucket: int, n: int) -> bool:
     kw = config.kwargs
     tiles = triton.cdiv(m_bucket, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"])
-    return kw["SPLIT_K"] == 1 or tiles <= min(LOCKS, 512)  # split only while tiles are too few to fill the GPU
+    return kw["SPLIT_K"] == 1 or tiles <= SPLIT_TILES
 
 
 def _prune(configs, named_args, **kwargs):
