@@ -181,6 +181,29 @@ def test_every_candidate_equals_reference_on_cuda(bucket):
         assert_close(kernels.qlinear(x, q, s), ref, torch.bfloat16)  # autotuned
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_runs_the_triton_kernel():
+    """On a GPU with Triton, the device check passes and the 8-bit linears run the kernel."""
+    assert quant.cuda_kernel() == "triton", quant._kernel_reasons.get("cuda")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the choice outside the interpreter")
+def test_the_choice_of_kernel(monkeypatch):
+    """FASTCSM_QUANT_KERNEL: torch or triton, anything else refused; on a CPU the Triton kernel
+    runs only under the interpreter; the choice is made once and reported."""
+    for value, cpu in [("torch", "torch"), ("triton", "torch"), ("", "torch")]:
+        monkeypatch.setattr(quant, "_kernels", {})
+        monkeypatch.setenv(quant.KERNEL_ENV, value)
+        assert quant._device_kernel("cpu") == cpu
+    monkeypatch.setattr(quant, "_kernels", {})
+    monkeypatch.setenv(quant.KERNEL_ENV, "cuBLAS")
+    with pytest.raises(ValueError, match="use 'torch' or 'triton'"):
+        quant._device_kernel("cpu")
+    monkeypatch.setattr(quant, "_kernels", {"cuda": "torch"})
+    monkeypatch.setenv(quant.KERNEL_ENV, "torch")
+    assert quant._choose_cuda_kernel() == ("torch", "FASTCSM_QUANT_KERNEL=torch")
+
+
 # -- a quantized CSM through the kernel -------------------------------------------------------------
 
 def tiny_quantized(mode):
