@@ -7,10 +7,13 @@
 #   1. install the carried wheels offline, then fastcsm itself with --no-deps;
 #   2. tests/test_cuda.py (graphs equal eager in fp32 and bf16, int8/fp8 captured and compiled),
 #      the 8-bit tests, the engine and model tests;
+#  2b. the 8-bit Triton kernel: tests/test_kernels.py on the GPU (every autotuning candidate), then
+#      benchmarks/bench_quant_kernels.py (csm-1b's linears, bf16 / weight-only / Triton / _scaled_mm);
 #   3. the bench on random csm-1b weights: bf16, int8, fp8 side by side at batches 1, 64, 256,
 #      captured, with time to first audio (10 s voice prompt), accuracy and the transformers peer;
 #   4. bf16 compiled (inductor: ~200 s for csm-1b on 16 cores) and captured at batch 1.
-# Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, bench_graphs.json,
+# Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, tests_kernels.log,
+# bench_quant_kernels.json, bench_graphs.json,
 # bench_compiled.json, and gpu_check.log with everything printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +46,10 @@ python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("im
 step "tests: CUDA, 8-bit, engine, model"
 timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_quant.py \
     tests/test_engine.py tests/test_model.py 2>&1 | tee "$out/tests.log" | tail -25
+
+step "8-bit kernels: Triton kernel tests, then the microbench of csm-1b's linears"
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/tests_kernels.log" | tail -8
+timeout 90 python3 benchmarks/bench_quant_kernels.py | tail -1 | tee "$out/bench_quant_kernels.json"
 
 step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 8 64 256"
 timeout 200 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64,256 --steps 30 \

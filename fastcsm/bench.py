@@ -268,6 +268,9 @@ def run(args) -> dict:
         result["modes"][mode] = r = bench_mode(m, codec, batches, steps, voice_frames, args, bandwidth)
         r["quantize"] = mode
         if m is not model:
+            r["kernel"] = quant.kernel_report(m)
+            log(f"  {mode}: 8-bit linears run on {r['kernel']}")
+        if m is not model:
             log(f"  {mode}: teacher-forced accuracy against {result['dtype']} ...")
             r["accuracy"] = quant_accuracy(model, m, voice_frames, frames=args.accuracy_frames)
             a = r["accuracy"]

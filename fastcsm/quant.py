@@ -13,13 +13,19 @@ The kernel is chosen per device and mode, by measurement (README, "Eight-bit wei
   quantizes activations with one scale per call; each row is first divided by its own max|x|
   and a fixed row [1, -1, 0...] rides along, so every row is quantized on the same [-1, 1]
   grid and a request's result never depends on the other rows of its batch.
-- int8 elsewhere (CUDA): weight-only, y = F.linear(x, q.to(x.dtype)) * s, an opaque custom op
-  under `torch.compile`. It saves memory, not time: measured on an H200 (torch 2.11), the
-  conversion is a kernel of its own, so an int8 step is slower than bf16 (README). Reading the
-  weights as 8 bits needs a fused int8 GEMV kernel, which fastcsm does not have yet.
+- int8 on CUDA: `kernels.qlinear`, a Triton kernel that reads the weight once as 8 bits and
+  converts it in registers (fp32 sums, split-K reduced deterministically, autotuned per row
+  bucket and shape during warm-up), up to `TRITON_MAX_ROWS` rows; an opaque custom op under
+  `torch.compile`, captured in the CUDA graphs like any kernel. `cuda_kernel()` decides once per
+  process: "triton" if Triton imports and the kernel equals the reference on the GPU, else
+  "torch"; FASTCSM_QUANT_KERNEL=torch|triton overrides. Its speed is still to be measured on a
+  GPU (`benchmarks/bench_quant_kernels.py`). Otherwise, and above that many rows (prefill):
+  weight-only, y = F.linear(x, q.to(x.dtype)) * s, also an opaque custom op. Weight-only saves
+  memory, not time: measured on an H200 (torch 2.11), the conversion is a kernel of its own, so
+  an int8 step was slower than bf16 (README).
 - fp8 (CUDA sm_89+): e4m3 weights. Where enough rows come at once (`scaled_mm_rows`) and the
   shapes suit the tensor cores, activations are cast to e4m3 per row and `torch._scaled_mm`
-  runs; otherwise the weight-only path above.
+  runs; otherwise the int8 paths above (the Triton kernel takes e4m3 weights too).
 
 A model is quantized on the meta device (`prepare`) and filled while loading, tensor by tensor
 (`convert`), so a full-precision copy never exists; `quantized_copy` makes a quantized model
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
 import warnings
 import weakref
@@ -202,7 +209,8 @@ def fbgemm_available() -> bool:
 # -- modules -------------------------------------------------------------------------------------
 
 def _fbgemm(module, weight: torch.Tensor) -> bool:
-    return module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm
+    return (module.mode == "int8" and weight.device.type == "cpu" and module.fbgemm
+            and _device_kernel("cpu") != "triton")
 
 
 def _int8_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int):
@@ -221,13 +229,22 @@ def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     dtype_ok = x.dtype == torch.bfloat16 or weight.device.type != "cuda"
     if (module.mode == "fp8" and from_rows is not None and rows >= from_rows and N % _SCALED_MM_ALIGN == 0
             and K % _SCALED_MM_ALIGN == 0 and dtype_ok):
-        x2 = x.reshape(-1, K).float()
-        xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
-        xq = (x2 / xs).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], N)
+        return _scaled_mm_linear(x, weight, scale)
+    if rows <= TRITON_MAX_ROWS and _device_kernel(weight.device.type) == "triton":
+        op = triton_linear if torch.compiler.is_compiling() else _triton_linear
+        return op(x, weight, scale)
     op = weight_only_linear if torch.compiler.is_compiling() else _weight_only_linear
     return op(x, weight, scale)
+
+
+def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T * scale for an e4m3 weight on fp8 tensor cores, x cast to e4m3 row by row."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K).float()
+    xs = (x2.abs().amax(dim=-1, keepdim=True) / QMAX["fp8"]).clamp(min=1e-12)  # [M, 1]
+    xq = (x2 / xs).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None], out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def _weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -246,6 +263,130 @@ weight_only_linear = torch.library.custom_op("fastcsm::weight_only_linear", _wei
 @weight_only_linear.register_fake
 def _(x, weight, scale):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# -- the CUDA kernel: Triton, fused -----------------------------------------------------------------
+
+KERNEL_ENV = "FASTCSM_QUANT_KERNEL"  # "torch" or "triton": overrides the choice `cuda_kernel` makes
+# Rows up to which the Triton kernel runs; larger matmuls (prefill chunks) are compute-bound and go
+# to cuBLAS through the weight-only path, whose conversion costs little against them.
+TRITON_MAX_ROWS = 256
+_kernels: dict[str, str] = {}  # device type -> "triton" or "torch", decided once per process
+_kernel_reasons: dict[str, str] = {}
+
+
+def _triton_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T * scale with the weight read as 8 bits (`kernels.qlinear`)."""
+    from . import kernels
+
+    return kernels.qlinear(x, weight, scale)
+
+
+# One opaque call under `torch.compile` (like `weight_only_linear`): the step compiles with
+# fullgraph=True and the kernel, tuned during warm-up, is captured in the CUDA graphs as it is.
+triton_linear = torch.library.custom_op("fastcsm::triton_linear", _triton_linear, mutates_args=())
+
+
+@triton_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _forced_kernel() -> str | None:
+    forced = os.environ.get(KERNEL_ENV, "").strip().lower() or None
+    if forced not in (None, "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={forced!r}: use 'torch' or 'triton'")
+    return forced
+
+
+def cuda_kernel() -> str:
+    """The kernel of the 8-bit linears on CUDA, decided once per process: "triton" (`kernels.qlinear`,
+    the weight read as 8 bits) when Triton imports and the kernel equals the reference on this GPU,
+    else "torch" (weight-only: the weight converted by a kernel of its own, then cuBLAS).
+    FASTCSM_QUANT_KERNEL=torch|triton overrides (triton: an error where it cannot run)."""
+    if "cuda" not in _kernels:
+        _kernels["cuda"], _kernel_reasons["cuda"] = _choose_cuda_kernel()
+    return _kernels["cuda"]
+
+
+def _choose_cuda_kernel() -> tuple[str, str]:
+    forced = _forced_kernel()
+    if forced == "torch":
+        return "torch", f"{KERNEL_ENV}=torch"
+    try:
+        from . import kernels
+    except ImportError as e:
+        if forced:
+            raise RuntimeError(f"{KERNEL_ENV}=triton, but triton does not import: {e}") from e
+        return "torch", f"triton does not import: {e}"
+    try:
+        problem = check_kernel(kernels, torch.device("cuda", torch.cuda.current_device()))
+    except Exception as e:  # a compile or launch failure on this GPU: the kernel cannot serve here
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        if forced:
+            raise RuntimeError(f"{KERNEL_ENV}=triton, but the Triton kernel fails its check on this GPU: {problem}")
+        return "torch", f"the Triton kernel failed its check: {problem}"
+    return "triton", "equals the reference on this GPU" + (f" ({KERNEL_ENV}=triton)" if forced else "")
+
+
+def check_kernel(kernels, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Run each path of the Triton kernel (element-wise and tensor-core products, with and without
+    split-K) on `device` against (x @ w.T) * s in fp32, twice (the same bits both times); None if
+    all pass, else what failed."""
+    gen = torch.Generator().manual_seed(0)
+    modes = ["int8"]
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9):
+        modes.append("fp8")
+    cases = [(1, kernels._config(1, 16, 64, 3, 4, 2)), (5, kernels._config(4, 16, 64, 1, 4, 2)),
+             (20, kernels._config(16, 32, 64, 1, 4, 2)), (20, kernels._config(16, 32, 32, 3, 4, 2))]
+    for mode in modes:
+        w = torch.randn(72, 200, generator=gen) * 0.02  # neither a multiple of the blocks
+        q, s = (t.to(device) for t in quantize(w, mode))
+        for rows, config in cases:
+            x = torch.randn(rows, 200, generator=gen).to(device, dtype)
+            ref = x.float() @ q.float().T * s
+            y = kernels.qlinear(x, q, s, config)
+            again = kernels.qlinear(x, q, s, config)
+            err = float((y.float() - ref).abs().max() / ref.abs().max())
+            if not err < 2 ** -7:
+                return f"{mode}, {rows} rows, {config}: max error {err:.3g} of max |y|"
+            if not torch.equal(y, again):
+                return f"{mode}, {rows} rows, {config}: two runs differ"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _device_kernel(device_type: str) -> str:
+    """"triton" or "torch": what runs an 8-bit linear on this device type. CUDA: `cuda_kernel()`.
+    Elsewhere "torch" (fbgemm or weight-only), unless FASTCSM_QUANT_KERNEL=triton and Triton's
+    interpreter is on (TRITON_INTERPRET=1: the kernel runs on CPU tensors, to test it)."""
+    if device_type == "cuda":
+        return cuda_kernel()
+    if device_type not in _kernels:
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        forced = _forced_kernel() == "triton" and interpreted
+        _kernels[device_type] = "triton" if forced else "torch"
+        _kernel_reasons[device_type] = f"{KERNEL_ENV}=triton, TRITON_INTERPRET=1" if forced else "not CUDA"
+    return _kernels[device_type]
+
+
+def kernel_report(model: nn.Module) -> dict | None:
+    """Which kernel runs the 8-bit linears of `model` on its device, and why (benchmarks report it)."""
+    mode = mode_of(model)
+    if mode is None:
+        return None
+    device = model.codebook0_head.weight.device
+    if _device_kernel(device.type) == "triton":
+        out = {"kernel": "triton", "up_to_rows": TRITON_MAX_ROWS, "above": "weight-only"}
+    elif device.type == "cpu" and mode == "int8" and fbgemm_available():
+        out = {"kernel": "fbgemm"}
+    else:
+        out = {"kernel": "weight-only"}
+    out["why"] = _kernel_reasons.get(device.type, "")
+    if mode == "fp8" and device.type == "cuda":
+        out["scaled_mm_from_rows"] = SCALED_MM_ROWS
+    return out
 
 
 class QuantLinear(nn.Module):
