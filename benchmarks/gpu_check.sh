@@ -3,18 +3,20 @@
 # torch 2.11, transformers 5.17; see README "GPU check"). Run `benchmarks/device_wheels.sh` here
 # first and carry `.device-wheels`; then, on the GPU machine, from the repository root:
 #     benchmarks/gpu_check.sh
-# Steps, each bounded so that the whole run stays under 8 minutes and prints its progress:
+# A lent GPU gives ~15 minutes in all, so the steps come most telling first, each with its own
+# timeout, and the whole run stays under 9 minutes (one device call) and prints its progress:
 #   1. install the carried wheels offline, then fastcsm itself with --no-deps;
-#   2. tests/test_cuda.py (graphs equal eager in fp32 and bf16, int8/fp8 captured and compiled),
-#      the 8-bit tests, the engine and model tests;
-#  2b. the 8-bit Triton kernel: tests/test_kernels.py on the GPU (every autotuning candidate), then
-#      benchmarks/bench_quant_kernels.py (csm-1b's linears, bf16 / weight-only / Triton / _scaled_mm);
+#   2. tests/test_cuda.py (graphs equal eager in fp32 and bf16, int8/fp8 captured and compiled) and
+#      tests/test_kernels.py (the Triton 8-bit kernel, every autotuning candidate, on the GPU);
 #   3. the bench on random csm-1b weights: bf16, int8, fp8 side by side at batches 1, 64, 256,
 #      captured, with time to first audio (10 s voice prompt), accuracy and the transformers peer;
-#   4. bf16 compiled (inductor: ~200 s for csm-1b on 16 cores) and captured at batch 1.
-# Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, tests_kernels.log,
-# bench_quant_kernels.json, bench_graphs.json,
-# bench_compiled.json, and gpu_check.log with everything printed.
+#   4. a profile of one bf16 frame's kernels, eager and captured (benchmarks/profile_step.py);
+#   5. benchmarks/bench_quant_kernels.py: csm-1b's linears, bf16 / weight-only / Triton / _scaled_mm;
+#   6. the 8-bit, engine and model test files on CUDA, then bf16 compiled (inductor: ~200 s for
+#      csm-1b on 16 cores) and captured at batch 1, each only if the time left allows.
+# Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, bench_graphs.json,
+# profile.json, bench_quant_kernels.json, tests_more.log, bench_compiled.json, and gpu_check.log
+# with everything printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -43,30 +45,41 @@ else
 fi
 python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("imports ok")'
 
-step "tests: CUDA, 8-bit, engine, model"
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_quant.py \
-    tests/test_engine.py tests/test_model.py 2>&1 | tee "$out/tests.log" | tail -25
+step "tests: CUDA graphs and the Triton 8-bit kernel"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 \
+    | tee "$out/tests.log" | tail -25
 
-step "8-bit kernels: Triton kernel tests, then the microbench of csm-1b's linears"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/tests_kernels.log" | tail -8
-timeout 90 python3 benchmarks/bench_quant_kernels.py | tail -1 | tee "$out/bench_quant_kernels.json"
-
-step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 8 64 256"
-timeout 200 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64,256 --steps 30 \
+step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 64 256"
+timeout 220 python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1,64,256 --steps 30 \
     --quantize none,int8,fp8 --peer-frames 10 | tail -1 | tee "$out/bench_graphs.json"
 
-left=$(( 475 - ($(date +%s) - start) ))
-step "profile: one csm-1b bf16 frame's kernels, eager and captured, batches 1 and 64; ${left} s left"
-if [ "$left" -gt 120 ]; then  # -> $out/profile.json (kernels a frame, busy time, gaps, top kernels)
-    timeout 120 python3 benchmarks/profile_step.py --batch 1,64 | tail -1 | tee "$out/profile.json"
+budget=520
+left() { echo $(( budget - ($(date +%s) - start) )); }
+step "profile: one csm-1b bf16 frame's kernels, eager and captured, batches 1 and 64; $(left) s left"
+if [ "$(left)" -gt 60 ]; then  # -> $out/profile.json (kernels a frame, busy time, gaps, top kernels)
+    timeout 100 python3 benchmarks/profile_step.py --batch 1,64 | tail -1 | tee "$out/profile.json"
 else
-    echo "skipped: less than 120 s left"
+    echo "skipped: too little time left"
 fi
 
-left=$(( 475 - ($(date +%s) - start) ))
-step "bench: bf16 compiled and captured, batch 1; ${left} s left"
-if [ "$left" -gt 235 ]; then
-    timeout "$left" python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1 --steps 30 --compile \
+step "8-bit kernels: the microbench of csm-1b's linears; $(left) s left"
+if [ "$(left)" -gt 40 ]; then
+    timeout 80 python3 benchmarks/bench_quant_kernels.py | tail -1 | tee "$out/bench_quant_kernels.json"
+else
+    echo "skipped: too little time left"
+fi
+
+step "tests: 8-bit, engine, model on CUDA; $(left) s left"
+if [ "$(left)" -gt 60 ]; then
+    timeout "$(left)" python3 -m pytest -q -x -p no:cacheprovider tests/test_quant.py tests/test_engine.py \
+        tests/test_model.py 2>&1 | tee "$out/tests_more.log" | tail -8
+else
+    echo "skipped: too little time left"
+fi
+
+step "bench: bf16 compiled and captured, batch 1; $(left) s left"
+if [ "$(left)" -gt 235 ]; then
+    timeout "$(left)" python3 -m fastcsm.bench --preset csm-1b --device cuda --batch 1 --steps 30 --compile \
         --no-peer | tail -1 | tee "$out/bench_compiled.json"
 else
     echo "skipped: compiling csm-1b's step takes ~200 s"
