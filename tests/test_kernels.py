@@ -259,7 +259,7 @@ def test_quantized_csm_through_the_kernel_equals_weight_only(mode, monkeypatch):
     ref = with_kernel("torch", quant.teacher_forced_logits, q, p.tokens, p.mask, rows)
     assert not calls
     got = with_kernel("triton", quant.teacher_forced_logits, q, p.tokens, p.mask, rows)
-    assert len(calls) >= 2 * 7 + 2 + 2 * 7 + 1  # backbone, projection, heads, decoder: every linear
+    assert len(calls) >= 2 * 4 + 2 + 2 * 4 + 1  # backbone, projection, heads, decoder (4 linears a layer)
     for r, g in zip(ref, got, strict=True):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
     ref_codes = with_kernel("torch", greedy_codes, q, request)
