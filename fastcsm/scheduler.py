@@ -135,6 +135,13 @@ class Stream:
             self.end = item
         return item
 
+    async def wait_end(self) -> End:
+        """Its End, the one the scheduler sends every stream (a cancelled one's within a step);
+        frames still queued before it are dropped."""
+        while self.end is None:
+            await self.next()
+        return self.end
+
     def __aiter__(self):
         return self
 

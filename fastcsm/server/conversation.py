@@ -12,7 +12,9 @@ its frames are pumped to the socket by a task. `interrupt`, `reset`, `configure`
 socket end it whatever its state (queued, prefilling or running): the stream is cancelled (the
 engine slot or queue place is freed before the next frame step), the task is cancelled (no
 frame of the utterance is sent after its `done`), and the `done` is sent even when the task had
-not started yet.
+not started yet. The `done` counts the rows of every piece submitted, from each piece's own End
+(which the scheduler sends every stream, a cancelled one's within a step), so it waits for the
+End of a piece cut off mid-prefill or mid-line.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Utterance:
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
     requests: list = field(default_factory=list)  # one per piece started
-    ends: list = field(default_factory=list)  # the End of each piece that ended
+    streams: list = field(default_factory=list)  # their streams, whose Ends `done` sums
+    error: str | None = None  # why it stopped, when it did not end normally
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
     spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
@@ -279,6 +282,7 @@ class Conversation:
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.requests))
         u.requests.append(planned.request)
+        u.streams.append(u.stream)
         u.line, u.codes = planned.line, []
         if len(u.requests) == 1:
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
@@ -297,7 +301,6 @@ class Conversation:
                         item = await u.stream.next()
                         if isinstance(item, End):
                             end = item
-                            u.ends.append(end)
                             break
                         if item.pcm is not None:
                             await self.send_audio(item.pcm)
@@ -310,8 +313,10 @@ class Conversation:
                     u.line, u.codes = None, []
                     reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
                     if end.reason not in ("end", "max_length"):
+                        if end.reason in ("error", "deadline"):
+                            u.error = end.message or "generation failed"
                         if end.reason == "error":
-                            await self.error(end.message or "generation failed", "internal", u.id)
+                            await self.error(u.error, "internal", u.id)
                         break
                 index += 1
                 while index >= len(streamed_pieces(u.text, final=not u.more)):
@@ -329,6 +334,7 @@ class Conversation:
             if u.stream is not None:
                 u.stream.cancel()
         except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
+            u.error = e.message
             await self.error(e.message, _error_code(e.status), u.id)
             reason = "error"
         except Exception:  # the socket went away mid-send
@@ -338,16 +344,19 @@ class Conversation:
         await self.finish(u, reason)
 
     async def finish(self, u: Utterance, reason: str) -> None:
-        """Remember the line (cut where it stopped) and send its `done`, once."""
+        """Remember the line (cut where it stopped) and send its `done`, once, counting the rows
+        of every piece submitted (interrupted or not) once each."""
         if u.finished:
             return
         u.finished = True
         self.remember(u)
+        ends = [await stream.wait_end() for stream in u.streams]  # at once, but for a piece just cancelled
         try:
             await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
-                                   prefill_rows=sum(e.prefill_rows for e in u.ends),
-                                   reused_rows=sum(e.reused_rows for e in u.ends), pieces=len(u.requests)))
+                                   prefill_rows=sum(e.prefill_rows for e in ends),
+                                   reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.requests),
+                                   error=u.error if reason in ("error", "deadline") else None))
         except Exception:
             pass
 
