@@ -520,6 +520,31 @@ def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server, m
         assert events[-1]["reused_rows"] >= turn["rows"]  # the prefix stored before the failure
 
 
+def test_speech_whose_generation_fails_is_broken_off_not_finished(server, monkeypatch):
+    """Its 200 went out with the first byte, so a failed prefill cannot change the status: the
+    body is broken off without its last chunk (a client sees an incomplete response), never
+    finished as a shorter file that looks whole; the next request is served normally."""
+    from fastcsm.runner import Runner
+
+    def failing_prefill(*args):
+        raise RuntimeError("boom")
+
+    idle_engine_stats(server)
+    monkeypatch.setattr(server.service.scheduler.engine, "runner", Runner(prefill=failing_prefill))
+    body = {"input": "Hello there.", "voice": "0", "response_format": "wav", "max_audio_length_ms": 160}
+    for extra in ({}, {"stream_format": "sse"}):
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", server.url + "/v1/audio/speech", json={**body, **extra}, headers=AUTH,
+                              timeout=60) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw():
+                    received += chunk
+        assert b"speech.audio.done" not in received
+    monkeypatch.undo()
+    assert len(speak_bytes(server, 2)) == 2 * FRAME * 2
+
+
 def test_conversation_errors_are_events_and_the_session_survives(server):
     with ws_connect(server) as ws:
         assert recv_json(ws)["type"] == "ready"
