@@ -302,10 +302,10 @@ class Conversation:
                         if isinstance(item, End):
                             end = item
                             break
-                        if item.pcm is not None:
-                            await self.send_audio(item.pcm)
                         u.codes.append(item.codes)
                         u.frames += 1
+                        if item.pcm is not None:  # once handed to the socket, sent whole and counted
+                            await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
                         if u.frames == 1:
                             await self.send(P.FirstAudio(id=u.id, utterance=u.index,
                                                          ms=(time.perf_counter() - u.t0) * 1000))
