@@ -271,7 +271,8 @@ def test_full_queue_gets_503_with_retry_after():
         # Long enough that its length guard (3 s + 150 ms a character) leaves it running a while.
         body = {"input": "Hold the slot for a good long while, so that the next request has to wait.", "voice": "0",
                 "response_format": "pcm", "max_audio_length_ms": 20_000}
-        with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
+        with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http, ws_connect(small) as ws:
+            assert recv_json(ws)["type"] == "ready"
             with http.stream("POST", "/v1/audio/speech", json=body) as running:
                 audio = running.iter_raw()  # keep the iterator: dropping it closes the connection
                 next(audio)
@@ -282,8 +283,21 @@ def test_full_queue_gets_503_with_retry_after():
                     assert r.status_code == 503
                     assert r.headers["retry-after"] == "1"
                     assert "busy" in r.json()["error"]["message"]
+                    # A conversation's speak is refused the same way, and leaves no line behind:
+                    # trying again is refused for the full queue again, not for a line in flight.
+                    for _ in range(2):
+                        ws.send(json.dumps({"type": "speak", "text": "Hi.", "voice": "0", "id": "refused"}))
+                        e = recv_json(ws)
+                        assert (e["type"], e["code"], e["id"]) == ("error", "busy", "refused")
+                        assert "the server is busy" in e["message"], e
+            deadline = time.monotonic() + 30
+            while small.service.scheduler.active + small.service.scheduler.queued and time.monotonic() < deadline:
+                time.sleep(0.01)
+            events, audio = speak_and_collect(ws, text="Now.", voice="0", max_audio_length_ms=160)
+            assert [e["type"] for e in events] == ["started", "first_audio", "done"]
+            assert events[0]["utterance"] == 0 and len(audio) == 2  # the refused ones were never begun
         m = small.metrics()
-        assert m["fastcsm_rejected_total"] == 1
+        assert m["fastcsm_rejected_total"] == 3
 
 
 # -- voices ---------------------------------------------------------------------------------------

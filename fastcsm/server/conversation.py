@@ -231,7 +231,12 @@ class Conversation:
         self.current = u
         self.utterances += 1
         if first is not None:
-            await self.start_piece(u, first)
+            try:
+                await self.start_piece(u, first)
+            except ApiError:  # refused (a full queue): the error event answers the speak, no line is left open
+                self.current, u.finished = None, True
+                self.utterances -= 1
+                raise
         if self.current is u and not u.finished:
             u.task = asyncio.create_task(self.play(u))
 

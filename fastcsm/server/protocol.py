@@ -50,7 +50,9 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
     add_turn    a turn of the other party: speaker id, text, optionally their audio
     speak       speak a line (as a speaker id or a registered voice); one at a time: a `speak`
                 while an utterance is in flight (queued, prefilling or running) is refused with
-                an `error` event (code `busy`) and the utterance in flight goes on.
+                an `error` event (code `busy`) and the utterance in flight goes on. A
+                `speak` the server cannot queue (all streams taken, the queue full) is an
+                `error` event, code `busy`, too, and leaves no line open: send it again later.
                 With `more: true` the line streams in (an LLM writing it): its text so far,
                 continued by `append_text` messages
     append_text `{"type": "append_text", "text": "...", "more": true|false}`: the next fragment
