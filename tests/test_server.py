@@ -534,6 +534,19 @@ def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server, m
         assert events[-1]["reused_rows"] >= turn["rows"]  # the prefix stored before the failure
 
 
+def test_a_line_past_its_deadline_says_so_in_its_done(server, monkeypatch):
+    idle_engine_stats(server)
+    monkeypatch.setattr(server.service.scheduler, "timeout_s", 0.0)  # every request is late when first seen
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "speak", "text": "Too late.", "voice": "0", "id": "late"}))
+        audio = []
+        events = until_done(ws, audio)
+        assert [e["type"] for e in events] == ["started", "done"] and audio == []
+        assert (events[-1]["reason"], events[-1]["error"]) == ("deadline", "the request ran past its deadline")
+        assert (events[-1]["prefill_rows"], events[-1]["reused_rows"]) == (0, 0)  # it never got a slot
+
+
 def test_speech_whose_generation_fails_is_broken_off_not_finished(server, monkeypatch):
     """Its 200 went out with the first byte, so a failed prefill cannot change the status: the
     body is broken off without its last chunk (a client sees an incomplete response), never
