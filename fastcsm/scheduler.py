@@ -299,6 +299,8 @@ class Scheduler:
             self._running[s.request] = s
         if not engine.busy():
             return
+        self._deliver(out)  # the ends decided so far (cancels, deadlines, refusals) go out before the step runs
+        out.clear()
         t0 = time.perf_counter()
         try:
             emitted = engine.step()
