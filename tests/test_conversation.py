@@ -66,7 +66,7 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         line = segment_rows(Segment(0, "Hi."), TOK, CFG)
         stream = OneFrameStream()
         u = Utterance("x", 0, 0, None, 0, "Hi.", False, t0=time.perf_counter(), stream=stream,
-                      requests=[object()], streams=[stream], line=line)
+                      streams=[stream], line=line)
         conv.current = u
         u.task = asyncio.create_task(conv.play(u))
         while not ws.sent:  # the frame is written; its send waits in the drain

@@ -51,7 +51,7 @@ def _error_code(status: int) -> str:
 
 @dataclass
 class Utterance:
-    """The line in flight: its text so far, its pieces (the requests submitted, the rows and codes
+    """The line in flight: its text so far, its pieces (the streams submitted, the rows and codes
     of those spoken), the task pumping its frames."""
 
     id: str | None
@@ -64,8 +64,7 @@ class Utterance:
     t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
-    requests: list = field(default_factory=list)  # one per piece started
-    streams: list = field(default_factory=list)  # their streams, whose Ends `done` sums
+    streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
     error: str | None = None  # why it stopped, when it did not end normally
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
@@ -272,7 +271,7 @@ class Conversation:
         try:  # a later fragment may yet bring another piece: every piece keeps its audio state
             planned = plan_piece(cfg, self.pinned, self.turns, u.spoken, piece.line, piece.max_frames,
                                  u.options.sampling, u.seed + index, u.options, keep_audio=True,
-                                 audio_after=u.requests[-1] if index and u.requests else None)
+                                 audio_after=u.streams[-1].request if index and u.streams else None)
         except ContextTooLong as e:
             raise ApiError(400, str(e), param="text") from None
         trim = planned.trim
@@ -285,11 +284,10 @@ class Conversation:
         return planned
 
     async def start_piece(self, u: Utterance, planned) -> None:
-        u.stream = self.service.submit(planned.request, follow_on=bool(u.requests))
-        u.requests.append(planned.request)
+        u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
         u.streams.append(u.stream)
         u.line, u.codes = planned.line, []
-        if len(u.requests) == 1:
+        if len(u.streams) == 1:
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
                                       prompt_rows=len(planned.request.prompt), max_frames=planned.request.max_frames))
 
@@ -298,7 +296,7 @@ class Conversation:
         ends with its `done`."""
         reason = "error"
         try:
-            index = len(u.requests) - 1 if u.requests else -1
+            index = len(u.streams) - 1
             while True:
                 if index >= 0:
                     end = None
@@ -360,7 +358,7 @@ class Conversation:
             await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
                                    prefill_rows=sum(e.prefill_rows for e in ends),
-                                   reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.requests),
+                                   reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.streams),
                                    error=u.error if reason in ("error", "deadline") else None))
         except Exception:
             pass
