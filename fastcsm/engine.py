@@ -88,11 +88,15 @@ class Emitted:
 
 class PrefillError(RuntimeError):
     """Putting `request`'s prompt into the cache failed. The request has left the engine; the
-    other streams are untouched (the frame step of that engine step did not run)."""
+    other streams are untouched (the frame step of that engine step did not run).
 
-    def __init__(self, request: Request, cause: BaseException):
-        super().__init__(f"prefill failed: {type(cause).__name__}: {cause}")
-        self.request = request
+    end: the request's end event, as `release` gives it: the rows it prefilled in the chunks
+    that succeeded before the failing one, and the rows it took from the prefix cache."""
+
+    def __init__(self, end: Emitted, cause: BaseException):
+        super().__init__(f"prefill failed after {end.prefill_rows + end.reused_rows} of "
+                         f"{len(end.request.prompt)} prompt rows: {type(cause).__name__}: {cause}")
+        self.request, self.end = end.request, end
 
 
 @dataclass(eq=False)
@@ -387,8 +391,7 @@ class Engine:
             try:
                 budget -= self._prefill_chunk(row, budget)
             except Exception as e:
-                self.release(row.request)
-                raise PrefillError(row.request, e) from e
+                raise PrefillError(self.release(row.request), e) from e
 
     def _reuse_prefix(self, row: _Row) -> None:
         hit = self.prefix_cache.longest(row.request.prompt, row.prefix) if row.prefix > 0 else None

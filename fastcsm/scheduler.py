@@ -12,8 +12,9 @@ frame step, so a client that goes away costs at most the frame already in flight
 Admission is bounded: when the waiting queue is full, `submit` raises `Busy` at once (the
 server answers 503 with Retry-After) rather than letting work pile up. Failures stay with
 their request: a request the engine refuses, or one whose prefill raises, ends with an error
-event for that stream only; a failure inside a batched frame step ends the requests in that
-step (their state is suspect) and the loop carries on for everyone else.
+event for that stream only (a failed prefill says so: "prefill failed after N of M prompt
+rows"); a failure inside a batched frame step ends the requests in that step (their state is
+suspect; "generation failed") and the loop carries on for everyone else.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ class Frame:
 
 @dataclass
 class End:
-    """How a stream ended. reason: end (the model's end frame), max_length, cancelled, deadline, error."""
+    """How a stream ended. reason: end (the model's end frame), max_length, cancelled, deadline, error.
+
+    Every stream gets exactly one End. Its rows are those of its request in the engine, however it
+    ended: prompt rows it prefilled itself (a failed prefill: the chunks that went in before the
+    failing one) and rows taken from the prefix cache; 0 for a request that never got a slot."""
 
     reason: str
     frames: int
@@ -129,6 +134,13 @@ class Stream:
         if isinstance(item, End):
             self.end = item
         return item
+
+    async def wait_end(self) -> End:
+        """Its End, the one the scheduler sends every stream (a cancelled one's within a step);
+        frames still queued before it are dropped."""
+        while self.end is None:
+            await self.next()
+        return self.end
 
     def __aiter__(self):
         return self
@@ -287,14 +299,16 @@ class Scheduler:
             self._running[s.request] = s
         if not engine.busy():
             return
+        self._deliver(out)  # the ends decided so far (cancels, deadlines, refusals) go out before the step runs
+        out.clear()
         t0 = time.perf_counter()
         try:
             emitted = engine.step()
         except PrefillError as e:  # one prompt failed before the frame step ran: blame it alone
-            self._step_failed(e, e.request, out)
+            self._prefill_failed(e, out)
             return
         except Exception as e:
-            self._step_failed(e, None, out)
+            self._step_failed(e, out)
             return
         self.metrics.step.observe(time.perf_counter() - t0)
         for e in emitted:
@@ -314,18 +328,23 @@ class Scheduler:
             s.frames += 1
             self.metrics.frames += 1
 
-    def _step_failed(self, error: Exception, prefilling: Request | None, out: dict) -> None:
-        """A step raised. If a prefill was under way, blame that request alone (the frame step
-        had not run); otherwise every request of the batch ends, since their state is suspect."""
-        log.error("engine step failed: %r", error, exc_info=error)
-        cause = error.__cause__ if isinstance(error, PrefillError) and error.__cause__ else error
-        message = f"generation failed: {type(cause).__name__}"
-        if prefilling is not None and prefilling in self._running:
-            s = self._running[prefilling]
-            self._finish(s, End("error", s.frames, message), out)
+    def _prefill_failed(self, error: PrefillError, out: dict) -> None:
+        """One request's prompt could not be put in the cache; the engine has released it and the
+        frame step did not run, so it alone ends. Its End reports the rows it did prefill."""
+        log.error("prefill failed: %r", error, exc_info=error)
+        s = self._running.get(error.request)
+        if s is None:
             return
+        gone, cause = error.end, error.__cause__ or error
+        message = (f"prefill failed after {gone.prefill_rows + gone.reused_rows} of {len(s.request.prompt)} prompt "
+                   f"rows: {type(cause).__name__}")
+        self._finish(s, End("error", s.frames, message, gone.prefill_rows, gone.reused_rows), out)
+
+    def _step_failed(self, error: Exception, out: dict) -> None:
+        """The frame step raised: every request of the batch ends, since their state is suspect."""
+        log.error("engine step failed: %r", error, exc_info=error)
         for s in list(self._running.values()):
-            self._finish(s, End("error", s.frames, message), out)
+            self._finish(s, End("error", s.frames, f"generation failed: {type(error).__name__}"), out)
 
     def _finish(self, s: Stream, end: End, out: dict, in_queue: bool | None = None) -> None:
         """End `s`: free its slot (or its place in the queue) and send its End."""

@@ -376,6 +376,45 @@ def test_prefill_failure_names_its_request_and_leaves_the_others(model):
     assert torch.equal(torch.stack(rest), run_alone(model, requests(1, frames=3)[0])[1:])
 
 
+def test_a_failed_prefill_reports_the_rows_it_prefilled(model):
+    """The end event of a request whose prefill fails counts the rows of the chunks that went
+    in before the failing one, and those taken from the prefix cache, as the engine's own
+    counters do; a request running beside it is untouched."""
+    from fastcsm.step import prefill
+
+    fail_at = []  # the start row of the chunk that fails
+
+    def flaky_prefill(model, tokens, mask, start, cache):
+        if fail_at and int(start[0]) == fail_at[0]:
+            raise RuntimeError("boom")
+        return prefill(model, tokens, mask, start, cache)
+
+    engine = Engine(model, max_slots=2, prefill_chunk=7, runner=Runner(prefill=flaky_prefill))
+    first, good = replace(requests(1, frames=3)[0], prefix_rows=10), requests(3, frames=4)[2]
+    list(engine.run(first))  # its first 10 rows are in the prefix cache now
+    bad = replace(first)
+    engine.add(good)
+    while engine.waiting:  # `good` runs
+        engine.step()
+    fail_at.append(24)  # `bad` reuses 10 rows, prefills [10, 17) and [17, 24), fails on [24, 31)
+    before = dict(engine.stats)
+    engine.add(bad)
+    engine.step()
+    engine.step()
+    with pytest.raises(PrefillError) as e:
+        engine.step()
+    end = e.value.end
+    assert e.value.request is bad and end.request is bad and end.ended and bad not in engine
+    assert (end.prefill_rows, end.reused_rows) == (14, 10)
+    assert engine.stats["prefill_rows"] - before["prefill_rows"] == 14
+    assert engine.stats["reused_rows"] - before["reused_rows"] == 10
+    assert "after 24 of" in str(e.value) and "RuntimeError: boom" in str(e.value)
+    rest = []
+    while good in engine:
+        rest += [x.codes for x in engine.step() if x.request is good and not x.ended]
+    assert torch.equal(torch.stack(rest), run_alone(model, good)[-len(rest):])
+
+
 def scripted_audio_step(script):
     """Codes from `script[slot][frame]` (the all-zero end frame where the script runs out), then
     the engine's own Mimi decode of them. `script` may change between steps."""

@@ -93,15 +93,18 @@ def test_full_queue_refuses_and_bad_requests_fail_alone(model):
 
 
 def test_a_failing_request_ends_alone(model):
+    """A prompt whose prefill fails in its third chunk ends alone, with an error that says it
+    was the prefill, and an End that counts the rows of the chunks that did go in."""
     bad = request(1, 5)
 
     def flaky_prefill(model, tokens, mask, start, cache):
-        """Fails on the rows of `bad`'s prompt, as a broken input or a bug would."""
-        if torch.equal(tokens[0], bad.prompt.tokens):
+        """Fails on the third chunk of `bad`'s prompt, as a broken input or a bug would."""
+        if int(start[0]) == 8 and torch.equal(tokens[0], bad.prompt.tokens[8:12]):
             raise RuntimeError("boom")
         return prefill(model, tokens, mask, start, cache)
 
-    scheduler = Scheduler(Engine(model, max_slots=4, runner=Runner(prefill=flaky_prefill)), max_queue=8)
+    engine = Engine(model, max_slots=4, prefill_chunk=4, runner=Runner(prefill=flaky_prefill))
+    scheduler = Scheduler(engine, max_queue=8)
 
     async def main():
         streams = [scheduler.submit(r) for r in (request(0, 5), bad, request(2, 5))]
@@ -111,8 +114,11 @@ def test_a_failing_request_ends_alone(model):
         (a, a_end), (_, bad_end), (c, c_end) = asyncio.run(main())
     finally:
         scheduler.close()
-    assert bad_end.reason == "error" and "RuntimeError" in bad_end.message
+    assert bad_end.reason == "error" and bad_end.frames == 0
+    assert bad_end.message == f"prefill failed after 8 of {len(bad.prompt)} prompt rows: RuntimeError"
+    assert (bad_end.prefill_rows, bad_end.reused_rows) == (8, 0)
     assert a_end.reason == c_end.reason == "max_length" and len(a) == len(c) == 5
+    assert a_end.prefill_rows + bad_end.prefill_rows + c_end.prefill_rows == engine.stats["prefill_rows"]
     assert scheduler.metrics.errors == 1 and scheduler.engine.free_slots == 4
 
 
@@ -139,6 +145,7 @@ def test_a_failing_frame_step_ends_its_batch_and_serving_goes_on(model):
         ends, (frames, after_end) = asyncio.run(main())
     finally:
         scheduler.close()
-    assert all(end.reason == "error" and "RuntimeError" in end.message for _, end in ends)
+    assert all(end.reason == "error" and end.message == "generation failed: RuntimeError" for _, end in ends)
+    assert all(end.prefill_rows == len(request(i, 200).prompt) for i, (_, end) in enumerate(ends))
     assert after_end.reason == "max_length" and len(frames) == 4
     assert scheduler.engine.free_slots == 4

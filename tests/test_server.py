@@ -271,7 +271,8 @@ def test_full_queue_gets_503_with_retry_after():
         # Long enough that its length guard (3 s + 150 ms a character) leaves it running a while.
         body = {"input": "Hold the slot for a good long while, so that the next request has to wait.", "voice": "0",
                 "response_format": "pcm", "max_audio_length_ms": 20_000}
-        with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http:
+        with httpx.Client(base_url=small.url, timeout=30, headers=AUTH) as http, ws_connect(small) as ws:
+            assert recv_json(ws)["type"] == "ready"
             with http.stream("POST", "/v1/audio/speech", json=body) as running:
                 audio = running.iter_raw()  # keep the iterator: dropping it closes the connection
                 next(audio)
@@ -282,8 +283,21 @@ def test_full_queue_gets_503_with_retry_after():
                     assert r.status_code == 503
                     assert r.headers["retry-after"] == "1"
                     assert "busy" in r.json()["error"]["message"]
+                    # A conversation's speak is refused the same way, and leaves no line behind:
+                    # trying again is refused for the full queue again, not for a line in flight.
+                    for _ in range(2):
+                        ws.send(json.dumps({"type": "speak", "text": "Hi.", "voice": "0", "id": "refused"}))
+                        e = recv_json(ws)
+                        assert (e["type"], e["code"], e["id"]) == ("error", "busy", "refused")
+                        assert "the server is busy" in e["message"], e
+            deadline = time.monotonic() + 30
+            while small.service.scheduler.active + small.service.scheduler.queued and time.monotonic() < deadline:
+                time.sleep(0.01)
+            events, audio = speak_and_collect(ws, text="Now.", voice="0", max_audio_length_ms=160)
+            assert [e["type"] for e in events] == ["started", "first_audio", "done"]
+            assert events[0]["utterance"] == 0 and len(audio) == 2  # the refused ones were never begun
         m = small.metrics()
-        assert m["fastcsm_rejected_total"] == 1
+        assert m["fastcsm_rejected_total"] == 3
 
 
 # -- voices ---------------------------------------------------------------------------------------
@@ -402,6 +416,160 @@ def test_interrupt_stops_audio_within_a_frame(server):
     while server.metrics()["fastcsm_active_streams"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.metrics()["fastcsm_active_streams"] == 0
+
+
+def idle_engine_stats(server) -> dict:
+    """The engine's counters once no stream holds a slot or waits for one."""
+    scheduler = server.service.scheduler
+    deadline = time.monotonic() + 30
+    while (scheduler.active or scheduler.queued) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (scheduler.active or scheduler.queued)
+    return dict(scheduler.engine.stats)
+
+
+def wait_for_audio(ws, frames: int = 1) -> None:
+    while frames:
+        if isinstance(ws.recv(timeout=30), bytes):
+            frames -= 1
+
+
+def until_done(ws, audio: list | None = None) -> list[dict]:
+    """The events up to the next `done`; the binary frames between them go to `audio`."""
+    events = []
+    while not events or events[-1]["type"] != "done":
+        msg = ws.recv(timeout=30)
+        if isinstance(msg, str):
+            events.append(json.loads(msg))
+        elif audio is not None:
+            audio.append(msg)
+    return events
+
+
+def test_done_counts_the_rows_of_every_piece_interrupted_or_not(server):
+    """The rows a `done` reports are those the engine prefilled and reused for the line, every
+    piece that was submitted counted once, whether it ended, was interrupted mid-line, or had
+    not even begun: over a conversation, the dones add up to the engine's own counters."""
+    before = idle_engine_stats(server)
+    dones = []
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "speak", "text": "A long answer that will be cut short.", "voice": "0",
+                            "max_audio_length_ms": 8000}))
+        started = recv_json(ws)
+        wait_for_audio(ws)
+        ws.send(json.dumps({"type": "interrupt"}))
+        done = until_done(ws)[-1]
+        assert done["reason"] == "interrupted" and done["pieces"] == 1 and done["error"] is None
+        assert (done["prefill_rows"], done["reused_rows"]) == (started["prompt_rows"], 0)  # a fresh conversation
+        dones.append(done)
+        ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": "Go on then."}))
+        assert recv_json(ws)["type"] == "turn_added"
+        # A line streaming in: its first piece runs to its bound, the second is cut off (or has
+        # just ended) by the interrupt while the line waits for more text.
+        ws.send(json.dumps({"type": "speak", "text": "One two three. Four", "voice": "0", "more": True,
+                            "max_audio_length_ms": 400}))
+        assert recv_json(ws)["type"] == "started"
+        ws.send(json.dumps({"type": "append_text", "text": " five six. Seven", "more": True}))
+        wait_for_audio(ws, 6)  # a frame of the second piece
+        ws.send(json.dumps({"type": "interrupt"}))
+        done = until_done(ws)[-1]
+        assert done["reason"] == "interrupted" and done["pieces"] == 2 and done["frames"] >= 6
+        assert done["reused_rows"] > 0 and done["prefill_rows"] > 0  # the conversation so far was kept
+        dones.append(done)
+        # Interrupted before it was even complete: nothing was submitted, nothing counted.
+        ws.send(json.dumps({"type": "speak", "text": "Eight", "voice": "0", "more": True}))
+        ws.send(json.dumps({"type": "interrupt"}))
+        done = until_done(ws)[-1]
+        assert (done["reason"], done["pieces"], done["prefill_rows"], done["reused_rows"]) == ("interrupted", 0, 0, 0)
+        events, _ = speak_and_collect(ws, text="Sorry, go on.", voice="0", max_audio_length_ms=160)
+        assert events[-1]["reason"] == "max_length" and events[-1]["reused_rows"] > 0
+        dones.append(events[-1])
+    after = idle_engine_stats(server)
+    assert sum(d["prefill_rows"] for d in dones) == after["prefill_rows"] - before["prefill_rows"]
+    assert sum(d["reused_rows"] for d in dones) == after["reused_rows"] - before["reused_rows"]
+
+
+def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server, monkeypatch):
+    """A line whose prefill fails ends with an `error` event saying so and a `done` (reason
+    error) that counts the rows prefilled before the failure; another conversation's line,
+    running meanwhile, ends with all its frames, and the failed session speaks again."""
+    from fastcsm.runner import Runner
+    from fastcsm.step import prefill
+
+    armed = threading.Event()
+
+    def flaky_prefill(model, tokens, mask, start, cache):
+        """Fails on any chunk after a prompt's first (a line after its conversation), when armed."""
+        if armed.is_set() and int(start[0]) > 0:
+            raise RuntimeError("boom")
+        return prefill(model, tokens, mask, start, cache)
+
+    engine = server.service.scheduler.engine
+    idle_engine_stats(server)
+    monkeypatch.setattr(engine, "runner", Runner(prefill=flaky_prefill))
+    with ws_connect(server) as other, ws_connect(server) as ws:
+        assert recv_json(other)["type"] == recv_json(ws)["type"] == "ready"
+        other.send(json.dumps({"type": "speak", "text": "I keep talking, whatever happens next door.", "voice": "0",
+                               "max_audio_length_ms": 1600, "id": "other"}))
+        wait_for_audio(other)  # prefilled in one chunk, from row 0
+        armed.set()
+        ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": "A turn nobody said before, 7f3a."}))
+        turn = recv_json(ws)
+        ws.send(json.dumps({"type": "speak", "text": "This line cannot go in.", "voice": "0", "id": "bad"}))
+        audio = []
+        events = until_done(ws, audio)
+        armed.clear()
+        assert [e["type"] for e in events] == ["started", "error", "done"] and audio == []
+        started, error, done = events
+        message = f"prefill failed after {turn['rows']} of {started['prompt_rows']} prompt rows: RuntimeError"
+        assert (error["code"], error["message"], error["id"]) == ("internal", message, "bad")
+        assert (done["reason"], done["frames"], done["error"], done["id"]) == ("error", 0, message, "bad")
+        assert (done["prefill_rows"], done["reused_rows"]) == (turn["rows"], 0)  # the turn went in, the line not
+        others = until_done(other)
+        assert others[-1]["reason"] == "max_length" and others[-1]["frames"] == 20
+        assert not any(e["type"] == "error" for e in others)
+        events, audio = speak_and_collect(ws, text="Still here.", voice="0", max_audio_length_ms=160)
+        assert events[-1]["reason"] == "max_length" and len(audio) == 2
+        assert events[-1]["reused_rows"] >= turn["rows"]  # the prefix stored before the failure
+
+
+def test_a_line_past_its_deadline_says_so_in_its_done(server, monkeypatch):
+    idle_engine_stats(server)
+    monkeypatch.setattr(server.service.scheduler, "timeout_s", 0.0)  # every request is late when first seen
+    with ws_connect(server) as ws:
+        assert recv_json(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "speak", "text": "Too late.", "voice": "0", "id": "late"}))
+        audio = []
+        events = until_done(ws, audio)
+        assert [e["type"] for e in events] == ["started", "done"] and audio == []
+        assert (events[-1]["reason"], events[-1]["error"]) == ("deadline", "the request ran past its deadline")
+        assert (events[-1]["prefill_rows"], events[-1]["reused_rows"]) == (0, 0)  # it never got a slot
+
+
+def test_speech_whose_generation_fails_is_broken_off_not_finished(server, monkeypatch):
+    """Its 200 went out with the first byte, so a failed prefill cannot change the status: the
+    body is broken off without its last chunk (a client sees an incomplete response), never
+    finished as a shorter file that looks whole; the next request is served normally."""
+    from fastcsm.runner import Runner
+
+    def failing_prefill(*args):
+        raise RuntimeError("boom")
+
+    idle_engine_stats(server)
+    monkeypatch.setattr(server.service.scheduler.engine, "runner", Runner(prefill=failing_prefill))
+    body = {"input": "Hello there.", "voice": "0", "response_format": "wav", "max_audio_length_ms": 160}
+    for extra in ({}, {"stream_format": "sse"}):
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", server.url + "/v1/audio/speech", json={**body, **extra}, headers=AUTH,
+                              timeout=60) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw():
+                    received += chunk
+        assert b"speech.audio.done" not in received
+    monkeypatch.undo()
+    assert len(speak_bytes(server, 2)) == 2 * FRAME * 2
 
 
 def test_conversation_errors_are_events_and_the_session_survives(server):

@@ -73,7 +73,9 @@ def short_speech(server, frames=3) -> bytes:
 
 def test_speak_interrupt_burst_leaves_no_stream_behind(server):
     """80 x (speak, interrupt) at once: every utterance ends with its done, nothing keeps
-    generating for nobody, and another client is served normally."""
+    generating for nobody, and another client is served normally. The dones count the rows
+    each line prefilled (queued, prefilling or running when interrupted) exactly once."""
+    wait_idle(server)
     before = server.metrics()
     with ws(server) as c:
         assert recv_json(c)["type"] == "ready"
@@ -101,6 +103,11 @@ def test_speak_interrupt_burst_leaves_no_stream_behind(server):
         # Still on the socket: nothing is generating for it any more.
         settle = wait_idle(server)
         assert server.service.scheduler.active <= 1 and settle < 5.0, settle
+        wait_idle(server)
+        rows = server.metrics()
+        for kind in ("prefill", "reused"):
+            total = rows[f"fastcsm_{kind}_rows_total"] - before[f"fastcsm_{kind}_rows_total"]
+            assert sum(d[f"{kind}_rows"] for d in done.values()) == total, kind
         short_speech(server)  # another client's short request completes normally
     frames = server.metrics()["fastcsm_frames_total"] - before["fastcsm_frames_total"]
     assert frames < 80 * 100, frames  # not 80 full lines (100 frames each) for nobody
@@ -122,6 +129,7 @@ def test_interrupt_ends_a_queued_utterance_and_a_closed_socket_ends_its_own(smal
                 c.send(json.dumps({"type": "interrupt"}))
                 e = recv_json(c, timeout=10)
                 assert (e["type"], e["reason"], e["frames"]) == ("done", "interrupted", 0)
+                assert (e["prefill_rows"], e["reused_rows"], e["pieces"]) == (0, 0, 1)  # it never got a slot
                 assert _eventually(lambda: small.service.scheduler.queued == 0)
                 # A queued line whose socket closes leaves the queue too.
                 c.send(json.dumps({"type": "speak", "text": "Queued again.", "voice": "0"}))

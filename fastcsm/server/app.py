@@ -339,9 +339,16 @@ def _document_speech_request(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+class SpeechFailed(RuntimeError):
+    """Generation stopped before the end of the text (a failed prefill or step, the deadline): the
+    response is broken off without its last chunk, never finished as if the audio were whole."""
+
+
 async def _audio(service: Service, plan, stream, enc, frames: list[int]):
     """The response body: encoded frames as they come, piece after piece, each piece's audio
-    continuing from the one before; the slot is freed if the client leaves."""
+    continuing from the one before; the slot is freed if the client leaves. A stream that fails
+    raises `SpeechFailed`, so the client sees a broken-off response (its status went out with the
+    first byte), not a shorter file that looks complete."""
     spoken = []  # (text rows, codes) of the pieces done
     try:
         head = enc.start()
@@ -353,8 +360,8 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                     planned = service.piece(plan, index, spoken, after=stream.request)
                     stream = service.submit(planned.request, follow_on=True)
                 except ApiError as e:
-                    log.warning("speech stopped before piece %d: %s", index, e.message)
-                    break
+                    raise SpeechFailed(f"speech stopped before piece {index + 1} of {len(plan.pieces)}: "
+                                       f"{e.message}") from None
             codes = []
             while not isinstance(item := await stream.next(), End):
                 codes.append(item.codes)
@@ -364,8 +371,8 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                     if data:
                         yield data
             if stream.end.reason not in ("end", "max_length"):
-                log.warning("speech stream ended early: %s %s", stream.end.reason, stream.end.message)
-                break
+                raise SpeechFailed(f"speech stopped in piece {index + 1} of {len(plan.pieces)}: {stream.end.reason}: "
+                                   f"{stream.end.message}")
             spoken.append((plan.pieces[index].line, codes))
         tail = enc.finish()
         if tail:

@@ -12,7 +12,9 @@ its frames are pumped to the socket by a task. `interrupt`, `reset`, `configure`
 socket end it whatever its state (queued, prefilling or running): the stream is cancelled (the
 engine slot or queue place is freed before the next frame step), the task is cancelled (no
 frame of the utterance is sent after its `done`), and the `done` is sent even when the task had
-not started yet.
+not started yet. The `done` counts the rows of every piece submitted, from each piece's own End
+(which the scheduler sends every stream, a cancelled one's within a step), so it waits for the
+End of a piece cut off mid-prefill or mid-line.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _error_code(status: int) -> str:
 
 @dataclass
 class Utterance:
-    """The line in flight: its text so far, its pieces (the requests submitted, the rows and codes
+    """The line in flight: its text so far, its pieces (the streams submitted, the rows and codes
     of those spoken), the task pumping its frames."""
 
     id: str | None
@@ -62,8 +64,8 @@ class Utterance:
     t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
-    requests: list = field(default_factory=list)  # one per piece started
-    ends: list = field(default_factory=list)  # the End of each piece that ended
+    streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
+    error: str | None = None  # why it stopped, when it did not end normally
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
     spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
@@ -228,7 +230,12 @@ class Conversation:
         self.current = u
         self.utterances += 1
         if first is not None:
-            await self.start_piece(u, first)
+            try:
+                await self.start_piece(u, first)
+            except ApiError:  # refused (a full queue): the error event answers the speak, no line is left open
+                self.current, u.finished = None, True
+                self.utterances -= 1
+                raise
         if self.current is u and not u.finished:
             u.task = asyncio.create_task(self.play(u))
 
@@ -264,7 +271,7 @@ class Conversation:
         try:  # a later fragment may yet bring another piece: every piece keeps its audio state
             planned = plan_piece(cfg, self.pinned, self.turns, u.spoken, piece.line, piece.max_frames,
                                  u.options.sampling, u.seed + index, u.options, keep_audio=True,
-                                 audio_after=u.requests[-1] if index and u.requests else None)
+                                 audio_after=u.streams[-1].request if index and u.streams else None)
         except ContextTooLong as e:
             raise ApiError(400, str(e), param="text") from None
         trim = planned.trim
@@ -277,10 +284,10 @@ class Conversation:
         return planned
 
     async def start_piece(self, u: Utterance, planned) -> None:
-        u.stream = self.service.submit(planned.request, follow_on=bool(u.requests))
-        u.requests.append(planned.request)
+        u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
+        u.streams.append(u.stream)
         u.line, u.codes = planned.line, []
-        if len(u.requests) == 1:
+        if len(u.streams) == 1:
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
                                       prompt_rows=len(planned.request.prompt), max_frames=planned.request.max_frames))
 
@@ -289,7 +296,7 @@ class Conversation:
         ends with its `done`."""
         reason = "error"
         try:
-            index = len(u.requests) - 1 if u.requests else -1
+            index = len(u.streams) - 1
             while True:
                 if index >= 0:
                     end = None
@@ -297,12 +304,11 @@ class Conversation:
                         item = await u.stream.next()
                         if isinstance(item, End):
                             end = item
-                            u.ends.append(end)
                             break
-                        if item.pcm is not None:
-                            await self.send_audio(item.pcm)
                         u.codes.append(item.codes)
                         u.frames += 1
+                        if item.pcm is not None:  # once handed to the socket, sent whole and counted
+                            await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
                         if u.frames == 1:
                             await self.send(P.FirstAudio(id=u.id, utterance=u.index,
                                                          ms=(time.perf_counter() - u.t0) * 1000))
@@ -310,8 +316,10 @@ class Conversation:
                     u.line, u.codes = None, []
                     reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
                     if end.reason not in ("end", "max_length"):
+                        if end.reason in ("error", "deadline"):
+                            u.error = end.message or "generation failed"
                         if end.reason == "error":
-                            await self.error(end.message or "generation failed", "internal", u.id)
+                            await self.error(u.error, "internal", u.id)
                         break
                 index += 1
                 while index >= len(streamed_pieces(u.text, final=not u.more)):
@@ -329,6 +337,7 @@ class Conversation:
             if u.stream is not None:
                 u.stream.cancel()
         except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
+            u.error = e.message
             await self.error(e.message, _error_code(e.status), u.id)
             reason = "error"
         except Exception:  # the socket went away mid-send
@@ -338,16 +347,19 @@ class Conversation:
         await self.finish(u, reason)
 
     async def finish(self, u: Utterance, reason: str) -> None:
-        """Remember the line (cut where it stopped) and send its `done`, once."""
+        """Remember the line (cut where it stopped) and send its `done`, once, counting the rows
+        of every piece submitted (interrupted or not) once each."""
         if u.finished:
             return
         u.finished = True
         self.remember(u)
+        ends = [await stream.wait_end() for stream in u.streams]  # at once, but for a piece just cancelled
         try:
             await self.send(P.Done(id=u.id, utterance=u.index, reason=reason, frames=u.frames,
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
-                                   prefill_rows=sum(e.prefill_rows for e in u.ends),
-                                   reused_rows=sum(e.reused_rows for e in u.ends), pieces=len(u.requests)))
+                                   prefill_rows=sum(e.prefill_rows for e in ends),
+                                   reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.streams),
+                                   error=u.error if reason in ("error", "deadline") else None))
         except Exception:
             pass
 

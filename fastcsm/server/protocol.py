@@ -50,7 +50,9 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
     add_turn    a turn of the other party: speaker id, text, optionally their audio
     speak       speak a line (as a speaker id or a registered voice); one at a time: a `speak`
                 while an utterance is in flight (queued, prefilling or running) is refused with
-                an `error` event (code `busy`) and the utterance in flight goes on.
+                an `error` event (code `busy`) and the utterance in flight goes on. A
+                `speak` the server cannot queue (all streams taken, the queue full) is an
+                `error` event, code `busy`, too, and leaves no line open: send it again later.
                 With `more: true` the line streams in (an LLM writing it): its text so far,
                 continued by `append_text` messages
     append_text `{"type": "append_text", "text": "...", "more": true|false}`: the next fragment
@@ -67,7 +69,11 @@ and receives `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `
 before the next frame step). The spoken line (with the audio generated for it, cut where it was
 interrupted) becomes part of the conversation, so the next line continues from it; the server
 keeps the conversation's KV cache, so the next `speak` prefills only the rows added since
-(`done.prefill_rows` / `done.reused_rows` report it). When the 2048-row window is full the
+(`done.prefill_rows` / `done.reused_rows` report it, over every piece of the line that was
+submitted, interrupted or not; a piece still queued counts 0). A line that fails (its prefill,
+or the frame step) gets an `error` event (code `internal`) and then its `done` with reason
+`error`, whose `error` field repeats the message; a failed prefill's message says how many of its
+prompt rows went in, and `done.prefill_rows` counts them. When the 2048-row window is full the
 oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
 prefilled again.
 
@@ -377,9 +383,13 @@ class Done(BaseModel):
     reason: Literal["end", "max_length", "interrupted", "deadline", "error"]
     frames: int
     audio_ms: int
-    prefill_rows: int = Field(description="prompt rows this utterance had to prefill (all its pieces)")
-    reused_rows: int = Field(description="prompt rows taken from the session's KV cache (all its pieces)")
+    prefill_rows: int = Field(description="prompt rows this utterance prefilled, over every piece started, "
+                                          "interrupted or not (a failed prefill: the rows that went in before it "
+                                          "failed; a piece still queued: 0)")
+    reused_rows: int = Field(description="prompt rows taken from the session's KV cache (every piece started)")
     pieces: int = Field(0, description="pieces of the line that were started")
+    error: str | None = Field(None, description="why the line stopped, when reason is error or deadline (for an "
+                                                "error, the message of the error event sent just before)")
 
 
 class ContextDropped(BaseModel):

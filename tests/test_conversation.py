@@ -1,0 +1,86 @@
+"""A conversation's utterance against a socket that holds a frame in its write buffer (a client
+reading slowly): an interrupt then must not lose count of a frame that was already handed to
+the socket. The live-server tests cannot make loopback push back reliably, so the socket and
+the scheduler's stream are stand-ins here; the rest is the real `Conversation`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from fastcsm.config import tiny_config
+from fastcsm.prompt import Segment, TextTokenizer, segment_rows
+from fastcsm.scheduler import End, Frame
+from fastcsm.server.conversation import Conversation, Utterance
+from fastcsm.testing import byte_tokenizer_json
+
+CFG = tiny_config()
+TOK = TextTokenizer.from_json(byte_tokenizer_json())
+
+
+class SlowSocket:
+    """Writes a binary message at once, then waits in its drain, as a transport under
+    back-pressure does, until `drained` is set."""
+
+    def __init__(self):
+        self.sent: list = []
+        self.drained = asyncio.Event()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+        await self.drained.wait()
+
+
+class OneFrameStream:
+    """A stream that gives one frame, then none until it is cancelled; its End counts 7 rows."""
+
+    def __init__(self):
+        self.frames = [Frame(0, torch.zeros(CFG.num_codebooks, dtype=torch.long), np.zeros(1920, np.float32))]
+        self.end: End | None = None
+
+    async def next(self):
+        if self.frames:
+            return self.frames.pop()
+        await asyncio.Event().wait()  # until cancelled
+
+    def cancel(self) -> None:
+        self.end = self.end or End("cancelled", 1, prefill_rows=7)
+
+    async def wait_end(self) -> End:
+        return self.end
+
+
+def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
+    async def main():
+        ws = SlowSocket()
+        service = SimpleNamespace(settings=SimpleNamespace(max_input_chars=100), cfg=CFG)
+        conv = Conversation(ws, service)
+        line = segment_rows(Segment(0, "Hi."), TOK, CFG)
+        stream = OneFrameStream()
+        u = Utterance("x", 0, 0, None, 0, "Hi.", False, t0=time.perf_counter(), stream=stream,
+                      streams=[stream], line=line)
+        conv.current = u
+        u.task = asyncio.create_task(conv.play(u))
+        while not ws.sent:  # the frame is written; its send waits in the drain
+            await asyncio.sleep(0)
+        stopping = asyncio.create_task(conv.stop_pump())  # interrupt
+        await asyncio.sleep(0.05)
+        ws.drained.set()
+        await stopping
+        return ws.sent, conv.turns
+
+    sent, turns = asyncio.run(main())
+    audio = [m for m in sent if isinstance(m, bytes)]
+    done = sent[-1]
+    assert done["type"] == "done" and done["reason"] == "interrupted" and done["prefill_rows"] == 7
+    assert done["frames"] == len(audio) == 1  # what the client got
+    line = segment_rows(Segment(0, "Hi."), TOK, CFG)
+    assert len(turns[-1]) == len(line) + 1 + 1  # the line, its one frame heard, the end frame
