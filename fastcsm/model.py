@@ -46,7 +46,7 @@ class KVCache:
     `window`: attention reads positions 0..window-1 only (`within`); None reads the whole cache.
     A caller that knows every row's position (the engine does, on the host) gives the live
     window, so a frame early in a 2048-position cache does not attend over 2048 masked keys
-    (on a CPU that was ~10 ms a backbone layer against ~0.05 ms for 100 live positions). Writes
+    (on a 2-core CPU: 0.4 ms a backbone layer against 0.04 ms for 100 live positions). Writes
     may still go anywhere in the cache. Compiled and captured steps keep static shapes: no window.
     """
 
