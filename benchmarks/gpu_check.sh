@@ -46,7 +46,7 @@ fi
 python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("imports ok")'
 
 step "tests: CUDA graphs and the Triton 8-bit kernel"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 \
+timeout 150 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 \
     | tee "$out/tests.log" | tail -25
 
 step "bench: csm-1b bf16 / int8 / fp8, captured, batches 1 64 256"

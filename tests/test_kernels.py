@@ -238,11 +238,12 @@ def greedy_codes(model, request, compile=False):
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS") and INTERPRETED,
-                          reason="~25 s interpreted; the fp8 kernel is checked above; set FASTCSM_SLOW_TESTS=1")
+                          reason="10-25 s interpreted (the kernel itself is checked above); set FASTCSM_SLOW_TESTS=1")
 
 
 @here
-@pytest.mark.parametrize("mode", ["int8", pytest.param("fp8", marks=SLOW)])
+@SLOW
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_csm_through_the_kernel_equals_weight_only(mode, monkeypatch):
     """Every 8-bit linear of a tiny CSM through the Triton op gives the weight-only path's logits
     (teacher-forced, every codebook, eager) and its greedy frames (under torch.compile(fullgraph=True)
