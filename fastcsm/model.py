@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer of one stack: k, v [L, B, G, T, hd].
+    """Preallocated keys and values for every layer of one stack, in one tensor kv [L, B, 2G, T, hd]:
+    a layer's G key heads, then its G value heads (`k` and `v` are views), so one scatter writes both.
 
     Row b of the batch is cache row b. `rows(start, stop)` is a view for a sub-range of rows
     (prefill of one new request into its slot writes through it). Stale entries beyond a
@@ -50,22 +51,32 @@ class KVCache:
     may still go anywhere in the cache. Compiled and captured steps keep static shapes: no window.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
-        self.k, self.v = k, v
+    def __init__(self, kv: torch.Tensor, window: int | None = None):
+        self.kv = kv
         self.window = window
 
     @staticmethod
     def allocate(cfg: TransformerConfig, batch: int, length: int, device=None, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (cfg.num_layers, batch, 2 * cfg.num_kv_heads, length, cfg.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def k(self) -> torch.Tensor:
+        """[L, B, G, T, hd], a view."""
+        return self.kv[:, :, : self.kv.shape[2] // 2]
+
+    @property
+    def v(self) -> torch.Tensor:
+        """[L, B, G, T, hd], a view."""
+        return self.kv[:, :, self.kv.shape[2] // 2:]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[1]
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.kv.shape[3]
 
     @property
     def attended(self) -> int:
@@ -73,18 +84,19 @@ class KVCache:
         return self.length if self.window is None else self.window
 
     def rows(self, start: int, stop: int) -> KVCache:
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+        return KVCache(self.kv[:, start:stop])
 
     def within(self, window: int | None) -> KVCache:
         """The same cache, attention reading positions 0..window-1 (None or more than the
         length: all of it). Every row that attends must sit below the window."""
-        return KVCache(self.k, self.v, None if window is None or window >= self.length else max(window, 1))
+        return KVCache(self.kv, None if window is None or window >= self.length else max(window, 1))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin for x = cat(x1, x2): swapping the halves is a
     roll and their signs ride in sin_signed = cat(-sin_half, sin_half); the last product and the sum
-    are one `addcmul` (3 ops in all; the sum rounds once)."""
+    are one `addcmul` (3 ops in all; the sum rounds once). Where cos is 1 and sin 0, x comes out as
+    it went in, bit for bit (the value heads, see `Transformer.tables`)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
@@ -197,27 +209,26 @@ class Attention(FusedLinears):
                                                         "v_proj": cfg.num_kv_heads * hd})
         self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, index, mask, k_cache, v_cache):
-        # x: [B, S, D]; cos/sin: [B, 1, S, hd] (sin signed, see `rope`); index: [B, G, S, hd] the
+    def forward(self, x, cos, sin, index, mask, kv_cache):
+        # x: [B, S, D]; cos/sin: [B, H + 2G, S, hd] (sin signed, see `rope`); index: [B, 2G, S, hd] the
         # cache positions of the new rows; mask: [B, 1, R*S, W] over the first W <= T positions (the cache's
-        # window, see KVCache); k/v_cache: [B, G, T, hd]
+        # window, see KVCache); kv_cache: [B, 2G, T, hd], G key heads then G value heads
         B, S, _ = x.shape
         cfg = self.cfg
         H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = self.qkv_proj(x).view(B, S, H + 2 * G, hd).transpose(1, 2)  # [B, H + 2G, S, hd]
-        # q and k are adjacent heads of the one output: RoPE turns both in one pass (4 ops, not 8).
-        qk = rope(qkv[:, :H + G], cos, sin)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + G:]
-        # Write the new keys/values at each row's own positions: [B, G, S, hd] -> cache[b, :, pos[b, s]].
-        # (The casts are skipped, not called, where the dtypes agree: ~600 no-op calls a frame.)
-        cast = k_cache.dtype != q.dtype
-        k_cache.scatter_(2, index, k.to(k_cache.dtype) if cast else k)
-        v_cache.scatter_(2, index, v.to(v_cache.dtype) if cast else v)
+        # q, k and v are heads of the one output: one RoPE pass turns q and k and leaves v as it is
+        # (its tables hold cos 1 and sin 0 there), so the new keys and values come out adjacent and
+        # one scatter writes both at each row's own positions: [B, 2G, S, hd] -> cache[b, :, pos[b, s]].
+        qkv = rope(self.qkv_proj(x).view(B, S, H + 2 * G, hd).transpose(1, 2), cos, sin)  # [B, H + 2G, S, hd]
+        kv = qkv[:, H:]
+        # (The casts are skipped, not called, where the dtypes agree: ~140 no-op calls a frame.)
+        cast = kv_cache.dtype != qkv.dtype
+        kv_cache.scatter_(2, index, kv.to(kv_cache.dtype) if cast else kv)
         # Grouped-query attention without copying keys: the R query heads that share a kv head
         # become R times as many query rows of that head (head h = g * R + r uses kv head g).
         R = H // G
-        q = q.reshape(B, G, R * S, hd)
-        keys, values, W = k_cache, v_cache, mask.shape[-1]
+        q = qkv[:, :H].reshape(B, G, R * S, hd)
+        keys, values, W = kv_cache[:, :G], kv_cache[:, G:], mask.shape[-1]
         if W < keys.shape[2]:
             keys, values = keys[:, :, :W], values[:, :, :W]
         if cast:
@@ -251,17 +262,17 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, index, mask, k_cache, v_cache):
-        x = x + self.attn(self.sa_norm(x), cos, sin, index, mask, k_cache, v_cache)
+    def forward(self, x, cos, sin, index, mask, kv_cache):
+        x = x + self.attn(self.sa_norm(x), cos, sin, index, mask, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Tables(NamedTuple):
     """What every layer of a stack shares for one set of positions (`Transformer.tables`)."""
 
-    cos: torch.Tensor  # [B, 1, S, hd]
-    sin: torch.Tensor  # [B, 1, S, hd], signed (see `rope`)
-    index: torch.Tensor  # [B, G, S, hd], the cache positions of the new rows
+    cos: torch.Tensor  # [B, H + 2G, S, hd]: q and k heads, then value heads (1)
+    sin: torch.Tensor  # [B, H + 2G, S, hd], signed (see `rope`); 0 at the value heads
+    index: torch.Tensor  # [B, 2G, S, hd], the cache positions of the new rows (keys and values)
     mask: torch.Tensor  # [B, 1, R*S, T] additive (0 or -inf); [B, 1, S, T] where that broadcasts the same
 
     def at(self, p: int) -> Tables:
@@ -294,7 +305,11 @@ class Transformer(nn.Module):
         freqs = pos[:, None, :, None].float() * self.inv_freq.float()  # [B, 1, S, hd/2]
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [B, 1, S, hd]
-        index = pos[:, None, :, None].expand(B, cfg.num_kv_heads, S, cfg.head_dim)
+        # One pass turns the q and k heads and passes the value heads through (cos 1, sin 0).
+        H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos = torch.cat((cos.expand(B, H + G, S, hd), torch.ones_like(cos).expand(B, G, S, hd)), dim=1)
+        sin = torch.cat((sin.expand(B, H + G, S, hd), torch.zeros_like(sin).expand(B, G, S, hd)), dim=1)
+        index = pos[:, None, :, None].expand(B, 2 * cfg.num_kv_heads, S, cfg.head_dim)
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
         # R query heads of a kv head are R blocks of S query rows (see Attention), which a
         # one-row mask covers by broadcasting.
@@ -311,7 +326,7 @@ class Transformer(nn.Module):
         # the `tables` made for them. Everything the layers share is made once per stack.
         t = pos if isinstance(pos, Tables) else self.tables(pos, cache.attended, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, t.cos, t.sin, t.index, t.mask, cache.k[i], cache.v[i])
+            x = layer(x, t.cos, t.sin, t.index, t.mask, cache.kv[i])
         return self.norm(x)
 
 

@@ -215,3 +215,37 @@ def test_interleaved_rope_permutation_is_the_original_convention(hf_dir, tmp_pat
     scores = torch.einsum("shd,thd->hst", q, k.repeat_interleave(group, dim=1))
     assert torch.allclose(scores, scores_ref, atol=1e-4)
     assert not torch.allclose(q, q_ref, atol=1e-3), "the two conventions must differ in layout"
+
+
+def test_one_rope_pass_turns_q_and_k_and_writes_keys_and_values_exactly():
+    """Attention turns q and k and passes v through in one RoPE pass (cos 1, sin 0 at the value heads),
+    then writes keys and values with one scatter: the cache holds v bit for bit, and k equal to RoPE
+    applied to k alone."""
+    from fastcsm.model import CSM, KVCache, rope
+    from fastcsm.testing import randomize_
+
+    cfg = tiny_config()
+    model = CSM(cfg)
+    randomize_(model, seed=1)
+    stack = model.backbone
+    attn, c = stack.layers[0].attn, stack.cfg
+    B, S, T = 2, 3, 8
+    x = torch.randn(B, S, c.dim, generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    cache = KVCache.allocate(c, B, T)
+    t = stack.tables(pos, T, x.dtype)
+    with torch.no_grad():
+        attn(x, t.cos, t.sin, t.index, t.mask, cache.kv[0])
+        q, k, v = (p.view(B, S, -1, c.head_dim).transpose(1, 2)
+                   for p in attn.qkv_proj(x).split(attn.qkv_rows, dim=-1))
+    H, G = c.num_heads, c.num_kv_heads
+    cos, sin = t.cos[:, :1], t.sin[:, :1]  # the q/k heads' tables
+    assert torch.equal(t.cos[:, H + G:], torch.ones_like(t.cos[:, H + G:]))
+    assert torch.equal(t.sin[:, H + G:], torch.zeros_like(t.sin[:, H + G:]))
+    for b in range(B):
+        at = pos[b]
+        assert torch.equal(cache.v[0, b][:, at], v[b])
+        assert torch.equal(cache.k[0, b][:, at], rope(k, cos, sin)[b])
+    untouched = torch.ones(T, dtype=torch.bool)
+    untouched[pos[0]] = False
+    assert not cache.kv[0, 0][:, untouched].any()
