@@ -338,8 +338,9 @@ class Engine:
 
     def warmup(self) -> float:
         """Build every variant of the step before traffic arrives (compile it, capture its CUDA
-        graph) for each batch bucket and every sampling path, so that no request waits for that
-        later. Streams already running are not advanced. Returns the seconds it took."""
+        graph) for each batch bucket and every sampling path (a compiled runner runs them as 2 variants
+        a bucket, `Runner.variant`), so that no request waits for that later. Streams already running
+        are not advanced. Returns the seconds it took."""
         t = time.perf_counter()
         paths = SamplingPath.every(self.sample_candidates)
         self.runner.warmup(self.buffers, [(b, p) for b in self.buckets for p in paths])

@@ -7,7 +7,10 @@ The engine owns the buffers (`step.Buffers`) and decides what to run; a `Runner`
     runner.warmup(buffers, variants)                          build those (batch, path) steps now
 
 A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each variant is captured once
-(after two warm-up runs on a side stream) and replayed; compiled or eager, it is called. Building
+(after two warm-up runs on a side stream) and replayed; compiled or eager, it is called. A compiled
+runner runs every path as the path with every filter for its `candidates` (the same picks): each
+compile takes minutes for csm-1b, so a bucket compiles 2 variants, not 9, and inductor fuses
+most of what the lean paths leave out anyway. Building
 a variant must not advance any stream, so every per-slot tensor is saved and restored around it
 (`preserved`). The functions run are arguments: a test gives a scripted step or a failing
 prefill instead of patching the engine. A runner serves one engine (its graphs hold that
@@ -60,7 +63,7 @@ class Runner:
             if backend == "inductor":
                 enable_compile_cache()
             # Each variant is one compiled graph of the same function, more than dynamo's default
-            # recompile limit (8) for a few buckets; past the limit fullgraph=True fails.
+            # recompile limit (8) for a few buckets (2 each); past the limit fullgraph=True fails.
             for name in ("recompile_limit", "accumulated_recompile_limit"):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
@@ -84,11 +87,19 @@ class Runner:
         with torch.inference_mode():
             return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1).within(window))
 
+    def variant(self, batch: int, path: SamplingPath) -> tuple[int, SamplingPath]:
+        """The variant that runs `path` at `batch`: itself, or when compiled the path with every
+        filter and the same candidates (a greedy-only path: the full sort), which picks the same."""
+        if self.compiled:
+            path = SamplingPath(path.candidates if path.sampled else None)
+        return batch, path
+
     def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
         many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
         self._bind(bufs)
-        key = (batch, path)
+        key = self.variant(batch, path)
+        batch, path = key
         if self.cuda_graphs:
             if key not in self._graphs:
                 self._build(bufs, *key)
@@ -100,7 +111,7 @@ class Runner:
 
     def warmup(self, bufs: Buffers, variants) -> None:
         """Build every variant not built yet, without advancing any stream."""
-        for key in variants:
+        for key in dict.fromkeys(self.variant(*v) for v in variants):
             if key not in self.built:
                 self._build(bufs, *key)
 

@@ -533,16 +533,24 @@ def test_attention_over_the_live_window_equals_the_whole_cache(model, late):
 
 
 def test_compiled_runner_keeps_every_variant(model):
-    """Every bucket and sampling path is one compiled graph of the same function: more than dynamo's
-    default recompile limit (8), past which fullgraph=True fails. A trivial step keeps it fast."""
+    """A compiled runner builds two variants a bucket (every filter, with and without the partial
+    top-k), each one compiled graph of the same function: for 6 buckets more than dynamo's default
+    recompile limit (8), past which fullgraph=True fails. A trivial step keeps it fast."""
+    paths = []
 
     def step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
+        paths.append(path)
         state.codes.add_((path.candidates or 0) + path.nucleus + 2 * path.greedy + 4 * path.sampled)
 
     torch._dynamo.reset()
-    engine = Engine(model, max_slots=2, runner=Runner(step=step, compile="eager"))
+    engine = Engine(model, max_slots=32, runner=Runner(step=step, compile="eager"))
     assert engine.warmup() > 0
-    assert len(engine.runner.built) == 2 * 9
+    assert len(engine.buckets) == 6 and len(engine.runner.built) == 6 * 2
+    assert set(paths) == {SamplingPath(64), SamplingPath(None)}
+    # A lean path at run time runs its compiled every-filter variant: nothing new is built.
+    engine.runner.step(engine.buffers, 1, SamplingPath(64, False, False, True))
+    engine.runner.step(engine.buffers, 1, SamplingPath(None, False, True, False))
+    assert len(engine.runner.built) == 12 and paths[-2:] == [SamplingPath(64), SamplingPath(None)]
 
 
 def test_lean_sampling_paths_give_the_codes_of_every_filter(model):
