@@ -188,6 +188,8 @@ class FastCSMTTSService(WebsocketTTSService):
             await self.remove_audio_context(ctx)
         if self._open == ctx:
             self._open = None
+        if self._playing not in (None, ctx):
+            return  # a late end of an earlier line (its error came first): the line playing now goes on
         self._playing = None
         self._idle.set()
         await self.stop_all_metrics()
