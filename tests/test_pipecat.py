@@ -94,3 +94,22 @@ def test_fastcsm_service_interrupt_keeps_the_socket_and_the_user_turn_goes_in(se
     assert turns == ["Wait, stop."]  # the user's words went into the conversation
     assert len(connects) == 1  # one socket throughout: the conversation and its KV cache were kept
     assert interrupted[-1] == "max_length" and any(isinstance(f, TTSStoppedFrame) for f in down)  # "Sorry."
+
+
+def test_a_late_done_of_an_earlier_line_leaves_the_line_playing_now():
+    """A line refused or failed mid-way gets its error (which ends it here) and, from the server,
+    its done afterwards; by then the next line may be playing: that done must not clear it."""
+    async def scenario():
+        tts = FastCSMTTSService(url="ws://127.0.0.1:9", voice="alloy")  # never connects here
+        tts._playing = "old"
+        tts._idle.clear()
+        await tts._end_line("old")  # the error: the old line ends here
+        assert tts._playing is None and tts._idle.is_set()
+        tts._idle.clear()
+        tts._open = tts._playing = "new"  # the next line starts
+        await tts._end_line("old")  # the old line's done arrives late
+        assert tts._playing == "new" and tts._open == "new" and not tts._idle.is_set()
+        await tts._end_line("new")
+        assert tts._playing is None and tts._open is None and tts._idle.is_set()
+
+    asyncio.run(scenario())
