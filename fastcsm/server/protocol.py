@@ -73,7 +73,10 @@ keeps the conversation's KV cache, so the next `speak` prefills only the rows ad
 submitted, interrupted or not; a piece still queued counts 0). A line that fails (its prefill,
 or the frame step) gets an `error` event (code `internal`) and then its `done` with reason
 `error`, whose `error` field repeats the message; a failed prefill's message says how many of its
-prompt rows went in, and `done.prefill_rows` counts them. When the 2048-row window is full the
+prompt rows went in, and `done.prefill_rows` counts them. So does a streamed line whose later
+piece cannot be spoken (code `bad_request`, or `busy` when its first piece finds the queue full):
+once a `speak` is accepted, every `error` event with its `id` is followed by its `done`; a
+`speak` refused outright gets the `error` event alone. When the 2048-row window is full the
 oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
 prefilled again.
 
