@@ -94,9 +94,16 @@ class PrefillError(RuntimeError):
     that succeeded before the failing one, and the rows it took from the prefix cache."""
 
     def __init__(self, end: Emitted, cause: BaseException):
-        super().__init__(f"prefill failed after {end.prefill_rows + end.reused_rows} of "
-                         f"{len(end.request.prompt)} prompt rows: {type(cause).__name__}: {cause}")
-        self.request, self.end = end.request, end
+        self.request, self.end, self.cause = end.request, end, cause
+        super().__init__(f"{self.brief}: {cause}")
+
+    @property
+    def brief(self) -> str:
+        """The message without the cause's own text, for a client: "prefill failed after N of M
+        prompt rows: RuntimeError"."""
+        end = self.end
+        return (f"prefill failed after {end.prefill_rows + end.reused_rows} of {len(end.request.prompt)} "
+                f"prompt rows: {type(self.cause).__name__}")
 
 
 @dataclass(eq=False)

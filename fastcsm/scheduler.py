@@ -335,10 +335,8 @@ class Scheduler:
         s = self._running.get(error.request)
         if s is None:
             return
-        gone, cause = error.end, error.__cause__ or error
-        message = (f"prefill failed after {gone.prefill_rows + gone.reused_rows} of {len(s.request.prompt)} prompt "
-                   f"rows: {type(cause).__name__}")
-        self._finish(s, End("error", s.frames, message, gone.prefill_rows, gone.reused_rows), out)
+        gone = error.end
+        self._finish(s, End("error", s.frames, error.brief, gone.prefill_rows, gone.reused_rows), out)
 
     def _step_failed(self, error: Exception, out: dict) -> None:
         """The frame step raised: every request of the batch ends, since their state is suspect."""
