@@ -205,8 +205,9 @@ class Attention(FusedLinears):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.qkv_rows = self.fuse("qkv_proj", cfg.dim, {"q_proj": cfg.num_heads * hd, "k_proj": cfg.num_kv_heads * hd,
-                                                        "v_proj": cfg.num_kv_heads * hd})
+        # One output of H + 2G heads, which the forward reads by head, not split by part.
+        self.fuse("qkv_proj", cfg.dim, {"q_proj": cfg.num_heads * hd, "k_proj": cfg.num_kv_heads * hd,
+                                        "v_proj": cfg.num_kv_heads * hd})
         self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, index, mask, kv_cache):
@@ -273,7 +274,8 @@ class Tables(NamedTuple):
     cos: torch.Tensor  # [B, H + 2G, S, hd]: q and k heads, then value heads (1)
     sin: torch.Tensor  # [B, H + 2G, S, hd], signed (see `rope`); 0 at the value heads
     index: torch.Tensor  # [B, 2G, S, hd], the cache positions of the new rows (keys and values)
-    mask: torch.Tensor  # [B, 1, R*S, T] additive (0 or -inf); [B, 1, S, T] where that broadcasts the same
+    mask: torch.Tensor  # [B, 1, R*S, W] additive (0 or -inf) over the W positions attended (the cache's
+    # length or its window); [B, 1, S, W] where that broadcasts the same
 
     def at(self, p: int) -> Tables:
         """The tables of the single position p of tables made for positions 0..S-1 (a one-row pass)."""
@@ -302,21 +304,21 @@ class Transformer(nn.Module):
         `one_row`: the rows will be used one at a time (`Tables.at`), so the mask is left per row."""
         cfg = self.cfg
         B, S = pos.shape
+        H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         freqs = pos[:, None, :, None].float() * self.inv_freq.float()  # [B, 1, S, hd/2]
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [B, 1, S, hd]
         # One pass turns the q and k heads and passes the value heads through (cos 1, sin 0).
-        H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos = torch.cat((cos.expand(B, H + G, S, hd), torch.ones_like(cos).expand(B, G, S, hd)), dim=1)
         sin = torch.cat((sin.expand(B, H + G, S, hd), torch.zeros_like(sin).expand(B, G, S, hd)), dim=1)
-        index = pos[:, None, :, None].expand(B, 2 * cfg.num_kv_heads, S, cfg.head_dim)
+        index = pos[:, None, :, None].expand(B, 2 * G, S, hd)
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
         # R query heads of a kv head are R blocks of S query rows (see Attention), which a
         # one-row mask covers by broadcasting.
         seen = torch.arange(length, device=pos.device) <= pos[:, None, :, None]  # [B, 1, S, T]
         # Additive, as attention would turn a boolean mask into in every layer.
         mask = torch.where(seen, 0.0, float("-inf")).to(dtype)
-        R = cfg.num_heads // cfg.num_kv_heads
+        R = H // G
         if S > 1 and R > 1 and not one_row:
             mask = mask.expand(B, R, S, length).reshape(B, 1, R * S, length)
         return Tables(cos, sin, index, mask)

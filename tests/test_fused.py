@@ -89,7 +89,7 @@ def test_fused_outputs_equal_the_separate_linears(model):
     w = lambda n: state[f"backbone.layers.0.{n}.weight"]  # noqa: E731
     x = torch.randn(3, 1, b.dim, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        qkv = layer.attn.qkv_proj(x).split(layer.attn.qkv_rows, dim=-1)
+        qkv = layer.attn.qkv_proj(x).split(list(layer.attn.fused["qkv_proj"].values()), dim=-1)
         for y, name in zip(qkv, ("attn.q_proj", "attn.k_proj", "attn.v_proj"), strict=True):
             assert torch.allclose(y, x @ w(name).T, rtol=1e-6, atol=1e-6)
         ref = (torch.nn.functional.silu(x @ w("mlp.w1").T) * (x @ w("mlp.w3").T)) @ w("mlp.w2").T

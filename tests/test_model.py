@@ -237,7 +237,7 @@ def test_one_rope_pass_turns_q_and_k_and_writes_keys_and_values_exactly():
     with torch.no_grad():
         attn(x, t.cos, t.sin, t.index, t.mask, cache.kv[0])
         q, k, v = (p.view(B, S, -1, c.head_dim).transpose(1, 2)
-                   for p in attn.qkv_proj(x).split(attn.qkv_rows, dim=-1))
+                   for p in attn.qkv_proj(x).split(list(attn.fused["qkv_proj"].values()), dim=-1))
     H, G = c.num_heads, c.num_kv_heads
     cos, sin = t.cos[:, :1], t.sin[:, :1]  # the q/k heads' tables
     assert torch.equal(t.cos[:, H + G:], torch.ones_like(t.cos[:, H + G:]))
