@@ -42,17 +42,11 @@ def log(msg: str) -> None:
 
 
 def time_graph(fn, calls: int, replays: int) -> float:
-    """Microseconds per call: `calls` calls of fn(i) captured in one CUDA graph, best of `replays`."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(2):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
+    """Microseconds per call: `calls` calls of fn(i) captured in one CUDA graph (as the engine
+    captures its step), best of `replays`."""
+    from fastcsm.runner import capture
+
+    graph = capture(lambda: [fn(i) for i in range(calls)])
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -6,12 +6,12 @@ The engine owns the buffers (`step.Buffers`) and decides what to run; a `Runner`
     runner.step(buffers, batch, path)                         one frame for rows 0..batch-1
     runner.warmup(buffers, variants)                          build those (batch, path) steps now
 
-A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each variant is captured once
-(after two warm-up runs on a side stream) and replayed; compiled or eager, it is called. A compiled
-runner runs every path as the path with every filter for its `candidates` (the same picks): each
-compile takes minutes for csm-1b, so a bucket compiles 2 variants, not 9, and inductor fuses
-most of what the lean paths leave out anyway. Building
-a variant must not advance any stream, so every per-slot tensor is saved and restored around it
+A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each variant is
+captured once (`capture`: after two warm-up runs on a side stream) and replayed; compiled or
+eager, it is called. A compiled runner runs every path as the path with every filter for its
+`candidates` (the same picks): each compile takes minutes for csm-1b, so a bucket compiles 2
+variants, not 9, and inductor fuses most of what the lean paths leave out anyway. Building a
+variant must not advance any stream, so every per-slot tensor is saved and restored around it
 (`preserved`). The functions run are arguments: a test gives a scripted step or a failing
 prefill instead of patching the engine. A runner serves one engine (its graphs hold that
 engine's buffers).
@@ -39,6 +39,21 @@ def enable_compile_cache() -> Path:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))
     torch._inductor.config.fx_graph_cache = True
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def capture(fn, pool=None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn(), after two warm-up runs on a side stream (lazy initialisation, autotuning
+    and allocator warm-up happen there, not in the capture). `pool`: a memory pool to share."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
 
 
 @contextmanager
@@ -126,14 +141,6 @@ class Runner:
         self.built.add((batch, path))
 
     def _capture(self, args: tuple) -> torch.cuda.CUDAGraph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._step(*args)
+        graph = capture(lambda: self._step(*args), self._pool)
         self._pool = self._pool or graph.pool()
         return graph
