@@ -70,9 +70,16 @@ def count(engine: Engine, path: SamplingPath) -> tuple[list[str], collections.Co
     (Run on the engine's buffers: the step advances its one stream, which nothing reads.)"""
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.runner.step(engine.buffers, 1, path)
-    top = [e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    top = [e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::") and outermost_op(e) is e]
     return top, collections.Counter(name for name in top if name not in VIEWS)
+
+
+def outermost_op(e):
+    """The top-level aten op profiler event `e` runs inside (itself if it is one): what the Python
+    code called."""
+    while e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
+        e = e.cpu_parent
+    return e
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import json
 import time
 
 import torch
-from count_ops import VIEWS
+from count_ops import VIEWS, outermost_op
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -150,13 +150,6 @@ def is_compute_op(e) -> bool:
     """A top-level aten op that computes (the CPU's "kernel"; `count_ops.py` counts the same)."""
     return (e.device_type == DeviceType.CPU and e.name.startswith("aten::") and outermost_op(e) is e
             and e.name.removeprefix("aten::") not in VIEWS)
-
-
-def outermost_op(e):
-    """The top-level aten op `e` runs inside (itself if it is one): what the Python code called."""
-    while e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
-        e = e.cpu_parent
-    return e
 
 
 def source_line(e) -> str:
