@@ -26,15 +26,25 @@ import time
 import torch
 import torch.nn.functional as F
 
-# (name, N, K) of csm-1b: llama-1B backbone (2048 wide, 8 kv heads of 64), llama-100M decoder
-# (1024 wide), the projection between them, codebook 0's head and one audio head.
-SHAPES = [
-    ("backbone.q_o", 2048, 2048), ("backbone.k_v", 512, 2048), ("backbone.gate_up", 8192, 2048),
-    ("backbone.down", 2048, 8192), ("backbone.qkv_fused", 3072, 2048), ("backbone.gate_up_fused", 16384, 2048),
-    ("decoder.q_o", 1024, 1024), ("decoder.k_v", 256, 1024), ("decoder.gate_up", 8192, 1024),
-    ("decoder.down", 1024, 8192), ("decoder.qkv_fused", 1536, 1024), ("decoder.gate_up_fused", 16384, 1024),
-    ("projection", 1024, 2048), ("codebook0_head", 2051, 2048), ("audio_head", 2051, 1024),
-]
+from fastcsm.config import preset
+
+
+def linear_shapes(cfg) -> list[tuple[str, int, int]]:
+    """(name, N, K) of every linear of a CSM config: each stack's (q and output are square), q/k/v
+    and gate/up also fused as the model runs them, the projection between the stacks, codebook 0's
+    head and one audio head."""
+    shapes = []
+    for name, t in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        q, kv, hidden = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+        shapes += [(f"{name}.q_o", q, t.dim), (f"{name}.k_v", kv, t.dim), (f"{name}.gate_up", hidden, t.dim),
+                   (f"{name}.down", t.dim, hidden), (f"{name}.qkv_fused", q + 2 * kv, t.dim),
+                   (f"{name}.gate_up_fused", 2 * hidden, t.dim)]
+    V = cfg.audio_vocab_size
+    return shapes + [("projection", cfg.decoder.dim, cfg.backbone.dim), ("codebook0_head", V, cfg.backbone.dim),
+                     ("audio_head", V, cfg.decoder.dim)]
+
+
+SHAPES = linear_shapes(preset("csm-1b"))
 
 
 def log(msg: str) -> None:
