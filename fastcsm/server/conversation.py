@@ -288,8 +288,10 @@ class Conversation:
         u.streams.append(u.stream)
         u.line, u.codes = planned.line, []
         if len(u.streams) == 1:
+            bound = planned.request.max_frames
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
-                                      prompt_rows=len(planned.request.prompt), max_frames=planned.request.max_frames))
+                                      prompt_rows=len(planned.request.prompt), first_piece_max_frames=bound,
+                                      max_frames=bound))
 
     async def play(self, u: Utterance) -> None:
         """Speak the line piece by piece as its text arrives, sending frames as they come; always

@@ -91,6 +91,12 @@ audio are exactly those of a `speak` of the whole line. `started` comes when the
 submitted; `first_audio.ms` counts from the message that completed the first piece; `done` comes
 once the last piece (after `more: false`) has ended, or at `interrupt`, at any point (even before
 the first piece was complete). An `append_text` with no line open for it is an `error` event.
+
+Counting frames: `started.first_piece_max_frames` is the frame bound of the first piece alone
+(`max_frames` is the same number under its old name), while `done.frames` (and `done.audio_ms`)
+count the whole line, every one of its `done.pieces`: a line of three sentences may send three
+times the first piece's bound. Each piece's bound is `max_audio_length_ms` lowered to what its
+text can plausibly take (3 s + 150 ms a character), in 80 ms frames.
 """
 
 from __future__ import annotations
@@ -368,7 +374,11 @@ class Started(BaseModel):
     utterance: int = Field(description="counts utterances in this session from 0")
     speaker: int
     prompt_rows: int = Field(description="prompt rows of the first piece")
-    max_frames: int = Field(description="frame bound of the first piece")
+    first_piece_max_frames: int = Field(
+        description="frame bound of the line's first piece only (each later piece has its own bound, lowered to its "
+                    "text); `done.frames` counts every piece of the line, so it may exceed this")
+    max_frames: int = Field(description="the same as `first_piece_max_frames`, under its old name, for clients "
+                                        "written before it", deprecated=True)
 
 
 class FirstAudio(BaseModel):
@@ -384,8 +394,9 @@ class Done(BaseModel):
     id: str | None
     utterance: int
     reason: Literal["end", "max_length", "interrupted", "deadline", "error"]
-    frames: int
-    audio_ms: int
+    frames: int = Field(description="frames sent for the whole line, over all its `pieces` (80 ms each); not "
+                                    "bounded by `started.first_piece_max_frames`, which bounds the first piece")
+    audio_ms: int = Field(description="`frames` in milliseconds of audio")
     prefill_rows: int = Field(description="prompt rows this utterance prefilled, over every piece started, "
                                           "interrupted or not (a failed prefill: the rows that went in before it "
                                           "failed; a piece still queued: 0)")
