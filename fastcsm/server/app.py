@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -69,9 +70,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         finally:
             service.close()
 
-    app = FastAPI(title="fastcsm", version=_version(), lifespan=lifespan,
-                  description="Fast, streaming speech with Sesame's CSM: an OpenAI-compatible speech API, voices, "
-                              "and live conversations over a WebSocket.")
+    # /docs (Swagger UI) loads its script and style from fastapi-offline's copy under /docs-assets, never
+    # from a CDN, so the API's documentation works with no internet. No /redoc: ReDoc fetches its logo
+    # from its vendor's site whatever it is given.
+    app = FastAPIOffline(title="fastcsm", version=_version(), lifespan=lifespan, static_url="/docs-assets",
+                         redoc_url=None,
+                         description="Fast, streaming speech with Sesame's CSM: an OpenAI-compatible speech API, "
+                                     "voices, and live conversations over a WebSocket.")
     app.state.service = service
     app.state.settings = settings
     if settings.cors_origins:
