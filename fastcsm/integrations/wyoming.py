@@ -406,6 +406,8 @@ async def serve(uri: str, backend: Backend, started: asyncio.Event | None = None
         clients.add(task)
         try:
             await handler.run()
+        except asyncio.CancelledError:
+            pass  # the service is stopping (asyncio 3.11 would report the cancelled connection as an error)
         finally:
             clients.discard(task)
 
