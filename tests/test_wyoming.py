@@ -382,3 +382,13 @@ def test_bad_limits_are_refused_as_the_server_settings_are(capsys):
     assert "tcp://HOST:PORT" in capsys.readouterr().err
     with pytest.raises(ValueError, match="wyoming_event_timeout_s must be at least 0.1"):
         WyomingLimits(wyoming_event_timeout_s=0)
+
+
+def test_the_servers_refusal_reaches_the_client(server, wyoming):
+    events = asyncio.run(exchange(wyoming, [Synthesize("Hello there.", voice=SynthesizeVoice(name="nobody"))],
+                                  "audio-stop"))
+    types = [e.type for e in events]
+    assert types == ["audio-start", "error", "audio-stop"]
+    error = Error.from_event(events[1])
+    assert error.code == "bad_request" and "unknown voice 'nobody'" in error.text  # the server's own words
+    assert wait_for_sockets(server, 0) == 0
