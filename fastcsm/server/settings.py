@@ -16,6 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,32 @@ def setting(default, help: str, group: str, **spec):
     return field(default=default, metadata=meta)
 
 
+class Table:
+    """A dataclass whose fields are `setting(...)` rows (`Settings`; `fastcsm wyoming` has its own
+    limits): building one checks every row, `from_env` reads the rows' `FASTCSM_<FIELD>` variables."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> Self:
+        """Defaults, then `FASTCSM_<FIELD>` variables, then `overrides` (those not None)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            fallback = f.metadata["spec"].env_fallback
+            raw = environ.get(env_name(f.name))
+            if not raw and fallback and environ.get(fallback):
+                raw = environ[fallback]
+            if raw is not None and (raw != "" or f.name == "api_keys"):
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
 @dataclass
-class Settings:
+class Settings(Table):
     """Everything `fastcsm serve` can be told, checked when built (see the module's docstring)."""
 
     model: str = setting("sesame/csm-1b", "checkpoint directory or hub repo id", "model", metavar="PATH_OR_ID")
@@ -116,8 +141,7 @@ class Settings:
     def __post_init__(self):
         """Every check of the table, then those between settings: a `ValueError` naming the setting,
         its flag and its variable."""
-        for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
+        super().__post_init__()
         self.check_keys()
         for origin in self.cors_origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
@@ -132,21 +156,6 @@ class Settings:
                                                  f"{cfg.max_seq_len}-row window holds ({window_ms} ms)",
                           self.max_audio_length_ms)
         parse_voice_map(self.voice_map)
-
-    @classmethod
-    def from_env(cls, environ=None, **overrides) -> Settings:
-        """Defaults, then `FASTCSM_<FIELD>` variables, then `overrides` (those not None)."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            fallback = f.metadata["spec"].env_fallback
-            raw = environ.get(env_name(f.name))
-            if not raw and fallback and environ.get(fallback):
-                raw = environ[fallback]
-            if raw is not None and (raw != "" or f.name == "api_keys"):
-                values[f.name] = _parse(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
     def check_keys(self) -> list[str]:
         """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
@@ -171,9 +180,10 @@ def env_name(name: str) -> str:
     return f"FASTCSM_{name.upper()}"
 
 
-def _refuse(name: str, must: str, value) -> ValueError:
-    """The one form of a refusal, naming the setting by its field, its flag and its variable."""
-    flag = Settings.__dataclass_fields__[name].metadata["spec"].flag_of(name)
+def _refuse(name: str, must: str, value, spec: Spec | None = None) -> ValueError:
+    """The one form of a refusal, naming the setting by its field, its flag and its variable
+    (`spec`: the row's, when not one of `Settings`)."""
+    flag = (spec or Settings.__dataclass_fields__[name].metadata["spec"]).flag_of(name)
     return ValueError(f"{name} must {must} ({flag}, {env_name(name)}), got {value!r}")
 
 
@@ -198,13 +208,13 @@ def _check(f: dataclasses.Field, value) -> None:
         ok = isinstance(value, {"str": str, "bool": bool}[kind])
     if not ok:
         want = {"list": "a list of strings", "int": "an integer", "float": "a finite number"}.get(kind, f"a {kind}")
-        raise _refuse(f.name, f"be {want}", value)
+        raise _refuse(f.name, f"be {want}", value, spec)
     if spec.choices and value not in spec.choices:
-        raise _refuse(f.name, f"be one of {', '.join(spec.choices)}", value)
+        raise _refuse(f.name, f"be one of {', '.join(spec.choices)}", value, spec)
     if spec.at_least is not None and value < spec.at_least:
-        raise _refuse(f.name, f"be at least {spec.at_least:g}", value)
+        raise _refuse(f.name, f"be at least {spec.at_least:g}", value, spec)
     if spec.at_most is not None and value > spec.at_most:
-        raise _refuse(f.name, f"be at most {spec.at_most:g}", value)
+        raise _refuse(f.name, f"be at most {spec.at_most:g}", value, spec)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -292,11 +302,12 @@ def _parse(f: dataclasses.Field, raw: str):
     return raw.lower() if f.metadata["spec"].choices else raw  # FASTCSM_LOG_LEVEL=INFO is info
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
-    """A flag for every setting (of `groups`, default all), in argument groups named as the table's.
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
+                  table: type[Table] = Settings) -> None:
+    """A flag for every setting of `table` (of `groups`, default all), in argument groups named as the table's.
     Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
     made = {}
-    for f in dataclasses.fields(Settings):
+    for f in dataclasses.fields(table):
         spec, (kind, _) = f.metadata["spec"], _kind(f)
         if groups is not None and spec.group not in groups:
             continue
@@ -315,7 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | Non
         group.add_argument(spec.flag_of(f.name), **kwargs)
 
 
-def settings_from_args(args: argparse.Namespace, **overrides) -> Settings:
-    """Settings from parsed flags (those given) over the `FASTCSM_*` variables; `overrides` win."""
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
-    return Settings.from_env(**{**given, **overrides})
+def settings_from_args(args: argparse.Namespace, table: type[Table] = Settings, **overrides) -> Table:
+    """`table` (default `Settings`) from parsed flags (those given) over the `FASTCSM_*` variables;
+    `overrides` win."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(table)}
+    return table.from_env(**{**given, **overrides})
