@@ -279,7 +279,8 @@ def _day_month(m: re.Match) -> str:
     month = _MONTH_OF[m["mon"].rstrip(".").lower()]
     if not 1 <= int(m["d"]) <= 31:
         return m.group(0)
-    said = f"the {ordinal(int(m['d']))} of {_MONTHS[month - 1]}"
+    the = "" if m.string[:m.start()].lower().endswith("the ") else "the "
+    said = f"{the}{ordinal(int(m['d']))} of {_MONTHS[month - 1]}"
     return f"{said}, {year(int(m['y']))}" if m["y"] else said
 
 
@@ -351,11 +352,12 @@ _YEAR_CUE = re.compile(r"(?<![\w])" + _YEAR_CUES + r"\s$", re.I)
 
 
 def _year(m: re.Match) -> str:
-    return year(int(m["y"])) + (f" {m['era'].replace('.', '').upper()}" if m["era"] else "")
+    era = m.groupdict().get("era")
+    return year(int(m["y"])) + (f" {era.replace('.', '').upper()}" if era else "")
 
 
 def _cued_year(m: re.Match) -> str | None:
-    """2000-2099 is a year after "in", "since", ... (else a number: "2048 rows")."""
+    """1000-1099 and 2000-2099 are years after "in", "since", ... (else numbers: "2048 rows")."""
     return _year(m) if _YEAR_CUE.search(m.string[max(0, m.start() - 12):m.start()]) else None
 
 
@@ -437,7 +439,7 @@ _EN_RULES: list[tuple[re.Pattern, object]] = [(re.compile(p, f), fn) for p, f, f
     (r"(?<![\w.,])(?P<a>-?" + _NUM + r")(?:(?:\s?[-–—]\s?|\sto\s)(?P<b>" + _NUM + r"))?\s?(?P<unit>" + _UNIT_ALT
      + r")(?![\w])", 0, _with_unit),
     (r"(?<![\w.,])(?P<n>\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)(?![\w])", 0, _ordinal),
-    (r"(?<![\w.,])(?P<y>20\d\d)" + _ERA + r"?" + _NUMBERS_AROUND, 0, _cued_year),
+    (r"(?<![\w.,])(?P<y>10\d\d|20\d\d)" + _ERA + r"?" + _NUMBERS_AROUND, 0, _cued_year),
     (r"(?<![\w.,])(?P<y>1[1-9]\d\d|[1-9]\d{0,3})" + _ERA + r"(?![\w])", 0, _year),
     (r"(?<![\w.,])(?P<y>1[1-9]\d\d)" + _NUMBERS_AROUND, 0, _year),
     (r"(?<![\w.,/])(?P<a>\d+)/(?P<b>[2-9]|10)(?![\w/]|[.,]\d)", 0, _fraction),
@@ -480,7 +482,8 @@ def _rule_matches(text: str, language: str) -> list[tuple[int, int, str]]:
         said = _safely(fn, m)
         if said is None or said == m.group(0):
             continue
-        if m.group(0).endswith(".") and not said.endswith(".") and _SENTENCE_GOES_ON.match(text, m.end()):
+        if (m.group(0).endswith(".") and not said.endswith(".") and fn is not _title
+                and _SENTENCE_GOES_ON.match(text, m.end())):
             said += "."  # "at 5 p.m. Then": the abbreviation's full stop also ended the sentence
         out.append((start, m.end(), said))
         end = m.end()
