@@ -94,7 +94,7 @@ def word_times(words: Sequence, pcm, sample_rate: int, offset_s: float = 0.0) ->
     else:
         span, pauses = (0.0, duration), []
     weights = np.array([weight(w.spoken) for w in words], dtype=np.float64)
-    gaps = np.array([_pause_after(w.text) for w in words[:-1]] + [0.0])
+    gaps = np.array([_pause_after(w.spoken) for w in words[:-1]] + [0.0])  # "Dr." is said "Doctor"
     times = _place(weights, gaps, span, pauses)
     return [WordTime(w.text, round(float(offset_s + s), 4), round(float(offset_s + e), 4))
             for w, (s, e) in zip(words, times, strict=True)]
@@ -135,15 +135,15 @@ MAX_CUE_CHARS = 42  # one line of a subtitle
 
 
 def cues(words: Sequence[WordTime]) -> list[tuple[float, float, str]]:
-    """Words grouped into caption cues: a cue ends after a sentence, or before it grows past
-    MAX_CUE_WORDS words or MAX_CUE_CHARS characters."""
+    """Words grouped into caption cues: a cue ends after a sentence (a full stop followed by a
+    pause: not "Dr."), or before it grows past MAX_CUE_WORDS words or MAX_CUE_CHARS characters."""
     out, group = [], []
-    for w in words:
+    for i, w in enumerate(words):
         if group and (len(group) >= MAX_CUE_WORDS or len(" ".join(x.text for x in [*group, w])) > MAX_CUE_CHARS):
             out.append(group)
             group = []
         group.append(w)
-        if _pause_after(w.text) == SENTENCE_PAUSE:
+        if _pause_after(w.text) == SENTENCE_PAUSE and (i + 1 == len(words) or words[i + 1].start > w.end):
             out.append(group)
             group = []
     if group:
