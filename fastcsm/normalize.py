@@ -38,6 +38,7 @@ from decimal import Decimal
 
 from num2words import CONVERTER_CLASSES, num2words
 
+NORMALIZE_BY_DEFAULT = True  # the one default of every way in (SpeakOptions, HTTP, WebSocket, CLI)
 DEFAULT_LANGUAGE = "en"
 LANGUAGES = tuple(sorted(CONVERTER_CLASSES))
 _MAX_NUMBER_DIGITS = 15  # longer digit strings are read digit by digit (account numbers, not amounts)

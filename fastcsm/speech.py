@@ -25,7 +25,7 @@ import torch
 
 from .context import OLDER_AUDIO_MODES, Trim
 from .lexicon import Lexicon
-from .normalize import DEFAULT_LANGUAGE, Spoken, check_language, normalize, verbatim
+from .normalize import DEFAULT_LANGUAGE, NORMALIZE_BY_DEFAULT, Spoken, check_language, normalize, verbatim
 from .sampling import SamplingParams
 from .timestamps import WordTime
 
@@ -61,7 +61,7 @@ class SpeakOptions:
     keep_full_audio: int = 2  # newest context segments that keep all codebooks in that mode
     # Written forms (numbers, dates, money, units, URLs, ...) become spoken ones before the text is
     # tokenised (normalize.py), in num2words' `language`; False speaks the text exactly as given.
-    normalize: bool = True
+    normalize: bool = NORMALIZE_BY_DEFAULT
     language: str = DEFAULT_LANGUAGE
     # Whole-word respellings applied after normalisation (lexicon.py); not with normalize=False.
     lexicon: Lexicon | None = None

@@ -100,6 +100,7 @@ from typing import Annotated, Literal
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
@@ -194,7 +195,7 @@ class SpeechRequest(_Strict):
         None, gt=0, description="longest audio to generate for each piece of the text (at most "
                                 "`ServerInfo.max_audio_length_ms`, the default), lowered to what the piece's "
                                 "text can plausibly take, 3 s + 150 ms a character")
-    normalize: bool = Field(True, description=NORMALIZE_HELP)
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
     lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 
@@ -329,7 +330,7 @@ class Speak(_Strict):
     max_audio_length_ms: Number | None = Field(None, gt=0, description="longest audio of each piece of the line")
     more: bool = Field(False, description="the line goes on: more of its text follows in `append_text` messages "
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
-    normalize: bool = Field(True, description=NORMALIZE_HELP)
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
     lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 

@@ -19,6 +19,7 @@ import torch
 from ..audio import AudioError, read_audio
 from ..engine import Engine, Request
 from ..lexicon import Lexicon, LexiconError
+from ..normalize import NORMALIZE_BY_DEFAULT
 from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
@@ -249,8 +250,9 @@ class Service:
             return (v if speaker is None else speaker), None
         return (v.speaker if speaker is None else speaker), v
 
-    def options(self, max_audio_length_ms: float | None, temperature: float, topk: int, normalize: bool = True,
-                lexicon: dict | None = None, param: str = "max_audio_length_ms") -> SpeakOptions:
+    def options(self, max_audio_length_ms: float | None, temperature: float, topk: int,
+                normalize: bool = NORMALIZE_BY_DEFAULT, lexicon: dict | None = None,
+                param: str = "max_audio_length_ms") -> SpeakOptions:
         """How one line is spoken: sampled as asked, each piece bounded by the request's bound (by
         default the server's limit; 400 above it) lowered by the length guard of its text, read
         normalised (unless `normalize` is false) with the server's lexicon and the request's."""
