@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
+from .normalize import DEFAULT_LANGUAGE
 
 DEFAULT_MODEL = "sesame/csm-1b"
 log = logging.getLogger("fastcsm")
@@ -127,6 +128,9 @@ def add_speak(sub) -> None:
     g.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="speak the text exactly as given: no reading of numbers, dates, money, units, URLs or "
                         "abbreviations as words, no lexicon")
+    g.add_argument("--language", default=DEFAULT_LANGUAGE, metavar="CODE",
+                   help="the language numbers are read in, one of num2words' codes (de, fr, es, ...); rules for "
+                        "dates, money, units and the like are English only (default: %(default)s)")
     g.add_argument("--lexicon", metavar="FILE", default=os.environ.get("FASTCSM_LEXICON") or None,
                    help="pronunciation lexicon: word<TAB>respelling lines, or a .json object of word -> respelling "
                         "[FASTCSM_LEXICON]")
@@ -298,14 +302,18 @@ class _AudioWriter:
 def run_speak(args) -> int:
     from .context import ContextTooLong
     from .lexicon import LexiconError, load_lexicon
+    from .normalize import check_language
     from .speech import SpeakOptions
 
     text = _read_text(args)
     _check_speak_args(args)
     try:
         lexicon = load_lexicon(args.lexicon)
+        check_language(args.language)
     except LexiconError as e:
         raise CliError(f"--lexicon: {e}") from e
+    except ValueError as e:
+        raise CliError(f"--language: {e}") from e
     # Everything the user gave is read and checked before the (slow) model load.
     voice = _load_voice_arg(args)
     context = _context_segments(_read_context(args.context)) if args.context else []
@@ -324,7 +332,7 @@ def run_speak(args) -> int:
     try:
         options = SpeakOptions(max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
                                max_piece_chars=args.max_piece_chars or None, normalize=args.normalize,
-                               lexicon=lexicon)
+                               language=args.language, lexicon=lexicon)
         stream = gen.stream(text, args.speaker, context, voice=voice, seed=args.seed, options=options,
                             chunk_frames=chunk_frames)
     except (ContextTooLong, ValueError, TypeError) as e:

@@ -122,8 +122,8 @@ class Generator:
         seed: int | None = None,
     ) -> torch.LongTensor:
         """Speak `text` as `speaker` after `context`. Returns Mimi codes [frames, K] (on CPU),
-        without the all-zero end frame: one generation, no splitting, no length guard, no codec
-        needed. `temperature=0` is greedy; `seed` reproduces a draw."""
+        without the all-zero end frame: one generation of the text as given (no normalisation),
+        no splitting, no length guard, no codec needed. `temperature=0` is greedy; `seed` reproduces a draw."""
         params = SamplingParams(temperature, topk, topp)
         frames = self.frames_for(max_audio_length_ms)
         prompt = self.prompt(text, speaker, context)

@@ -224,6 +224,8 @@ def test_speak_writes_captions_and_takes_a_lexicon(tmp_path, tiny_csm_dir, capsy
     assert "bad.tsv:1: 'lonely' has no respelling" in capsys.readouterr().err
     assert main([*base, "--captions", str(tmp_path / "a.txt")]) != 0
     assert "give a file ending in .srt or .vtt" in capsys.readouterr().err
+    assert main([*base, "--language", "xx"]) != 0
+    assert "--language: language must be one of num2words' codes" in capsys.readouterr().err
 
 
 def test_the_text_rows_are_those_of_the_spoken_form(gen):
@@ -232,3 +234,11 @@ def test_the_text_rows_are_those_of_the_spoken_form(gen):
     piece = piece_text("$5", 0, gen.tokenizer, gen.cfg, SpeakOptions())
     assert piece.text == "$5" and piece.spoken.text == "five dollars"
     assert piece.line.tokens.equal(text_rows(gen.tokenizer, 0, "five dollars", gen.cfg).tokens)
+
+
+def test_long_text_is_never_cut_inside_a_range():
+    from fastcsm.text import split_text
+
+    pieces = split_text("Set the oven to 40–60 °C and wait for a very long time until everything is done", 40)
+    assert any("40–60 °C" in p for p in pieces)
+    assert split_text("One clause—and another one that is long enough to be cut here", 20)[0] == "One clause—"
