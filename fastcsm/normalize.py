@@ -13,6 +13,7 @@ written forms a person would read aloud differently before the text is tokenised
     phone numbers   (555) 123-4567 -> five five five, one two three, four five six seven
     URLs, e-mail    www.example.com/docs -> w w w dot example dot com slash docs
     abbreviations   Dr. Smith -> Doctor Smith; e.g. -> for example; R&D -> R and D
+    versions, codes v2.0.1 -> version two point zero point one; 007 -> zero zero seven; No. 5 -> number five
 
 Number words come from `num2words` (in every language it knows); the rest are rules written here,
 for English. In another language only numbers are rewritten (`language` is num2words' code,
@@ -78,11 +79,13 @@ def _digits(s: str) -> str:
 
 
 def cardinal(n: int | str) -> str:
-    """An integer in English words (without num2words' commas); very long ones digit by digit."""
+    """An integer in English words (without num2words' commas); very long ones, and ones with
+    leading zeros, digit by digit."""
     s = str(n).replace(",", "")
     negative = s.startswith("-")
     s = s.lstrip("-")
-    words = _digits(s) if len(s.lstrip("0")) > _MAX_NUMBER_DIGITS else num2words(int(s)).replace(",", "")
+    spell = len(s.lstrip("0")) > _MAX_NUMBER_DIGITS or (len(s) > 1 and s.startswith("0"))  # "007", "0800"
+    words = _digits(s) if spell else num2words(int(s)).replace(",", "")
     return "minus " + words if negative else words
 
 
@@ -179,6 +182,9 @@ _TITLES = {"Dr": "Doctor", "Mr": "Mister", "Mrs": "Missus", "Ms": "Miz", "Prof":
            "St": "Saint", "Mt": "Mount"}
 _AFTER = {"Jr": "Junior", "Sr": "Senior", "St": "Street", "Ave": "Avenue", "Rd": "Road", "Blvd": "Boulevard",
           "Ln": "Lane", "Inc": "Incorporated", "Ltd": "Limited", "Corp": "Corporation", "Bros": "Brothers"}
+_BEFORE_NUMBER = {"No": "number", "Nos": "numbers", "Fig": "figure", "Figs": "figures", "Vol": "volume",
+                  "Ch": "chapter", "Sec": "section", "Eq": "equation", "Art": "article", "p": "page", "pp": "pages",
+                  "~": "about", "≈": "about"}
 _PHRASES = {"e.g.": "for example", "i.e.": "that is", "etc.": "et cetera", "vs.": "versus", "vs": "versus",
             "approx.": "approximately", "w/": "with", "w/o": "without", "a.k.a.": "also known as",
             "aka": "also known as", "&": "and", "@": "at", "+": "plus", "=": "equals", "×": "times"}
@@ -329,9 +335,22 @@ def _scaled(m: re.Match) -> str:
 
 def _number_range(m: re.Match) -> str:
     a, b = m["a"], m["b"]
-    if re.fullmatch(r"1[1-9]\d\d|20\d\d", a) and re.fullmatch(r"1[1-9]\d\d|20\d\d", b):
-        return f"{year(int(a))} to {year(int(b))}"
+    if re.fullmatch(r"1[1-9]\d\d|20\d\d", a) and re.fullmatch(r"1[1-9]\d\d|20\d\d|\d\d", b):
+        return f"{year(int(a))} to {year(int(b)) if len(b) == 4 else cardinal(b)}"  # 1990-1995, 2024-25
     return f"{number(a)} to {number(b)}"
+
+
+def _dotted(m: re.Match) -> str:
+    """Versions, sections and addresses: 3.2.1 -> three point two point one; 192.168.1.1 with "dot"."""
+    parts = m["n"].split(".")
+    ip = len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
+    said = (" dot " if ip else " point ").join(cardinal(p) for p in parts)
+    return ("version " if m["v"] else "") + said
+
+
+def _before_number(m: re.Match) -> str:
+    """"No. 5" -> "number 5", "~5" -> "about 5" (the number is read by its own rule)."""
+    return _BEFORE_NUMBER[m["t"] or m["s"]] + (" " if m["s"] else "")
 
 
 def _ordinal(m: re.Match) -> str:
@@ -440,11 +459,14 @@ _EN_RULES: list[tuple[re.Pattern, object]] = [(re.compile(p, f), fn) for p, f, f
     (r"(?<![\w.,])(?P<a>-?" + _NUM + r")(?:(?:\s?[-–—]\s?|\sto\s)(?P<b>" + _NUM + r"))?\s?(?P<unit>" + _UNIT_ALT
      + r")(?![\w])", 0, _with_unit),
     (r"(?<![\w.,])(?P<n>\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)(?![\w])", 0, _ordinal),
+    (r"(?<![\w.,])(?P<a>" + _NUM + r")\s?[-–—]\s?(?P<b>" + _NUM + r")" + _NUMBERS_AROUND, 0, _number_range),
+    (r"(?<![\w.,])(?P<v>v)?(?P<n>\d+(?:\.\d+){2,})(?![\w]|\.\d)", 0, _dotted),
+    (r"(?<![\w.])(?:(?P<t>No|Nos|Fig|Figs|Vol|Ch|Sec|Eq|Art|p|pp)\.|(?P<s>[~≈]))(?=\s?\d)", 0,
+     _before_number),
     (r"(?<![\w.,])(?P<y>10\d\d|20\d\d)" + _ERA + r"?" + _NUMBERS_AROUND, 0, _cued_year),
     (r"(?<![\w.,])(?P<y>1[1-9]\d\d|[1-9]\d{0,3})" + _ERA + r"(?![\w])", 0, _year),
     (r"(?<![\w.,])(?P<y>1[1-9]\d\d)" + _NUMBERS_AROUND, 0, _year),
     (r"(?<![\w.,/])(?P<a>\d+)/(?P<b>[2-9]|10)(?![\w/]|[.,]\d)", 0, _fraction),
-    (r"(?<![\w.,])(?P<a>" + _NUM + r")\s?[-–—]\s?(?P<b>" + _NUM + r")" + _NUMBERS_AROUND, 0, _number_range),
     (r"(?<![\w.,])(?P<a>" + _NUM + r")(?P<scale>k|K|M|bn|B)(?![\w])", 0, _scaled),
     (r"(?<![\w.,])(?P<a>" + _NUM + r")x(?![\w])", 0, _times),
     (r"(?<![\w.,])(?P<a>\d+)\s?[x×]\s?(?P<b>\d+)(?![\w])", 0, _by),

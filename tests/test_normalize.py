@@ -101,7 +101,7 @@ CASES = [
     ('Half is 1/2.', 'Half is one half.'),
     ('Three quarters is 3/4.', 'Three quarters is three quarters.'),
     ('Pages 10-20 are missing.', 'Pages ten to twenty are missing.'),
-    ('From 1990-1995 it grew.', 'From nineteen ninety-nineteen ninety-five it grew.'),
+    ('From 1990-1995 it grew.', 'From nineteen ninety to nineteen ninety-five it grew.'),
     ('The score was 3-2.', 'The score was three to two.'),
     ('A 10-day trip.', 'A ten-day trip.'),
     ('Version 3.11 is out.', 'Version three point one one is out.'),
@@ -122,6 +122,17 @@ CASES = [
     ('It costs $1,250,000.', 'It costs one million two hundred and fifty thousand dollars.'),
     ('Gen Z likes it.', 'Gen Z likes it.'),
     ('Plan B works.', 'Plan B works.'),
+    ('Section 3.2.1 explains it.', 'Section three point two point one explains it.'),
+    ('Ping 192.168.1.1 first.',
+     'Ping one hundred and ninety-two dot one hundred and sixty-eight dot one dot one first.'),
+    ('Install v2.0.1 today.', 'Install version two point zero point one today.'),
+    ('Agent 007 is back.', 'Agent zero zero seven is back.'),
+    ('In 2024-25 we grew.', 'In twenty twenty-four to twenty-five we grew.'),
+    ('See No. 5 and Fig. 3.', 'See number five and figure three.'),
+    ('We expect ~5 people.', 'We expect about five people.'),
+    ('It is 5:00.', "It is five o'clock."),
+    ('Revenue hit 3.5M.', 'Revenue hit three point five million.'),
+    ('Room 101 is empty.', 'Room one hundred and one is empty.'),
 ]
 
 
