@@ -11,7 +11,9 @@ Compared in the same run: `uniform` (the audio split evenly over the words, no t
 (the full estimate).
 
 Cost: `normalize` runs once per piece before its prompt is built, so its time is added to the
-time to first audio; `word_times` runs when a piece ends, on its audio.
+time to first audio; `word_times` runs when a piece ends, on its audio. Both are timed alone,
+and the time to first audio of `Generator.stream` is timed with normalisation on and off on a
+tiny random checkpoint (CPU), whose first frame is fast enough for the difference to show.
 
     python benchmarks/bench_timestamps.py            # JSON on the last line
 """
@@ -127,16 +129,46 @@ def cost() -> dict:
             "piece_audio_s": round(len(audio) / RATE, 2)}
 
 
+def first_audio(runs: int = 15) -> dict:
+    """Median time to the first chunk of `Generator.stream` (ms), normalisation on and off."""
+    import tempfile
+
+    import torch
+
+    from fastcsm.generator import Generator
+    from fastcsm.speech import SpeakOptions
+    from fastcsm.testing import write_hf_checkpoint
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        write_hf_checkpoint(root, seed=0)
+        gen = Generator.from_pretrained(root, device="cpu")
+    text = FIRST_PIECES[-1]
+    out = {}
+    for on in (True, False, True, False):  # interleaved: drift in a shared machine's load hits both
+        options = SpeakOptions(max_audio_length_ms=160, normalize=on)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            with gen.stream(text, 0, seed=1, options=options) as stream:
+                next(stream)
+            times.append((time.perf_counter() - t0) * 1000)
+        out.setdefault("on" if on else "off", []).extend(times)
+    return {f"first_audio_ms_normalize_{k}": round(float(np.median(v)), 2) for k, v in out.items()}
+
+
 def main() -> None:
     if shutil.which("espeak-ng") is None:
         sys.exit("bench_timestamps needs espeak-ng (apt-get install espeak-ng)")
     errors = measure()
-    costs = cost()
+    costs = cost() | first_audio()
     print(f"mean word boundary error over {len(LINES)} lines: " +
           ", ".join(f"{k} {v:.0f} ms" for k, v in errors.items()))
     print(f"normalize: {costs['normalize_ms_per_piece']:.3f} ms per piece, added to the time to first audio "
           f"(one 80 ms frame is the floor it is measured against); word_times: "
           f"{costs['word_times_ms_per_piece']:.2f} ms for {costs['piece_audio_s']} s of audio")
+    print(f"time to first audio (tiny model, CPU, median): normalize on {costs['first_audio_ms_normalize_on']:.2f} ms, "
+          f"off {costs['first_audio_ms_normalize_off']:.2f} ms")
     print(json.dumps({"boundary_error_ms": errors, **costs}))
 
 
