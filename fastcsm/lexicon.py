@@ -27,6 +27,7 @@ import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 
+_WORD = re.compile(r"\w+")
 MAX_WORD_CHARS = 64
 MAX_RESPELLING_CHARS = 256
 MAX_FILE_ENTRIES = 100_000
@@ -62,12 +63,18 @@ class Lexicon:
         if len(entries) > limit:
             raise LexiconError(f"{source} has {len(entries)} entries; at most {limit}")
         checked = dict(_check_entry(w, s, f"{source}[{w!r}]") for w, s in entries.items())
+        self._index(checked, {w.lower() for w in checked if not _WORD.fullmatch(w)})
+
+    def _index(self, checked: dict[str, str], odd: set[str]) -> None:
         self.entries = checked
         self._exact = {w: s for w, s in checked.items() if w != w.lower()}
         self._any = {w: s for w, s in checked.items() if w == w.lower()}
-        words = sorted({w.lower() for w in checked}, key=len, reverse=True)  # the longest match first
-        self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)",
-                                   re.IGNORECASE) if words else None
+        # A word of letters and digits matches exactly a run of \w: one dictionary look-up a run.
+        # Only the few words with other characters ("C++", "AT&T") need a pattern of their own,
+        # tried first (the longest first) so that "C++" wins over "C".
+        self._odd = odd
+        alternatives = [r"(?<!\w)(?:" + "|".join(map(re.escape, sorted(odd, key=len, reverse=True))) + r")(?!\w)"]
+        self._pattern = re.compile("|".join([*alternatives[:bool(odd)], r"\w+"]), re.IGNORECASE) if checked else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -92,11 +99,14 @@ class Lexicon:
         return self._pattern.sub(lambda m: self.say(m.group(0)) or m.group(0), text)
 
     def updated(self, entries: Mapping[str, str] | None, source: str = "lexicon") -> Lexicon:
-        """This lexicon with `entries` (say, one request's) added; theirs win for the same word."""
+        """This lexicon with `entries` (say, one request's: at most MAX_REQUEST_ENTRIES, checked)
+        added; theirs win for the same word. Only the new entries are checked and indexed."""
         if not entries:
             return self
         extra = Lexicon(entries, source, MAX_REQUEST_ENTRIES)
-        return Lexicon({**self.entries, **extra.entries}, source, MAX_FILE_ENTRIES + MAX_REQUEST_ENTRIES)
+        merged = Lexicon.__new__(Lexicon)
+        merged._index({**self.entries, **extra.entries}, self._odd | extra._odd)
+        return merged
 
     @staticmethod
     def from_file(path: str | Path) -> Lexicon:

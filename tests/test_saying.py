@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fastcsm.generator import Generator
 from fastcsm.lexicon import Lexicon, LexiconError
@@ -33,6 +34,21 @@ def test_lexicon_respells_whole_words_with_its_case_rules():
     lex = Lexicon({"Nguyen": "Win", "SQL": "sequel", "gif": "jif", "nguyen": "nuh-gwen"})
     assert lex.apply("Nguyen and NGUYEN wrote SQL, sql and MySQL; GIF or gif.") == \
         "Win and nuh-gwen wrote sequel, sql and MySQL; jif or jif."
+
+
+def test_lexicon_words_with_symbols_match_whole_and_before_shorter_ones():
+    lex = Lexicon({"C++": "see plus plus", "C": "see", "AT&T": "A T and T", "e.g": "E G"})
+    assert lex.apply("C++, C and AT&T (e.g. C#)") == "see plus plus, see and A T and T (E G. see#)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=6), st.text(max_size=40))
+def test_any_lexicon_is_refused_clearly_or_applies_without_error(entries, text):
+    try:
+        lex = Lexicon(entries)
+    except LexiconError:
+        return
+    assert isinstance(normalize(text, lexicon=lex).text, str)
 
 
 def test_lexicon_applies_after_normalisation():
