@@ -118,7 +118,7 @@ def year(n: int) -> str:
 
 
 def _plural_words(words: str) -> str:
-    """"twenty" -> "twenties", "nineteen ninety" -> "nineteen nineties", "two thousand" -> "two thousands"."""
+    """"twenty" -> "twenties", "nineteen ninety" -> "nineteen nineties"."""
     if words.endswith("y"):
         return words[:-1] + "ies"
     return words + ("es" if words.endswith("x") else "s")
@@ -213,9 +213,15 @@ def _spell(word: str) -> str:
     return " ".join(out)
 
 
-def _url(m: re.Match) -> str:
-    url = re.sub(r"^(?:https?|ftp)://", "", m.group(0), flags=re.I).rstrip("/")
-    return _spell(url)
+_KNOWN_TLD = re.compile(_TLDS, re.IGNORECASE)
+
+
+def _url(m: re.Match) -> str | None:
+    url = m.group(0)
+    bare = not re.match(r"(?:https?|ftp)://|www\.", url, re.IGNORECASE)
+    if bare and not _KNOWN_TLD.fullmatch(url.split("/", 1)[0].rsplit(".", 1)[-1]):
+        return None  # 3.14.15, a.b.c: no address
+    return _spell(re.sub(r"^(?:https?|ftp)://", "", url, flags=re.IGNORECASE).rstrip("/"))
 
 
 def _email(m: re.Match) -> str:
@@ -308,11 +314,7 @@ def _money(cur: str, amount: str, scale: str | None) -> str:
     return said
 
 
-def _money_before(m: re.Match) -> str:
-    return _money(m["cur"], m["amt"], m["scale"])
-
-
-def _money_after(m: re.Match) -> str:
+def _money_rule(m: re.Match) -> str:  # the currency before the amount ($5) or after it (5 EUR)
     return _money(m["cur"], m["amt"], m["scale"])
 
 
@@ -437,8 +439,10 @@ _NUMBERS_AROUND = r"(?![\w]|[.,]\d)"  # the number ends here (not "1.5" or "1,00
 # English rules, tried in this order where matches start at the same place (the earlier wins).
 _EN_RULES: list[tuple[re.Pattern, object]] = [(re.compile(p, f), fn) for p, f, fn in [
     (r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w@])", 0, _email),
-    (r"(?<![\w@])(?:(?:https?|ftp)://[^\s<>\"]+|www\.[^\s<>\"]+|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:" + _TLDS +
-     r")(?:/[^\s<>\"]*)?)(?<![.,;:!?)\]'\"])(?![\w@])", 0, _url),
+    # A bare host is taken whole at once (atomic: no backtracking through a long a.b.c...);
+    # `_url` declines one whose last label is no known top-level domain.
+    (r"(?<![\w@])(?:(?:https?|ftp)://[^\s<>\"]+|www\.[^\s<>\"]+|(?<![.-])(?>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+     r"(?:/[^\s<>\"]*)?)(?<![.,;:!?)\]'\"])(?![\w@])", 0, _url),
     (r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w])", 0, _phone),
     (r"(?<![\w])\+\d{1,3}(?:[\s.-]\d{2,4}){2,4}(?![\w])", 0, _phone),
     (r"(?<![\w.,-])\d{3}-\d{4}(?![\w]|[.,-]\d)", 0, _phone),
@@ -452,9 +456,9 @@ _EN_RULES: list[tuple[re.Pattern, object]] = [(re.compile(p, f), fn) for p, f, f
     (r"(?<![\w])(?P<d>\d{1,2})(?:st|nd|rd|th)?\s(?:of\s)?(?P<mon>" + _MONTH + r")(?:,?\s(?P<y>\d{4}))?(?![\w])", 0,
      _day_month),
     (r"(?<![\w])(?P<cur>" + _CUR_SYM + "|" + _CUR_CODE + r")\s?(?P<amt>" + _NUM + r")(?P<scale>" + _SCALE +
-     r")?(?![\w])", 0, _money_before),
+     r")?(?![\w])", 0, _money_rule),
     (r"(?<![\w.,])(?P<amt>" + _NUM + r")(?P<scale>" + _SCALE + r")?\s?(?P<cur>" + _CUR_CODE + r"|[€£¥₹₩])(?![\w])",
-     0, _money_after),
+     0, _money_rule),
     (r"(?<![\w.,])'?(?P<n>\d0|1[1-9]\d0|20\d0)'?s(?![\w])", 0, _decade),
     (r"(?<![\w.,])(?P<a>-?" + _NUM + r")(?:(?:\s?[-–—]\s?|\sto\s)(?P<b>" + _NUM + r"))?\s?(?P<unit>" + _UNIT_ALT
      + r")(?![\w])", 0, _with_unit),
@@ -533,8 +537,12 @@ def normalize(text: str, language: str = DEFAULT_LANGUAGE, lexicon=None) -> Spok
     tokens = [[m.start(), m.end()] for m in re.finditer(r"\S+", text)]
     # Words: tokens, merged where a rewrite spans several, and punctuation joining the word before.
     words: list[list[int]] = []
+    j = 0  # the first rewrite that ends after the token (rewrites are sorted and apart)
     for s, e in tokens:
-        if words and (not _speakable(text[s:e]) or any(rs < s < re_ for rs, re_, _ in rewrites)):
+        while j < len(rewrites) and rewrites[j][1] <= s:
+            j += 1
+        inside = j < len(rewrites) and rewrites[j][0] < s  # a rewrite began in an earlier token
+        if words and (inside or not _speakable(text[s:e])):
             words[-1][1] = e
         else:
             words.append([s, e])
