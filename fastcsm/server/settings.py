@@ -129,6 +129,9 @@ class Settings(Table):
                                   metavar="S", at_least=0.1)
     max_connections: int = setting(1000, "open connections, WebSockets included; beyond it requests get 503",
                                    "slow clients", metavar="N", at_least=1)
+    lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
+                                        "object of word -> respelling (see README, \"Saying the text right\")",
+                                  "speech", metavar="FILE")
     voices_dir: str | None = setting(None, "where voices live (default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
@@ -156,6 +159,7 @@ class Settings(Table):
                                                  f"{cfg.max_seq_len}-row window holds ({window_ms} ms)",
                           self.max_audio_length_ms)
         parse_voice_map(self.voice_map)
+        self.check_lexicon()
 
     def check_keys(self) -> list[str]:
         """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
@@ -164,6 +168,15 @@ class Settings(Table):
             raise ValueError("an API key is empty (is the variable holding it unset?): give a non-empty key, "
                              "or no --api-key / FASTCSM_API_KEYS at all for a server without authentication")
         return list(self.api_keys)
+
+    def check_lexicon(self):
+        """The `lexicon` file, loaded (None without one); a bad file is refused naming the setting."""
+        from ..lexicon import LexiconError, load_lexicon
+
+        try:
+            return load_lexicon(self.lexicon)
+        except LexiconError as e:
+            raise _refuse("lexicon", f"be a readable lexicon file ({e})", self.lexicon) from None
 
     @property
     def served_model_name(self) -> str:
