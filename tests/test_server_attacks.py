@@ -26,13 +26,14 @@ from websockets.sync.client import connect  # noqa: E402
 from fastcsm.server.settings import Settings  # noqa: E402
 
 ALLOWED = "https://app.example"
+NAMES = ["tts.example", "*.voices.example"]  # --allowed-hosts
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # The default body limit (16 MiB), as in the attacks this file repeats.
     with LiveServer(slots=16, max_queue=48, api_keys=[KEY], cors_origins=[ALLOWED], max_audio_length_ms=8000,
-                    voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
+                    allowed_hosts=NAMES, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
         yield s
 
 
@@ -355,8 +356,8 @@ def test_decoding_mixes_to_mono_block_by_block():
 
 # -- 5. concurrent uploads of one name ------------------------------------------------------------
 
-def _upload(server, name, overwrite=False, origin=None):
-    headers = {**AUTH, **({"Origin": origin} if origin else {})}
+def _upload(server, name, overwrite=False, origin=None, host=None):
+    headers = {**AUTH, **({"Origin": origin} if origin else {}), **({"Host": host} if host else {})}
     return httpx.post(server.url + "/v1/voices", headers=headers, timeout=60,
                       data={"name": name, "text": "Hello there.", "overwrite": str(overwrite).lower()},
                       files={"audio": ("v.wav", wav_bytes(0.5), "audio/wav")})
@@ -524,6 +525,44 @@ def test_cross_site_writes_and_sockets_are_refused(server):
     for origin in (ALLOWED, server.url):
         with ws(server, origin=origin) as c:
             assert recv_json(c)["type"] == "ready"
+
+
+def _socket_by_name(server, host: str, **kw):
+    """The conversation WebSocket as a page at `host` opens it: its URL (so the Host header)
+    and Origin name `host`, while the connection goes to the server on loopback."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    return connect(f"ws://{host}/v1/conversations", sock=sock, origin=f"http://{host}", additional_headers=AUTH,
+                   open_timeout=10, **kw)
+
+
+def test_a_rebound_name_is_refused_on_every_route_and_the_socket(server):
+    """DNS rebinding: a page at http://evil.example:PORT whose name now points at this server
+    is the server's own page by Origin (Origin == Host), so the Host itself must be one of the
+    server's names: loopback names, IP addresses, --host, this machine's, --allowed-hosts."""
+    from websockets.exceptions import InvalidStatus
+
+    assert _upload(server, "kept").status_code == 201
+    evil = f"evil.example:{server.port}"
+    page = {**AUTH, "Host": evil, "Origin": f"http://{evil}"}
+    responses = [httpx.delete(server.url + "/v1/voices/kept", headers=page),
+                 _upload(server, "kept", overwrite=True, origin=f"http://{evil}", host=evil),
+                 httpx.get(server.url + "/v1/voices", headers=page),  # the page could read the answer
+                 httpx.get(server.url + "/", headers={"Host": evil}),
+                 httpx.get(server.url + "/healthz", headers={"Host": "voices.example"})]  # *. is for subdomains
+    for r in responses:
+        assert r.status_code == 400, r.text
+        assert ("evil.example" in r.text or "voices.example" in r.text) and "--allowed-hosts" in r.text, r.text
+    with pytest.raises(InvalidStatus) as e:
+        _socket_by_name(server, evil).close()
+    assert e.value.response.status_code == 403
+    assert httpx.get(server.url + "/v1/voices/kept", headers=AUTH).status_code == 200  # untouched
+    # The server's own names: loopback, its IP, the configured ones (any case, a final dot).
+    for name in ("127.0.0.1", "localhost", "[::1]", "LocalHost.", "tts.example", "a.voices.example"):
+        host = f"{name}:{server.port}"
+        assert _upload(server, "kept", overwrite=True, origin=f"http://{host}", host=host).status_code == 201, name
+        with _socket_by_name(server, host) as c:
+            assert recv_json(c)["type"] == "ready"
+    assert httpx.get(server.url + "/", headers={"Host": f"localhost:{server.port}"}).status_code == 200
 
 
 # -- 9. chunked bodies over the limit -------------------------------------------------------------
