@@ -34,6 +34,10 @@ class VoiceError(ValueError):
     """A voice name, file or store operation that cannot be honoured."""
 
 
+class VoiceNotFound(VoiceError):
+    """No voice of that name or path: never there, or removed (a moment ago, perhaps)."""
+
+
 class VoiceExists(VoiceError):
     """`VoiceStore.add` without overwrite, for a name that is taken (by a readable file or not)."""
 
@@ -120,15 +124,11 @@ class Voice:
 
     @staticmethod
     def load(path: str | os.PathLike) -> Voice:
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise VoiceError(f"no voice file at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                codes = f.get_tensor("codes") if "codes" in f.keys() else None  # noqa: SIM118 (safe_open has no __contains__)
+            metadata, codes = _read_voice_file(path)
+        except (FileNotFoundError, IsADirectoryError):  # also one removed since a caller's check
+            raise VoiceNotFound(f"no voice file at {path}") from None
         except Exception as e:  # not safetensors, truncated, unreadable
             raise VoiceError(f"{path} is not a readable fastcsm voice file ({e})") from None
         if metadata.get("format") != FORMAT or codes is None:
@@ -152,6 +152,28 @@ class Voice:
         """Encode a 24 kHz mono waveform [samples] with `codec` (`encode_waveform`)."""
         codes = codec.encode_waveform(audio)
         return Voice(speaker, text, codes, name, {"created": int(time.time()), **meta})
+
+
+_MAX_HEADER = 1 << 20  # a voice's safetensors header: one tensor's entry and the metadata (its transcript)
+
+
+def _read_voice_file(path: Path) -> tuple[dict, torch.Tensor | None]:
+    """A safetensors file's metadata, and its `codes` if the metadata is a voice's. The file is
+    opened once and read through that handle, so a file removed or replaced meanwhile is read
+    whole (the one opened) or not found, never half one and half the other; the header is read
+    first, so a file that is no voice (a model's weights, say) is not read further."""
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        size = f.read(8)
+        n = int.from_bytes(size, "little")
+        if len(size) < 8 or n > _MAX_HEADER:
+            raise ValueError("no safetensors header")
+        header = f.read(n)
+        metadata = json.loads(header).get("__metadata__") or {}
+        if metadata.get("format") != FORMAT:
+            return metadata, None
+        return metadata, load(size + header + f.read()).get("codes")
 
 
 def check_name(name: str) -> str:
@@ -200,17 +222,20 @@ class VoiceStore:
             raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it") from None
 
     def get(self, name: str) -> Voice:
-        path = self.path(name)
-        if not path.is_file():
+        try:
+            return Voice.load(self.path(name))
+        except VoiceNotFound:
             known = ", ".join(self.names()) or "none"
-            raise VoiceError(f"no voice named {name!r} in {self.root} (known: {known})")
-        return Voice.load(path)
+            raise VoiceNotFound(f"no voice named {name!r} in {self.root} (known: {known})") from None
 
     def remove(self, name: str) -> Path:
+        """Remove `name`; of concurrent removes of one voice exactly one succeeds, the others
+        get `VoiceNotFound` (there is no check before the unlink that could go stale)."""
         path = self.path(name)
-        if not path.is_file():
-            raise VoiceError(f"no voice named {name!r} in {self.root}")
-        path.unlink()
+        try:
+            path.unlink()
+        except (FileNotFoundError, IsADirectoryError):
+            raise VoiceNotFound(f"no voice named {name!r} in {self.root}") from None
         return path
 
 

@@ -611,6 +611,39 @@ def test_damaged_voice_is_reported_by_name_and_can_be_replaced_or_deleted(server
     assert "cut" not in httpx.get(server.url + "/v1/voices", headers=AUTH).json()["broken"]
 
 
+def test_a_delete_or_read_that_loses_a_race_with_a_delete_is_not_found(server, tmp_path):
+    """Two DELETEs of one voice at once: one 200, the other 404 (never a 500, which also cost
+    other requests their keep-alive connection); a read racing them finds the voice or does not,
+    never calls it damaged (409). The service alone takes many rounds, the server a few."""
+    import torch
+    from test_voices import at_once
+
+    from fastcsm.server.service import ApiError, Service
+    from fastcsm.voices import Voice
+
+    def status(call, *args) -> int:
+        try:
+            call(*args)
+            return 200
+        except ApiError as e:
+            return e.status
+
+    voice = Voice(0, "Hello there.", torch.zeros(4, 32, dtype=torch.long))
+    service = Service(Settings(voices_dir=str(tmp_path)))
+    for _ in range(100):
+        service.store.add(voice, "v", overwrite=True)
+        out = at_once(lambda: status(service.delete_voice, "v"), lambda: status(service.delete_voice, "v"),
+                      lambda: status(service.voice, "v"))
+        assert sorted(out[:2]) == [200, 404] and out[2] in (200, 400), out
+    url = server.url + "/v1/voices/gone"
+    for _ in range(5):
+        server.service.store.add(voice, "gone", overwrite=True)
+        out = at_once(lambda: httpx.delete(url, headers=AUTH), lambda: httpx.delete(url, headers=AUTH),
+                      lambda: httpx.get(url, headers=AUTH))
+        codes = [r.status_code for r in out]
+        assert sorted(codes[:2]) == [200, 404] and codes[2] in (200, 404), [r.text for r in out]
+
+
 # -- 11. the smaller ones -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, says", [
