@@ -6,7 +6,8 @@ the transcript), so cloning never re-encodes audio. On disk a voice is one small
 file (about 2 KB a second of audio): the codes as a tensor, the rest as string metadata.
 
 Named voices live in a directory: `$FASTCSM_VOICES` if set, else `~/.cache/fastcsm/voices`.
-Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it.
+Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it,
+and a new voice's name is never digits alone (those are speaker ids).
 `load_voice` accepts a name or the path of a voice file.
 """
 
@@ -184,6 +185,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_new_name(name: str) -> str:
+    """A name to save a voice under: `check_name`'s rules, and not digits alone, which a
+    request reads as a speaker id before any voice name (so "007" would never be this voice)."""
+    check_name(name)
+    if name.isdigit():
+        raise VoiceError(f"invalid voice name {name!r}: digits alone already mean that speaker id; "
+                         "give the voice a name with a letter in it")
+    return name
+
+
 def voice_dir() -> Path:
     """Where named voices live: `$FASTCSM_VOICES`, else `~/.cache/fastcsm/voices`."""
     env = os.environ.get(VOICE_DIR_ENV)
@@ -211,7 +222,7 @@ class VoiceStore:
     def add(self, voice: Voice, name: str, overwrite: bool = False) -> Path:
         """Save `voice` as `name`. Without `overwrite` a taken name raises `VoiceExists`, and of
         concurrent adds of one name (threads or processes) exactly one succeeds."""
-        path = self.path(name)
+        path = self.path(check_new_name(name))
         if path.exists() and not overwrite:
             raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it")
         self.root.mkdir(parents=True, exist_ok=True)

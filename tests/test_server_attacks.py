@@ -667,6 +667,19 @@ def test_websocket_refuses_booleans_too(server):
         assert e["type"] == "error" and "speaker" in e["message"]
 
 
+def test_digit_only_voice_names_are_refused_at_upload(server):
+    """"007" would be read as speaker 7 wherever a voice is named, never as this voice."""
+    responses = [_upload(server, "007"),
+                 httpx.post(server.url + "/v1/audio/voices", headers=AUTH, data={"name": "42", "text": "Hello."},
+                            files={"audio_sample": ("v.wav", wav_bytes(0.5), "audio/wav")})]
+    for r in responses:
+        assert r.status_code == 400 and "digits alone" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "name"
+    assert _upload(server, "007a").status_code == 201
+    names = [v["name"] for v in httpx.get(server.url + "/v1/voices", headers=AUTH).json()["data"]]
+    assert "007" not in names and "42" not in names and "007a" in names
+
+
 def test_invalid_utf8_transcript_is_refused(server):
     r = httpx.post(server.url + "/v1/voices", headers=AUTH,
                    files={"name": (None, b"garbled"), "text": (None, b"caf\xc3 \x80\x81 bad"),

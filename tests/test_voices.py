@@ -110,3 +110,12 @@ def test_a_remove_or_load_that_loses_a_race_with_a_remove_hears_no_voice(tmp_pat
         assert sum(isinstance(o, Path) for o in out[:2]) == 1, out
         for o in out:
             assert isinstance(o, (Path, Voice)) or isinstance(o, VoiceError) and "no voice" in str(o), repr(o)
+
+
+def test_new_voices_never_take_a_speaker_ids_name(tmp_path):
+    store = VoiceStore(tmp_path)
+    for name in ("007", "12"):
+        with pytest.raises(VoiceError, match="digits alone already mean that speaker id"):
+            store.add(voice(), name)
+    store.add(voice(), "007a")
+    assert store.names() == ["007a"]

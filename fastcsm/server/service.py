@@ -22,7 +22,7 @@ from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_spee
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
-from ..voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name
+from ..voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
 from ..watermark import WatermarkedStream, resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .settings import Settings, parse_voice_map
@@ -182,7 +182,7 @@ class Service:
                      overwrite: bool, **meta) -> VoiceInfo:
         gen = self.need_ready()
         try:
-            check_name(name)
+            check_new_name(name)
         except VoiceError as e:
             raise ApiError(400, str(e), param="name") from None
         exists = f"a voice named {name!r} already exists; delete it first or pass overwrite=true"
