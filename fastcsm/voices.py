@@ -29,6 +29,10 @@ SUFFIX = ".safetensors"
 FORMAT = "fastcsm-voice"
 VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TEMP_SUFFIX = ".tmp"
+# What `Voice.save` writes before moving it into place: `.NAME.safetensors.RANDOM.tmp`.
+_TEMP = re.compile(rf"\.{_NAME.pattern}{re.escape(SUFFIX)}\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")
+STALE_TEMP_S = 600.0  # a temporary file this old is a crash's leftover (see `remove_stale_temps`)
 
 
 class VoiceError(ValueError):
@@ -113,7 +117,7 @@ class Voice:
             "name": self.name or "",
             "meta": json.dumps(self.meta),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o644)  # as a plain new file would be (mkstemp makes it private)
         try:
@@ -248,6 +252,28 @@ class VoiceStore:
         except (FileNotFoundError, IsADirectoryError):
             raise VoiceNotFound(f"no voice named {name!r} in {self.root}") from None
         return path
+
+
+    def remove_stale_temps(self, older_than_s: float = STALE_TEMP_S) -> list[str]:
+        """Remove the temporary files of writes that never finished (a process killed while
+        saving), and return their names. Only those last written `older_than_s` ago: a save
+        writes its file in one go and moves it into place within a second, and another process
+        (a second server on this directory, `fastcsm voices add`) may be saving right now, so age,
+        not existence, tells a leftover; it needs no lock that every writer would have to take.
+        """
+        if not self.root.is_dir():
+            return []
+        removed, cutoff = [], time.time() - older_than_s
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                try:
+                    if (_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+                except OSError:  # gone meanwhile (another process cleaning), or not ours to remove
+                    continue
+        return sorted(removed)
 
 
 def load_voice(name_or_path: str | os.PathLike, store: VoiceStore | None = None) -> Voice:

@@ -456,6 +456,31 @@ while True:
             assert Voice.load(store.path(name)).codes.shape == (200, 32)
 
 
+def test_stale_temporary_files_of_unfinished_writes_are_removed_at_start_up(tmp_path):
+    """What a write killed before its move leaves (`.NAME.safetensors.RANDOM.tmp`) goes when a
+    server starts, if older than ten minutes; a younger one may be another process's write in
+    progress and stays, as does everything that is not such a file."""
+    import os
+
+    import torch
+
+    from fastcsm.voices import Voice
+
+    stale, fresh, other = ".v0.safetensors.k3j_x9a1.tmp", ".v1.safetensors.q8w2e7rt.tmp", ".notes.tmp"
+    for name in (stale, fresh, other):
+        (tmp_path / name).write_bytes(b"\0" * 100)
+    Voice(0, "Kept.", torch.zeros(4, 32, dtype=torch.long)).save(tmp_path / "kept.safetensors")
+    (tmp_path / ".v2.safetensors.dir0000.tmp").mkdir()  # not a file: never removed
+    hour_ago = time.time() - 3600
+    for path in tmp_path.iterdir():
+        if path.name != fresh:
+            os.utime(path, (hour_ago, hour_ago))
+    with LiveServer(voices_dir=str(tmp_path)) as s:
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert [v["name"] for v in httpx.get(s.url + "/v1/voices").json()["data"]] == ["kept"]
+    assert left == sorted([fresh, other, "kept.safetensors", ".v2.safetensors.dir0000.tmp"])
+
+
 # -- 6, 7. keys never logged, never empty ---------------------------------------------------------
 
 def test_api_key_never_reaches_a_log_line(tmp_path):

@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        leftovers = service.store.remove_stale_temps()
+        if leftovers:
+            log.info("fastcsm: removed %d unfinished voice writes from %s", len(leftovers), service.store.root)
         loading = asyncio.get_running_loop().run_in_executor(None, _load, service, generator)
         app.state.loading = loading
         try:
