@@ -276,13 +276,14 @@ def _closed(sock: socket.socket) -> bool:
 def test_slow_headers_and_trickled_bodies_are_cut_off(small):
     heads = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(20)]
     bodies = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(5)]
+    host = f"Host: 127.0.0.1:{small.port}\r\n".encode()
     for b in bodies:
-        b.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        b.sendall(b"POST /v1/audio/speech HTTP/1.1\r\n" + host + b"Authorization: Bearer " + KEY.encode()
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
     replies = {}
     try:
         t0 = time.monotonic()
-        line = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        line = b"GET /healthz HTTP/1.1\r\n" + host
         for i in range(120):  # one byte every 0.1 s, on every connection
             for s in [*heads, *bodies]:
                 try:

@@ -228,7 +228,7 @@ class Guard:
 async def _refuse(scope, receive, send, status: int, message: str) -> None:
     if scope["type"] == "websocket":  # closing before accepting: the handshake gets 403
         return await send({"type": "websocket.close", "code": 1008})
-    return await error_response(status, message)(scope, receive, send)
+    return await error_response(status, message, close=True)(scope, receive, send)
 
 
 def _take_key_from_query(scope) -> None:
