@@ -4,8 +4,9 @@ Each field says its type, default, help, group and checks (`setting(...)`); from
 come the `fastcsm serve` flags (`add_arguments`), the `FASTCSM_<FIELD>` environment variables
 (`Settings.from_env`) and the checks `Settings` itself runs, so `create_app(Settings(slots=0))`
 refuses what `fastcsm serve --slots 0` refuses, with the same message. Flags override variables;
-lists (API keys, CORS origins, allowed hosts) are comma-separated in a variable. An empty API key (say
-`FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without authentication.
+lists (API keys, CORS origins, allowed hosts) are comma-separated in a variable. An empty API key
+(say `FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without
+authentication.
 """
 
 from __future__ import annotations
