@@ -1,15 +1,15 @@
-"""What stands between the network and the routes: body limits and deadlines, Origin checks,
-API keys kept out of logs, and the uvicorn settings against slow clients.
+"""What stands between the network and the routes: Host and Origin checks, body limits and
+deadlines, API keys kept out of logs, and the uvicorn settings against slow clients.
 
 - `Guard` (ASGI middleware, outermost): requests and WebSocket handshakes whose Host is none
   of the server's names (`HostNames`) are refused before anything else (400; 403 for a
-  handshake), which is what stops DNS rebinding; per-route body limits (the speech and voice-upload
-  routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`) enforced by
-  Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the whole body
-  must arrive within `body_timeout_s` (else 408 and the connection closes); state-changing
-  requests and WebSocket handshakes whose `Origin` is present and not allowed get 403 (allowed:
-  the server's own page, which Host names, loopback pages, and `--cors-origin`); `?api_key=` is taken out of the
-  query string before anything logs it.
+  handshake), which is what stops DNS rebinding; per-route body limits (the speech and
+  voice-upload routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`)
+  enforced by Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the
+  whole body must arrive within `body_timeout_s` (else 408 and the connection closes);
+  state-changing requests and WebSocket handshakes whose `Origin` is present and not allowed get
+  403 (allowed: the server's own page, by one of its names, loopback pages, and
+  `--cors-origin`); `?api_key=` is taken out of the query string before anything logs it.
 - `uvicorn_config`: h11 with a deadline for a request's head (`header_timeout_s`), the keep-alive
   timeout and the connection cap (`max_connections`).
 - `RedactKeys`: a logging filter that masks every configured key in any record, as a last line.
