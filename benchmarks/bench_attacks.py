@@ -11,7 +11,13 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   sends 40 x (`synthesize-start` + a chunk), then 50 clients leave mid-stream; reports the
   server's open sockets (beyond the watchers') after each and once the clients left, and, while
   it lasts, /healthz latency p99 / max and the longest gap in another client's speech stream,
-  beside the same for as long without the attack.
+  beside the same for as long without the attack;
+- rebinding: requests as a page whose DNS name was rebound to the server would send them (`Host`
+  and `Origin` both `evil.example:PORT`): a voice delete, an upload, a read and a WebSocket
+  handshake (reports each status and whether the voice survived), then 2 s of rebound deletes
+  from 4 connections; reports their answers' latency and, while it lasts, /healthz latency
+  p99 / max and the longest gap in another client's speech stream, beside the same flood under
+  the server's own name (the peer: 404s from the route) and the same watch without an attack.
 
     python benchmarks/bench_attacks.py
 
@@ -21,8 +27,10 @@ Prints one JSON object on the last line of stdout.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -224,11 +232,65 @@ def wyoming_leak(url: str) -> dict:
         wyoming.wait(10)
 
 
+def rebinding(url: str, seconds: float = 2.0, connections: int = 4) -> dict:
+    import numpy as np
+    import soundfile as sf
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port = int(url.rsplit(":", 1)[1])
+    evil = f"evil.example:{port}"
+    page = {"Host": evil, "Origin": f"http://{evil}"}
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(12_000, dtype=np.float32), 24_000, format="WAV")
+    form = {"data": {"name": "victim", "text": "Hello there.", "overwrite": "true"},
+            "files": {"audio": ("v.wav", wav.getvalue(), "audio/wav")}}
+    assert httpx.post(url + "/v1/voices", **form, timeout=60).status_code == 201
+    status = {"delete": httpx.delete(url + "/v1/voices/victim", headers=page).status_code,
+              "upload": httpx.post(url + "/v1/voices", headers=page, **form, timeout=60).status_code,
+              "read": httpx.get(url + "/v1/voices", headers=page).status_code}
+    try:
+        with connect(f"ws://{evil}/v1/conversations", sock=socket.create_connection(("127.0.0.1", port)),
+                     origin=f"http://{evil}", open_timeout=10):
+            status["websocket"] = 101
+    except InvalidStatus as e:
+        status["websocket"] = e.response.status_code
+    survived = httpx.get(url + "/v1/voices/victim").status_code == 200
+
+    def flood(headers: dict, voice: str) -> dict:
+        """DELETE /v1/voices/`voice` with `headers`, from `connections` connections for `seconds`."""
+        answered, statuses, end = [], set(), time.monotonic() + seconds
+
+        def one_connection():
+            with httpx.Client(headers=headers, timeout=60) as http:
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    statuses.add(http.delete(url + f"/v1/voices/{voice}").status_code)
+                    answered.append((time.perf_counter() - t0) * 1000)
+
+        threads = [threading.Thread(target=one_connection) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"requests": len(answered), "statuses": sorted(statuses), "answer_p50_ms": pct(answered, 50)}
+
+    with Watch(url) as quiet:  # the same watch without the attack: what this machine gives anyway
+        time.sleep(seconds)
+    with Watch(url) as watch:
+        rebound = flood(page, "victim")
+    with Watch(url) as peer:
+        own = flood({"Host": f"127.0.0.1:{port}"}, "nobody")
+    return {"status": status, "voice_survived": survived, **rebound, **watch.report(),
+            "own_name_404": {**own, **peer.report()}, "without_attack": quiet.report()}
+
+
 def main() -> None:
     proc, url = start()
     try:
         result = {"big_body": big_body(url), "burst": burst(url)}
         result["wyoming_leak"] = wyoming_leak(url)
+        result["rebinding"] = rebinding(url)
     finally:
         stop(proc)
     print(json.dumps(result))

@@ -416,7 +416,7 @@ def add_voices(sub) -> None:
     vsub = p.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
 
     a = vsub.add_parser("add", help="encode a recording and save it as a named voice")
-    a.add_argument("name", help="letters, digits, '.', '_' or '-'")
+    a.add_argument("name", help="letters, digits, '.', '_' or '-', not digits alone (those are speaker ids)")
     a.add_argument("--audio", required=True, metavar="FILE", help="the recording (WAV, FLAC, OGG; any rate)")
     a.add_argument("--text", required=True, help="what is said in the recording")
     a.add_argument("--speaker", type=int, default=0, metavar="ID", help="speaker id (default: %(default)s)")
@@ -455,11 +455,11 @@ def _load_codec_only(args):
 
 def run_voices_add(args) -> int:
     from .audio import AudioError, read_audio
-    from .voices import Voice, VoiceError, check_name
+    from .voices import Voice, VoiceError, check_new_name
 
     store = _voice_store(args)
     try:
-        check_name(args.name)
+        check_new_name(args.name)
         if args.name in store and not args.force:
             raise VoiceError(f"a voice named {args.name!r} already exists; pass --force to replace it")
         if args.speaker < 0:

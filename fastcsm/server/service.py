@@ -24,7 +24,7 @@ from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_spee
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
-from ..voices import Voice, VoiceError, VoiceExists, VoiceStore, check_name
+from ..voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
 from ..watermark import WatermarkedStream, resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .settings import Settings, parse_voice_map
@@ -113,19 +113,23 @@ class Service:
     # -- voices ---------------------------------------------------------------------------------
 
     def voice(self, name: str) -> Voice:
-        """A registered voice (cached while its file is unchanged); 400 if there is none."""
+        """A registered voice (cached while its file is unchanged); 400 if there is none (also
+        when it is removed while being read)."""
+        unknown = ApiError(400, f"unknown voice {name!r}: {LIST_VOICES_HINT}", param="voice")
         try:
             check_name(name)
             path = self.store.path(name)
             mtime = path.stat().st_mtime_ns
         except (VoiceError, OSError):
-            raise ApiError(400, f"unknown voice {name!r}: {LIST_VOICES_HINT}", param="voice") from None
+            raise unknown from None
         with self._lock:
             hit = self._voices.get(name)
             if hit is not None and hit[0] == mtime:
                 return hit[1]
         try:
             voice = Voice.load(path)
+        except VoiceNotFound:
+            raise unknown from None
         except VoiceError:  # its message names the file's path: the client hears the name only
             raise BrokenVoice(name) from None
         with self._lock:
@@ -181,7 +185,7 @@ class Service:
                      overwrite: bool, **meta) -> VoiceInfo:
         gen = self.need_ready()
         try:
-            check_name(name)
+            check_new_name(name)
         except VoiceError as e:
             raise ApiError(400, str(e), param="name") from None
         exists = f"a voice named {name!r} already exists; delete it first or pass overwrite=true"

@@ -4,8 +4,9 @@ Each field says its type, default, help, group and checks (`setting(...)`); from
 come the `fastcsm serve` flags (`add_arguments`), the `FASTCSM_<FIELD>` environment variables
 (`Settings.from_env`) and the checks `Settings` itself runs, so `create_app(Settings(slots=0))`
 refuses what `fastcsm serve --slots 0` refuses, with the same message. Flags override variables;
-lists (API keys, CORS origins) are comma-separated in a variable. An empty API key (say
-`FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without authentication.
+lists (API keys, CORS origins, allowed hosts) are comma-separated in a variable. An empty API key
+(say `FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without
+authentication.
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ class Settings(Table):
     cors_origins: list[str] = setting([], "a browser origin allowed to call the API, e.g. https://app.example.com "
                                           "(repeatable)", "security and limits", metavar="ORIGIN",
                                       flag="--cors-origin")
+    allowed_hosts: list[str] = setting([], "a name clients reach the server by (the Host header), e.g. "
+                                           "tts.example.com or *.example.com; repeatable or comma-separated. "
+                                           "Loopback names, IP addresses, the --host name and this machine's "
+                                           "name are always allowed: behind --host 0.0.0.0 add the names "
+                                           "clients use, or * for any (a proxy that checks Host itself). Other "
+                                           "names get 400, so a web page whose name was rebound to this "
+                                           "address (DNS rebinding) can use nothing",
+                                       "security and limits", metavar="HOST",
+                                       shown="loopback names, IP addresses, --host, this machine's name")
     max_body_bytes: int = setting(16 << 20, "largest speech body (context audio) or voice upload; other routes "
                                             "take 64 KiB", "security and limits", metavar="N", at_least=1024,
                                   shown="16 MiB")
@@ -150,6 +160,11 @@ class Settings(Table):
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise _refuse("cors_origins", "be origins such as https://app.example.com: scheme://host[:port], "
                                               "no path, no trailing slash (or * for any)", origin)
+        self.allowed_hosts = [h.strip() for x in self.allowed_hosts for h in x.split(",") if h.strip()]
+        for name in self.allowed_hosts:
+            if not _HOST.fullmatch(name) and ip_address(name) is None:
+                raise _refuse("allowed_hosts", "be host names such as tts.example.com or *.example.com: no "
+                                               "scheme, port or path (or * for any)", name)
         from ..config import preset
 
         cfg = preset("csm-1b")  # every CSM checkpoint: 80 ms frames, a 2048-row window
@@ -187,6 +202,7 @@ class Settings(Table):
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+")
+_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 def env_name(name: str) -> str:
@@ -233,15 +249,19 @@ def _check(f: dataclasses.Field, value) -> None:
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-def is_loopback(host: str) -> bool:
+def ip_address(host: str):
+    """`host` as an IP address (IPv6 with or without brackets), or None for a name."""
     import ipaddress
 
-    if host in LOOPBACK_HOSTS:
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    ip = ip_address(host)
+    return host in LOOPBACK_HOSTS or (ip is not None and ip.is_loopback)
 
 
 def security_warnings(settings: Settings) -> list[str]:
