@@ -41,6 +41,7 @@ from .limits import (
 from .metrics import render_metrics
 from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
+from .words import LineWords
 
 log = logging.getLogger("fastcsm")
 VOICE_NAME = "letters, digits, '.', '_' or '-'; not digits alone (those are speaker ids)"
@@ -217,6 +218,9 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def speech(request: Request):
         """Speak `input` (OpenAI's `audio.speech.create`, plus fastcsm's fields)."""
         req = await run_in_threadpool(parse_speech, await request.body())
+        if req.timestamps and req.stream_format == "audio":
+            raise ApiError(400, 'timestamps need stream_format "sse" (word events) or "json" (one object with the '
+                                "audio and its timestamps)", param="timestamps")
         if req.response_format not in formats:
             raise ApiError(400, f"response_format {req.response_format!r} is not available on this server; "
                                 f"choose one of {', '.join(formats)}", param="response_format")
@@ -234,9 +238,12 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         if first.dropped_context:
             headers["X-Fastcsm-Context-Dropped"] = str(len(first.dropped_context))
         frames = [0]  # frames streamed so far, all pieces together
-        body = _audio(service, plan, stream, enc, frames)
+        words = LineWords(P.SAMPLE_RATE, req.speed) if req.timestamps or req.stream_format == "json" else None
+        body = _audio(service, plan, stream, enc, frames, words)
         if req.stream_format == "sse":
-            return StreamingResponse(_sse(body, plan, frames), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(body, plan, frames, words), media_type="text/event-stream", headers=headers)
+        if req.stream_format == "json":
+            return await _captioned(body, req.response_format, words, headers)
         return StreamingResponse(body, media_type=enc.media_type, headers=headers)
 
     # -- voices ---------------------------------------------------------------------------------
@@ -353,9 +360,10 @@ class SpeechFailed(RuntimeError):
     response is broken off without its last chunk, never finished as if the audio were whole."""
 
 
-async def _audio(service: Service, plan, stream, enc, frames: list[int]):
+async def _audio(service: Service, plan, stream, enc, frames: list[int], words: LineWords | None = None):
     """The response body: encoded frames as they come, piece after piece, each piece's audio
-    continuing from the one before; the slot is freed if the client leaves. A stream that fails
+    continuing from the one before; the slot is freed if the client leaves. With `words`, each
+    piece's word times (a list of `WordTime`) follow its audio. A stream that fails
     raises `SpeechFailed`, so the client sees a broken-off response (its status went out with the
     first byte), not a shorter file that looks complete."""
     spoken = []  # (text rows, codes) of the pieces done
@@ -372,10 +380,14 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                     raise SpeechFailed(f"speech stopped before piece {index + 1} of {len(plan.pieces)}: "
                                        f"{e.message}") from None
             codes = []
+            if words is not None:
+                words.start(plan.pieces[index].spoken.words)
             while not isinstance(item := await stream.next(), End):
                 codes.append(item.codes)
                 frames[0] += 1
                 if item.pcm is not None:
+                    if words is not None:
+                        words.audio(item.pcm)
                     data = enc.write(item.pcm)
                     if data:
                         yield data
@@ -383,6 +395,8 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                 raise SpeechFailed(f"speech stopped in piece {index + 1} of {len(plan.pieces)}: {stream.end.reason}: "
                                    f"{stream.end.message}")
             spoken.append((plan.pieces[index].line, codes))
+            if words is not None:
+                yield words.done()
         tail = enc.finish()
         if tail:
             yield tail
@@ -391,18 +405,50 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
             stream.cancel()
 
 
-async def _sse(audio, plan, frames: list[int]):
-    """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage."""
-    sent = 0
+async def _sse(audio, plan, frames: list[int], words: LineWords | None):
+    """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage; with
+    `words`, a `speech.audio.word` event per written word after its piece's audio."""
     try:
         async for data in audio:
-            sent += len(data)
-            yield f'data: {json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})}\n\n'
+            if isinstance(data, list):
+                for w in data:
+                    yield _event({"type": "speech.audio.word", "word": w.text, "start": w.start, "end": w.end})
+            else:
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         rows = sum(len(p.line) for p in plan.pieces)
-        usage = {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}
-        yield f'data: {json.dumps({"type": "speech.audio.done", "usage": usage})}\n\n'
+        done = {"type": "speech.audio.done",
+                "usage": {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}}
+        if words is not None:
+            done["timestamps"] = [_timestamp(w).model_dump() for w in words.words]
+        yield _event(done)
     finally:
         await audio.aclose()
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _timestamp(w) -> P.WordTimestamp:
+    return P.WordTimestamp(word=w.text, start_time=w.start, end_time=w.end)
+
+
+async def _captioned(audio, audio_format: str, words: LineWords, headers: dict) -> JSONResponse:
+    """`stream_format: "json"`: the whole line, then one object with its audio and word times. A
+    line that fails is a 500 (nothing was sent yet)."""
+    chunks = []
+    try:
+        async for data in audio:
+            if not isinstance(data, list):
+                chunks.append(data)
+    except SpeechFailed as e:
+        log.warning("%s", e)
+        return error_response(500, str(e), "server_error")
+    finally:
+        await audio.aclose()
+    body = P.CaptionedSpeech(audio=base64.b64encode(b"".join(chunks)).decode(), audio_format=audio_format,
+                             sample_rate=P.SAMPLE_RATE, timestamps=[_timestamp(w) for w in words.words])
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
 def _audio_voice(info: P.VoiceInfo) -> P.AudioVoice:

@@ -32,13 +32,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..context import ContextTooLong
 from ..planner import plan_piece, spoken_rows, streamed_pieces
-from ..prompt import Prompt, Segment, concat, segment_rows
+from ..prompt import Prompt, Segment, concat, segment_rows, text_rows
 from ..scheduler import End
 from ..speech import SpeakOptions
 from . import protocol as P
 from .audio_out import to_int16
 from .limits import invalid_fields, json_values, max_message_values
 from .service import ApiError, Service
+from .words import LineWords, word_events
 
 log = logging.getLogger("fastcsm")
 _CLIENT = TypeAdapter(P.ClientMessage)
@@ -72,6 +73,7 @@ class Utterance:
     frames: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
+    words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
 
 
 class Conversation:
@@ -268,6 +270,7 @@ class Conversation:
         svc, cfg = self.service, self.service.cfg
         text = svc.check_input(streamed_pieces(u.text, final=not u.more)[index], "text")
         piece = svc.piece_text(text, u.speaker, u.options)
+        u.words.start(piece.spoken.words)
         try:  # a later fragment may yet bring another piece: every piece keeps its audio state
             planned = plan_piece(cfg, self.pinned, self.turns, u.spoken, piece.line, piece.max_frames,
                                  u.options.sampling, u.seed + index, u.options, keep_audio=True,
@@ -311,11 +314,15 @@ class Conversation:
                         u.frames += 1
                         if item.pcm is not None:  # once handed to the socket, sent whole and counted
                             await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
+                            u.words.audio(item.pcm)
                         if u.frames == 1:
                             await self.send(P.FirstAudio(id=u.id, utterance=u.index,
                                                          ms=(time.perf_counter() - u.t0) * 1000))
                     u.spoken.append((u.line, u.codes))
                     u.line, u.codes = None, []
+                    if end.reason in ("end", "max_length"):  # the piece's audio is whole: its words are timed
+                        for event in word_events(u.id, u.index, u.words.done()):
+                            await self.send(event)
                     reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
                     if end.reason not in ("end", "max_length"):
                         if end.reason in ("error", "deadline"):
@@ -361,16 +368,22 @@ class Conversation:
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
                                    prefill_rows=sum(e.prefill_rows for e in ends),
                                    reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.streams),
-                                   error=u.error if reason in ("error", "deadline") else None))
+                                   error=u.error if reason in ("error", "deadline") else None,
+                                   text=" ".join(u.words.heard_text)))
         except Exception:
             pass
 
     def remember(self, u: Utterance) -> None:
         """The pieces spoken (or begun), with the audio generated for them, join the conversation
-        as one turn."""
+        as one turn; of a piece cut off, only the words whose audio was begun in what was sent."""
         cfg = self.service.cfg
         rows = []
         pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
+        if u.words.in_flight and pieces:
+            heard = u.words.cut()
+            line = " ".join(w.spoken for w in heard)
+            pieces[-1:] = [(text_rows(self.service.generator.tokenizer, u.speaker, line, cfg), pieces[-1][1])] \
+                if heard else []
         for line, codes in pieces:
             rows.append(spoken_rows(line, codes, cfg) if codes else line)
         if rows:
