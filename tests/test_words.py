@@ -113,7 +113,7 @@ def until_done(w, received: list) -> dict:
 
 def test_conversation_word_events_come_after_their_audio(server):
     with ws(server) as w:
-        w.send(json.dumps({"type": "speak", "text": LINE, "speaker": 0, "seed": 2}))
+        w.send(json.dumps({"type": "speak", "text": LINE, "speaker": 0, "seed": 2, "timestamps": True}))
         got: list = []
         done = until_done(w, got)
     assert done["reason"] in ("end", "max_length") and done["text"] == " ".join(WRITTEN)

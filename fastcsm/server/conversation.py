@@ -74,6 +74,7 @@ class Utterance:
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
     words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
+    timestamps: bool = False  # `word` events asked for
 
 
 class Conversation:
@@ -220,7 +221,7 @@ class Conversation:
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
         seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more)
+        u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more, timestamps=m.timestamps)
         self.mark(u, now)
         first = None
         if streamed_pieces(u.text, final=not u.more):
@@ -321,7 +322,8 @@ class Conversation:
                     u.spoken.append((u.line, u.codes))
                     u.line, u.codes = None, []
                     if end.reason in ("end", "max_length"):  # the piece's audio is whole: its words are timed
-                        for event in word_events(u.id, u.index, u.words.done()):
+                        timed = u.words.done()
+                        for event in word_events(u.id, u.index, timed) if u.timestamps else ():
                             await self.send(event)
                     reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
                     if end.reason not in ("end", "max_length"):

@@ -70,12 +70,13 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 and receives `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`,
 `done`, `context_dropped`, `error`, `word`; between `started` and `done` come binary messages, one
 per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by default, or
-`pcm_f32le`). Each written word of the line (as written, not its spoken form) comes as a `word`
-event, `{"type": "word", "utterance": 0, "word": "10:30pm,", "start": 1.2, "end": 1.75}`
-(seconds into the line's audio), once its piece has ended: after every binary message holding
-its audio, before `done`. An interrupted line's `done.text` holds the written words the client
-received audio of (those of its `word` events, and the words of the cut piece whose audio had
-begun, placed at the line's speaking rate); only those words join the conversation.
+`pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line (as
+written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
+"word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds into the line's audio), once its piece
+has ended: after every binary message holding its audio, before `done`. An interrupted line's
+`done.text` holds the written words the client received audio of (those of its `word` events,
+and the words of the cut piece whose audio had begun, placed at the line's speaking rate),
+timestamps or not; only those words join the conversation.
 After `interrupt`, no binary message of that utterance follows the `done` (reason `interrupted`).
 A socket that closes ends its utterance the same way (its slot is freed before the next frame
 step). The spoken line (with the audio generated for it, cut where it was
@@ -371,6 +372,8 @@ class Speak(_Strict):
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
     normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
     lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
+    timestamps: bool = Field(False, description="send a `word` event for each written word of the line (its start "
+                                                "and end in the line's audio) after the audio holding it")
 
 
 class AppendText(_Strict):
