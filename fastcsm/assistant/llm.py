@@ -23,8 +23,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import openai
-
 
 class LLMError(Exception):
     """The language model could not give (the rest of) a reply; the message says why."""
@@ -73,6 +71,16 @@ class LLMConfig:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
+    @classmethod
+    def from_settings(cls, settings) -> LLMConfig | None:
+        """The model a server's `Settings` name (`--llm-url` and the rest), or None without one."""
+        if not settings.llm_url:
+            return None
+        return cls(url=settings.llm_url, model=settings.llm_model, api_key=settings.llm_api_key,
+                   system_prompt=load_system_prompt(settings.system_prompt),
+                   first_token_timeout_s=settings.llm_timeout_s, stall_timeout_s=settings.llm_timeout_s)
+
+
 def load_system_prompt(spec: str | None) -> str:
     """The system prompt `spec` stands for: the text itself, or with a leading @ a file's text."""
     if not spec:
@@ -92,6 +100,8 @@ class LanguageModel:
     """One client (one connection pool) for every conversation of a server."""
 
     def __init__(self, config: LLMConfig):
+        import openai  # here, not at import: settings check a system prompt without the SDK
+
         self.config = config
         self.client = openai.AsyncOpenAI(
             base_url=config.url, api_key=config.api_key or "none", max_retries=0,
@@ -124,7 +134,7 @@ class Reply:
         self.first_token_at: float | None = None
         self.cancelled = False
         self._open = asyncio.ensure_future(opening)  # the request goes out now, not on first iteration
-        self._stream: openai.AsyncStream | None = None
+        self._stream = None  # the SDK's AsyncStream, once the response began
         self._chunks = None
         self._done = False
 
@@ -172,6 +182,8 @@ class Reply:
 
     async def _next_chunk(self):
         """The next chunk, or None at the end of the stream; SDK and transport errors as `LLMError`s."""
+        import openai
+
         where = self.config.url
         try:
             if self._stream is None:
@@ -225,7 +237,8 @@ class Reply:
             await self._stream.close()
 
 
-def _message(e: openai.APIError) -> str:
+def _message(e) -> str:
+    """The server's own words in an SDK error (`openai.APIError`)."""
     body = e.body if isinstance(e.body, dict) else {}
     inner = body.get("error") if isinstance(body.get("error"), dict) else body
     return str(inner.get("message") or e.message)
