@@ -14,7 +14,8 @@ The cut is marked with a dash, so the model sees that it was interrupted ("The c
 
 Turns are kept alternating, as some chat templates require: a turn that follows one of the same
 role (a user who spoke twice while no reply was heard) is joined to it. An assistant turn of which
-nothing was heard is not kept. The oldest turns go once the turns pass `max_chars`.
+nothing was heard is not kept. The oldest exchanges go once the turns pass `max_chars` (the last
+one stays whatever its length).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class History:
             self.turns[-1]["content"] += " " + text
         else:
             self.turns.append({"role": role, "content": text})
-        while len(self.turns) > 1 and sum(len(t["content"]) for t in self.turns) > self.max_chars:
-            del self.turns[0]
-        if self.turns[0]["role"] == "assistant" and len(self.turns) > 1:
-            del self.turns[0]  # a history opens with the user
+        while len(self.turns) > 2 and sum(len(t["content"]) for t in self.turns) > self.max_chars:
+            del self.turns[0]  # the oldest exchange, the user's turn and the reply: the last one stays
+            if self.turns[0]["role"] == "assistant":
+                del self.turns[0]

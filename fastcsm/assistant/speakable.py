@@ -98,6 +98,7 @@ class Speakable:
         self._line_out = ""  # what the current line emitted (for the full stop of headers and items)
         self._space = False  # whitespace held before a dropped span, emitted before the next word
         self._mark = ""  # a trailing , ; or : held, for punctuation that a dropped span may bring after it
+        self._word = ""  # past the length bound: the word not yet known to be whole
 
     @property
     def spaced(self) -> bool:
@@ -129,7 +130,7 @@ class Speakable:
                 break
         if final and not self.full:
             self._end_line(final_newline=False)
-            self._out(self._mark)
+            self._out(self._mark, final=True)
             self._mark = ""
         return self.text[start:]
 
@@ -290,8 +291,8 @@ class Speakable:
         self._space = True
 
     def _end_line(self, final_newline: bool = True) -> None:
-        if self._kind in ("header", "item") and self._line_out.strip() and self._line_out.rstrip()[-1] not in \
-                ".!?:;,…":
+        said = (self._line_out + self._mark).rstrip()
+        if self._kind in ("header", "item") and said and said[-1] not in ".!?:;,…":
             self._emit(".")
         self._kind, self._line_out = None, ""
         if final_newline:
@@ -325,23 +326,27 @@ class Speakable:
             body = body.lstrip()
         self._out(body)
 
-    def _out(self, s: str) -> None:
+    def _out(self, s: str, final: bool = False) -> None:
         bound = self.max_chars
-        if bound is not None and len(self.text) + len(s) > bound:
+        if bound is not None and len(self.text) + len(self._word) + len(s) > bound:
+            s, self._word = self._word + s, ""
             past = bound - len(self.text)  # where in `s` the bound falls
             before = self.text[-1:]  # a sentence end just emitted counts once a space follows it
-            probe = before + s + (" " if self._space else "")
+            probe = before + s + (" " if self._space or self._mark else "")
             for m in _SENTENCE_END.finditer(probe):
                 if m.end() - len(before) >= past:
                     s, self.full = s[:m.end() - len(before)], True
                     break
-            if not self.full and len(self.text) + len(s) > bound + self.overrun_chars:
-                cut = bound + self.overrun_chars - len(self.text)
-                s = s[:cut].rsplit(" ", 1)[0] if " " in s[:cut] else ""
+            cap = bound + self.overrun_chars - len(self.text)
+            if not self.full and len(s) > cap:
+                s = s[:cap].rsplit(" ", 1)[0] if " " in s[:cap] else ""
                 self.full = True
+            elif not self.full and not final and not (self._space or self._mark) and not s[-1:].isspace():
+                # Past the bound a word comes out whole, so that a cut at the cap never splits one.
+                cut = max(s.rfind(" "), s.rfind("\n"), 0)  # the space stays with the word it leads
+                s, self._word = s[:cut], s[cut:]
         self.text += s
         self._line_out += s
-
 
 def _clean_inline(text: str) -> str:
     """`text` (one line, e.g. a table cell) with its inline marks removed by the same rules."""
