@@ -24,7 +24,7 @@ marks are known, a table row until its end, a code block, and from a span's open
 (`LINK_MAX_CHARS` for a link; then the mark was not a span's and is dropped). Spaces are held
 until the next word, so that none is left before punctuation or doubled around a dropped span.
 Plain text comes out as soon as it arrives, and the output is the same however the text is cut
-into deltas.
+into deltas (tested at every cut, for replies made of words, marks and spans).
 
 Length: with `max_chars`, once that many characters have come out the reply ends at the next
 sentence end (`.`, `!`, `?` or `…` then whitespace); if the sentence runs `overrun_chars` past the
@@ -60,6 +60,8 @@ _HEADER = re.compile(r" {0,3}#{1,6}(?: +|$)")
 _ITEM = re.compile(r" *(?:[-*+]|\d{1,9}[.)]) +")
 _QUOTE = re.compile(r" {0,3}(?:> ?)+")
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s)")
+_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+(?=[.,!?;:…)])|(?<=[ \t])[ \t]+")
+_MARK_BEFORE_PUNCT = re.compile(r"[,;:]+(?=[.,!?;:…])")
 _CELL_RULE = re.compile(r" *:?-+:? *")
 
 
@@ -291,7 +293,7 @@ class Speakable:
         self._space = True
 
     def _end_line(self, final_newline: bool = True) -> None:
-        said = (self._line_out + self._mark).rstrip()
+        said = (self._line_out + self._word + self._mark).rstrip()
         if self._kind in ("header", "item") and said and said[-1] not in ".!?:;,…":
             self._emit(".")
         self._kind, self._line_out = None, ""
@@ -313,16 +315,17 @@ class Speakable:
             return
         if self._mark and body[0] in _PUNCT_AFTER and body[0] != ")":
             self._mark = ""  # "it, *smiles*, yes": one comma, not two
-        space = self._space and body[0] not in _PUNCT_AFTER and body[0] != "\n" and self.text and \
-            not self.text[-1].isspace()
+        prev = (self.text + self._word + self._mark)[-1:]
+        space = self._space and body[0] not in _PUNCT_AFTER and body[0] != "\n" and prev and not prev.isspace()
         body = self._mark + (" " if space else "") + body
         self._space, self._mark = False, ""
         tail = len(body) - len(body.rstrip(" \t"))
         if tail:
             body, self._space = body[:len(body) - tail], True
+        body = _MARK_BEFORE_PUNCT.sub("", _SPACE_BEFORE_PUNCT.sub("", body))
         if body[-1:] in (",", ";", ":"):
             body, self._mark = body[:-1], body[-1]
-        if not self.text:
+        if not self.text and not self._word:
             body = body.lstrip()
         self._out(body)
 
@@ -332,7 +335,7 @@ class Speakable:
             s, self._word = self._word + s, ""
             past = bound - len(self.text)  # where in `s` the bound falls
             before = self.text[-1:]  # a sentence end just emitted counts once a space follows it
-            probe = before + s + (" " if self._space or self._mark else "")
+            probe = before + s + self._mark + (" " if self._space else "")
             for m in _SENTENCE_END.finditer(probe):
                 if m.end() - len(before) >= past:
                     s, self.full = s[:m.end() - len(before)], True
