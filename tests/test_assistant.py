@@ -17,6 +17,7 @@ from fastcsm.assistant import (
     LLMStopped,
     LLMTimeout,
     LLMUnreachable,
+    PieceCutter,
     Speakable,
     heard_text,
 )
@@ -78,6 +79,25 @@ def test_speakable_output_is_the_same_however_markdown_is_cut():
     for _ in range(150):
         text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 10)))
         assert len(_outputs(text)) == 1, text
+
+
+def test_piece_cutter_gives_the_pieces_of_the_whole_reply_as_they_complete():
+    rng = random.Random(1)
+    words = ["Hello", "there", "friend,", "this is", "a sentence.", "Dr. Who", "**said**", "*laughs*", "so:",
+             "ok!", "- item", "\n\n", "really long clause words here and more,", "yes?"]
+    for _ in range(100):
+        reply = " ".join(rng.choice(words) for _ in range(rng.randint(1, 14)))
+        whole = Speakable()
+        expected = speech_pieces(whole.feed(reply) + whole.finish())
+        f = Speakable()
+        cutter = PieceCutter(f)
+        got, i = [], 0
+        while i < len(reply):
+            n = rng.randint(1, 6)
+            got += cutter.update(f.feed(reply[i:i + n]), final=False)
+            i += n
+        got += cutter.update(f.finish(), final=True)
+        assert got == expected, reply
 
 
 def test_speakable_holds_back_only_undecided_spans():

@@ -15,7 +15,8 @@ feeds its pieces to a streamed line and tells it how much of each was played.
 from .history import HeardPiece, History, heard_text
 from .llm import LanguageModel, LLMConfig, LLMError, LLMStatusError, LLMStopped, LLMTimeout, LLMUnreachable, Reply
 from .speakable import Speakable
-from .turn import Assistant, Turn
+from .turn import Assistant, PieceCutter, Turn
 
 __all__ = ["Assistant", "HeardPiece", "History", "LLMConfig", "LLMError", "LLMStatusError", "LLMStopped",
-           "LLMTimeout", "LLMUnreachable", "LanguageModel", "Reply", "Speakable", "Turn", "heard_text"]
+           "LLMTimeout", "LLMUnreachable", "LanguageModel", "PieceCutter", "Reply", "Speakable", "Turn",
+           "heard_text"]

@@ -17,6 +17,7 @@ before it; `finish` still keeps what was heard of those.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 
@@ -26,6 +27,33 @@ from .llm import LanguageModel, LLMError, Reply
 from .speakable import Speakable
 
 DEFAULT_MAX_REPLY_CHARS = 1000  # about a minute of speech
+_ENDS = re.compile(r"[.!?…。！？,;:—–\-\n]")  # the marks `speech_pieces` may end a piece after
+
+
+class PieceCutter:
+    """The pieces of a reply whose filtered text (`speakable.text`) grows: `update` gives those
+    that the new text completed."""
+
+    def __init__(self, speakable: Speakable):
+        self.speakable = speakable
+        self.pieces: list[str] = []
+        self._looked = 0  # how much of the text was cut last time
+
+    def update(self, clean: str, final: bool) -> list[str]:
+        """The pieces completed by `clean`, the filter's latest output (`final`: the reply ended)."""
+        if not clean and not final:
+            return []
+        text = self.speakable.text
+        # A piece ends at a mark (sentence, clause, paragraph), complete once what follows it came:
+        # text with no mark since the last look completes none, and the whole reply need not be cut.
+        if not final and not _ENDS.search(text, max(0, self._looked - 2)):
+            return []
+        self._looked = len(text)
+        if not final and self.speakable.spaced:
+            text += " "  # the filter holds a space back: a sentence before it is complete
+        new = speech_pieces(text, final=final)[len(self.pieces):]
+        self.pieces.extend(new)
+        return new
 
 
 class Turn:
@@ -39,7 +67,7 @@ class Turn:
         self.reply = reply
         self.history = history
         self.speakable = Speakable(max_chars)
-        self.pieces: list[str] = []  # every piece handed out, in order
+        self.cutter = PieceCutter(self.speakable)
         self.reason: str | None = None
         self.error: LLMError | None = None
         self.started_at = reply.started_at
@@ -50,6 +78,11 @@ class Turn:
     @property
     def first_token_at(self) -> float | None:
         return self.reply.first_token_at
+
+    @property
+    def pieces(self) -> list[str]:
+        """Every piece handed out (or ready to be), in order."""
+        return self.cutter.pieces
 
     @property
     def text(self) -> str:
@@ -81,19 +114,10 @@ class Turn:
         return self._ready.pop(0)
 
     def _complete(self, clean: str, final: bool) -> None:
-        """Queue the pieces that `clean` (new filtered text) completed."""
-        if not clean and not final:
-            return
-        text = self.speakable.text
-        if not final and self.speakable.spaced:
-            text += " "  # the filter holds a space back: a sentence before it is complete
-        pieces = speech_pieces(text, final=final)
-        new = pieces[len(self.pieces):]
-        if new:
-            if self.first_piece_at is None:
-                self.first_piece_at = time.perf_counter()
-            self.pieces.extend(new)
-            self._ready.extend(new)
+        new = self.cutter.update(clean, final)
+        if new and self.first_piece_at is None:
+            self.first_piece_at = time.perf_counter()
+        self._ready.extend(new)
 
     async def cancel(self) -> None:
         """Barge-in: stop the model's reply now; pieces not yet handed out are dropped."""
