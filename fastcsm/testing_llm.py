@@ -4,7 +4,7 @@
 HTTP/1.1, exactly as OpenAI's API streams, or as one JSON body) and `GET /v1/models`, from its
 own thread and event loop, on a loopback port. It answers with scripted replies, cut into tokens
 (a word and the whitespace after it), at `tokens_per_s` after `first_token_s`, and can play the
-faults a real model server has (`Scripted.status`, `hang`, `stop_after`). It counts the
+faults a real model server has (`Scripted.status`, `hang`, `stop_after`, `stall_after`). It counts the
 connections open at any moment, so a test can prove that a cancelled reply closed its own.
 
 It is a stand-in for the model only: whatever talks to it (the `openai` SDK, fastcsm's client)
@@ -32,6 +32,7 @@ class Scripted:
     status: int | None = None  # answer this HTTP error status (with an OpenAI-style error body) instead
     hang: bool = False  # accept the request, send the headers, then never send a token
     stop_after: int | None = None  # drop the connection after this many tokens (no finish, no [DONE])
+    stall_after: int | None = None  # after this many tokens, go silent with the connection open
     first_token_s: float | None = None  # this reply's first-token delay (default: the server's)
 
 
@@ -205,6 +206,9 @@ class StandInLLM:
             for i, part in enumerate(parts):
                 if reply.stop_after is not None and i >= reply.stop_after:
                     writer.transport.abort()  # mid-reply: no finish, no [DONE], no last chunk
+                    return False
+                if reply.stall_after is not None and i >= reply.stall_after:
+                    await gone  # silent until the client gives up
                     return False
                 delay = start + i / self.tokens_per_s - time.monotonic()
                 if delay > 0:

@@ -262,14 +262,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fault(server_or_url, **kw):
+def _fault(server_or_url, got=None, **kw):
+    """A coroutine function that asks the model and adds each delta to `got`."""
+    got = [] if got is None else got
+
     async def run():
         url = server_or_url if isinstance(server_or_url, str) else server_or_url.url
         model = LanguageModel(LLMConfig(url, "stand-in", **kw))
-        reply = model.reply([{"role": "user", "content": "a"}])
-        got = []
         try:
-            async for d in reply:
+            async for d in model.reply([{"role": "user", "content": "a"}]):
                 got.append(d)
         finally:
             await model.close()
@@ -296,13 +297,14 @@ def test_faults_are_clear_errors():
         with pytest.raises(LLMTimeout, match="no reply within 0.3 s"):
             asyncio.run(_fault(server, first_token_timeout_s=0.3)())
         got = []
-
-        async def stopped():
-            got.extend(await _fault(server)())
-
         with pytest.raises(LLMStopped, match="broke off"):
-            asyncio.run(stopped())
-        assert server.wait_connections(0) == 0
+            asyncio.run(_fault(server, got)())
+        assert got == ["One ", "two ", "three "] and server.wait_connections(0) == 0
+    with StandInLLM([Scripted("One two three four.", stall_after=2)], tokens_per_s=1000) as server:
+        got = []
+        with pytest.raises(LLMTimeout, match="went silent for more than 0.3 s"):
+            asyncio.run(_fault(server, got, stall_timeout_s=0.3)())
+        assert got == ["One ", "two "] and server.wait_connections(0) == 0
 
 
 def test_a_slow_model_holds_up_only_its_own_reply():

@@ -146,15 +146,14 @@ class Reply:
             if self.cancelled:
                 break
             try:
-                if self.first_token_at is None:
-                    left = self.started_at + self.config.first_token_timeout_s - time.perf_counter()
-                    try:
-                        chunk = await asyncio.wait_for(self._next_chunk(), max(left, 0.0))
-                    except TimeoutError:
-                        raise LLMTimeout(f"the language model sent no reply within "
-                                         f"{self.config.first_token_timeout_s:g} s") from None
-                else:
-                    chunk = await self._next_chunk()
+                first = self.first_token_at is None
+                deadline = self.started_at + self.config.first_token_timeout_s if first else \
+                    time.perf_counter() + self.config.stall_timeout_s
+                try:
+                    async with asyncio.timeout(deadline - time.perf_counter()):
+                        chunk = await self._next_chunk()
+                except TimeoutError:
+                    raise LLMTimeout(self._silence(first)) from None
             except LLMError:
                 await self._close()
                 if self.cancelled:
@@ -197,8 +196,7 @@ class Reply:
                 return None  # `cancel()` abandoned the request this was waiting for
             raise
         except openai.APITimeoutError:
-            raise LLMTimeout(f"the language model at {where} went silent for more than "
-                             f"{self.config.stall_timeout_s:g} s") from None
+            raise LLMTimeout(self._silence(self.first_token_at is None)) from None
         except openai.APIConnectionError as e:
             if self._stream is None:
                 raise LLMUnreachable(f"cannot reach the language model at {where} ({e.__cause__ or e})") from None
@@ -213,9 +211,14 @@ class Reply:
                 raise
             # An SDK that lets its HTTP library's errors through while streaming.
             if "Timeout" in type(e).__name__:
-                raise LLMTimeout(f"the language model at {where} went silent for more than "
-                                 f"{self.config.stall_timeout_s:g} s") from None
+                raise LLMTimeout(self._silence(self.first_token_at is None)) from None
             raise LLMStopped(f"the language model's reply broke off ({type(e).__name__}: {e})") from None
+
+    def _silence(self, first: bool) -> str:
+        if first:
+            return (f"the language model at {self.config.url} sent no reply within "
+                    f"{self.config.first_token_timeout_s:g} s")
+        return f"the language model at {self.config.url} went silent for more than {self.config.stall_timeout_s:g} s"
 
     async def cancel(self) -> None:
         """Stop the reply now: the request is abandoned or the response closed (its connection
