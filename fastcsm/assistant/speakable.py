@@ -104,9 +104,9 @@ class Speakable:
 
     @property
     def spaced(self) -> bool:
-        """Whether a space (or a held , ; :) follows `text`: what a sentence splitter needs to
-        know that the sentence `text` ends with is complete."""
-        return self._space or bool(self._mark)
+        """Whether whitespace, held back, follows `text`: what a sentence splitter needs to know
+        that a sentence at the end of `text` is complete."""
+        return self._space
 
     def feed(self, delta: str) -> str:
         """The clean text that `delta` completes (possibly empty)."""
