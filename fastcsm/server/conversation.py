@@ -216,7 +216,7 @@ class Conversation:
         # A bound above the server's limit is refused now, not per piece.
         options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
                               c.temperature if m.temperature is None else m.temperature,
-                              c.topk if m.topk is None else m.topk)
+                              c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
         seed = secrets.randbits(62) if m.seed is None else m.seed
         u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more)
         self.mark(u, now)

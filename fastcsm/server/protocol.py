@@ -105,6 +105,9 @@ from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
+from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..normalize import NORMALIZE_BY_DEFAULT
+
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
 SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
@@ -113,6 +116,15 @@ PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
 Int = Annotated[int, Strict()]
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 MAX_SPEAKER = 1_000_000  # the largest speaker id, however it is given (`speaker`, or `voice` as "7")
+# A request's own pronunciations (fastcsm.lexicon): word -> respelling, added to the server's --lexicon.
+LexiconEntries = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)],
+         Annotated[str, Field(min_length=1, max_length=MAX_RESPELLING_CHARS)]],
+    Field(max_length=MAX_REQUEST_ENTRIES)]
+NORMALIZE_HELP = ("read written forms as spoken ones (numbers, dates, money, units, URLs, e-mail, abbreviations) "
+                  "and apply the lexicon; false speaks the text exactly as given")
+LEXICON_HELP = ('whole-word respellings for this request, e.g. {"Nguyen": "Win", "SQL": "sequel"}, added to the '
+                "server's --lexicon (these win); a lower-case word matches any case, one with capitals only itself")
 
 
 class _Strict(BaseModel):
@@ -189,6 +201,8 @@ class SpeechRequest(_Strict):
         None, gt=0, description="longest audio to generate for each piece of the text (at most "
                                 "`ServerInfo.max_audio_length_ms`, the default), lowered to what the piece's "
                                 "text can plausibly take, 3 s + 150 ms a character")
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
+    lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 
 # -- voices ---------------------------------------------------------------------------------------
@@ -322,6 +336,8 @@ class Speak(_Strict):
     max_audio_length_ms: Number | None = Field(None, gt=0, description="longest audio of each piece of the line")
     more: bool = Field(False, description="the line goes on: more of its text follows in `append_text` messages "
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
+    lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 
 class AppendText(_Strict):
