@@ -448,6 +448,31 @@ def test_barge_in_cancels_the_model_and_history_keeps_what_was_heard():
         turn.finish()
 
 
+def test_cancelling_the_task_that_speaks_closes_the_model_stream():
+    with StandInLLM(["One. Two. Three. Four. Five. Six."], tokens_per_s=10) as server:
+        async def run():
+            model = _model(server)
+            turn = Assistant(model).turn("count")
+            got = []
+
+            async def speak():
+                async for piece in turn:
+                    got.append(piece)
+
+            task = asyncio.ensure_future(speak())
+            while not got:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            closed = await asyncio.to_thread(server.wait_connections, 0)
+            await model.close()
+            return turn, got, closed
+
+        turn, got, closed = asyncio.run(run())
+    assert got == ["One."] and turn.reason == "interrupted" and closed == 0
+
+
 def test_reply_bound_stops_the_model():
     long = "This is a sentence. " * 200
     with StandInLLM([long], tokens_per_s=2000) as server:

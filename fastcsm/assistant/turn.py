@@ -106,6 +106,9 @@ class Turn:
             except LLMError as e:
                 self.reason, self.error = "error", e
                 raise
+            except asyncio.CancelledError:  # the task speaking the reply was cancelled: so is the reply
+                self.reason = self.reason or "interrupted"
+                raise
             self._complete(self.speakable.feed(delta), final=False)
             if self.speakable.full:  # the reply bound is reached: the model's tokens are not wanted
                 await self.reply.cancel()
