@@ -415,7 +415,7 @@ def test_each_piece_comes_out_before_the_model_writes_the_next():
 
 def test_barge_in_cancels_the_model_and_history_keeps_what_was_heard():
     reply = "I think the capital of France is Paris. It has the Eiffel tower and many museums to see."
-    with StandInLLM([reply, "Okay."], tokens_per_s=20) as server:
+    with StandInLLM([reply, "Okay."], tokens_per_s=10) as server:  # the next piece 1.2 s after the first
         async def run():
             model = _model(server)
             assistant = Assistant(model)
@@ -449,7 +449,8 @@ def test_barge_in_cancels_the_model_and_history_keeps_what_was_heard():
 
 
 def test_cancelling_the_task_that_speaks_closes_the_model_stream():
-    with StandInLLM(["One. Two. Three. Four. Five. Six."], tokens_per_s=10) as server:
+    # the second piece comes 1.2 s after the first: the task is cancelled long before
+    with StandInLLM(["One. Two three four five six seven eight nine ten eleven twelve."], tokens_per_s=10) as server:
         async def run():
             model = _model(server)
             turn = Assistant(model).turn("count")
