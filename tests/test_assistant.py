@@ -413,6 +413,20 @@ def test_each_piece_comes_out_before_the_model_writes_the_next():
                     ("Third.", "First sentence here. Second one follows. Third.")]
 
 
+async def _speaking(turn):
+    """A task speaking `turn` (collecting its pieces), once its first piece is out."""
+    got = []
+
+    async def speak():
+        async for piece in turn:
+            got.append(piece)
+
+    task = asyncio.ensure_future(speak())
+    while not got:
+        await asyncio.sleep(0.01)
+    return task, got
+
+
 def test_barge_in_cancels_the_model_and_history_keeps_what_was_heard():
     reply = "I think the capital of France is Paris. It has the Eiffel tower and many museums to see."
     with StandInLLM([reply, "Okay."], tokens_per_s=10) as server:  # the next piece 1.2 s after the first
@@ -420,15 +434,7 @@ def test_barge_in_cancels_the_model_and_history_keeps_what_was_heard():
             model = _model(server)
             assistant = Assistant(model)
             turn = assistant.turn("Capital of France?")
-            got = []
-
-            async def speak():
-                async for piece in turn:
-                    got.append(piece)
-
-            speaking = asyncio.ensure_future(speak())
-            while not got:
-                await asyncio.sleep(0.01)
+            speaking, got = await _speaking(turn)
             await turn.cancel()  # the user speaks over the reply
             await speaking
             closed = await asyncio.to_thread(server.wait_connections, 0)
@@ -454,15 +460,7 @@ def test_cancelling_the_task_that_speaks_closes_the_model_stream():
         async def run():
             model = _model(server)
             turn = Assistant(model).turn("count")
-            got = []
-
-            async def speak():
-                async for piece in turn:
-                    got.append(piece)
-
-            task = asyncio.ensure_future(speak())
-            while not got:
-                await asyncio.sleep(0.01)
+            task, got = await _speaking(turn)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
