@@ -154,10 +154,10 @@ class Reply:
                         chunk = await self._next_chunk()
                 except TimeoutError:
                     raise LLMTimeout(self._silence(first)) from None
-            except LLMError:
+            except LLMError as e:
                 await self._close()
-                if self.cancelled:
-                    break  # the stream was closed under us by `cancel()`
+                if self.cancelled or (self.finish_reason and isinstance(e, LLMStopped)):
+                    break  # closed under us by `cancel()`, or dropped after the model had finished
                 raise
             except BaseException:  # the iterating task was cancelled: the response goes with it
                 await self._close()
