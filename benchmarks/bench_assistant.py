@@ -8,7 +8,8 @@ Two measurements:
    (`fastcsm.testing_llm`) at `--tokens-per-s`, through the `openai` SDK. The floor is the model's
    own time to write the first sentence after its first token: (its tokens - 1) / rate (a
    stand-in token carries the space after a word, so a sentence is known complete with its
-   last token). The gap above the floor is fastcsm's.
+   last token). The gap above the floor is fastcsm's, with the HTTP, SSE and SDK parsing of each
+   token and the stand-in's own timer jitter (it runs in a thread of this process): an upper bound.
 
     python benchmarks/bench_assistant.py [--tokens-per-s 50] [--turns 20]
 
