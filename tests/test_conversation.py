@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fastcsm.config import tiny_config
+from fastcsm.planner import streamed_line
 from fastcsm.prompt import Segment, TextTokenizer, segment_rows
 from fastcsm.scheduler import End, Frame
 from fastcsm.server.conversation import Conversation, Utterance
@@ -65,8 +66,9 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         conv = Conversation(ws, service)
         line = segment_rows(Segment(0, "Hi."), TOK, CFG)
         stream = OneFrameStream()
-        u = Utterance("x", 0, 0, None, 0, "Hi.", False, t0=time.perf_counter(), stream=stream,
+        u = Utterance("x", 0, 0, None, 0, streamed_line(), False, t0=time.perf_counter(), stream=stream,
                       streams=[stream], line=line)
+        u.text.add("Hi.", final=True)
         conv.current = u
         u.task = asyncio.create_task(conv.play(u))
         while not ws.sent:  # the frame is written; its send waits in the drain
