@@ -27,8 +27,22 @@ _ABBREVIATIONS = {
 }
 
 
+_WHITESPACE = re.compile(r"\s+")
+_CLOSERS = "\"'”’)]"  # what may stand between a sentence's last mark and the whitespace after it
+
+
+def _one_run(m: re.Match) -> str:
+    breaks = m.group(0).count("\n")
+    return "\n\n" if breaks > 1 else "\n" if breaks else " "
+
+
 def _squash(text: str) -> str:
     return " ".join(text.split())
+
+
+def _join(a: str, b: str) -> str:
+    """`_squash(a + " " + b)` of two squashed texts."""
+    return f"{a} {b}" if a and b else a or b
 
 
 def sentences(text: str) -> list[str]:
@@ -126,12 +140,14 @@ class LinePieces:
     """`speech_pieces` of a line whose text arrives in fragments, worked out as it arrives: after
     each `add(fragment, final)`, `pieces` is `speech_pieces(all the text so far, final)`.
 
-    Complete pieces never change, so an `add` goes on from where the last complete one ended: it
-    looks for sentence ends in the text after the last settled one (the sentence that runs on past
-    an abbreviation keeps what it has so far, squashed, in `_head`), and for clause cuts from the
-    last place the previous `add` could not yet decide. An `add` thus examines the fragment and a
-    few characters before it (more only when a sentence end is still open: the text since it),
-    never the pieces before, whatever the line's length; `examined` counts those characters.
+    Complete pieces never change, so an `add` goes on from where the last one left off: the text
+    after the last settled sentence end is kept (`_tail`, whitespace runs shortened to their line
+    breaks), sentence ends are searched for from the closing quotes and spaces that ended it before
+    the fragment, the unfinished sentence is kept squashed up to its last word (the part that ran
+    on past abbreviations in `_head`, the tail's in `_flat`), and clause cuts are searched for from
+    the last place the previous `add` could not yet decide. So an `add` examines the fragment and a
+    few characters around it, however long the line before it; `examined` counts them (a sentence
+    that ends examines its own text once more, to squash it).
     """
 
     def __init__(self, min_clause_chars: int = MIN_CLAUSE_CHARS):
@@ -140,7 +156,9 @@ class LinePieces:
         self.length = 0  # characters added
         self.final = False
         self.examined = 0  # characters looked at by the searches, over every `add`
-        self._tail = ""  # the raw text after the last settled sentence end
+        self._tail = ""  # the text after the last settled sentence end
+        self._seek = 0  # in `_tail`: where its closing quotes and whitespace at the end begin
+        self._flat, self._flat_at = "", 0  # `_tail[:_flat_at]` squashed, up to its last whitespace run
         self._head = ""  # the unfinished sentence before `_tail` (text that ended on abbreviations), squashed
         self._cut = 0  # in the unfinished sentence (squashed), where its next clause piece starts
         self._resume = 0  # ... and where the search for clause cuts goes on
@@ -154,9 +172,19 @@ class LinePieces:
         self.final = final
         if not fragment and not final:
             return self.pieces  # nothing changed
-        tail = self._tail + fragment
-        self.examined += len(tail)
-        matches = list(_SENTENCE_END.finditer(tail))
+        # A whitespace run counts only by its line breaks (none, one, two or more: a paragraph),
+        # so it is kept as " ", "\n" or "\n\n": a flood of spaces leaves the tail short.
+        end = self._tail[-2:]
+        keep = len(self._tail) - len(end) + len(end.rstrip())
+        new = self._tail[keep:] + fragment
+        new, runs = _WHITESPACE.subn(_one_run, new)
+        self.examined += len(new)
+        tail = self._tail[:keep] + new
+        if runs:  # the squashed text grows up to the last whitespace run
+            self._flat_to(tail, max(tail.rfind(" ", keep), tail.rfind("\n", keep)))
+        # Sentence ends can begin only where the tail's closing quotes and spaces began, or after.
+        matches = list(_SENTENCE_END.finditer(tail, min(self._seek, keep)))
+        self.examined += len(tail) - min(self._seek, keep)
         start, said = 0, False
         for i, m in enumerate(matches):
             piece = tail[start:m.start()] + m.group(0).strip()  # keep closing quotes with their sentence
@@ -166,20 +194,31 @@ class LinePieces:
                 said = ends  # complete all the same: text appended now starts the next sentence
                 break
             start = m.end()
+            self.examined += len(piece)
             if ends:
-                self._clauses(self._sentence(piece), complete=True)
+                self._clauses(_join(self._head, _squash(piece)), complete=True)
                 self._head, self._cut, self._resume, self._said = "", 0, 0, False
             else:
-                self._head = self._sentence(piece)
-        self._tail = tail[start:]
-        self._clauses(self._sentence(self._tail), complete=final or said)
+                self._head = _join(self._head, _squash(piece))
+        if start:
+            tail = tail[start:]
+            self._flat, self._flat_at = "", 0
+            self._flat_to(tail, max(tail.rfind(" "), tail.rfind("\n")))
+        self._tail = tail
+        seek = len(tail)
+        while seek > 0 and (tail[seek - 1] in _CLOSERS or tail[seek - 1].isspace()):
+            seek -= 1  # (a run of closing quotes is rare; whitespace runs are short)
+        self._seek = seek
+        self._clauses(_join(self._head, _join(self._flat, tail[self._flat_at:].strip())), complete=final or said)
         self._said = said
         return self.pieces
 
-    def _sentence(self, text: str) -> str:
-        """The unfinished sentence, squashed, if `text` is what follows `_head`."""
-        rest = _squash(text)
-        return f"{self._head} {rest}" if self._head and rest else self._head or rest
+    def _flat_to(self, tail: str, at: int) -> None:
+        """Squash the tail up to `at` (in its last whitespace run)."""
+        if at > self._flat_at:
+            self.examined += at - self._flat_at
+            self._flat = _join(self._flat, _squash(tail[self._flat_at:at]))
+            self._flat_at = at
 
     def _clauses(self, sentence: str, complete: bool) -> None:
         """The pieces of the unfinished sentence from its last cut on: cut after clauses, greedily

@@ -88,6 +88,45 @@ def test_pieces_of_fragments_are_a_prefix_of_the_whole_lines_pieces():
     assert speech_pieces("Hello there. ", final=False) == ["Hello there."]
 
 
+def test_a_line_split_fragment_by_fragment_is_the_line_split_at_once():
+    from fastcsm.planner import streamed_line
+
+    rng = random.Random(1)
+    words = ["a", "word", " ", "  ", "\n", "\n\n", ".", "!", "?", ",", ";", " - ", "—", '"', ")", "Mr.", " Dr. ", "J.",
+             "\t", "x" * 45]
+    for _ in range(300):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
+        line, pos = streamed_line(), 0
+        while pos < len(text):
+            size = rng.choice([0, 1, 2, 5, 13])
+            line.add(text[pos:pos + size], final=False)
+            pos += size
+            assert line.pieces == speech_pieces(text[:pos], final=False), text[:pos]
+        assert line.add("", final=True) == speech_pieces(text)
+        with pytest.raises(ValueError):
+            line.add("more", final=True)
+
+
+@pytest.mark.parametrize("fragment", ["", " ", "b", "a. ", "x, y — z "], ids=repr)
+def test_a_fragment_costs_the_same_whatever_the_length_of_the_line_before_it(fragment):
+    """The flood that froze the server: a 4 KB line (initials: one sentence that never ends), then
+    fragment after fragment. Each is split from the last complete piece on, so the characters the
+    splitter examines per fragment do not grow with the line."""
+    from fastcsm.planner import streamed_line
+
+    def examined_per_fragment(head: str) -> float:
+        line = streamed_line()
+        line.add(head, final=False)
+        before = line.examined
+        for _ in range(200):
+            line.add(fragment, final=False)
+        return (line.examined - before) / 200
+
+    short, long = examined_per_fragment("a. "), examined_per_fragment("a. " * 1360)
+    assert long == short <= 20 * max(1, len(fragment))
+    assert examined_per_fragment("Well. " * 680) == examined_per_fragment("Well. ")  # complete sentences
+
+
 # -- the WebSocket --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"seed": 11}], ids=["greedy", "seeded"])
