@@ -610,3 +610,64 @@ def test_head_healthz_and_auth_before_routing(server):
     assert httpx.post(server.url + "/v1/models").status_code == 401
     r = httpx.get(server.url + "/v1/nope", headers=AUTH)
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+
+
+# -- 12. streamed lines and pinned voices ---------------------------------------------------------
+
+def test_append_text_flood_leaves_healthz_answering(server):
+    """A 4 KB streamed line (one sentence of initials) and then thousands of fragments: each is
+    split from the last complete piece on and the socket's messages take turns with everything
+    else, so /healthz answers throughout (re-splitting the whole line froze the loop for seconds)."""
+    with ws(server) as c:
+        assert recv_json(c)["type"] == "ready"
+
+        def until_done():
+            c.send(json.dumps({"type": "speak", "text": "a. " * 1350, "more": True, "voice": "0", "id": "flood"}))
+            for i in range(3000):
+                c.send(json.dumps({"type": "append_text", "text": "b" if i % 100 == 0 else "", "more": True}))
+            c.send(json.dumps({"type": "interrupt"}))
+            events = [recv_json(c)]
+            while events[-1]["type"] != "done":
+                events.append(recv_json(c))
+            return events
+
+        worst, events = _healthz_while(server, until_done)
+        assert [e["type"] for e in events] == ["done"] and events[0]["reason"] == "interrupted", events
+        assert worst < 2.0, worst
+
+
+def test_switching_voices_never_breaks_a_conversation(server):
+    """Three long voices do not fit the window together: speaking in the third unpins the oldest
+    (with an event) instead of refusing every line from then on; a speak that fails pins nothing,
+    and reset unpins what speaking pinned."""
+    import torch
+
+    from fastcsm.voices import Voice, VoiceStore
+
+    store = VoiceStore(server.settings.voices_dir)
+    frames = 737  # 59 s each: three are 2,265 rows with their text, more than the 2,048-row window
+    for i in range(3):
+        store.add(Voice(i, f"This is voice {i}.", torch.zeros(frames, 32, dtype=torch.long)), f"long{i}",
+                  overwrite=True)
+
+    with ws(server) as c:
+        assert recv_json(c)["type"] == "ready"
+
+        def speak(**fields) -> list[dict]:
+            c.send(json.dumps({"type": "speak", "text": "Hi.", "max_audio_length_ms": 160, **fields}))
+            events = [recv_json(c)]
+            while events[-1]["type"] not in ("done", "error"):
+                events.append(recv_json(c))
+            return events
+
+        assert speak(voice="long0", max_audio_length_ms=10**9)[-1]["type"] == "error"  # above the limit
+        assert speak(voice="0")[0]["prompt_rows"] < 50  # long0 was not pinned
+        assert speak(voice="long0")[-1]["reason"] == "max_length"
+        assert speak(voice="long1")[0]["prompt_rows"] > 2 * frames
+        events = speak(voice="long2")
+        unpinned = [e for e in events if e["type"] == "voice_unpinned"]
+        assert [e["voice"] for e in unpinned] == ["long0"] and unpinned[0]["rows"] > frames
+        assert events[-1]["type"] == "done" and events[-1]["reason"] == "max_length"
+        assert speak(voice="long0")[-1]["reason"] == "max_length"  # and back: long1 makes room
+        c.send(json.dumps({"type": "reset"}))
+        assert speak(voice="0")[0]["prompt_rows"] < 50
