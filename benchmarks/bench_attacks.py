@@ -6,7 +6,11 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   polling /healthz; reports how long the refusal took and /healthz latency p50 / max;
 - burst: one WebSocket sends 80 x (speak, interrupt) at once; reports the time until every
   `done` arrived and until no stream held a slot or waited (/readyz), then the time another
-  client's short request took.
+  client's short request took;
+- append_text_flood: one WebSocket opens a 4 KB streamed line (a sentence of initials that never
+  ends, as in the attack) and sends 6,000 `append_text` fragments, while another client streams
+  speech over HTTP; reports how long the socket took to get its `done`, /healthz latency p50 / max,
+  and the largest gap between the other client's audio chunks (next to the 80 ms frame period).
 
     python benchmarks/bench_attacks.py
 
@@ -111,10 +115,67 @@ def burst(url: str) -> dict:
             "idle_ms": round(idle * 1000, 1), "other_status": r.status_code, "other_ms": round(other * 1000, 1)}
 
 
+def stream_gaps(url: str, gaps: list, streaming: threading.Event, during: threading.Event | None = None) -> int:
+    """Stream speech over HTTP, appending the gaps between audio chunks (ms) to `gaps` (only while
+    `during` is set, if given); returns the status."""
+    body = {"input": "Still here, and talking all the while another socket floods the server with fragments.",
+            "voice": "0", "response_format": "pcm", "max_audio_length_ms": 8000}
+    with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=300) as r:
+        last = None
+        for _ in r.iter_raw():
+            now = time.perf_counter()
+            if last is not None and (during is None or during.is_set()):
+                gaps.append((now - last) * 1000)
+            last = now
+            streaming.set()
+    return r.status_code
+
+
+def append_text_flood(url: str, fragments: int = 6000) -> dict:
+    from websockets.sync.client import connect
+
+    quiet, gaps, out = [], [], {}
+    stream_gaps(url, quiet, threading.Event())  # the other client's gaps with no attack, for comparison
+    streaming, flooding = threading.Event(), threading.Event()
+
+    def flood():
+        with connect(url.replace("http", "ws") + "/v1/conversations") as ws:
+            json.loads(ws.recv(timeout=30))
+            flooding.set()
+            t0 = time.perf_counter()
+            ws.send(json.dumps({"type": "speak", "text": "a. " * 1350, "more": True, "voice": "0"}))
+            for _ in range(fragments):
+                ws.send(json.dumps({"type": "append_text", "text": "", "more": True}))
+            ws.send(json.dumps({"type": "interrupt"}))
+            while not (isinstance(msg := ws.recv(timeout=300), str) and json.loads(msg)["type"] == "done"):
+                pass
+            out["flood_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            flooding.clear()
+
+    other = threading.Thread(target=lambda: out.update(other_status=stream_gaps(url, gaps, streaming, flooding)))
+    other.start()
+    streaming.wait(120)
+    attack = threading.Thread(target=flood)
+    attack.start()
+    lat = []
+    with httpx.Client(timeout=300) as http:
+        while attack.is_alive():
+            t0 = time.perf_counter()
+            http.get(url + "/healthz")
+            lat.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.005)
+    attack.join()
+    other.join()
+    return {"fragments": fragments, **out, "healthz_polls": len(lat), "healthz_p50_ms": pct(lat, 50),
+            "healthz_max_ms": pct(lat, 100), "other_stream_chunks": len(gaps),
+            "other_stream_max_gap_ms": pct(gaps, 100) if gaps else None,
+            "quiet_stream_max_gap_ms": pct(quiet, 100), "frame_ms": 80}
+
+
 def main() -> None:
     proc, url = start()
     try:
-        result = {"big_body": big_body(url), "burst": burst(url)}
+        result = {"big_body": big_body(url), "burst": burst(url), "append_text_flood": append_text_flood(url)}
     finally:
         stop(proc)
     print(json.dumps(result))

@@ -614,25 +614,34 @@ def test_head_healthz_and_auth_before_routing(server):
 
 # -- 12. streamed lines and pinned voices ---------------------------------------------------------
 
-def test_append_text_flood_leaves_healthz_answering(server):
-    """A 4 KB streamed line (one sentence of initials) and then thousands of fragments: each is
-    split from the last complete piece on and the socket's messages take turns with everything
-    else, so /healthz answers throughout (re-splitting the whole line froze the loop for seconds)."""
+def test_append_text_flood_costs_the_same_per_fragment_and_healthz_answers(server, monkeypatch):
+    """A 4 KB streamed line (one sentence of initials, that never ends) and then a thousand
+    fragments: each is split from the last complete piece on (the text the splitter squashes stays
+    a few characters per fragment, where re-splitting the line squashed all of it, three times,
+    per fragment) and the socket's messages take turns with everything else."""
+    import fastcsm.text
+
+    squashed = []
+    squash = fastcsm.text._squash
+    monkeypatch.setattr(fastcsm.text, "_squash", lambda text: squashed.append(len(text)) or squash(text))
+    fragments = 1000
     with ws(server) as c:
         assert recv_json(c)["type"] == "ready"
 
-        def until_done():
+        def flood():
             c.send(json.dumps({"type": "speak", "text": "a. " * 1350, "more": True, "voice": "0", "id": "flood"}))
-            for i in range(3000):
-                c.send(json.dumps({"type": "append_text", "text": "b" if i % 100 == 0 else "", "more": True}))
+            squashed.clear()
+            for i in range(fragments):
+                c.send(json.dumps({"type": "append_text", "text": "b " if i % 50 == 0 else "", "more": True}))
             c.send(json.dumps({"type": "interrupt"}))
             events = [recv_json(c)]
             while events[-1]["type"] != "done":
                 events.append(recv_json(c))
             return events
 
-        worst, events = _healthz_while(server, until_done)
+        worst, events = _healthz_while(server, flood)
         assert [e["type"] for e in events] == ["done"] and events[0]["reason"] == "interrupted", events
+        assert sum(squashed) < 20 * fragments, sum(squashed)
         assert worst < 2.0, worst
 
 
