@@ -69,17 +69,21 @@ def big_body(url: str) -> dict:
                        timeout=300)
         out.update(status=r.status_code, refused_ms=round((time.perf_counter() - t0) * 1000, 1))
 
-    t = threading.Thread(target=send)
-    t.start()
+    return {**out, **healthz_while(url, threading.Thread(target=send))}
+
+
+def healthz_while(url: str, attack: threading.Thread) -> dict:
+    """Start `attack` and poll /healthz until it ends: the latencies' count, p50 and max."""
+    attack.start()
     lat = []
     with httpx.Client(timeout=300) as http:
-        while t.is_alive():
+        while attack.is_alive():
             t0 = time.perf_counter()
             http.get(url + "/healthz")
             lat.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.005)
-    t.join()
-    return {**out, "healthz_polls": len(lat), "healthz_p50_ms": pct(lat, 50), "healthz_max_ms": pct(lat, 100)}
+    attack.join()
+    return {"healthz_polls": len(lat), "healthz_p50_ms": pct(lat, 50), "healthz_max_ms": pct(lat, 100)}
 
 
 def burst(url: str) -> dict:
@@ -155,19 +159,9 @@ def append_text_flood(url: str, fragments: int = 6000) -> dict:
     other = threading.Thread(target=lambda: out.update(other_status=stream_gaps(url, gaps, streaming, flooding)))
     other.start()
     streaming.wait(120)
-    attack = threading.Thread(target=flood)
-    attack.start()
-    lat = []
-    with httpx.Client(timeout=300) as http:
-        while attack.is_alive():
-            t0 = time.perf_counter()
-            http.get(url + "/healthz")
-            lat.append((time.perf_counter() - t0) * 1000)
-            time.sleep(0.005)
-    attack.join()
+    healthz = healthz_while(url, threading.Thread(target=flood))
     other.join()
-    return {"fragments": fragments, **out, "healthz_polls": len(lat), "healthz_p50_ms": pct(lat, 50),
-            "healthz_max_ms": pct(lat, 100), "other_stream_chunks": len(gaps),
+    return {"fragments": fragments, **out, **healthz, "other_stream_chunks": len(gaps),
             "other_stream_max_gap_ms": pct(gaps, 100) if gaps else None,
             "quiet_stream_max_gap_ms": pct(quiet, 100), "frame_ms": 80}
 

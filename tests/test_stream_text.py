@@ -223,15 +223,18 @@ def test_streamed_line_errors(server):
         assert error["type"] == "error" and "no words" in error["message"]
         done = collect(w)[0][-1]
         assert done["type"] == "done" and done["reason"] == "error" and done["pieces"] == 0
-        # Too long a line: the fragment is refused, the line stays open and can be completed.
-        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Short.", "more": True,
-                           "max_audio_length_ms": 160}))
-        w.send(json.dumps({"type": "append_text", "text": "x" * 5000, "more": True}))
-        events, _ = collect(w)
-        assert events[-1]["type"] == "error" and "at most" in events[-1]["message"]
-        w.send(json.dumps({"type": "append_text", "text": "", "more": False}))
-        events, audio = collect(w)
-        assert events[-1]["type"] == "done" and events[-1]["pieces"] == 1 and len(audio) == 2
+        too_long_fragment_is_refused(w, "x" * 5000, "at most 4096")
+
+
+def too_long_fragment_is_refused(w, fragment: str, says: str) -> None:
+    """Too long a line: the fragment is refused, the line stays open and can be completed."""
+    w.send(json.dumps({"type": "speak", "voice": "0", "text": "Short.", "more": True, "max_audio_length_ms": 160}))
+    w.send(json.dumps({"type": "append_text", "text": fragment, "more": True}))
+    events, _ = collect(w)
+    assert events[-1]["type"] == "error" and says in events[-1]["message"]
+    w.send(json.dumps({"type": "append_text", "text": "", "more": False}))
+    events, audio = collect(w)
+    assert events[-1]["type"] == "done" and events[-1]["pieces"] == 1 and len(audio) == 2
 
 
 # -- bounds of a streamed line --------------------------------------------------------------------
@@ -286,12 +289,4 @@ def test_a_streamed_line_takes_a_bounded_number_of_fragments_and_characters(stri
         assert "20 append_text messages" in events[-1]["message"]
         done = collect(w)[0][-1]
         assert done["type"] == "done" and done["reason"] == "error" and done["error"] == events[-1]["message"]
-        # Too long a line: the fragment is refused, the line stays open and can be completed.
-        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Short.", "more": True,
-                           "max_audio_length_ms": 160}))
-        w.send(json.dumps({"type": "append_text", "text": " a" * 100, "more": True}))
-        events, _ = collect(w)
-        assert events[-1]["type"] == "error" and "at most 200" in events[-1]["message"]
-        w.send(json.dumps({"type": "append_text", "text": "", "more": False}))
-        events, audio = collect(w)
-        assert events[-1]["type"] == "done" and events[-1]["pieces"] == 1 and len(audio) == 2
+        too_long_fragment_is_refused(w, " a" * 100, "at most 200")  # max_line_chars
