@@ -648,7 +648,7 @@ def test_append_text_flood_costs_the_same_per_fragment_and_healthz_answers(serve
 def test_switching_voices_never_breaks_a_conversation(server):
     """Three long voices do not fit the window together: speaking in the third unpins the oldest
     (with an event) instead of refusing every line from then on; a speak that fails pins nothing,
-    and reset unpins what speaking pinned."""
+    and reset unpins what speaking pinned (and pins the configured voices again)."""
     import torch
 
     from fastcsm.voices import Voice, VoiceStore
@@ -680,3 +680,10 @@ def test_switching_voices_never_breaks_a_conversation(server):
         assert speak(voice="long0")[-1]["reason"] == "max_length"  # and back: long1 makes room
         c.send(json.dumps({"type": "reset"}))
         assert speak(voice="0")[0]["prompt_rows"] < 50
+        # A configured voice may make room too; reset pins it again.
+        c.send(json.dumps({"type": "configure", "voices": ["long1"]}))
+        assert recv_json(c)["type"] == "configured"
+        assert speak(voice="long0")[-1]["reason"] == "max_length"
+        assert [e["voice"] for e in speak(voice="long2") if e["type"] == "voice_unpinned"] == ["long1"]
+        c.send(json.dumps({"type": "reset"}))
+        assert frames < speak(voice="0")[0]["prompt_rows"] < frames + 50

@@ -86,6 +86,7 @@ class Conversation:
         self.service = service
         self.config = P.Configure()
         self.pinned: list[Prompt] = []
+        self.configured_pins: list[Prompt] = []  # the rows of `config.voices`, which `reset` pins again
         self.pinned_voices: list[str] = []
         self.turns: list[Prompt] = []
         self.utterances = 0
@@ -155,15 +156,14 @@ class Conversation:
             await self.stop_pump()
         elif isinstance(command, P.Reset):
             await self.stop_pump()
-            # Voices pinned by speaking go with the conversation; the configured ones stay.
-            kept = [i for i, name in enumerate(self.pinned_voices) if name in self.config.voices]
-            self.pinned = [self.pinned[i] for i in kept]
-            self.pinned_voices = [self.pinned_voices[i] for i in kept]
+            # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
+            self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
             self.turns = []
         elif isinstance(command, P.Configure):
             await self.stop_pump()
             pinned = [await self.pin(name) for name in command.voices]
             self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
+            self.configured_pins = list(pinned)
             await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
                                               pinned_rows=sum(map(len, pinned))))
         elif isinstance(command, P.AddTurn):

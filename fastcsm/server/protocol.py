@@ -60,7 +60,7 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
     interrupt   stop the current utterance now (barge-in): it ends with `done` (reason
                 `interrupted`) within one frame, whether it was queued, prefilling or running
     reset       forget the conversation: its turns and the voices pinned by speaking (keeps the
-                configuration, its voices included)
+                configuration, and pins its voices again)
 
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
@@ -87,7 +87,7 @@ conversation once the line is heard (its first frame generated); a `speak` that 
 before any audio, pins nothing. When the pinned voices and a piece of the line do not fit the
 window together, the oldest pinned voices other than the line's own are unpinned, each with a
 `voice_unpinned` event, until the piece fits (a piece that does not fit even alone is an `error`
-event, code `bad_request`); `reset` unpins the voices pinned by speaking and `configure` sets the
+event, code `bad_request`); `reset` goes back to the configured voices and `configure` sets the
 pins anew. No sequence of voices can leave a conversation that only answers errors.
 
 A line is spoken in pieces (`fastcsm.planner.streamed_pieces`): its sentences, and inside a long
