@@ -18,8 +18,9 @@ flags win over the environment.
 
 examples:
   fastcsm serve --model ~/models/csm-1b --slots 32
-  fastcsm serve --host 0.0.0.0 --api-key "$KEY" --cors-origin https://app.example.com
-  (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning)
+  fastcsm serve --host 0.0.0.0 --api-key "$KEY" --allowed-hosts tts.example.com --cors-origin https://app.example.com
+  (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning;
+   requests by a name other than loopback's, an IP address or this machine's need --allowed-hosts)
 
 then:
   curl -N localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\
