@@ -356,8 +356,8 @@ class Conversation:
                                                          ms=(time.perf_counter() - u.t0) * 1000))
                     u.spoken.append((u.line, u.codes))
                     u.line, u.codes = None, []
-                    reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
-                    if end.reason not in ("end", "max_length"):
+                    reason = P.done_reason(end.reason)
+                    if not end.reason.complete:
                         if end.reason in ("error", "deadline"):
                             u.error = end.message or "generation failed"
                         if end.reason == "error":

@@ -123,6 +123,7 @@ from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
+from ..engine import EndReason
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
 from ..normalize import NORMALIZE_BY_DEFAULT
 
@@ -441,6 +442,12 @@ class Done(BaseModel):
     error: str | None = Field(None, description="why the line stopped, when reason is error or deadline (the "
                                                 "message of the error event sent just before; a deadline is the "
                                                 "request's, or a streamed line's idle timeout)")
+
+
+def done_reason(end: EndReason) -> str:
+    """`done.reason` for the end of a line's last stream: the engine's reason by its name, but a
+    cancelled stream was interrupted (by `interrupt`, a new `speak`, or the socket closing)."""
+    return "interrupted" if end is EndReason.CANCELLED else end.value
 
 
 class ContextDropped(BaseModel):
