@@ -139,6 +139,15 @@ class Settings(Table):
                                   metavar="S", at_least=0.1)
     max_connections: int = setting(1000, "open connections, WebSockets included; beyond it requests get 503",
                                    "slow clients", metavar="N", at_least=1)
+    line_idle_timeout_s: float = setting(30.0, "a conversation's line that streams in (speak with more: true) and "
+                                               "gets no text for S seconds is ended (error code timeout, done with "
+                                               "reason deadline)", "slow clients", metavar="S", at_least=0.1)
+    max_line_fragments: int = setting(8192, "append_text messages one line of a conversation may take; the one "
+                                            "past it ends the line with an error", "security and limits",
+                                      metavar="N", at_least=1)
+    max_line_chars: int = setting(4096, "longest line of a conversation, its streamed fragments together; a "
+                                        "fragment past it is refused and the line stays open",
+                                  "security and limits", metavar="N", at_least=1)
     lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
                                         "object of word -> respelling (see README, \"Saying the text right\")",
                                   "speech", metavar="FILE")
