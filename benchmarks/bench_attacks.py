@@ -17,7 +17,11 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   handshake (reports each status and whether the voice survived), then 2 s of rebound deletes
   from 4 connections; reports their answers' latency and, while it lasts, /healthz latency
   p99 / max and the longest gap in another client's speech stream, beside the same flood under
-  the server's own name (the peer: 404s from the route) and the same watch without an attack.
+  the server's own name (the peer: 404s from the route) and the same watch without an attack;
+- append_text_flood: one WebSocket opens a 4 KB streamed line (a sentence of initials that never
+  ends) and sends 6,000 `append_text` fragments; reports how long until its `done` came and, while
+  it lasts, /healthz latency p99 / max and the longest gap in another client's speech stream,
+  beside the same watch without the attack.
 
     python benchmarks/bench_attacks.py
 
@@ -285,12 +289,37 @@ def rebinding(url: str, seconds: float = 2.0, connections: int = 4) -> dict:
             "own_name_404": {**own, **peer.report()}, "without_attack": quiet.report()}
 
 
+def append_text_flood(url: str, fragments: int = 6000) -> dict:
+    from websockets.sync.client import connect
+
+    def flood() -> float:
+        """The line, its fragments and an interrupt, sent at once: ms until its `done`."""
+        with connect(url.replace("http", "ws") + "/v1/conversations") as ws:
+            json.loads(ws.recv(timeout=30))
+            t0 = time.perf_counter()
+            ws.send(json.dumps({"type": "speak", "text": "a. " * 1350, "more": True, "voice": "0"}))
+            for _ in range(fragments):
+                ws.send(json.dumps({"type": "append_text", "text": "", "more": True}))
+            ws.send(json.dumps({"type": "interrupt"}))
+            while not (isinstance(msg := ws.recv(timeout=300), str) and json.loads(msg)["type"] == "done"):
+                pass
+            return (time.perf_counter() - t0) * 1000
+
+    with Watch(url) as watch:
+        time.sleep(0.5)  # the other client's stream is under way
+        took = flood()
+    with Watch(url) as quiet:
+        time.sleep(0.5 + took / 1000)
+    return {"fragments": fragments, "done_ms": round(took, 1), **watch.report(), "without_attack": quiet.report()}
+
+
 def main() -> None:
     proc, url = start()
     try:
         result = {"big_body": big_body(url), "burst": burst(url)}
         result["wyoming_leak"] = wyoming_leak(url)
         result["rebinding"] = rebinding(url)
+        result["append_text_flood"] = append_text_flood(url)
     finally:
         stop(proc)
     print(json.dumps(result))

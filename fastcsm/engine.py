@@ -15,7 +15,8 @@ The engine knows nothing of text, HTTP or threads. What it runs on the device, a
 
 The host learns each frame's codes (and PCM) through a copy that, on CUDA, it reads one step
 later (`one_frame_late`), so it never waits on the GPU inside a step; a frame produced after a
-slot's end frame is discarded, never emitted. See docs/design.md.
+slot's end frame is discarded, never emitted. Every request ends with one end event that says
+why (`EndReason`). See docs/design.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
+from contextlib import closing
 from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import takewhile
 
 import torch
 
@@ -73,17 +77,39 @@ class Request:
         object.__setattr__(self, "seed", seed)
 
 
+class EndReason(StrEnum):
+    """Why a request ended. The engine decides the first two; whoever releases a request early
+    gives the reason (the scheduler: cancelled, deadline, error). The values are the names the
+    server's protocol uses."""
+
+    END_OF_SPEECH = "end"  # the model's end frame
+    LENGTH = "max_length"  # `max_frames` frames emitted
+    CANCELLED = "cancelled"  # released by its caller before it finished
+    DEADLINE = "deadline"  # ran past its deadline
+    ERROR = "error"  # its prefill or a frame step failed, or it was refused
+
+    @property
+    def complete(self) -> bool:
+        """The request ran its course (its end frame or its bound), nothing stopped it."""
+        return self in (EndReason.END_OF_SPEECH, EndReason.LENGTH)
+
+
 @dataclass
 class Emitted:
-    """What the host learnt about one request in a step: a frame, or (`ended`) that it ended."""
+    """What the host learnt about one request in a step: a frame (`codes`, `pcm`), or its end
+    (`reason` says why; `ended`)."""
 
     request: Request
     slot: int
-    codes: torch.Tensor | None = None  # [K] long on CPU; None on the end event
+    codes: torch.Tensor | None = None  # [K] long on CPU: a frame event's
     pcm: torch.Tensor | None = None  # [frame_size] float32 on CPU when the engine has a codec
-    ended: bool = False
+    reason: EndReason | None = None  # the end event's: why the request ended
     prefill_rows: int = 0  # end event: prompt rows the request prefilled itself
     reused_rows: int = 0  # end event: prompt rows it took from the prefix cache
+
+    @property
+    def ended(self) -> bool:
+        return self.reason is not None
 
 
 class PrefillError(RuntimeError):
@@ -286,9 +312,9 @@ class Engine:
         self._waiting.append(row)
         return row.slot
 
-    def release(self, request: Request) -> Emitted | None:
+    def release(self, request: Request, reason: EndReason = EndReason.CANCELLED) -> Emitted | None:
         """Free the request's slot now (finished, cancelled, or its client went away); a frame of
-        it still in flight is dropped. Returns its end event, or None if it held no slot."""
+        it still in flight is dropped. Returns its end event, with `reason`, or None if it held no slot."""
         row = self._rows.pop(request, None)
         if row is None:
             return None
@@ -297,17 +323,23 @@ class Engine:
         if row in self._waiting:
             self._waiting.remove(row)
         self._pending = [r for r in self._pending if r is not row]
-        return Emitted(request, row.slot, ended=True, prefill_rows=row.prefilled - row.reused,
+        return Emitted(request, row.slot, reason=EndReason(reason), prefill_rows=row.prefilled - row.reused,
                        reused_rows=row.reused)
 
-    def run(self, request: Request):
-        """Generate one request alone; yields its frame events. Closing the iterator frees the slot."""
+    def events(self, request: Request):
+        """Generate one request alone; yields its frame events, then its end event. Closing the
+        iterator frees the slot."""
         self.add(request)
         try:
             while request in self:
-                yield from (e for e in self.step() if e.request is request and not e.ended)
+                yield from (e for e in self.step() if e.request is request)
         finally:
             self.release(request)
+
+    def run(self, request: Request):
+        """Generate one request alone; yields its frame events (`events` without the end)."""
+        with closing(self.events(request)) as events:
+            yield from takewhile(lambda e: not e.ended, events)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -379,14 +411,14 @@ class Engine:
             codes, pcm = host[0][row.slot], host[1]
             if bool((codes == eos).all()):  # the end frame: not audio
                 self._keep_audio(row, ended_by_eos=True)
-                out.append(self.release(row.request))
+                out.append(self.release(row.request, EndReason.END_OF_SPEECH))
                 continue
             row.frames += 1
             self.stats["frames"] += 1
             out.append(Emitted(row.request, row.slot, codes, pcm[row.slot] if pcm is not None else None))
             if row.frames >= row.request.max_frames:
                 self._keep_audio(row, ended_by_eos=False)
-                out.append(self.release(row.request))
+                out.append(self.release(row.request, EndReason.LENGTH))
         return out
 
     # -- prefill ------------------------------------------------------------------------------
@@ -399,7 +431,7 @@ class Engine:
             try:
                 budget -= self._prefill_chunk(row, budget)
             except Exception as e:
-                raise PrefillError(self.release(row.request), e) from e
+                raise PrefillError(self.release(row.request, EndReason.ERROR), e) from e
 
     def _reuse_prefix(self, row: _Row) -> None:
         hit = self.prefix_cache.longest(row.request.prompt, row.prefix) if row.prefix > 0 else None

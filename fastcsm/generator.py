@@ -26,7 +26,7 @@ import torch
 from .checkpoints import load_model, resolve
 from .codec import resolve_codec
 from .context import check_fits
-from .engine import Engine, Request
+from .engine import EndReason, Engine, Request
 from .model import CSM
 from .planner import SpeechPlan, plan_speech, requested_frames
 from .prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
@@ -129,7 +129,7 @@ class Generator:
         prompt = self.prompt(text, speaker, context)
         check_fits(len(prompt), frames, self.cfg.max_seq_len, self.cfg.frame_ms,
                    f"the prompt ({len(prompt)} rows)", "shorten the context or the text, or lower max_audio_length_ms")
-        codes = [e.codes for e in self._run(Request(prompt, frames, params, seed))]
+        codes = [e.codes for e in self._run(Request(prompt, frames, params, seed)) if not e.ended]
         return torch.stack(codes) if codes else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long)
 
     # -- speaking: text to audio -----------------------------------------------------------------
@@ -267,13 +267,15 @@ class Generator:
                             piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, text.max_frames,
                             cfg.max_seq_len)
             got, pcm = [], []
-            for frame in self._run(request):
-                got.append(frame.codes)
-                pcm.append(frame.pcm)
-                piece.frames += 1
-                yield frame
-            piece.ended = piece.frames < text.max_frames
-            if not piece.ended:
+            for event in self._run(request):
+                if event.ended:
+                    piece.reason = event.reason
+                else:
+                    got.append(event.codes)
+                    pcm.append(event.pcm)
+                    piece.frames += 1
+                    yield event
+            if piece.reason is EndReason.LENGTH:
                 log.warning("piece %d/%d stopped at its bound of %d ms without an end frame",
                             i + 1, n, text.max_frames * cfg.frame_ms)
             audio = torch.cat(pcm) if pcm else torch.zeros(0)
@@ -284,10 +286,10 @@ class Generator:
             yield None
 
     def _run(self, request: Request):
-        """The frames of `request` on this generator's one-slot engine (created on first use;
-        with the codec, it decodes PCM in its step). Everything before the line (`prefix_rows`:
-        voice, context, earlier pieces) is kept, so a later request that starts with the same
-        rows prefills only what follows them. Closing the iterator frees the slot."""
+        """The frame events, then the end event, of `request` on this generator's one-slot engine
+        (created on first use; with the codec, it decodes PCM in its step). Everything before the
+        line (`prefix_rows`: voice, context, earlier pieces) is kept, so a later request that
+        starts with the same rows prefills only what follows them. Closing the iterator frees the slot."""
         if self.engine is None:
             self.engine = Engine(self.model, max_slots=1, codec=self.codec)
         if self.engine.free_slots == 0:
@@ -295,7 +297,7 @@ class Generator:
                 "this Generator speaks one stream at a time and one is still open: close it (or finish "
                 "reading it) first; for many streams at once, use the engine's slots (`fastcsm serve`)"
             )
-        return self.engine.run(request)
+        return self.engine.events(request)
 
 
 def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:

@@ -8,7 +8,8 @@ bounds, prompts and requests on every path:
   at most `SpeakOptions.max_piece_chars` characters, text that fits left exactly as given. Text
   that arrives in fragments (a WebSocket line with `more: true`) is cut by `streamed_pieces`:
   every sentence, and a long sentence after a clause, in pieces that stay the same whatever is
-  appended later. These are two rules on purpose: packing needs the whole text (a packed piece
+  appended later (`streamed_line` works them out fragment by fragment, from the last complete
+  piece on). These are two rules on purpose: packing needs the whole text (a packed piece
   may still grow until its text is complete, which would hold back the first audio of a live
   line), and a live line wants its first sentence spoken as soon as it is complete.
 - **frame bound** (`frame_bound`): the requested `max_audio_length_ms` (a server asks for its
@@ -41,7 +42,7 @@ from .normalize import Spoken
 from .prompt import Prompt, TextTokenizer, audio_rows, concat, text_rows
 from .sampling import SamplingParams
 from .speech import SpeakOptions
-from .text import speech_pieces, split_text
+from .text import LinePieces, speech_pieces, split_text
 
 
 def split(text: str, options: SpeakOptions) -> list[str]:
@@ -53,6 +54,12 @@ def streamed_pieces(text: str, final: bool) -> list[str]:
     """The pieces of a line whose text may still grow (`final=False`): only those that are
     certainly complete, and always a prefix of the pieces of the whole line."""
     return speech_pieces(text, final=final)
+
+
+def streamed_line() -> LinePieces:
+    """`streamed_pieces` of a line kept up to date as its fragments arrive (`add(fragment, final)`),
+    each fragment costing the same whatever the length of the line before it."""
+    return LinePieces()
 
 
 def requested_frames(ms, frame_ms: int, limit_ms: float | None = None) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import Engine, PrefillError, Request
+from .engine import EndReason, Engine, PrefillError, Request
 
 log = logging.getLogger("fastcsm")
 
@@ -61,17 +61,21 @@ class Frame:
 
 @dataclass
 class End:
-    """How a stream ended. reason: end (the model's end frame), max_length, cancelled, deadline, error.
+    """How a stream ended: `reason` is the engine's for an end it decided (end frame, length
+    bound), the scheduler's otherwise (cancelled, deadline, error); a name is taken as its `EndReason`.
 
     Every stream gets exactly one End. Its rows are those of its request in the engine, however it
     ended: prompt rows it prefilled itself (a failed prefill: the chunks that went in before the
     failing one) and rows taken from the prefix cache; 0 for a request that never got a slot."""
 
-    reason: str
+    reason: EndReason
     frames: int
     message: str = ""
     prefill_rows: int = 0
     reused_rows: int = 0
+
+    def __post_init__(self):
+        self.reason = EndReason(self.reason)
 
 
 class Histogram:
@@ -233,7 +237,7 @@ class Scheduler:
             self.metrics.cancelled += 1
             stream.finished = True
         try:
-            stream.loop.call_soon_threadsafe(_put_all, [(stream, End("cancelled", 0))])
+            stream.loop.call_soon_threadsafe(_put_all, [(stream, End(EndReason.CANCELLED, 0))])
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
             pass
 
@@ -266,14 +270,14 @@ class Scheduler:
             except Exception:  # a bug in the loop itself: end everything in flight, keep serving
                 log.exception("scheduler step failed")
                 for s in [*self._running.values(), *self._waiting]:
-                    self._finish(s, End("error", s.frames, "internal error while generating"), out)
+                    self._finish(s, End(EndReason.ERROR, s.frames, "internal error while generating"), out)
             self._deliver(out)
         out = {}
         with self._cv:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
         for s in [*self._running.values(), *self._waiting]:
-            self._finish(s, End("error", s.frames, "the server is shutting down"), out)
+            self._finish(s, End(EndReason.ERROR, s.frames, "the server is shutting down"), out)
         self._deliver(out)
 
     def _tick(self, cancels: list[Stream], out: dict) -> None:
@@ -281,12 +285,12 @@ class Scheduler:
         for s in cancels:
             if not s.finished:
                 self.metrics.cancelled += 1
-                self._finish(s, End("cancelled", s.frames), out)
+                self._finish(s, End(EndReason.CANCELLED, s.frames), out)
         now = time.monotonic()
         for s in [*self._running.values(), *self._waiting]:
             if now > s.deadline and not s.finished:
                 self.metrics.deadline += 1
-                self._finish(s, End("deadline", s.frames, "the request ran past its deadline"), out)
+                self._finish(s, End(EndReason.DEADLINE, s.frames, "the request ran past its deadline"), out)
         while self._waiting and engine.free_slots:
             s = self._waiting.popleft()
             with self._cv:
@@ -294,7 +298,7 @@ class Scheduler:
             try:
                 engine.add(s.request)
             except (ValueError, RuntimeError) as e:
-                self._finish(s, End("error", 0, str(e)), out, in_queue=False)
+                self._finish(s, End(EndReason.ERROR, 0, str(e)), out, in_queue=False)
                 continue
             self._running[s.request] = s
         if not engine.busy():
@@ -316,9 +320,8 @@ class Scheduler:
             if s is None or s.finished:
                 continue
             if e.ended:
-                reason = "max_length" if s.frames >= s.request.max_frames else "end"
                 self.metrics.completed += 1
-                self._finish(s, End(reason, s.frames, prefill_rows=e.prefill_rows, reused_rows=e.reused_rows), out)
+                self._finish(s, End(e.reason, s.frames, prefill_rows=e.prefill_rows, reused_rows=e.reused_rows), out)
                 continue
             if s.first_frame_at is None:
                 s.first_frame_at = time.monotonic()
@@ -336,13 +339,13 @@ class Scheduler:
         if s is None:
             return
         gone = error.end
-        self._finish(s, End("error", s.frames, error.brief, gone.prefill_rows, gone.reused_rows), out)
+        self._finish(s, End(EndReason.ERROR, s.frames, error.brief, gone.prefill_rows, gone.reused_rows), out)
 
     def _step_failed(self, error: Exception, out: dict) -> None:
         """The frame step raised: every request of the batch ends, since their state is suspect."""
         log.error("engine step failed: %r", error, exc_info=error)
         for s in list(self._running.values()):
-            self._finish(s, End("error", s.frames, f"generation failed: {type(error).__name__}"), out)
+            self._finish(s, End(EndReason.ERROR, s.frames, f"generation failed: {type(error).__name__}"), out)
 
     def _finish(self, s: Stream, end: End, out: dict, in_queue: bool | None = None) -> None:
         """End `s`: free its slot (or its place in the queue) and send its End."""
@@ -350,14 +353,14 @@ class Scheduler:
             return
         r = s.request
         if self._running.pop(r, None) is not None:
-            gone = self.engine.release(r)  # None when the engine ended it itself
+            gone = self.engine.release(r, end.reason)  # None when the engine ended it itself
             if gone is not None:
                 end.prefill_rows, end.reused_rows = gone.prefill_rows, gone.reused_rows
         elif in_queue is not False and s in self._waiting:
             self._waiting.remove(s)
             with self._cv:
                 self._queued -= 1
-        if end.reason == "error":
+        if end.reason is EndReason.ERROR:
             self.metrics.errors += 1
         with self._cv:
             s.finished = True

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .context import OLDER_AUDIO_MODES, Trim
+from .engine import EndReason
 from .lexicon import Lexicon
 from .normalize import DEFAULT_LANGUAGE, NORMALIZE_BY_DEFAULT, Spoken, check_language, normalize, verbatim
 from .sampling import SamplingParams
@@ -116,9 +117,14 @@ class Piece:
     dropped_pieces: list[int]  # earlier pieces no longer in the prompt
     seed: int | None
     frames: int = 0
-    ended: bool = False  # the model emitted its end frame (else the bound stopped it)
+    reason: EndReason | None = None  # why it ended: its end frame or its bound (None while it runs)
     spoken: str = ""  # the text as the model read it (normalised, respelled)
     words: list[WordTime] = field(default_factory=list)  # each written word's time in the line's audio
+
+    @property
+    def ended(self) -> bool:
+        """The model emitted its end frame (else the bound stopped it)."""
+        return self.reason is EndReason.END_OF_SPEECH
 
 
 @dataclass

@@ -156,6 +156,20 @@ def run_alone(model, request, **engine_kw) -> torch.Tensor:
     return torch.stack([e.codes for e in Engine(model, max_slots=1, **engine_kw).run(request)])
 
 
+def speech_ending_step(ends: dict[int, int]):
+    """The real frame step, except that slot s says its end frame as its frame number `ends[s]`
+    (from 0), as a trained model ends its speech; `ends` may change between steps."""
+    from .step import engine_step
+
+    def step(model, mimi, state, *rest):
+        engine_step(model, mimi, state, *rest)
+        for slot, frame in ends.items():  # state.frame counts the frame just sampled
+            if slot < state.codes.shape[0] and bool(state.active[slot]) and int(state.frame[slot]) == frame + 1:
+                state.codes[slot] = model.cfg.codebook_eos_id
+
+    return step
+
+
 def run_together(engine, requests) -> list[torch.Tensor]:
     """The codes [frames, K] of each request, all added to `engine` and stepped together."""
     out = {r: [] for r in requests}

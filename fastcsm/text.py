@@ -27,8 +27,22 @@ _ABBREVIATIONS = {
 }
 
 
+_WHITESPACE = re.compile(r"\s+")
+_CLOSERS = "\"'”’)]"  # what may stand between a sentence's last mark and the whitespace after it
+
+
+def _one_run(m: re.Match) -> str:
+    breaks = m.group(0).count("\n")
+    return "\n\n" if breaks > 1 else "\n" if breaks else " "
+
+
 def _squash(text: str) -> str:
     return " ".join(text.split())
+
+
+def _join(a: str, b: str) -> str:
+    """`_squash(a + " " + b)` of two squashed texts."""
+    return f"{a} {b}" if a and b else a or b
 
 
 def sentences(text: str) -> list[str]:
@@ -39,10 +53,7 @@ def sentences(text: str) -> list[str]:
     for m in _SENTENCE_END.finditer(text):
         piece = text[start:m.start()] + m.group(0).strip()  # keep closing quotes with their sentence
         start = m.end()
-        words = piece.split()
-        last = words[-1].rstrip(".").lower() if words else ""
-        is_initial = len(last) == 1 and last.isalpha()
-        if "\n" not in m.group(0) and (last in _ABBREVIATIONS or is_initial):
+        if not _ends_sentence(piece, m):
             pending += piece + " "
             continue
         out.append(_squash(pending + piece))
@@ -51,6 +62,14 @@ def sentences(text: str) -> list[str]:
     if tail:
         out.append(tail)
     return [s for s in out if s]
+
+
+def _ends_sentence(piece: str, end: re.Match) -> bool:
+    """Whether the sentence end `end`, after `piece`, ends a sentence: not after an abbreviation
+    or an initial ("Dr.", "J."), unless it is a line break."""
+    words = piece.rsplit(None, 1)
+    last = words[-1].rstrip(".").lower() if words else ""
+    return "\n" in end.group(0) or not (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()))
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
@@ -114,28 +133,113 @@ def speech_pieces(text: str, final: bool = True, min_clause_chars: int = MIN_CLA
     in fragments are always a prefix of the pieces of the whole line, so a line that streams in is
     spoken exactly as the whole line would be. Whitespace inside a piece is squashed to one space.
     """
-    sents = sentences(text)
-    if not final and sents:
-        # The last sentence is complete only if text appended now would start a new one.
-        probe = sentences(text + "x")
-        if len(probe) <= len(sents) or probe[len(sents) - 1] != sents[-1]:
-            head = [p for s in sents[:-1] for p in _clause_pieces(s, True, min_clause_chars)]
-            return head + _clause_pieces(sents[-1], False, min_clause_chars)
-    return [p for s in sents for p in _clause_pieces(s, True, min_clause_chars)]
+    return LinePieces(min_clause_chars).add(text, final)
 
 
-def _clause_pieces(sentence: str, complete: bool, min_chars: int) -> list[str]:
-    """`sentence` (squashed) cut after clauses, greedily from the left; a cut counts once a word
-    follows it. An incomplete sentence keeps its uncut rest back."""
-    out, start = [], 0
-    for m in _CLAUSE_END.finditer(sentence):
-        if m.end() >= len(sentence):
-            break  # nothing follows yet: not a confirmed cut
-        piece = sentence[start:m.start()].strip()
-        if len(piece) >= min_chars:
-            out.append(piece)
+class LinePieces:
+    """`speech_pieces` of a line whose text arrives in fragments, worked out as it arrives: after
+    each `add(fragment, final)`, `pieces` is `speech_pieces(all the text so far, final)`.
+
+    Complete pieces never change, so an `add` goes on from where the last one left off: the text
+    after the last settled sentence end is kept (`_tail`, whitespace runs shortened to their line
+    breaks), sentence ends are searched for from the closing quotes and spaces that ended it before
+    the fragment, the unfinished sentence is kept squashed up to its last word (the part that ran
+    on past abbreviations in `_head`, the tail's in `_flat`), and clause cuts are searched for from
+    the last place the previous `add` could not yet decide. So an `add` examines the fragment and a
+    few characters around it, however long the line before it; `examined` counts them (a sentence
+    that ends examines its own text once more, to squash it).
+    """
+
+    def __init__(self, min_clause_chars: int = MIN_CLAUSE_CHARS):
+        self.min_chars = min_clause_chars
+        self.pieces: list[str] = []
+        self.length = 0  # characters added
+        self.final = False
+        self.examined = 0  # characters looked at by the searches, over every `add`
+        self._tail = ""  # the text after the last settled sentence end
+        self._seek = 0  # in `_tail`: where its closing quotes and whitespace at the end begin
+        self._flat, self._flat_at = "", 0  # `_tail[:_flat_at]` squashed, up to its last whitespace run
+        self._head = ""  # the unfinished sentence before `_tail` (text that ended on abbreviations), squashed
+        self._cut = 0  # in the unfinished sentence (squashed), where its next clause piece starts
+        self._resume = 0  # ... and where the search for clause cuts goes on
+        self._said = False  # the unfinished sentence is complete and its pieces are out
+
+    def add(self, fragment: str, final: bool) -> list[str]:
+        """Append `fragment`; `final` says the line is complete. Returns `pieces`."""
+        if self.final:
+            raise ValueError("the line is complete: nothing can be appended to it")
+        self.length += len(fragment)
+        self.final = final
+        if not fragment and not final:
+            return self.pieces  # nothing changed
+        # A whitespace run counts only by its line breaks (none, one, two or more: a paragraph),
+        # so it is kept as " ", "\n" or "\n\n": a flood of spaces leaves the tail short.
+        end = self._tail[-2:]
+        keep = len(self._tail) - len(end) + len(end.rstrip())
+        new = self._tail[keep:] + fragment
+        new, runs = _WHITESPACE.subn(_one_run, new)
+        self.examined += len(new)
+        tail = self._tail[:keep] + new
+        if runs:  # the squashed text grows up to the last whitespace run
+            self._flat_to(tail, max(tail.rfind(" ", keep), tail.rfind("\n", keep)))
+        # Sentence ends can begin only where the tail's closing quotes and spaces began, or after.
+        matches = list(_SENTENCE_END.finditer(tail, min(self._seek, keep)))
+        self.examined += len(tail) - min(self._seek, keep)
+        start, said = 0, False
+        for i, m in enumerate(matches):
+            piece = tail[start:m.start()] + m.group(0).strip()  # keep closing quotes with their sentence
+            ends = _ends_sentence(piece, m)
+            # A sentence end with only whitespace after it may still grow, unless the line is complete.
+            if not final and i + 1 == len(matches) and (m.end() == len(tail) or tail[m.end():].isspace()):
+                said = ends  # complete all the same: text appended now starts the next sentence
+                break
             start = m.end()
-    rest = sentence[start:].strip()
-    if complete and rest:
-        out.append(rest)
-    return out
+            self.examined += len(piece)
+            if ends:
+                self._clauses(_join(self._head, _squash(piece)), complete=True)
+                self._head, self._cut, self._resume, self._said = "", 0, 0, False
+            else:
+                self._head = _join(self._head, _squash(piece))
+        if start:
+            tail = tail[start:]
+            self._flat, self._flat_at = "", 0
+            self._flat_to(tail, max(tail.rfind(" "), tail.rfind("\n")))
+        self._tail = tail
+        seek = len(tail)
+        while seek > 0 and (tail[seek - 1] in _CLOSERS or tail[seek - 1].isspace()):
+            seek -= 1  # (a run of closing quotes is rare; whitespace runs are short)
+        self._seek = seek
+        self._clauses(_join(self._head, _join(self._flat, tail[self._flat_at:].strip())), complete=final or said)
+        self._said = said
+        return self.pieces
+
+    def _flat_to(self, tail: str, at: int) -> None:
+        """Squash the tail up to `at` (in its last whitespace run)."""
+        if at > self._flat_at:
+            self.examined += at - self._flat_at
+            self._flat = _join(self._flat, _squash(tail[self._flat_at:at]))
+            self._flat_at = at
+
+    def _clauses(self, sentence: str, complete: bool) -> None:
+        """The pieces of the unfinished sentence from its last cut on: cut after clauses, greedily
+        from the left; a cut counts once a word follows it. An incomplete sentence keeps its uncut
+        rest back."""
+        if self._said:
+            return
+        start = self._cut
+        begin = max(start, self._resume)
+        resume = len(sentence) - 2  # (a cut before " -" waits for the space after the dash)
+        for m in _CLAUSE_END.finditer(sentence, begin):
+            if m.end() == start:
+                continue  # the empty cut (after a dash) that the last piece ended at
+            if m.end() >= len(sentence):
+                resume = min(resume, m.start())
+                break  # nothing follows yet: not a confirmed cut
+            piece = sentence[start:m.start()].strip()
+            if len(piece) >= self.min_chars:
+                self.pieces.append(piece)
+                start = m.end()
+        self.examined += len(sentence) - begin
+        self._cut, self._resume = start, max(start, resume)
+        if complete and (rest := sentence[start:].strip()):
+            self.pieces.append(rest)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fastcsm.config import tiny_config
+from fastcsm.planner import streamed_line
 from fastcsm.prompt import Segment, TextTokenizer, segment_rows
 from fastcsm.scheduler import End, Frame
 from fastcsm.server.conversation import Conversation, Utterance
@@ -65,8 +66,9 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         conv = Conversation(ws, service)
         line = segment_rows(Segment(0, "Hi."), TOK, CFG)
         stream = OneFrameStream()
-        u = Utterance("x", 0, 0, None, 0, "Hi.", False, t0=time.perf_counter(), stream=stream,
+        u = Utterance("x", 0, 0, None, 0, streamed_line(), False, t0=time.perf_counter(), stream=stream,
                       streams=[stream], line=line)
+        u.text.add("Hi.", final=True)
         conv.current = u
         u.task = asyncio.create_task(conv.play(u))
         while not ws.sent:  # the frame is written; its send waits in the drain
@@ -84,3 +86,58 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
     assert done["frames"] == len(audio) == 1  # what the client got
     line = segment_rows(Segment(0, "Hi."), TOK, CFG)
     assert len(turns[-1]) == len(line) + 1 + 1  # the line, its one frame heard, the end frame
+
+
+class QueuedSocket:
+    """A socket whose client messages are all in already (a flood): `receive` never waits."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = [{"type": "websocket.receive", "text": m} for m in messages]
+        self.messages.append({"type": "websocket.disconnect"})
+        self.sent: list = []
+
+    async def receive(self) -> dict:
+        return self.messages.pop(0)
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+def test_a_flood_of_messages_lets_other_work_run_between_them():
+    """Messages already queued are handled one per turn of the event loop: another task (another
+    client's stream, /healthz) runs between any two of them, not after the whole flood."""
+    from fastcsm.server.settings import Settings
+
+    async def main():
+        ws = QueuedSocket([json.dumps({"type": "interrupt"})] * 200)
+        service = SimpleNamespace(settings=Settings(), cfg=CFG)
+        ticks = 0
+
+        async def other_client():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_client())
+        await asyncio.sleep(0)
+        await Conversation(ws, service).run()
+        other.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 200
+
+
+def test_an_unknown_message_type_is_named_with_the_known_ones():
+    from fastcsm.server.settings import Settings
+
+    async def main():
+        ws = QueuedSocket([json.dumps({"type": "spek", "text": "Hi."}), json.dumps({"text": "Hi."})])
+        await Conversation(ws, SimpleNamespace(settings=Settings(), cfg=CFG)).run()
+        return [m for m in ws.sent if m["type"] == "error"]
+
+    unknown, untyped = asyncio.run(main())
+    assert unknown["message"].startswith('unknown message type "spek"')
+    for name in ("configure", "add_turn", "speak", "append_text", "interrupt", "reset"):
+        assert name in unknown["message"]
+    assert untyped["message"].startswith('the message needs a "type"')

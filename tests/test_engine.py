@@ -9,7 +9,7 @@ import torch
 
 from fastcsm.codec import Codec
 from fastcsm.config import tiny_config
-from fastcsm.engine import KEPT_AUDIO_PER_SLOT, Engine, PrefillError, Request
+from fastcsm.engine import KEPT_AUDIO_PER_SLOT, EndReason, Engine, PrefillError, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.runner import Runner
@@ -21,6 +21,7 @@ from fastcsm.testing import (
     randomize_,
     run_alone,
     run_together,
+    speech_ending_step,
 )
 
 CFG = tiny_config()
@@ -191,14 +192,57 @@ def test_end_events_carry_the_rows_prefilled_and_reused(model, late):
         seen += [e for e in engine.step() if e.request is second]
     assert [e.ended for e in seen] == [False] * 3 + [True]
     end = seen[-1]
-    assert end.codes is None and end.slot == 0
+    assert end.reason is EndReason.LENGTH and end.slot == 0
     assert (end.reused_rows, end.prefill_rows) == (10, len(first.prompt) - 10)
     third = replace(first)
     engine.add(third)
     engine.step()
     gone = engine.release(third)
-    assert gone.ended and gone.request is third and gone.reused_rows == 10
+    assert gone.reason is EndReason.CANCELLED and gone.request is third and gone.reused_rows == 10
     assert engine.release(third) is None and third not in engine
+
+
+def test_every_end_event_says_why(model, late):
+    """A request's one end event, after its frames and without codes, says why it ended, as
+    decided where it ended: the model's end frame or the length bound (the engine), a release
+    (cancelled unless its caller gives the reason, as the scheduler does for a deadline), a
+    prefill that raised (an injected failing runner)."""
+    from fastcsm.step import prefill
+
+    ends, failing = {}, []
+
+    def failing_prefill(*args):
+        if failing:
+            raise RuntimeError("boom")
+        return prefill(*args)
+
+    engine = Engine(model, max_slots=1, one_frame_late=late,
+                    runner=Runner(step=speech_ending_step(ends), prefill=failing_prefill))
+    r = requests(1, frames=6)[0]
+
+    def run():
+        *frames, end = engine.events(r)
+        assert not any(e.ended for e in frames) and end.ended and end.codes is None and end.pcm is None
+        assert torch.equal(torch.stack([e.codes for e in frames]), torch.stack([e.codes for e in engine.run(r)]))
+        return len(frames), end.reason
+
+    assert run() == (6, EndReason.LENGTH)  # random weights never say the end frame
+    ends[0] = 2
+    assert run() == (2, EndReason.END_OF_SPEECH)
+    ends[0] = 5  # the end frame in the last place the bound leaves
+    assert run() == (5, EndReason.END_OF_SPEECH)
+    ends[0] = 6  # the bound comes first
+    assert run() == (6, EndReason.LENGTH)
+    for reason in (EndReason.CANCELLED, EndReason.DEADLINE, EndReason.ERROR):
+        engine.add(r)
+        engine.step()
+        end = engine.release(r, reason) if reason is not EndReason.CANCELLED else engine.release(r)
+        assert end.ended and end.reason is reason and r not in engine
+    failing.append(True)
+    engine.add(r)
+    with pytest.raises(PrefillError) as e:
+        engine.step()
+    assert e.value.end.reason is EndReason.ERROR and engine.free_slots == 1
 
 
 def test_max_frames_stops_exactly(model, late):

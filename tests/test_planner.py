@@ -151,7 +151,8 @@ def record_generator(gen, monkeypatch) -> list:
         seen.append((request, codes))
         try:
             for e in frames:
-                codes.append(e.codes)
+                if not e.ended:
+                    codes.append(e.codes)
                 yield e
         finally:
             frames.close()

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request
+from fastcsm.engine import EndReason, Engine, Request
 from fastcsm.model import CSM
 from fastcsm.prompt import TextTokenizer, build_prompt
 from fastcsm.runner import Runner
 from fastcsm.sampling import SamplingParams
 from fastcsm.scheduler import Busy, End, Scheduler
 from fastcsm.step import engine_step, prefill
-from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone
+from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone, speech_ending_step
 
 CFG = tiny_config()
 TOK = TextTokenizer.from_json(byte_tokenizer_json())
@@ -59,10 +59,10 @@ def test_streams_equal_the_engine_alone_and_cancel_frees_the_slot(model):
     finally:
         scheduler.close()
     for i, (frames, done) in enumerate(results):
-        assert done.reason == "max_length" and done.frames == 6
+        assert done.reason is EndReason.LENGTH and done.frames == 6
         assert (done.prefill_rows, done.reused_rows) == (len(request(i, 6).prompt), 0)
         assert torch.equal(torch.stack(frames), run_alone(model, request(i, 6)))
-    assert end.reason == "cancelled" and end.frames < 500 and end.prefill_rows == len(request(9, 500).prompt)
+    assert end.reason is EndReason.CANCELLED and end.frames < 500 and end.prefill_rows == len(request(9, 500).prompt)
     assert scheduler.metrics.cancelled == 1 and scheduler.active == 0
 
 
@@ -86,9 +86,9 @@ def test_full_queue_refuses_and_bad_requests_fail_alone(model):
         end, late_end, fine_end = asyncio.run(main())
     finally:
         scheduler.close()
-    assert end.reason == "error" and "rows" in end.message
-    assert late_end.reason == "deadline"
-    assert fine_end.reason == "max_length" and fine_end.frames == 3
+    assert end.reason is EndReason.ERROR and "rows" in end.message
+    assert late_end.reason is EndReason.DEADLINE
+    assert fine_end.reason is EndReason.LENGTH and fine_end.frames == 3
     assert scheduler.metrics.rejected == 1 and scheduler.metrics.deadline == 1
 
 
@@ -114,10 +114,10 @@ def test_a_failing_request_ends_alone(model):
         (a, a_end), (_, bad_end), (c, c_end) = asyncio.run(main())
     finally:
         scheduler.close()
-    assert bad_end.reason == "error" and bad_end.frames == 0
+    assert bad_end.reason is EndReason.ERROR and bad_end.frames == 0
     assert bad_end.message == f"prefill failed after 8 of {len(bad.prompt)} prompt rows: RuntimeError"
     assert (bad_end.prefill_rows, bad_end.reused_rows) == (8, 0)
-    assert a_end.reason == c_end.reason == "max_length" and len(a) == len(c) == 5
+    assert a_end.reason is c_end.reason is EndReason.LENGTH and len(a) == len(c) == 5
     assert a_end.prefill_rows + bad_end.prefill_rows + c_end.prefill_rows == engine.stats["prefill_rows"]
     assert scheduler.metrics.errors == 1 and scheduler.engine.free_slots == 4
 
@@ -145,7 +145,42 @@ def test_a_failing_frame_step_ends_its_batch_and_serving_goes_on(model):
         ends, (frames, after_end) = asyncio.run(main())
     finally:
         scheduler.close()
-    assert all(end.reason == "error" and end.message == "generation failed: RuntimeError" for _, end in ends)
+    assert all(end.reason is EndReason.ERROR and end.message == "generation failed: RuntimeError" for _, end in ends)
     assert all(end.prefill_rows == len(request(i, 200).prompt) for i, (_, end) in enumerate(ends))
-    assert after_end.reason == "max_length" and len(frames) == 4
+    assert after_end.reason is EndReason.LENGTH and len(frames) == 4
     assert scheduler.engine.free_slots == 4
+
+
+def test_an_end_the_engine_decides_keeps_its_reason(model):
+    """The model's end frame and the length bound reach the stream's End as the engine gave them,
+    however near the bound the end frame falls; an End takes a reason's name only if it is one."""
+    ends = {0: 3}
+    scheduler = Scheduler(Engine(model, max_slots=1, runner=Runner(step=speech_ending_step(ends))), max_queue=8)
+
+    async def main():
+        out = [await collect(scheduler.submit(request(0, 50))), await collect(scheduler.submit(request(1, 4)))]
+        ends[0] = 4  # one frame past the bound
+        return [*out, await collect(scheduler.submit(request(2, 4)))]
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert [(len(frames), end.reason, end.frames) for frames, end in got] == [
+        (3, EndReason.END_OF_SPEECH, 3), (3, EndReason.END_OF_SPEECH, 3), (4, EndReason.LENGTH, 4)]
+    assert scheduler.metrics.completed == 3 and scheduler.metrics.errors == 0
+    assert End("cancelled", 0).reason is EndReason.CANCELLED
+    with pytest.raises(ValueError):
+        End("stopped", 0)
+
+
+def test_every_end_reason_has_its_done_reason_on_the_wire():
+    """The WebSocket's `done.reason` is the engine's reason by its stable name; a cancelled line
+    was interrupted."""
+    from fastcsm.server import protocol as P
+
+    sent = {r: P.Done(id=None, utterance=0, reason=P.done_reason(r), frames=0, audio_ms=0, prefill_rows=0,
+                      reused_rows=0).model_dump()["reason"] for r in EndReason}
+    assert sent == {EndReason.END_OF_SPEECH: "end", EndReason.LENGTH: "max_length",
+                    EndReason.CANCELLED: "interrupted", EndReason.DEADLINE: "deadline", EndReason.ERROR: "error"}
+    assert all(type(v) is str for v in sent.values())

@@ -721,3 +721,80 @@ def test_head_healthz_and_auth_before_routing(server):
     assert httpx.post(server.url + "/v1/models").status_code == 401
     r = httpx.get(server.url + "/v1/nope", headers=AUTH)
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+
+
+# -- 12. streamed lines and pinned voices ---------------------------------------------------------
+
+def test_append_text_flood_costs_the_same_per_fragment_and_healthz_answers(server, monkeypatch):
+    """A 4 KB streamed line (one sentence of initials, that never ends) and then a thousand
+    fragments: each is split from the last complete piece on (the text the splitter squashes stays
+    a few characters per fragment, where re-splitting the line squashed all of it, three times,
+    per fragment) and the socket's messages take turns with everything else."""
+    import fastcsm.text
+
+    squashed = []
+    squash = fastcsm.text._squash
+    monkeypatch.setattr(fastcsm.text, "_squash", lambda text: squashed.append(len(text)) or squash(text))
+    fragments = 1000
+    with ws(server) as c:
+        assert recv_json(c)["type"] == "ready"
+
+        def flood():
+            c.send(json.dumps({"type": "speak", "text": "a. " * 1350, "more": True, "voice": "0", "id": "flood"}))
+            squashed.clear()
+            for i in range(fragments):
+                c.send(json.dumps({"type": "append_text", "text": "b " if i % 50 == 0 else "", "more": True}))
+            c.send(json.dumps({"type": "interrupt"}))
+            events = [recv_json(c)]
+            while events[-1]["type"] != "done":
+                events.append(recv_json(c))
+            return events
+
+        worst, events = _healthz_while(server, flood)
+        assert [e["type"] for e in events] == ["done"] and events[0]["reason"] == "interrupted", events
+        assert sum(squashed) < 20 * fragments, sum(squashed)
+        assert worst < 2.0, worst
+
+
+def test_switching_voices_never_breaks_a_conversation(server):
+    """Three long voices do not fit the window together: speaking in the third unpins the oldest
+    (with an event) instead of refusing every line from then on; a speak that fails pins nothing,
+    and reset unpins what speaking pinned (and pins the configured voices again)."""
+    import torch
+
+    from fastcsm.voices import Voice, VoiceStore
+
+    store = VoiceStore(server.settings.voices_dir)
+    frames = 737  # 59 s each: three are 2,265 rows with their text, more than the 2,048-row window
+    for i in range(3):
+        store.add(Voice(i, f"This is voice {i}.", torch.zeros(frames, 32, dtype=torch.long)), f"long{i}",
+                  overwrite=True)
+
+    with ws(server) as c:
+        assert recv_json(c)["type"] == "ready"
+
+        def speak(**fields) -> list[dict]:
+            c.send(json.dumps({"type": "speak", "text": "Hi.", "max_audio_length_ms": 160, **fields}))
+            events = [recv_json(c)]
+            while events[-1]["type"] not in ("done", "error"):
+                events.append(recv_json(c))
+            return events
+
+        assert speak(voice="long0", max_audio_length_ms=10**9)[-1]["type"] == "error"  # above the limit
+        assert speak(voice="0")[0]["prompt_rows"] < 50  # long0 was not pinned
+        assert speak(voice="long0")[-1]["reason"] == "max_length"
+        assert speak(voice="long1")[0]["prompt_rows"] > 2 * frames
+        events = speak(voice="long2")
+        unpinned = [e for e in events if e["type"] == "voice_unpinned"]
+        assert [e["voice"] for e in unpinned] == ["long0"] and unpinned[0]["rows"] > frames
+        assert events[-1]["type"] == "done" and events[-1]["reason"] == "max_length"
+        assert speak(voice="long0")[-1]["reason"] == "max_length"  # and back: long1 makes room
+        c.send(json.dumps({"type": "reset"}))
+        assert speak(voice="0")[0]["prompt_rows"] < 50
+        # A configured voice may make room too; reset pins it again.
+        c.send(json.dumps({"type": "configure", "voices": ["long1"]}))
+        assert recv_json(c)["type"] == "configured"
+        assert speak(voice="long0")[-1]["reason"] == "max_length"
+        assert [e["voice"] for e in speak(voice="long2") if e["type"] == "voice_unpinned"] == ["long1"]
+        c.send(json.dumps({"type": "reset"}))
+        assert frames < speak(voice="0")[0]["prompt_rows"] < frames + 50

@@ -11,9 +11,12 @@ import torch
 
 from fastcsm.config import tiny_config
 from fastcsm.context import ContextTooLong, Trim, fit
+from fastcsm.engine import EndReason, Engine
 from fastcsm.generator import Generator
 from fastcsm.prompt import Segment, audio_rows, text_rows
+from fastcsm.runner import Runner
 from fastcsm.speech import SpeakOptions
+from fastcsm.testing import speech_ending_step
 from fastcsm.voices import Voice
 
 CFG = tiny_config()
@@ -39,7 +42,7 @@ def prompts(gen, monkeypatch):
         frames = run(request)
         try:
             for f in frames:
-                seen["frames"] += 1
+                seen["frames"] += not f.ended
                 yield f
         finally:
             frames.close()
@@ -59,7 +62,8 @@ def random_codes(frames, seed):
 def test_generate_decodes_the_generated_codes(gen):
     speech = gen.speak("Hello there.", 0, options=ms(3 * FRAME_MS), seed=5)
     assert speech.sample_rate == 24_000
-    assert speech.codes.shape == (3, K) and speech.pieces[0].frames == 3 and not speech.pieces[0].ended
+    assert speech.codes.shape == (3, K) and speech.pieces[0].frames == 3
+    assert speech.pieces[0].reason is EndReason.LENGTH and not speech.pieces[0].ended
     assert speech.audio.shape == (3 * FRAME,) and speech.audio.dtype == torch.float32
     assert torch.equal(speech.codes, gen.generate_codes("Hello there.", 0, max_audio_length_ms=3 * FRAME_MS, seed=5))
     # The engine decodes frame by frame in its step; one decode of the whole sequence agrees.
@@ -184,6 +188,24 @@ def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
     assert [c.numel() // FRAME for c in chunks] == [1, 1, 2, 2], "a piece's last frames are flushed at its end"
     assert torch.equal(torch.cat(chunks), speech.audio)
     assert len(stream.pieces) == 3 and stream.num_pieces == 3
+
+
+def test_pieces_say_how_they_ended(gen, caplog):
+    """Each piece keeps the engine's reason for its end: the model's end frame, or its bound (and
+    the bound is logged)."""
+    ends = {0: 1}
+    speaker = Generator(gen.model, gen.tokenizer, gen.codec)
+    speaker.engine = Engine(gen.model, codec=gen.codec, runner=Runner(step=speech_ending_step(ends)))
+    text = "The first sentence is here. A second one follows it."
+    kw = dict(seed=7, options=ms(3 * FRAME_MS, max_piece_chars=30))
+    with caplog.at_level(logging.WARNING, logger="fastcsm"):
+        speech = speaker.speak(text, 0, **kw)
+        assert [(p.reason, p.ended, p.frames) for p in speech.pieces] == [(EndReason.END_OF_SPEECH, True, 1)] * 2
+        assert "stopped at its bound" not in caplog.text
+        ends[0] = 3
+        speech = speaker.speak(text, 0, **kw)
+    assert [(p.reason, p.ended, p.frames) for p in speech.pieces] == [(EndReason.LENGTH, False, 3)] * 2
+    assert "piece 2/2 stopped at its bound" in caplog.text
 
 
 def test_length_guard_bounds_a_piece_by_its_text(gen):

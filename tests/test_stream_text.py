@@ -88,6 +88,45 @@ def test_pieces_of_fragments_are_a_prefix_of_the_whole_lines_pieces():
     assert speech_pieces("Hello there. ", final=False) == ["Hello there."]
 
 
+def test_a_line_split_fragment_by_fragment_is_the_line_split_at_once():
+    from fastcsm.planner import streamed_line
+
+    rng = random.Random(1)
+    words = ["a", "word", " ", "  ", "\n", "\n\n", ".", "!", "?", ",", ";", " - ", "—", '"', ")", "Mr.", " Dr. ", "J.",
+             "\t", "x" * 45]
+    for _ in range(300):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
+        line, pos = streamed_line(), 0
+        while pos < len(text):
+            size = rng.choice([0, 1, 2, 5, 13])
+            line.add(text[pos:pos + size], final=False)
+            pos += size
+            assert line.pieces == speech_pieces(text[:pos], final=False), text[:pos]
+        assert line.add("", final=True) == speech_pieces(text)
+        with pytest.raises(ValueError):
+            line.add("more", final=True)
+
+
+@pytest.mark.parametrize("fragment", ["", " ", "b", "a. ", "x, y — z "], ids=repr)
+def test_a_fragment_costs_the_same_whatever_the_length_of_the_line_before_it(fragment):
+    """The flood that froze the server: a 4 KB line (initials: one sentence that never ends), then
+    fragment after fragment. Each is split from the last complete piece on, so the characters the
+    splitter examines per fragment do not grow with the line."""
+    from fastcsm.planner import streamed_line
+
+    def examined_per_fragment(head: str) -> float:
+        line = streamed_line()
+        line.add(head, final=False)
+        before = line.examined
+        for _ in range(200):
+            line.add(fragment, final=False)
+        return (line.examined - before) / 200
+
+    short, long = examined_per_fragment("a. "), examined_per_fragment("a. " * 1360)
+    assert long == short <= 20 * max(1, len(fragment))
+    assert examined_per_fragment("Well. " * 680) == examined_per_fragment("Well. ")  # complete sentences
+
+
 # -- the WebSocket --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"seed": 11}], ids=["greedy", "seeded"])
@@ -184,12 +223,70 @@ def test_streamed_line_errors(server):
         assert error["type"] == "error" and "no words" in error["message"]
         done = collect(w)[0][-1]
         assert done["type"] == "done" and done["reason"] == "error" and done["pieces"] == 0
-        # Too long a line: the fragment is refused, the line stays open and can be completed.
-        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Short.", "more": True,
-                           "max_audio_length_ms": 160}))
-        w.send(json.dumps({"type": "append_text", "text": "x" * 5000, "more": True}))
-        events, _ = collect(w)
-        assert events[-1]["type"] == "error" and "at most" in events[-1]["message"]
-        w.send(json.dumps({"type": "append_text", "text": "", "more": False}))
+        too_long_fragment_is_refused(w, "x" * 5000, "at most 4096")
+
+
+def too_long_fragment_is_refused(w, fragment: str, says: str) -> None:
+    """Too long a line: the fragment is refused, the line stays open and can be completed."""
+    w.send(json.dumps({"type": "speak", "voice": "0", "text": "Short.", "more": True, "max_audio_length_ms": 160}))
+    w.send(json.dumps({"type": "append_text", "text": fragment, "more": True}))
+    events, _ = collect(w)
+    assert events[-1]["type"] == "error" and says in events[-1]["message"]
+    w.send(json.dumps({"type": "append_text", "text": "", "more": False}))
+    events, audio = collect(w)
+    assert events[-1]["type"] == "done" and events[-1]["pieces"] == 1 and len(audio) == 2
+
+
+# -- bounds of a streamed line --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict():
+    """Short bounds: a line idle for half a second ends; 20 fragments and 200 characters a line."""
+    with LiveServer(slots=2, max_audio_length_ms=8000, line_idle_timeout_s=0.5, max_line_fragments=20,
+                    max_line_chars=200) as s:
+        yield s
+
+
+def test_a_streamed_line_whose_text_stops_coming_is_ended(strict):
+    with ws(strict) as w:
+        # Its first piece never completes (a client that went quiet): the line ends on its own.
+        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Hi", "more": True, "id": "a"}))
         events, audio = collect(w)
-        assert events[-1]["type"] == "done" and events[-1]["pieces"] == 1 and len(audio) == 2
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "timeout" and events[-1]["id"] == "a"
+        assert "line_idle_timeout_s" in events[-1]["message"]
+        done = collect(w)[0][-1]
+        assert done["type"] == "done" and done["reason"] == "deadline" and done["pieces"] == 0
+        assert done["error"] == events[-1]["message"] and not audio
+        # What was complete is spoken first; empty fragments keep no line alive.
+        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Hello there. And", "more": True,
+                           "max_audio_length_ms": 160}))
+        for _ in range(3):
+            w.send(json.dumps({"type": "append_text", "text": "", "more": True}))
+        events, audio = collect(w)
+        assert [e["type"] for e in events] == ["started", "first_audio", "error"] and len(audio) == 2
+        done = collect(w)[0][-1]
+        assert done["reason"] == "deadline" and done["pieces"] == 1 and done["frames"] == 2
+        # Nothing of it is left: the slot is free, the line closed, and the session speaks on.
+        deadline = time.monotonic() + 10
+        while strict.service.scheduler.active or strict.service.scheduler.queued:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        w.send(json.dumps({"type": "append_text", "text": " more.", "more": False}))
+        assert collect(w)[0][-1]["type"] == "error"
+        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Next.", "max_audio_length_ms": 160}))
+        events, audio = collect(w)
+        assert events[-1]["reason"] == "max_length" and len(audio) == 2
+
+
+def test_a_streamed_line_takes_a_bounded_number_of_fragments_and_characters(strict):
+    with ws(strict) as w:
+        w.send(json.dumps({"type": "speak", "voice": "0", "text": "Hi", "more": True, "id": "f"}))
+        for _ in range(20):
+            w.send(json.dumps({"type": "append_text", "text": "", "more": True}))
+        w.send(json.dumps({"type": "append_text", "text": " there.", "more": False}))  # the 21st
+        events, audio = collect(w)
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "bad_request" and events[-1]["id"] == "f"
+        assert "20 append_text messages" in events[-1]["message"]
+        done = collect(w)[0][-1]
+        assert done["type"] == "done" and done["reason"] == "error" and done["error"] == events[-1]["message"]
+        too_long_fragment_is_refused(w, " a" * 100, "at most 200")  # max_line_chars

@@ -391,7 +391,7 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int], words: 
                     data = enc.write(item.pcm)
                     if data:
                         yield data
-            if stream.end.reason not in ("end", "max_length"):
+            if not stream.end.reason.complete:
                 raise SpeechFailed(f"speech stopped in piece {index + 1} of {len(plan.pieces)}: {stream.end.reason}: "
                                    f"{stream.end.message}")
             spoken.append((plan.pieces[index].line, codes))

@@ -20,6 +20,7 @@ End of a piece cut off mid-prefill or mid-line.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -31,10 +32,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..context import ContextTooLong
-from ..planner import plan_piece, spoken_rows, streamed_pieces
+from ..planner import plan_piece, spoken_rows, streamed_line
 from ..prompt import Prompt, Segment, concat, segment_rows, text_rows
 from ..scheduler import End
 from ..speech import SpeakOptions
+from ..text import LinePieces
 from . import protocol as P
 from .audio_out import to_int16
 from .limits import invalid_fields, json_values, max_message_values
@@ -52,21 +54,25 @@ def _error_code(status: int) -> str:
 
 @dataclass
 class Utterance:
-    """The line in flight: its text so far, its pieces (the streams submitted, the rows and codes
-    of those spoken), the task pumping its frames."""
+    """The line in flight: its text so far (as pieces), the streams submitted, the rows and codes
+    of the pieces spoken, the task pumping its frames."""
 
     id: str | None
     index: int
     speaker: int
     options: SpeakOptions  # sampling and the bound of each piece
     seed: int
-    text: str
+    text: LinePieces  # the line's pieces, kept up to date as its fragments arrive
     more: bool  # more text may follow (append_text)
+    voice: str | None = None  # the registered voice it speaks in (kept pinned), if any
+    pin: Prompt | None = None  # that voice's rows when it is not pinned yet: pinned once the line is heard
+    fragments: int = 0  # append_text messages taken
     t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
     streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
     error: str | None = None  # why it stopped, when it did not end normally
+    stop: str = "interrupted"  # the `done` reason when it is stopped from outside
     line: Prompt | None = None  # text rows of the piece being generated
     codes: list = field(default_factory=list)  # its frames so far
     spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
@@ -83,6 +89,7 @@ class Conversation:
         self.service = service
         self.config = P.Configure()
         self.pinned: list[Prompt] = []
+        self.configured_pins: list[Prompt] = []  # the rows of `config.voices`, which `reset` pins again
         self.pinned_voices: list[str] = []
         self.turns: list[Prompt] = []
         self.utterances = 0
@@ -139,6 +146,9 @@ class Conversation:
                     log.exception("conversation message %s failed", command.type)
                     await self.error("internal error; the server log has the details", "internal",
                                      getattr(command, "id", None))
+                # A socket's messages may be queued already (a flood): each waits its turn behind
+                # the other sockets and streams, instead of running back to back.
+                await asyncio.sleep(0)
         except WebSocketDisconnect:
             pass
         finally:
@@ -149,11 +159,14 @@ class Conversation:
             await self.stop_pump()
         elif isinstance(command, P.Reset):
             await self.stop_pump()
+            # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
+            self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
             self.turns = []
         elif isinstance(command, P.Configure):
             await self.stop_pump()
             pinned = [await self.pin(name) for name in command.voices]
             self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
+            self.configured_pins = list(pinned)
             await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
                                               pinned_rows=sum(map(len, pinned))))
         elif isinstance(command, P.AddTurn):
@@ -206,14 +219,17 @@ class Conversation:
             raise ApiError(409, "a line is being spoken: wait for its done event, or interrupt it first")
         now = time.perf_counter()
         text = m.text if m.more else svc.check_input(m.text, "text")
-        self.check_length(text)
-        if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()) and m.voice not in self.pinned_voices:
-            # A voice not pinned yet joins the head of the conversation (the next prefill is whole);
-            # a name of the voice map that stands for a bare speaker id has nothing to pin.
-            voice = svc.lookup(m.voice)
-            if not isinstance(voice, int):
-                self.pinned.append(svc.voice_rows(voice))
-                self.pinned_voices.append(m.voice)
+        self.check_length(len(text))
+        voice, pin = None, None
+        if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()):
+            # A voice not pinned yet joins the head of the conversation once the line is heard (the
+            # next prefill is whole); a name of the voice map that stands for a bare speaker id has
+            # nothing to pin.
+            found = svc.lookup(m.voice)
+            if not isinstance(found, int):
+                voice = m.voice
+                if voice not in self.pinned_voices:
+                    pin = svc.voice_rows(found)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
         # A bound above the server's limit is refused now, not per piece.
@@ -221,10 +237,12 @@ class Conversation:
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
         seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more, timestamps=m.timestamps)
+        u = Utterance(m.id, self.utterances, speaker, options, seed, streamed_line(), m.more, voice, pin,
+                      timestamps=m.timestamps)
+        u.text.add(text, final=not m.more)
         self.mark(u, now)
         first = None
-        if streamed_pieces(u.text, final=not u.more):
+        if u.text.pieces:
             first = await self.plan_piece(u, 0)  # a line that cannot be spoken is an error here, not a `done`
         elif not u.more:
             raise ApiError(400, "text has no words to speak", param="text")
@@ -247,37 +265,51 @@ class Conversation:
         if u is None or u.finished or not u.more:
             raise ApiError(400, "append_text continues a line begun with speak and more: true, and no such line is "
                                 "open (it was completed, interrupted, or never begun)", param="text")
-        self.check_length(u.text + m.text)
-        u.text += m.text
+        limit = self.service.settings.max_line_fragments
+        if u.fragments >= limit:  # the line ends: a client that floods fragments gets nothing more from it
+            message = (f"the line has had {limit} append_text messages, the most this server takes for one line, "
+                       "so it was ended; send longer fragments, or complete lines sooner")
+            await self.error(message, id=u.id)
+            await self.stop_pump("error", message)
+            return
+        self.check_length(u.text.length + len(m.text))
+        u.fragments += 1
         u.more = m.more
-        self.mark(u, time.perf_counter())
-        u.wake.set()
+        if m.text or not m.more:  # (an empty fragment brings nothing: it keeps no line alive)
+            u.text.add(m.text, final=not m.more)
+            self.mark(u, time.perf_counter())
+            u.wake.set()
 
-    def check_length(self, text: str) -> None:
-        limit = self.service.settings.max_input_chars
-        if len(text) > limit:
-            raise ApiError(400, f"the line has {len(text)} characters; this server speaks at most {limit} in one "
+    def check_length(self, chars: int) -> None:
+        limit = self.service.settings.max_line_chars
+        if chars > limit:
+            raise ApiError(400, f"the line has {chars} characters; this server speaks at most {limit} in one "
                                 "line: complete it (more: false) and go on in the next", param="text")
 
     @staticmethod
     def mark(u: Utterance, now: float) -> None:
         """First audio is timed from the message that completed the line's first piece."""
-        if u.t0 is None and streamed_pieces(u.text, final=not u.more):
+        if u.t0 is None and u.text.pieces:
             u.t0 = now
 
     async def plan_piece(self, u: Utterance, index: int):
         """Piece `index` of the line, after the conversation and the pieces spoken before it (with
-        their audio), as `POST /v1/audio/speech` speaks long text."""
+        their audio), as `POST /v1/audio/speech` speaks long text. When the pinned voices leave the
+        piece no room, the oldest of them (never the line's own) are unpinned, each with an event."""
         svc, cfg = self.service, self.service.cfg
-        text = svc.check_input(streamed_pieces(u.text, final=not u.more)[index], "text")
+        text = svc.check_input(u.text.pieces[index], "text")
         piece = svc.piece_text(text, u.speaker, u.options)
         u.words.start(piece.spoken.words)
-        try:  # a later fragment may yet bring another piece: every piece keeps its audio state
-            planned = plan_piece(cfg, self.pinned, self.turns, u.spoken, piece.line, piece.max_frames,
-                                 u.options.sampling, u.seed + index, u.options, keep_audio=True,
-                                 audio_after=u.streams[-1].request if index and u.streams else None)
-        except ContextTooLong as e:
-            raise ApiError(400, str(e), param="text") from None
+        while True:
+            pinned = self.pinned + ([u.pin] if u.pin is not None else [])
+            try:  # a later fragment may yet bring another piece: every piece keeps its audio state
+                planned = plan_piece(cfg, pinned, self.turns, u.spoken, piece.line, piece.max_frames,
+                                     u.options.sampling, u.seed + index, u.options, keep_audio=True,
+                                     audio_after=u.streams[-1].request if index and u.streams else None)
+                break
+            except ContextTooLong as e:
+                if not await self.unpin_oldest(keep=u.voice):
+                    raise ApiError(400, str(e), param="text") from None
         trim = planned.trim
         if trim.dropped:  # dropped for good: the oldest turns, then (a window smaller than the line) its oldest pieces
             self.turns = self.turns[len(planned.dropped_context):]
@@ -286,6 +318,15 @@ class Conversation:
             await self.send(P.ContextDropped(dropped_turns=len(trim.dropped), dropped_rows=trim.dropped_rows,
                                              remaining_rows=self.rows()))
         return planned
+
+    async def unpin_oldest(self, keep: str | None) -> bool:
+        """Unpin the oldest pinned voice other than `keep` and say so; False when there is none."""
+        i = next((i for i, name in enumerate(self.pinned_voices) if name != keep), None)
+        if i is None:
+            return False
+        name, rows = self.pinned_voices.pop(i), self.pinned.pop(i)
+        await self.send(P.VoiceUnpinned(voice=name, rows=len(rows), pinned_rows=sum(map(len, self.pinned))))
+        return True
 
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
@@ -321,30 +362,36 @@ class Conversation:
                                                          ms=(time.perf_counter() - u.t0) * 1000))
                     u.spoken.append((u.line, u.codes))
                     u.line, u.codes = None, []
-                    if end.reason in ("end", "max_length"):  # the piece's audio is whole: its words are timed
+                    if end.reason.complete:  # the piece's audio is whole: its words are timed
                         timed = u.words.done()
                         for event in word_events(u.id, u.index, timed) if u.timestamps else ():
                             await self.send(event)
-                    reason = {"cancelled": "interrupted"}.get(end.reason, end.reason)
-                    if end.reason not in ("end", "max_length"):
+                    reason = P.done_reason(end.reason)
+                    if not end.reason.complete:
                         if end.reason in ("error", "deadline"):
                             u.error = end.message or "generation failed"
                         if end.reason == "error":
                             await self.error(u.error, "internal", u.id)
                         break
                 index += 1
-                while index >= len(streamed_pieces(u.text, final=not u.more)):
-                    if not u.more:
-                        break
+                idle = self.service.settings.line_idle_timeout_s
+                while index >= len(u.text.pieces) and u.more:
                     u.wake.clear()
-                    await u.wake.wait()
-                if index >= len(streamed_pieces(u.text, final=not u.more)):
-                    if index == 0:
+                    try:
+                        await asyncio.wait_for(u.wake.wait(), idle)
+                    except TimeoutError:
+                        u.error = (f"no text came for this line in {idle:g} s, so it was ended (the server's "
+                                   "line_idle_timeout_s); complete a streamed line with an append_text of more: false")
+                        await self.error(u.error, "timeout", u.id)
+                        reason = "deadline"
+                        break
+                if index >= len(u.text.pieces):
+                    if index == 0 and not u.more:
                         await self.error("the line has no words to speak", "bad_request", u.id)
                     break
                 await self.start_piece(u, await self.plan_piece(u, index))
         except asyncio.CancelledError:
-            reason = "interrupted"
+            reason = u.stop
             if u.stream is not None:
                 u.stream.cancel()
         except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
@@ -377,8 +424,12 @@ class Conversation:
 
     def remember(self, u: Utterance) -> None:
         """The pieces spoken (or begun), with the audio generated for them, join the conversation
-        as one turn; of a piece cut off, only the words whose audio was begun in what was sent."""
+        as one turn (of a piece cut off, only the words whose audio was begun in what was sent); the
+        line's voice is pinned if it was heard."""
         cfg = self.service.cfg
+        if u.pin is not None and u.frames and u.voice not in self.pinned_voices:
+            self.pinned.append(u.pin)
+            self.pinned_voices.append(u.voice)
         rows = []
         pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
         if u.words.in_flight and pieces:
@@ -391,11 +442,13 @@ class Conversation:
         if rows:
             self.turns.append(concat(rows))
 
-    async def stop_pump(self) -> None:
-        """End the utterance in flight (waiting for text, queued, prefilling or running) and send its `done`."""
+    async def stop_pump(self, reason: str = "interrupted", error: str | None = None) -> None:
+        """End the utterance in flight (waiting for text, queued, prefilling or running) and send its
+        `done`, with `reason` (and `error`, the message of the error event sent before it)."""
         u, self.current = self.current, None
         if u is None or u.finished:
             return
+        u.stop, u.error = reason, error or u.error
         if u.stream is not None:
             u.stream.cancel()  # its slot (or queue place) is freed before the next frame step
         if u.task is not None and not u.task.done():
@@ -405,7 +458,7 @@ class Conversation:
             except asyncio.CancelledError:
                 pass
         # A task cancelled before its first step never ran its body: its `done` is sent here.
-        await self.finish(u, "interrupted")
+        await self.finish(u, reason)
 
 
 _COMMANDS = ("configure", "add_turn", "speak", "append_text", "interrupt", "reset")
@@ -416,6 +469,9 @@ def _describe(e: ValidationError) -> str:
     for err in errors:
         if err.get("type") == "json_invalid":
             return f"the message is not valid JSON ({err.get('msg')}); send one JSON object per text message"
-        if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        if err.get("type") == "union_tag_invalid":
+            tag = json.dumps(err["input"].get("type")) if isinstance(err.get("input"), dict) else "?"
+            return f'unknown message type {tag}: the types are {", ".join(_COMMANDS)}'
+        if err.get("type") == "union_tag_not_found":
             return f'the message needs a "type": one of {", ".join(_COMMANDS)}'
     return "invalid message: " + invalid_fields(errors, skip=_COMMANDS, limit=3)[0]

@@ -65,13 +65,15 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
                 of that line, appended as is; `more: false` completes it
     interrupt   stop the current utterance now (barge-in): it ends with `done` (reason
                 `interrupted`) within one frame, whether it was queued, prefilling or running
-    reset       forget the conversation (keeps the configuration)
+    reset       forget the conversation: its turns and the voices pinned by speaking (keeps the
+                configuration, and pins its voices again)
 
-and receives `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`,
-`done`, `context_dropped`, `error`, `word`; between `started` and `done` come binary messages, one
-per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by default, or
-`pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line (as
-written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
+(a message of another `type` gets an `error` event that names these) and receives
+`ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
+`context_dropped`, `voice_unpinned`, `error`, `word`; between `started` and `done` come binary
+messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
+default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
+(as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
 "word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds into the line's audio), once its piece
 has ended: after every binary message holding its audio, before `done`. An interrupted line's
 `done.text` holds the written words the client received audio of (those of its `word` events,
@@ -93,6 +95,14 @@ once a `speak` is accepted, every `error` event with its `id` is followed by its
 oldest turns are dropped whole, a `context_dropped` event says how many, and the rest is
 prefilled again.
 
+Voices: a `speak` in a registered voice that is not pinned pins it at the head of the
+conversation once the line is heard (its first frame generated); a `speak` that fails, or ends
+before any audio, pins nothing. When the pinned voices and a piece of the line do not fit the
+window together, the oldest pinned voices other than the line's own are unpinned, each with a
+`voice_unpinned` event, until the piece fits (a piece that does not fit even alone is an `error`
+event, code `bad_request`); `reset` goes back to the configured voices and `configure` sets the
+pins anew. No sequence of voices can leave a conversation that only answers errors.
+
 A line is spoken in pieces (`fastcsm.planner.streamed_pieces`): its sentences, and inside a long
 sentence a cut after a clause (, ; : or a dash) once the piece has 40 characters. Each piece is
 one generation that sees the pieces before it with their audio, and the audio runs on from one
@@ -110,6 +120,14 @@ Counting frames: `started.first_piece_max_frames` is the frame bound of the firs
 count the whole line, every one of its `done.pieces`: a line of three sentences may send three
 times the first piece's bound. Each piece's bound is `max_audio_length_ms` lowered to what its
 text can plausibly take (3 s + 150 ms a character), in 80 ms frames.
+
+A streamed line is bounded (the server's settings; `fastcsm serve --help` lists them): a line
+that gets no text for `line_idle_timeout_s` seconds (default 30; empty fragments bring no text)
+is ended with an `error` event (code `timeout`) and its `done` (reason `deadline`, whatever was
+complete having been spoken); a line takes at most `max_line_fragments` `append_text` messages
+(default 8192): the one past it ends the line with an `error` event (code `bad_request`) and its
+`done` (reason `error`); and a line holds at most `max_line_chars` characters (default 4096): a
+fragment past it is refused with an `error` event and the line stays open, to be completed.
 """
 
 from __future__ import annotations
@@ -118,6 +136,7 @@ from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
+from ..engine import EndReason
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
 from ..normalize import NORMALIZE_BY_DEFAULT
 
@@ -340,7 +359,9 @@ class Configure(_Strict):
     type: Literal["configure"] = "configure"
     voices: list[str] = Field(default_factory=list, max_length=8,
                               description="registered voices pinned at the head of the conversation, never "
-                                          "dropped; each speaks under its own speaker id")
+                                          "dropped with the turns (only unpinned, with a `voice_unpinned` event, "
+                                          "when a line does not fit beside them); each speaks under its own "
+                                          "speaker id")
     audio_format: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
     temperature: Number = Field(0.9, ge=0.0, le=10.0)
     topk: Int = Field(50, ge=0, le=2048)
@@ -454,10 +475,17 @@ class Done(BaseModel):
                                           "failed; a piece still queued: 0)")
     reused_rows: int = Field(description="prompt rows taken from the session's KV cache (every piece started)")
     pieces: int = Field(0, description="pieces of the line that were started")
-    error: str | None = Field(None, description="why the line stopped, when reason is error or deadline (for an "
-                                                "error, the message of the error event sent just before)")
+    error: str | None = Field(None, description="why the line stopped, when reason is error or deadline (the "
+                                                "message of the error event sent just before; a deadline is the "
+                                                "request's, or a streamed line's idle timeout)")
     text: str = Field("", description="the written words of the line whose audio was sent (an interrupted line: "
                                       "those begun before the cut), as the conversation keeps it")
+
+
+def done_reason(end: EndReason) -> str:
+    """`done.reason` for the end of a line's last stream: the engine's reason by its name, but a
+    cancelled stream was interrupted (by `interrupt`, a new `speak`, or the socket closing)."""
+    return "interrupted" if end is EndReason.CANCELLED else end.value
 
 
 class WordEvent(BaseModel):
@@ -476,14 +504,25 @@ class ContextDropped(BaseModel):
     remaining_rows: int = Field(description="conversation rows kept; they are prefilled again")
 
 
+class VoiceUnpinned(BaseModel):
+    """A pinned voice left the head of the conversation: with it, a piece of the line did not fit."""
+
+    type: Literal["voice_unpinned"] = "voice_unpinned"
+    voice: str
+    rows: int = Field(description="the rows it held")
+    pinned_rows: int = Field(description="rows of the voices still pinned")
+
+
 class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     message: str
-    code: str = Field(description="bad_request, not_found, busy, unauthorized, internal")
+    code: str = Field(description="bad_request, not_found, busy, unauthorized, timeout (a streamed line got no "
+                                  "text in time), internal")
     id: str | None = None
 
 
 ServerMessage = Annotated[
-    ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | ErrorEvent | WordEvent,
+    ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
+    | ErrorEvent | WordEvent,
     Field(discriminator="type"),
 ]

@@ -139,6 +139,15 @@ class Settings(Table):
                                   metavar="S", at_least=0.1)
     max_connections: int = setting(1000, "open connections, WebSockets included; beyond it requests get 503",
                                    "slow clients", metavar="N", at_least=1)
+    line_idle_timeout_s: float = setting(30.0, "a conversation's line that streams in (speak with more: true) and "
+                                               "gets no text for S seconds is ended (error code timeout, done with "
+                                               "reason deadline)", "slow clients", metavar="S", at_least=0.1)
+    max_line_fragments: int = setting(8192, "append_text messages one line of a conversation may take; the one "
+                                            "past it ends the line with an error", "security and limits",
+                                      metavar="N", at_least=1)
+    max_line_chars: int = setting(4096, "longest line of a conversation, its streamed fragments together; a "
+                                        "fragment past it is refused and the line stays open",
+                                  "security and limits", metavar="N", at_least=1)
     lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
                                         "object of word -> respelling (see README, \"Saying the text right\")",
                                   "speech", metavar="FILE")
@@ -150,6 +159,19 @@ class Settings(Table):
                                           "ballad=2, coral=3, echo=4, fable=5, nova=6, onyx=7, sage=8, shimmer=9, "
                                           "verse=10, marin=11, cedar=12); a registered voice of the same name wins",
                                     "OpenAI compatibility", metavar="MAP")
+    llm_url: str | None = setting(None, "an OpenAI-compatible chat API's base URL (vLLM, llama.cpp's server, Ollama, "
+                                        "SGLang, OpenAI), e.g. http://127.0.0.1:8080/v1: the language model an "
+                                        "assistant conversation answers with", "assistant", metavar="URL")
+    llm_model: str | None = setting(None, "the language model's name at --llm-url (an id its /v1/models lists)",
+                                    "assistant", metavar="NAME")
+    llm_api_key: str | None = setting(None, "the bearer key --llm-url wants (none for most local servers)",
+                                      "assistant", metavar="KEY")
+    system_prompt: str | None = setting(None, "the assistant's instructions: the text, or @FILE", "assistant",
+                                        metavar="TEXT|@FILE")
+    llm_timeout_s: float = setting(10.0, "the model's first token, and each next one, must come within S seconds, "
+                                         "else the turn ends with an error", "assistant", metavar="S", at_least=0.1)
+    max_reply_chars: int = setting(1000, "a spoken reply ends at the first sentence end after N characters",
+                                   "assistant", metavar="N", at_least=1)
 
     def __post_init__(self):
         """Every check of the table, then those between settings: a `ValueError` naming the setting,
@@ -175,6 +197,7 @@ class Settings(Table):
                           self.max_audio_length_ms)
         parse_voice_map(self.voice_map)
         self.check_lexicon()
+        self.check_llm()
 
     def check_keys(self) -> list[str]:
         """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
@@ -192,6 +215,24 @@ class Settings(Table):
             return load_lexicon(self.lexicon)
         except LexiconError as e:
             raise _refuse("lexicon", f"be a readable lexicon file ({e})", self.lexicon) from None
+
+    def check_llm(self) -> None:
+        """The language model settings: a URL with a model name, a key that is not empty, a
+        readable system prompt file."""
+        if self.llm_url is not None and not re.match(r"https?://[^/\s]+", self.llm_url):
+            raise _refuse("llm_url", "be an http:// or https:// URL such as http://127.0.0.1:8080/v1", self.llm_url)
+        if self.llm_url and not (self.llm_model or "").strip():
+            raise _refuse("llm_model", "name the model served at --llm-url (an id its /v1/models lists)",
+                          self.llm_model)
+        if self.llm_api_key is not None and not self.llm_api_key.strip():
+            raise _refuse("llm_api_key", "not be empty (is the variable holding it unset?)", self.llm_api_key)
+        from ..assistant.llm import load_system_prompt
+
+        try:
+            load_system_prompt(self.system_prompt)
+        except ValueError as e:
+            raise _refuse("system_prompt", f"be the text itself, or @ and a readable UTF-8 file ({e})",
+                          self.system_prompt) from None
 
     @property
     def served_model_name(self) -> str:

@@ -531,6 +531,9 @@
         case "context_dropped":
           addNote(`The context window was full: the ${msg.dropped_turns} oldest turn(s) were dropped.`);
           break;
+        case "voice_unpinned":
+          addNote(`The voice "${msg.voice}" was unpinned: the line did not fit beside it in the context window.`);
+          break;
         case "error": {
           const text = msg.message || JSON.stringify(msg);
           this.told = true;
