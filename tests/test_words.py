@@ -48,6 +48,24 @@ def test_heard_counts_the_words_begun_in_the_audio_sent():
     assert heard(words, pcm, SR) == 3
 
 
+def test_a_cut_piece_is_placed_at_the_lines_own_rate():
+    from fastcsm.server.words import LineWords
+
+    loud = np.full(SR, 0.5, np.float32)  # one second of speech, no pauses
+    line = LineWords(SR)
+    first = normalize("one two three four five six").words  # weight 6 * 2 + 22 = 34
+    line.start(first)
+    line.audio(loud)
+    timed = line.done()
+    assert [w.text for w in timed] == ["one", "two", "three", "four", "five", "six"] and timed[-1].end == 1.0
+    rate = 1.0 / 34  # seconds per unit of weight: half the default speed of speech
+    assert not line.in_flight
+    line.start(normalize("seven eight nine").words)  # weights 7, 7, 6
+    line.audio(loud[: int(7.5 * rate * SR)])
+    assert [w.text for w in line.cut()] == ["seven", "eight"]  # at the default rate: "seven" alone
+    assert line.heard_text == [w.text for w in first] + ["seven", "eight"] and not line.in_flight
+
+
 def sse(server, **extra) -> list[dict]:
     body = {"input": LINE, "voice": "0", "response_format": "pcm", "stream_format": "sse", "seed": 1, **extra}
     with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as r:
