@@ -196,3 +196,42 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
             assert torch.allclose(eager.state.h, comp.state.h, atol=atol, rtol=rtol)
             assert torch.equal(eager.state.pos, comp.state.pos)
             assert torch.allclose(eager.cache.k, comp.cache.k, atol=atol, rtol=rtol)
+
+
+def write_tiny_whisper(root: str | Path, seed: int = 0) -> Path:
+    """A tiny random English-only Whisper (transformers' `WhisperForConditionalGeneration`, byte-level
+    tokenizer) converted by CTranslate2's converter (what `ct2-transformers-converter` runs) into
+    `root`/ct2, a directory faster-whisper loads. Its text is noise; its plumbing is the real one."""
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+
+    root = Path(root)
+    hf, out = root / "hf", root / "ct2"
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+                "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]  # the converter adds the timestamps
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    eot = tok.token_to_id("<|endoftext|>")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], bos_token=specials[0],
+                            unk_token=specials[0]).save_pretrained(hf)
+    timestamps = 1501  # <|0.00|> .. <|30.00|>
+    cfg = WhisperConfig(vocab_size=tok.get_vocab_size() + timestamps, num_mel_bins=80, d_model=32, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_source_positions=1500, max_target_positions=448,
+                        decoder_start_token_id=tok.token_to_id("<|startoftranscript|>"), eos_token_id=eot,
+                        bos_token_id=eot, pad_token_id=eot, suppress_tokens=[], begin_suppress_tokens=[eot])
+    torch.manual_seed(seed)
+    WhisperForConditionalGeneration(cfg).eval().save_pretrained(hf)
+    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins).save_pretrained(hf)
+    TransformersConverter(str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(out),
+                                                                                                      force=True)
+    return out

@@ -1,0 +1,202 @@
+"""Speech recognition: a `Transcriber` turns 16 kHz mono audio into a `Transcript`.
+
+Two engines sit behind the one interface:
+- faster-whisper (CTranslate2's Whisper), the default and the quality path: `asr_model` is a
+  model name (`small`, `large-v3`, `Systran/faster-whisper-small`, any CTranslate2 Whisper repo on
+  the hub), loaded offline from the hub cache like fastcsm's checkpoints, or a local directory
+  holding a converted model (`model.bin`). It runs int8 on the CPU and float16 on CUDA, as the
+  server's model does, and gives segment and word timings.
+- pocketsphinx (`asr_model="pocketsphinx"`), whose wheel bundles an English model: it works
+  with no download at all (tests, air-gapped machines), with word timings, at far lower accuracy.
+
+Both are in `pip install "fastcsm[asr]"`; a missing package or model is an `AsrError` naming it.
+A transcriber may be called from several threads: each engine serialises or pools what it must.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # what both engines hear
+POCKETSPHINX = "pocketsphinx"
+INSTALL = 'pip install "fastcsm[asr]"'
+
+
+class AsrError(RuntimeError):
+    """Speech recognition that cannot run: a missing package or model, or audio it cannot take."""
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start: float  # seconds from the start of the audio
+    end: float
+    probability: float | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    start: float
+    end: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    duration: float  # seconds of audio heard
+    segments: tuple[Segment, ...]
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+
+class Transcriber(Protocol):
+    name: str  # the engine and model, e.g. "faster-whisper:small"
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
+        """audio: float32 [samples] at `SAMPLE_RATE` in [-1, 1]."""
+        ...
+
+
+def _nothing(language: str | None) -> Transcript:
+    return Transcript("", language or "en", 0.0, ())
+
+
+def check_audio(audio) -> np.ndarray:
+    """16 kHz mono float32 [samples], finite: what every engine is given."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise AsrError(f"transcription takes mono audio [samples], got shape {list(audio.shape)}")
+    if not np.isfinite(audio).all():
+        raise AsrError("the audio to transcribe holds NaN or Inf samples")
+    return audio
+
+
+def _clamp(t: float, duration: float) -> float:
+    return round(min(max(float(t), 0.0), duration), 3)
+
+
+class WhisperTranscriber:
+    """faster-whisper: greedy decoding, no built-in VAD (fastcsm's listener cuts turns itself),
+    word timings from the cross-attention alignment. Timings are kept inside the audio."""
+
+    def __init__(self, model: str, device: str | None = None, compute_type: str | None = None, threads: int = 0):
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError:
+            raise AsrError(f"asr_model {model!r} needs faster-whisper, which is not installed: {INSTALL}") from None
+        kind, index = _device(device)
+        compute_type = compute_type or ("float16" if kind == "cuda" else "int8")
+        path = Path(model).expanduser()
+        if path.is_dir() and not (path / "model.bin").is_file():
+            raise AsrError(f"asr_model {model!r} is a directory without model.bin: give a CTranslate2 Whisper model "
+                           "(ct2-transformers-converter --model openai/whisper-small --output_dir DIR "
+                           "--copy_files tokenizer.json preprocessor_config.json)")
+        try:
+            self.model = WhisperModel(str(path) if path.is_dir() else model, device=kind, device_index=index,
+                                      compute_type=compute_type, cpu_threads=threads, local_files_only=True)
+        except ValueError as e:  # an unknown size name
+            raise AsrError(f"asr_model {model!r}: {e}") from None
+        except Exception as e:
+            if type(e).__name__ in ("LocalEntryNotFoundError", "RepositoryNotFoundError", "HFValidationError") or \
+                    isinstance(e, OSError):
+                raise AsrError(f"asr_model {model!r} is not a local CTranslate2 Whisper directory nor in the hub "
+                               f"cache (fastcsm loads it offline): download it once, e.g. `hf download "
+                               f"Systran/faster-whisper-small`, or give a directory ({type(e).__name__})") from None
+            raise
+        self.name = f"faster-whisper:{path.name if path.is_dir() else model}"
+        self.multilingual = self.model.model.is_multilingual
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
+        audio = check_audio(audio)
+        duration = len(audio) / SAMPLE_RATE
+        if language is not None and not self.multilingual and language != "en":
+            raise AsrError(f"{self.name} is an English-only model; language {language!r} needs a multilingual one")
+        if language is not None and language not in self.model.supported_languages:
+            raise AsrError(f"language {language!r} is not one Whisper knows (ISO 639-1 codes such as en, fr, de)")
+        if not len(audio):
+            return _nothing(language)
+        segments, info = self.model.transcribe(audio, language=language, initial_prompt=prompt or None,
+                                               beam_size=1, temperature=0.0, word_timestamps=True,
+                                               condition_on_previous_text=False, vad_filter=False)
+        out = []
+        for s in segments:
+            words = tuple(Word(w.word.strip(), _clamp(w.start, duration), _clamp(w.end, duration),
+                               round(float(w.probability), 4)) for w in (s.words or ()))
+            out.append(Segment(s.text.strip(), _clamp(s.start, duration), _clamp(s.end, duration), words))
+        text = " ".join(s.text for s in out if s.text)
+        return Transcript(text, info.language, round(duration, 3), tuple(out))
+
+
+class SphinxTranscriber:
+    """pocketsphinx with the US English model its wheel bundles; one decoder, used by one thread
+    at a time. Fillers (`<s>`, `<sil>`, `[NOISE]`) are dropped and `word(2)` read as `word`."""
+
+    name = f"{POCKETSPHINX}:en-us"
+    frames_per_second = 100
+
+    def __init__(self):
+        try:
+            from pocketsphinx import Decoder
+        except ImportError:
+            raise AsrError(f"asr_model {POCKETSPHINX!r} needs pocketsphinx, which is not installed: {INSTALL}") \
+                from None
+        self.decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        self.frames_per_second = int(self.decoder.config["frate"])
+        self._lock = threading.Lock()
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
+        audio = check_audio(audio)
+        if language not in (None, "en"):
+            raise AsrError(f"{self.name} knows English only; language {language!r} needs a Whisper model")
+        duration = len(audio) / SAMPLE_RATE
+        if not len(audio):
+            return _nothing(language)
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        with self._lock:
+            d = self.decoder
+            d.start_utt()
+            d.process_raw(pcm, full_utt=True)
+            d.end_utt()
+            seg = list(d.seg())
+        fps = self.frames_per_second
+        words = tuple(Word(s.word.split("(")[0], _clamp(s.start_frame / fps, duration),
+                           _clamp((s.end_frame + 1) / fps, duration)) for s in seg
+                      if not (s.word.startswith(("<", "[")) or s.word.endswith("]")))
+        text = " ".join(w.text for w in words)
+        segments = (Segment(text, words[0].start, words[-1].end, words),) if words else ()
+        return Transcript(text, "en", round(duration, 3), segments)
+
+
+def _device(device: str | None) -> tuple[str, int]:
+    """("cuda" | "cpu", index) from fastcsm's device setting (default: cuda if available)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise AsrError(f"speech recognition runs on cpu or cuda[:N], not {device!r}")
+    return kind, int(index or 0)
+
+
+def load_transcriber(model: str, device: str | None = None, compute_type: str | None = None,
+                     threads: int = 0) -> Transcriber:
+    """The transcriber `model` names: "pocketsphinx", else a faster-whisper model (hub name or
+    directory) on `device` (compute type: int8 on the CPU, float16 on CUDA unless given)."""
+    if not isinstance(model, str) or not model.strip():
+        raise AsrError("asr_model is empty: give a faster-whisper model (e.g. small) or pocketsphinx")
+    if model.strip() == POCKETSPHINX:
+        return SphinxTranscriber()
+    return WhisperTranscriber(os.path.expanduser(model.strip()) if model.startswith("~") else model.strip(),
+                              device, compute_type, threads)
