@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,10 @@ INSTALL = 'pip install "fastcsm[asr]"'
 
 class AsrError(RuntimeError):
     """Speech recognition that cannot run: a missing package or model, or audio it cannot take."""
+
+
+class UnknownLanguage(AsrError):
+    """A language the model does not know."""
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,11 @@ class WhisperTranscriber:
         audio = check_audio(audio)
         duration = len(audio) / SAMPLE_RATE
         if language is not None and not self.multilingual and language != "en":
-            raise AsrError(f"{self.name} is an English-only model; language {language!r} needs a multilingual one")
+            raise UnknownLanguage(f"{self.name} is an English-only model; language {language!r} needs a "
+                                  "multilingual one")
         if language is not None and language not in self.model.supported_languages:
-            raise AsrError(f"language {language!r} is not one Whisper knows (ISO 639-1 codes such as en, fr, de)")
+            raise UnknownLanguage(f"language {language!r} is not one Whisper knows (ISO 639-1 codes such as en, "
+                                  "fr, de)")
         if not len(audio):
             return _nothing(language)
         segments, info = self.model.transcribe(audio, language=language, initial_prompt=prompt or None,
@@ -158,7 +165,7 @@ class SphinxTranscriber:
     def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
         audio = check_audio(audio)
         if language not in (None, "en"):
-            raise AsrError(f"{self.name} knows English only; language {language!r} needs a Whisper model")
+            raise UnknownLanguage(f"{self.name} knows English only; language {language!r} needs a Whisper model")
         duration = len(audio) / SAMPLE_RATE
         if not len(audio):
             return _nothing(language)
@@ -200,3 +207,38 @@ def load_transcriber(model: str, device: str | None = None, compute_type: str | 
         return SphinxTranscriber()
     return WhisperTranscriber(os.path.expanduser(model.strip()) if model.startswith("~") else model.strip(),
                               device, compute_type, threads)
+
+
+class AsrBusy(AsrError):
+    """The recogniser's queue is full: try again shortly."""
+
+
+class AsrPool:
+    """A transcriber behind one worker thread and a bounded queue: recognition never runs on an
+    event loop, one recording at a time (the engine uses its own threads within it), and at most
+    `max_waiting` more wait; beyond that `submit` raises `AsrBusy` at once."""
+
+    def __init__(self, transcriber: Transcriber, max_waiting: int = 16):
+        self.transcriber = transcriber
+        self.name = transcriber.name
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastcsm-asr")
+        self._slots = threading.BoundedSemaphore(max_waiting + 1)
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Run `fn(*args, **kwargs)` on the recognition thread (e.g. a listener's `transcribe`)."""
+        if not self._slots.acquire(blocking=False):
+            raise AsrBusy("speech recognition is busy (its queue is full); retry shortly")
+        try:
+            future = self._pool.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Future:
+        """A `Future` of the `Transcript` of `audio` (16 kHz mono float32)."""
+        return self.submit(self.transcriber.transcribe, audio, language=language, prompt=prompt)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -24,6 +24,8 @@ WINDOW = 512  # samples Silero scores at a time at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous window the model sees before each one
 MODEL_FILE = "silero_vad.onnx"
 INSTALL = 'pip install "fastcsm[asr]"'
+END_SILENCE_MS = (100, 10_000)  # the silence that ends a turn may be set within these
+MAX_TURN_S = (1.0, 600.0)  # and a turn's cap within these
 
 
 class VadError(RuntimeError):
@@ -87,10 +89,12 @@ class TurnConfig:
     threshold: float = 0.5  # speech probability that starts speech; it continues down to threshold - 0.15
 
     def __post_init__(self):
-        if not 100 <= self.end_silence_ms <= 10_000:
-            raise ValueError(f"end_silence_ms must be between 100 and 10000, got {self.end_silence_ms!r}")
-        if not 1.0 <= self.max_turn_s <= 600.0:
-            raise ValueError(f"max_turn_s must be between 1 and 600, got {self.max_turn_s!r}")
+        if not END_SILENCE_MS[0] <= self.end_silence_ms <= END_SILENCE_MS[1]:
+            raise ValueError(f"end_silence_ms must be between {END_SILENCE_MS[0]} and {END_SILENCE_MS[1]}, "
+                             f"got {self.end_silence_ms!r}")
+        if not MAX_TURN_S[0] <= self.max_turn_s <= MAX_TURN_S[1]:
+            raise ValueError(f"max_turn_s must be between {MAX_TURN_S[0]:g} and {MAX_TURN_S[1]:g}, "
+                             f"got {self.max_turn_s!r}")
         if not 0 <= self.min_speech_ms <= 1000 or not 0 <= self.pad_ms <= 1000:
             raise ValueError("min_speech_ms and pad_ms must be between 0 and 1000")
         if not 0.2 <= self.threshold <= 0.95:

@@ -1,8 +1,8 @@
 """What stands between the network and the routes: body limits and deadlines, Origin checks,
 API keys kept out of logs, and the uvicorn settings against slow clients.
 
-- `Guard` (ASGI middleware, outermost): per-route body limits (the speech and voice-upload
-  routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`) enforced by
+- `Guard` (ASGI middleware, outermost): per-route body limits (the speech, voice-upload and
+  transcription routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`) enforced by
   Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the whole body
   must arrive within `body_timeout_s` (else 408 and the connection closes); state-changing
   requests and WebSocket handshakes whose `Origin` is present and not allowed get 403 (allowed:
@@ -26,7 +26,7 @@ from .settings import Settings, is_loopback
 
 SMALL_BODY_BYTES = 64 * 1024  # routes without audio in their body
 LARGE_BODY_ROUTES = {("POST", "/v1/audio/speech"), ("POST", "/v1/voices"),
-                     ("POST", "/v1/audio/voices")}
+                     ("POST", "/v1/audio/voices"), ("POST", "/v1/audio/transcriptions")}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 API_KEY_SCOPE = "fastcsm.api_key"  # where the WebSocket's ?api_key= goes once out of the query string
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
