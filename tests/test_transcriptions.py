@@ -149,3 +149,23 @@ def test_a_recogniser_that_fails_to_load_is_named(tmp_path):
     r = TestClient(app).post("/v1/audio/transcriptions", data={"model": "whisper-1"},
                              files={"file": ("a.wav", wav_of_silence(), "audio/wav")})
     assert r.status_code == 503 and "no-such-whisper" in r.json()["error"]["message"]
+
+
+@needs_espeak
+def test_cli_voices_add_transcribes_without_text(tmp_path, tiny_csm_dir, capsys):
+    from fastcsm.cli import main
+    from fastcsm.voices import VoiceStore
+
+    ref = tmp_path / "me.wav"
+    ref.write_bytes(wav_of(SENTENCES[0]))
+    vdir = str(tmp_path / "voices")
+    base = ["voices", "add", "me", "--audio", str(ref), "--model", str(tiny_csm_dir), "--device", "cpu",
+            "--voices-dir", vdir]
+    assert main([*base, "--asr-model", ""]) == 2
+    assert "--asr-model to transcribe" in capsys.readouterr().err
+    assert main([*base, "--asr-model", "pocketsphinx"]) == 0
+    assert "heard: " in capsys.readouterr().out
+    voice = VoiceStore(vdir).get("me")
+    assert overlap(voice.text, SENTENCES[0]) >= 0.75 and voice.meta["transcribed_by"] == "pocketsphinx"
+    assert main([*base, "--asr-model", "pocketsphinx", "--text", "Given.", "--force"]) == 0
+    assert VoiceStore(vdir).get("me").text == "Given."
