@@ -169,3 +169,54 @@ def test_cli_voices_add_transcribes_without_text(tmp_path, tiny_csm_dir, capsys)
     assert overlap(voice.text, SENTENCES[0]) >= 0.75 and voice.meta["transcribed_by"] == "pocketsphinx"
     assert main([*base, "--asr-model", "pocketsphinx", "--text", "Given.", "--force"]) == 0
     assert VoiceStore(vdir).get("me").text == "Given."
+
+
+def pcm_of(sentence: str, rate: int = 16_000) -> np.ndarray:
+    return (np.concatenate([silence(0.3, rate), spoken(sentence, rate), silence(0.3, rate)]) * 32767).astype("<i2")
+
+
+@needs_espeak
+def test_pipecat_openai_stt_service(server):
+    pytest.importorskip("pipecat")
+    import asyncio
+
+    from pipecat.frames.frames import TranscriptionFrame
+    from pipecat.services.openai.stt import OpenAISTTService
+    from pipecat.transcriptions.language import Language
+
+    async def run():
+        stt = OpenAISTTService(api_key=KEY, base_url=server.url + "/v1",
+                               settings=OpenAISTTService.Settings(model="whisper-1", language=Language.EN))
+        buf = io.BytesIO()
+        sf.write(buf, pcm_of(SENTENCES[0]), 16_000, format="WAV", subtype="PCM_16")
+        try:
+            return [f async for f in stt.run_stt(buf.getvalue())]  # what Pipecat runs on each spoken segment
+        finally:
+            await stt._client.close()
+
+    frames = asyncio.run(run())
+    assert len(frames) == 1 and isinstance(frames[0], TranscriptionFrame), frames
+    assert overlap(frames[0].text, SENTENCES[0]) >= 0.75
+
+
+@needs_espeak
+def test_livekit_openai_stt(server):
+    pytest.importorskip("livekit.plugins.openai")
+    import asyncio
+
+    from livekit import rtc
+    from livekit.agents import stt as agents_stt
+    from livekit.plugins import openai as lk_openai
+
+    async def run():
+        stt = lk_openai.STT(base_url=server.url + "/v1", api_key=KEY, model="whisper-1", language="en",
+                            use_realtime=False)
+        pcm = pcm_of(SENTENCES[1])
+        try:
+            return await stt.recognize(rtc.AudioFrame(pcm.tobytes(), 16_000, 1, len(pcm)))
+        finally:
+            await stt.aclose()
+
+    event = asyncio.run(run())
+    assert event.type == agents_stt.SpeechEventType.FINAL_TRANSCRIPT
+    assert overlap(event.alternatives[0].text, SENTENCES[1]) >= 0.75
