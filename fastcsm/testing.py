@@ -198,10 +198,18 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
             assert torch.allclose(eager.cache.k, comp.cache.k, atol=atol, rtol=rtol)
 
 
-def write_tiny_whisper(root: str | Path, seed: int = 0) -> Path:
-    """A tiny random English-only Whisper (transformers' `WhisperForConditionalGeneration`, byte-level
+# Whisper's shapes (d_model, layers, heads, ffn) by name, for random models of the real sizes.
+WHISPER_SHAPES = {"test": (32, 1, 2, 64), "tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048),
+                  "small": (768, 12, 12, 3072)}
+WHISPER_EN_VOCAB = 50_257  # byte-level tokens of the English-only models, before their special tokens
+
+
+def write_tiny_whisper(root: str | Path, seed: int = 0, shape: str = "test") -> Path:
+    """A random English-only Whisper (transformers' `WhisperForConditionalGeneration`, byte-level
     tokenizer) converted by CTranslate2's converter (what `ct2-transformers-converter` runs) into
-    `root`/ct2, a directory faster-whisper loads. Its text is noise; its plumbing is the real one."""
+    `root`/ct2, a directory faster-whisper loads. Its text is noise; its plumbing is the real one.
+    `shape` "test" is tiny; "tiny", "base", "small" have Whisper's sizes, its vocabulary included
+    (unused filler tokens), so that their speed is the real models'."""
     from ctranslate2.converters import TransformersConverter
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
@@ -215,8 +223,10 @@ def write_tiny_whisper(root: str | Path, seed: int = 0) -> Path:
     hf, out = root / "hf", root / "ct2"
     specials = ["<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
                 "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]  # the converter adds the timestamps
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                               merges=[]))
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    if shape != "test":
+        vocab.update({f"<filler{i}>": i for i in range(len(vocab), WHISPER_EN_VOCAB - 1)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
@@ -224,9 +234,11 @@ def write_tiny_whisper(root: str | Path, seed: int = 0) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], bos_token=specials[0],
                             unk_token=specials[0]).save_pretrained(hf)
     timestamps = 1501  # <|0.00|> .. <|30.00|>
-    cfg = WhisperConfig(vocab_size=tok.get_vocab_size() + timestamps, num_mel_bins=80, d_model=32, encoder_layers=1,
-                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                        decoder_ffn_dim=64, max_source_positions=1500, max_target_positions=448,
+    dim, layers, heads, ffn = WHISPER_SHAPES[shape]
+    cfg = WhisperConfig(vocab_size=tok.get_vocab_size() + timestamps, num_mel_bins=80, d_model=dim,
+                        encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                        decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                        max_source_positions=1500, max_target_positions=448,
                         decoder_start_token_id=tok.token_to_id("<|startoftranscript|>"), eos_token_id=eot,
                         bos_token_id=eot, pad_token_id=eot, suppress_tokens=[], begin_suppress_tokens=[eot])
     torch.manual_seed(seed)

@@ -95,7 +95,9 @@ class WhisperTranscriber:
     """faster-whisper: greedy decoding, no built-in VAD (fastcsm's listener cuts turns itself),
     word timings from the cross-attention alignment. Timings are kept inside the audio."""
 
-    def __init__(self, model: str, device: str | None = None, compute_type: str | None = None, threads: int = 0):
+    def __init__(self, model: str, device: str | None = None, compute_type: str | None = None, threads: int = 0,
+                 max_new_tokens: int | None = None):
+        self.max_new_tokens = max_new_tokens  # tokens decoded per 30 s window at most (None: Whisper's 448)
         try:
             from faster_whisper import WhisperModel
         except ImportError:
@@ -135,7 +137,8 @@ class WhisperTranscriber:
             return _nothing(language)
         segments, info = self.model.transcribe(audio, language=language, initial_prompt=prompt or None,
                                                beam_size=1, temperature=0.0, word_timestamps=True,
-                                               condition_on_previous_text=False, vad_filter=False)
+                                               condition_on_previous_text=False, vad_filter=False,
+                                               max_new_tokens=self.max_new_tokens)
         out = []
         for s in segments:
             words = tuple(Word(w.word.strip(), _clamp(w.start, duration), _clamp(w.end, duration),
