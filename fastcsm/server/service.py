@@ -16,8 +16,9 @@ import unicodedata
 
 import torch
 
-from ..audio import AudioError, read_audio
+from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
 from ..engine import Engine, Request
+from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
 from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
@@ -99,8 +100,6 @@ class Service:
     def load_asr(self) -> None:
         """The recogniser `asr_model` names, on the server's device; a failure is kept in
         `asr_error` (and said by every route that needs it), never fatal to speaking."""
-        from ..listen.asr import AsrError, AsrPool, load_transcriber
-
         s = self.settings
         if not s.asr_model or self.asr is not None:
             return
@@ -133,22 +132,18 @@ class Service:
         if not data:
             raise ApiError(400, "file: the audio is empty", param="file")
         try:
-            wav = read_audio(data, max_duration_s=self.settings.max_transcription_s, max_sample_rate=MAX_AUDIO_RATE,
-                             max_channels=MAX_AUDIO_CHANNELS)
+            audio = read_audio(data, ASR_RATE, max_duration_s=self.settings.max_transcription_s,
+                               max_sample_rate=MAX_AUDIO_RATE, max_channels=MAX_AUDIO_CHANNELS)
         except AudioError as e:
             msg = re.sub(r"Error opening <[^>]*>: ", "", str(e)).replace("<BytesIO>", "file")
             raise ApiError(400, f"{msg} (send WAV, FLAC, OGG or MP3; at most {self.settings.max_transcription_s:g} s)",
                            param="file") from None
-        return self.transcribe(wav, language, prompt)
+        return self.transcribe(audio.numpy(), language, prompt)
 
-    def transcribe(self, wav, language: str | None = None, prompt: str | None = None, param: str = "file"):
-        """The `Transcript` of a mono 24 kHz waveform (called from a worker thread, it waits on the
+    def transcribe(self, audio, language: str | None = None, prompt: str | None = None, param: str = "file"):
+        """The `Transcript` of 16 kHz mono audio (called from a worker thread, it waits on the
         recogniser's own thread)."""
-        from ..audio import SAMPLE_RATE, resample
-        from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, UnknownLanguage
-
         asr = self.need_asr(param)
-        audio = resample(wav.numpy() if isinstance(wav, torch.Tensor) else wav, SAMPLE_RATE, ASR_RATE)
         try:
             return asr.transcribe(audio, language, prompt).result()
         except AsrBusy as e:
@@ -258,7 +253,7 @@ class Service:
             text = self.check_input(text, "text")
         wav = self._read_audio(audio, "audio")
         if text is None:
-            text = self.transcribe(wav, param="audio").text
+            text = self.transcribe(resample(wav.numpy(), SAMPLE_RATE, ASR_RATE), param="audio").text
             if not text.strip():
                 raise ApiError(400, "no speech was recognised in the recording: send its transcript as `text`",
                                param="audio")
