@@ -154,7 +154,9 @@ def bench_lateness(args) -> dict:
     cmd = [sys.executable, "-m", "fastcsm", "serve", "--model", ckpt, "--device", "cpu", "--port", str(port),
            "--threads", "1", "--slots", str(max(4, args.streams)), "--asr-model", args.asr_model,
            "--voices-dir", tempfile.mkdtemp(), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = Path(tempfile.mkdtemp(prefix="fastcsm-bench-listen-")) / "server.log"
+    with open(log_path, "w") as server_log:  # a file: a pipe nobody reads would fill and block the server
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=server_log)
     url = f"http://127.0.0.1:{port}"
     import soundfile as sf
 
@@ -187,6 +189,7 @@ def bench_lateness(args) -> dict:
                 "lateness_ms_p99": round(1000 * percentile(late, 99), 1),
                 "lateness_ms_max": round(1000 * max(late), 1), "transcriptions": len(transcribed)}
 
+    log(f"server log: {log_path}")
     try:
         wait_ready(url, 300, proc)
         asyncio.run(level(False))  # warm-up

@@ -15,6 +15,8 @@ A transcriber may be called from several threads: each engine serialises or pool
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -149,20 +151,23 @@ class WhisperTranscriber:
 
 
 class SphinxTranscriber:
-    """pocketsphinx with the US English model its wheel bundles; one decoder, used by one thread
-    at a time. Fillers (`<s>`, `<sil>`, `[NOISE]`) are dropped and `word(2)` read as `word`."""
+    """pocketsphinx with the US English model its wheel bundles. Its decoder holds the GIL for
+    the whole utterance (a server's event loop and engine thread would stall meanwhile), so it
+    runs in a child process of its own, one recording at a time. Fillers (`<s>`, `<sil>`,
+    `[NOISE]`) are dropped and `word(2)` read as `word`."""
 
     name = f"{POCKETSPHINX}:en-us"
-    frames_per_second = 100
 
     def __init__(self):
-        try:
-            from pocketsphinx import Decoder
-        except ImportError:
-            raise AsrError(f"asr_model {POCKETSPHINX!r} needs pocketsphinx, which is not installed: {INSTALL}") \
-                from None
-        self.decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-        self.frames_per_second = int(self.decoder.config["frate"])
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if importlib.util.find_spec("pocketsphinx") is None:
+            raise AsrError(f"asr_model {POCKETSPHINX!r} needs pocketsphinx, which is not installed: {INSTALL}")
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_sphinx_start)
+        atexit.register(self._pool.shutdown)  # before the interpreter tears down what the pool's cleanup uses
+        self.frames_per_second = self._pool.submit(_sphinx_frame_rate).result()
         self._lock = threading.Lock()
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
@@ -174,18 +179,38 @@ class SphinxTranscriber:
             return _nothing(language)
         pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
         with self._lock:
-            d = self.decoder
-            d.start_utt()
-            d.process_raw(pcm, full_utt=True)
-            d.end_utt()
-            seg = list(d.seg())
+            seg = self._pool.submit(_sphinx_decode, pcm).result()
         fps = self.frames_per_second
-        words = tuple(Word(s.word.split("(")[0], _clamp(s.start_frame / fps, duration),
-                           _clamp((s.end_frame + 1) / fps, duration)) for s in seg
-                      if not (s.word.startswith(("<", "[")) or s.word.endswith("]")))
+        words = tuple(Word(w.split("(")[0], _clamp(a / fps, duration), _clamp((b + 1) / fps, duration))
+                      for w, a, b in seg if not (w.startswith(("<", "[")) or w.endswith("]")))
         text = " ".join(w.text for w in words)
         segments = (Segment(text, words[0].start, words[-1].end, words),) if words else ()
         return Transcript(text, "en", round(duration, 3), segments)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_decoder = None  # the child process's pocketsphinx decoder
+
+
+def _sphinx_start() -> None:
+    global _decoder
+    from pocketsphinx import Decoder
+
+    _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def _sphinx_frame_rate() -> int:
+    return int(_decoder.config["frate"])
+
+
+def _sphinx_decode(pcm: bytes) -> list[tuple[str, int, int]]:
+    """(word, first frame, last frame) of 16-bit 16 kHz PCM, in the child process."""
+    _decoder.start_utt()
+    _decoder.process_raw(pcm, full_utt=True)
+    _decoder.end_utt()
+    return [(s.word, s.start_frame, s.end_frame) for s in _decoder.seg()]
 
 
 def _device(device: str | None) -> tuple[str, int]:
@@ -245,3 +270,6 @@ class AsrPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.transcriber, "close", None)
+        if close is not None:
+            close()
