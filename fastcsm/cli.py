@@ -418,7 +418,10 @@ def add_voices(sub) -> None:
     a = vsub.add_parser("add", help="encode a recording and save it as a named voice")
     a.add_argument("name", help="letters, digits, '.', '_' or '-', not digits alone (those are speaker ids)")
     a.add_argument("--audio", required=True, metavar="FILE", help="the recording (WAV, FLAC, OGG; any rate)")
-    a.add_argument("--text", required=True, help="what is said in the recording")
+    a.add_argument("--text", help="what is said in the recording (left out: --asr-model transcribes it)")
+    a.add_argument("--asr-model", default=os.environ.get("FASTCSM_ASR_MODEL"), metavar="NAME_OR_PATH",
+                   help="speech recognition for a recording without --text: a faster-whisper model (small, a hub "
+                        "repo or a directory, from the cache) or pocketsphinx [FASTCSM_ASR_MODEL]")
     a.add_argument("--speaker", type=int, default=0, metavar="ID", help="speaker id (default: %(default)s)")
     a.add_argument("--force", action="store_true", help="replace a voice of the same name")
     _add_voices_dir(a)
@@ -464,19 +467,40 @@ def run_voices_add(args) -> int:
             raise VoiceError(f"a voice named {args.name!r} already exists; pass --force to replace it")
         if args.speaker < 0:
             raise VoiceError(f"--speaker must be a non-negative integer, got {args.speaker}")
-        if not args.text.strip():
+        if args.text is not None and not args.text.strip():
             raise VoiceError("--text is empty: give the transcript of the recording")
+        if args.text is None and not args.asr_model:
+            raise VoiceError("give the transcript of the recording with --text, or --asr-model to transcribe it "
+                             '(e.g. --asr-model small; pip install "fastcsm[asr]")')
         audio = read_audio(args.audio)
     except (VoiceError, AudioError) as e:
         raise CliError(str(e)) from e
+    meta = {}
+    if args.text is None:
+        args.text, meta["transcribed_by"] = _transcribe(audio, args.asr_model, args.device), args.asr_model
+        print(f"heard: {args.text}")
     codec = _load_codec_only(args)
     try:
-        voice = Voice.from_audio(codec, audio, args.text, args.speaker, source=str(args.audio))
+        voice = Voice.from_audio(codec, audio, args.text, args.speaker, source=str(args.audio), **meta)
         path = store.add(voice, args.name, overwrite=args.force)
     except (VoiceError, AudioError, ValueError) as e:
         raise CliError(str(e)) from e
     print(f"saved voice {args.name!r} ({voice.duration_ms() / 1000:.1f} s, speaker {voice.speaker}) to {path}")
     return EXIT_OK
+
+
+def _transcribe(audio, model: str, device: str | None) -> str:
+    """The text of a 24 kHz recording, by the recogniser `model` names."""
+    from .audio import SAMPLE_RATE, resample
+    from .listen.asr import SAMPLE_RATE as ASR_RATE, AsrError, load_transcriber
+
+    try:
+        text = load_transcriber(model, device).transcribe(resample(audio.numpy(), SAMPLE_RATE, ASR_RATE)).text
+    except AsrError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+    if not text.strip():
+        raise CliError("no speech was recognised in the recording: give its transcript with --text")
+    return text
 
 
 def run_voices_list(args) -> int:

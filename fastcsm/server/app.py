@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..scheduler import End
-from . import protocol as P
+from . import protocol as P, transcriptions as T
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
 from .limits import (
@@ -271,11 +271,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     @app.post("/v1/voices", response_model=P.VoiceInfo, status_code=201, dependencies=v1,
               responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
     async def create_voice(name: str = Form(..., max_length=64, description=VOICE_NAME),
-                           text: str = Form(..., min_length=1, description="what is said in the recording"),
+                           text: str | None = Form(None, description="what is said in the recording; left out, "
+                                                                     "the server's speech recognition transcribes it"),
                            audio: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any rate"),
                            speaker: int = Form(0, ge=0, le=1_000_000),
                            overwrite: bool = Form(False)):
-        """Register a voice: the recording is encoded once and stored as Mimi codes."""
+        """Register a voice: the recording is encoded once and stored as Mimi codes, with its
+        transcript (given, or made once by the server's speech recognition)."""
         data = await audio.read()
         return await run_in_threadpool(service.create_voice, name, text, speaker, data, audio.filename, overwrite)
 
@@ -292,13 +294,15 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                                                                                   "MP3, any rate"),
                                  consent: str | None = Form(None, max_length=256,
                                                             description="OpenAI's consent id; kept with the voice"),
-                                 text: str | None = Form(None, description="fastcsm: what is said in audio_sample "
-                                                                           "(required)"),
+                                 text: str | None = Form(None, description="fastcsm: what is said in audio_sample; "
+                                                                           "left out, speech recognition transcribes "
+                                                                           "it (--asr-model)"),
                                  speaker: int = Form(0, ge=0, le=1_000_000)):
         """OpenAI's custom-voice upload, over fastcsm's voice store (the voice's id is its name)."""
-        if text is None or not text.strip():
-            raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (it has no speech recognition): "
-                                "send it as the form field `text`", param="text")
+        if (text is None or not text.strip()) and not settings.asr_model:
+            raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (this server has no speech "
+                                "recognition; start it with --asr-model): send it as the form field `text`",
+                           param="text")
         data = await audio_sample.read()
         meta = {"consent": consent} if consent else {}
         info = await run_in_threadpool(service.create_voice, name, text, speaker, data, audio_sample.filename, False,
@@ -310,6 +314,45 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def list_audio_voices():
         voices, _ = await run_in_threadpool(service.list_voices)
         return P.AudioVoiceList(data=[_audio_voice(v) for v in voices])
+
+    # -- transcription --------------------------------------------------------------------------
+
+    @app.post("/v1/audio/transcriptions", dependencies=v1, tags=["transcription"],
+              responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"anyOf": [
+                  {"$ref": "#/components/schemas/Transcription"},
+                  {"$ref": "#/components/schemas/TranscriptionVerbose"}]}},
+                  "text/plain": {}, "application/x-subrip": {}, "text/vtt": {}}}})
+    async def transcriptions(file: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any "
+                                                                      "rate"),
+                             model: str = Form(..., max_length=256, description="any name (whisper-1 too): the "
+                                                                                "server's --asr-model transcribes"),
+                             language: str | None = Form(None, max_length=16, description="ISO 639-1, e.g. en"),
+                             prompt: str | None = Form(None, max_length=4096, description="text the speech "
+                                                                                          "continues"),
+                             response_format: str = Form("json", description=", ".join(T.RESPONSE_FORMATS)),
+                             temperature: float = Form(0.0, ge=0.0, le=1.0, description="accepted; decoding is "
+                                                                                        "greedy"),
+                             timestamp_granularities: list[str] = Form([], alias="timestamp_granularities[]",
+                                                                       description="segment, word (with "
+                                                                                   "verbose_json)")):
+        """OpenAI's `audio.transcriptions.create`, by the server's speech recognition (`--asr-model`)."""
+        if response_format not in T.RESPONSE_FORMATS:
+            raise ApiError(400, f"response_format {response_format!r} is not one of {', '.join(T.RESPONSE_FORMATS)}",
+                           param="response_format")
+        bad = [g for g in timestamp_granularities if g not in T.GRANULARITIES]
+        if bad:
+            raise ApiError(400, f"timestamp_granularities: {bad[0]!r} is not one of {', '.join(T.GRANULARITIES)}",
+                           param="timestamp_granularities")
+        if timestamp_granularities and response_format != "verbose_json":
+            raise ApiError(400, "timestamp_granularities needs response_format=verbose_json",
+                           param="timestamp_granularities")
+        service.need_asr("model")
+        data = await file.read()
+        transcript = await run_in_threadpool(service.transcribe_upload, data, language or None, prompt)
+        body, media_type = T.render(transcript, response_format, timestamp_granularities)
+        if isinstance(body, dict):
+            return JSONResponse(body)
+        return PlainTextResponse(body, media_type=media_type)
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -452,7 +495,7 @@ async def _captioned(audio, audio_format: str, words: LineWords, headers: dict) 
 
 
 def _audio_voice(info: P.VoiceInfo) -> P.AudioVoice:
-    return P.AudioVoice(id=info.name, name=info.name, created_at=info.created)
+    return P.AudioVoice(id=info.name, name=info.name, created_at=info.created, text=info.text)
 
 
 def _created(model: str) -> int:

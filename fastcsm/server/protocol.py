@@ -296,6 +296,7 @@ class AudioVoice(BaseModel):
     id: str
     name: str
     created_at: int | None = Field(None, description="unix time")
+    text: str | None = Field(None, description="fastcsm: the transcript stored with the voice (given, or recognised)")
 
 
 class AudioVoiceList(BaseModel):

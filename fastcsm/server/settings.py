@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Self
 
+from ..listen.vad import END_SILENCE_MS, MAX_TURN_S, TurnConfig
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -151,6 +153,19 @@ class Settings(Table):
     lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
                                         "object of word -> respelling (see README, \"Saying the text right\")",
                                   "speech", metavar="FILE")
+    asr_model: str | None = setting(None, "speech recognition: a faster-whisper model (tiny, base, small, large-v3, "
+                                          "a hub repo or a local CTranslate2 directory; loaded offline from the "
+                                          "cache) or pocketsphinx (English, built in); it serves POST "
+                                          "/v1/audio/transcriptions and voices uploaded without a transcript "
+                                          '(pip install "fastcsm[asr]")', "speech recognition",
+                                    metavar="NAME_OR_PATH")
+    max_transcription_s: float = setting(600.0, "longest recording POST /v1/audio/transcriptions takes",
+                                         "speech recognition", metavar="S", at_least=1.0)
+    turn_silence_ms: int = setting(TurnConfig.end_silence_ms, "silence that ends the user's spoken turn",
+                                   "speech recognition", metavar="MS", at_least=END_SILENCE_MS[0],
+                                   at_most=END_SILENCE_MS[1])
+    max_turn_s: float = setting(TurnConfig.max_turn_s, "longest spoken turn of a user; a longer one is cut there",
+                                "speech recognition", metavar="S", at_least=MAX_TURN_S[0], at_most=MAX_TURN_S[1])
     voices_dir: str | None = setting(None, "where voices live (default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
