@@ -559,9 +559,10 @@ def run_compile(args) -> int:
 
     try:
         s = settings_from_args(args, compile=True)
-        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
     except ValueError as e:
         raise CliError(str(e)) from e
+    try:
+        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
     except CheckpointError as e:
         raise CliError(str(e), EXIT_MODEL) from e
     log.setLevel(logging.INFO)  # the progress lines

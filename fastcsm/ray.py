@@ -25,7 +25,8 @@ response carries `X-Fastcsm-Replica` (the replica's id), so a client or a test c
 it landed. With `compile=true` every replica keeps its compiled step in one directory
 (`compile_cache`, default ~/.cache/fastcsm/compile of the calling machine, resolved there; on
 several machines a shared volume): a replica started after the cache is filled (by the first
-replica, or ahead of time by `fastcsm compile`) loads instead of compiling. Each replica also exports its active streams and queue depth as Ray metrics
+replica, or ahead of time by `fastcsm compile`) loads instead of compiling. Each replica also
+exports its active streams and queue depth as Ray metrics
 (`ray_fastcsm_active_streams`, `ray_fastcsm_queue_depth`, tagged by replica) on every node's
 metrics port, which a Prometheus scraping the Ray cluster sees for the whole fleet.
 """

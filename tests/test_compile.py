@@ -37,18 +37,18 @@ def requests(cfg, n):
     out = []
     for i in range(n):
         codes = torch.randint(0, 2048, (3, cfg.num_codebooks), generator=torch.Generator().manual_seed(i))
-        p = build_prompt(["Compile me.", "Once for all.", "Every bucket!"][i % 3], i, [Segment(1, "Voice.", codes=codes)],
-                         TOK, cfg)
+        text = ["Compile me.", "Once for all.", "Every bucket!"][i % 3]
+        p = build_prompt(text, i, [Segment(1, "Voice.", codes=codes)], TOK, cfg)
         out.append(Request(p, 5, SamplingParams(temperature=[0.9, 0.0, 1.1][i % 3], topk=[20, 0, 50][i % 3],
                                                 topp=[1.0, 1.0, 0.9][i % 3]), seed=i))
     return out
 
 
-def frames_compiled(model, slots, step=None) -> tuple[int, Engine]:
+def frames_compiled(model, slots, scripted=False) -> tuple[int, Engine]:
     """Dynamo frames compiled by one warm-up of an engine of `slots` slots."""
     torch._dynamo.reset()
     counter = CompileCounter()
-    kw = {"step": step} if step is not None else {}
+    kw = {"step": scripted_step, "prefill": scripted_prefill} if scripted else {}
     engine = Engine(model, max_slots=slots, runner=Runner(compile=counter, **kw))
     engine.warmup()
     return counter.frame_count, engine
@@ -61,11 +61,17 @@ def scripted_step(model, mimi, state, cache, decoder_cache, decoder_tables, code
     decoder_cache.kv.mul_(1)
 
 
+def scripted_prefill(model, tokens, mask, start, cache):
+    """A prefill with prefill's inputs and output: the rows' count as every row's hidden state."""
+    cache.kv.mul_(1)
+    return (tokens * mask).sum(dim=(1, 2))[:, None].float().expand(-1, model.cfg.backbone.dim)
+
+
 def test_one_compile_serves_every_bucket(model):
     """Batch 1 and one dynamic batch per sampling variant (2 of them), and prefill's two graphs:
     6 graphs, whether the engine has 3 buckets or 8."""
-    few, engine = frames_compiled(model, 4, scripted_step)
-    many, more = frames_compiled(model, 128, scripted_step)
+    few, engine = frames_compiled(model, 4, scripted=True)
+    many, more = frames_compiled(model, 128, scripted=True)
     assert engine.buckets == [1, 2, 4] and len(more.buckets) == 8
     assert few == many == 2 * 2 + 2
     assert len(more.runner.built) == 8 * 2  # every bucket has both variants, from those graphs
@@ -79,13 +85,13 @@ def test_one_compile_serves_every_bucket(model):
 def test_warmup_reports_each_build_with_its_bucket_variant_and_time(model):
     seen: list[Progress] = []
     torch._dynamo.reset()
-    engine = Engine(model, max_slots=4, runner=Runner(step=scripted_step, compile="eager"))
+    engine = Engine(model, max_slots=4, runner=Runner(step=scripted_step, prefill=scripted_prefill, compile="eager"))
     engine.warmup(progress=seen.append)
     assert [p.done for p in seen] == list(range(len(seen))) and all(p.total == len(seen) for p in seen)
     assert len(seen) == 3 * 2 + 2
     assert [p.what for p in seen[:2]] == ["step batch 1 full sort", "step batch 1 top-64"]
     assert seen[-1].what == "prefill rows 2+"
-    assert all(b.elapsed_s >= a.elapsed_s >= 0 for a, b in zip(seen, seen[1:]))
+    assert all(b.elapsed_s >= a.elapsed_s >= 0 for a, b in zip(seen, seen[1:], strict=False))
     assert str(seen[0]).startswith("building step batch 1 full sort (1/8, ")
     engine.warmup(progress=seen.append)  # built already: nothing to report
     assert len(seen) == 3 * 2 + 2
@@ -186,3 +192,18 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTCSM_COMPILE_CACHE", str(tmp_path / "mine"))
     assert compile_cache.default_dir() == tmp_path / "mine"
     assert Runner().cache_dir == tmp_path / "mine"
+
+
+def test_readyz_says_what_start_up_is_doing():
+    from fastapi.testclient import TestClient
+
+    from fastcsm.server.app import create_app
+    from fastcsm.server.settings import Settings
+
+    app = create_app(Settings(model="/nonexistent"))
+    client = TestClient(app)  # outside `with`: no lifespan, so nothing loads and the server stays unready
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json() == {"ready": False, "slots": 0, "free_slots": 0, "queued": 0,
+                                                 "loading": "loading the model"}
+    app.state.service.loading = str(Progress(2, 8, "step batch 2 top-64", 31.0))  # as a warm-up reports it
+    assert client.get("/readyz").json()["loading"] == "building step batch 2 top-64 (3/8, 31 s so far)"
