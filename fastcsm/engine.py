@@ -237,6 +237,7 @@ class Engine:
         self.runner = runner or Runner(compile=compile, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
                                        cache_dir=compile_cache)
         self.buffers = Buffers.allocate(model, max_slots, self.max_seq_len, codec.mimi if codec else None)
+        self.runner.bind(self.buffers)
         # Pinned host copies of the newest frame (and its audio), read a step late on CUDA.
         self._host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long, pin_memory=on_cuda)
         self._host_pcm = torch.zeros(max_slots, codec.frame_size, pin_memory=on_cuda) if codec else None

@@ -127,7 +127,8 @@ class Runner:
         self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
         self._prefill_built = False  # compiled: both prefill graphs were built by a warm-up
 
-    def _bind(self, bufs: Buffers) -> None:
+    def bind(self, bufs: Buffers) -> None:
+        """Serve the engine of `bufs` (and only it); compiled with inductor, open its compile cache entry."""
         if self._buffers is None:
             self._buffers = bufs
             if self.backend == "inductor":  # the model's shapes are known now: open their cache entry
@@ -140,7 +141,7 @@ class Runner:
                 start: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """`window`: the prompt's rows end below it (attention reads no further). Compiled, the
         rows are a dynamic dimension and attention reads the whole cache (static shapes)."""
-        self._bind(bufs)
+        self.bind(bufs)
         cache = bufs.cache.rows(slot, slot + 1)
         if self.compiled:
             if tokens.shape[1] >= 2:
@@ -161,7 +162,7 @@ class Runner:
     def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
         many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
-        self._bind(bufs)
+        self.bind(bufs)
         key = self.variant(batch, path)
         batch, path = key
         if self.cuda_graphs:
@@ -181,7 +182,7 @@ class Runner:
     def warmup(self, bufs: Buffers, variants, progress: Callable[[Progress], None] | None = None) -> None:
         """Build every variant not built yet (and, compiled, both prefill graphs), without advancing
         any stream. `progress` hears of each build before it starts."""
-        self._bind(bufs)
+        self.bind(bufs)
         todo = [("step", k) for k in dict.fromkeys(self.variant(*v) for v in variants) if k not in self.built]
         if self.compiled and not self._prefill_built:
             todo += [("prefill", rows) for rows in (1, 2)]
@@ -200,7 +201,7 @@ class Runner:
         self._prefill_built = self._prefill_built or self.compiled
 
     def _build(self, bufs: Buffers, batch: int, path: SamplingPath) -> None:
-        self._bind(bufs)
+        self.bind(bufs)
         args = bufs.step_args(batch, path)
         with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
             if self.cuda_graphs:

@@ -100,16 +100,22 @@ def test_warmup_reports_each_build_with_its_bucket_variant_and_time(model):
 @pytest.mark.slow
 def test_tiny_preset_compiles_a_bounded_number_of_graphs_and_equals_eager():
     """The real step of the tiny preset (4 codebooks keep the trace short): as many graphs for 8
-    buckets as for 3, and the engine compiled with aot_eager gives the eager codes for requests
-    at batches 1 to 3."""
+    buckets as for 3, and the engine compiled with aot_eager, Mimi in the step, gives the eager
+    codes for requests at batches 1 to 3."""
+    from fastcsm.codec import Codec
+    from fastcsm.mimi import tiny_mimi_config
+    from fastcsm.testing import random_mimi
+
     m = tiny_model()
     few, _ = frames_compiled(m, 4)
     many, _ = frames_compiled(m, 128)
     assert few == many == 2 * 2 + 2
+    codec = Codec(random_mimi(tiny_mimi_config(num_codebooks=4)))
     for n in (1, 3):
         torch._dynamo.reset()
-        compiled = run_together(Engine(m, max_slots=4, runner=Runner(compile="aot_eager")), requests(m.cfg, n))
-        eager = run_together(Engine(m, max_slots=4), requests(m.cfg, n))
+        compiled = run_together(Engine(m, max_slots=4, codec=codec, runner=Runner(compile="aot_eager")),
+                                requests(m.cfg, n))
+        eager = run_together(Engine(m, max_slots=4, codec=codec), requests(m.cfg, n))
         for a, b in zip(compiled, eager, strict=True):
             assert torch.equal(a, b)
 
