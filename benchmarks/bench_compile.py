@@ -6,10 +6,12 @@ what the disk cache saves) that builds random weights of the preset, quantizes t
 makes an engine of `--slots` slots (buckets 1, 2, 4, ... slots) with `compile=True` and times its
 warm-up, which compiles (or loads) the step for every bucket and both prefill graphs. The first
 start uses an empty cache directory, the second the same directory. The second process then
-times frames at batch 1, compiled and eager on the same weights, interleaved in rounds so that
-a busy machine blurs both alike. Prints progress on stderr and one JSON line last.
+times frames (`--batches`), compiled and uncompiled on the same weights (on CUDA both captured,
+one graph per bucket), interleaved in rounds so that a busy machine blurs both alike. Prints
+progress on stderr and one JSON line last.
 
     python benchmarks/bench_compile.py --preset csm-1b --quantize int8 --slots 4
+    python benchmarks/bench_compile.py --device cuda --quantize none --slots 256 --batches 1,64,256
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def start(args) -> dict:
     from fastcsm.bench import frame_times, random_codec, random_model
     from fastcsm.config import preset
     from fastcsm.engine import Engine
+    from fastcsm.sampling import SamplingParams, SamplingPath
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,28 +53,39 @@ def start(args) -> dict:
     kw = dict(max_slots=args.slots, codec=codec, sample_candidates=args.candidates)
     t = time.perf_counter()
     engine = Engine(model, compile=True, compile_cache=args.cache, **kw)
-    warmup_s = engine.warmup(progress=lambda p: log(f"  {p}"))
+    if args.default_path_only:  # the one variant requests with default settings run, in every bucket
+        path = SamplingPath.of([SamplingParams()], args.candidates)
+        t0 = time.perf_counter()
+        engine.runner.warmup(engine.buffers, [(b, path) for b in engine.buckets], lambda p: log(f"  {p}"))
+        warmup_s = time.perf_counter() - t0
+    else:
+        warmup_s = engine.warmup(progress=lambda p: log(f"  {p}"))
     out = {"warmup_s": round(time.perf_counter() - t, 1), "warmup_only_s": round(warmup_s, 1),
            "buckets": engine.buckets, "variants": len(engine.runner.built),
            "graphs_compiled": counters["stats"]["unique_graphs"],
            "fx_graph_cache": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
            "cache_entry": str(engine.runner.cache_entry)}
     if args.rounds:
+        # The peer: the same engine uncompiled (on CUDA still captured, one graph per bucket).
         eager = Engine(model, **kw)
-        ms = {"compiled": [], "eager": []}
+        batches = [int(b) for b in args.batches.split(",")]
+        ms = {(name, b): [] for name in ("compiled", "eager") for b in batches}
         for _ in range(args.rounds):
-            for name, e in (("compiled", engine), ("eager", eager)):
-                ms[name] += [1000 * s for s in frame_times(e, 1, args.frames, warmup=1)]
-        out["ms_per_frame_batch1"] = {k: {"best": round(min(v), 1), "median": round(statistics.median(v), 1),
-                                          "all": [round(x, 1) for x in v]} for k, v in ms.items()}
+            for b in batches:
+                for name, e in (("compiled", engine), ("eager", eager)):
+                    ms[name, b] += [1000 * s for s in frame_times(e, b, args.frames, warmup=1)]
+        out["ms_per_frame"] = {f"{name} batch {b}": {"best": round(min(v), 2), "median": round(statistics.median(v), 2),
+                                                    "all": [round(x, 2) for x in v]} for (name, b), v in ms.items()}
     return out
 
 
 def child(args, cache: str, rounds: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--cache", cache, "--rounds", str(rounds), "--preset", args.preset,
            "--device", args.device, "--quantize", args.quantize, "--slots", str(args.slots), "--candidates",
-           str(args.candidates), "--threads", str(args.threads), "--frames", str(args.frames)]
+           str(args.candidates), "--threads", str(args.threads), "--frames", str(args.frames),
+           "--batches", args.batches]
     cmd += ["--no-codec"] if args.no_codec else []
+    cmd += ["--default-path-only"] if args.default_path_only else []
     t = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,6 +105,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--frames", type=int, default=3, help="frames timed per round and engine")
     p.add_argument("--rounds", type=int, default=3, help="interleaved compiled / eager rounds (second start)")
+    p.add_argument("--batches", default="1", help="batches whose frames are timed, e.g. 1,64,256 (at most --slots)")
+    p.add_argument("--default-path-only", action="store_true",
+                   help="build only the sampling variant of default requests (top-k 50) in every bucket")
     p.add_argument("--cache", help="compile cache directory (default: a fresh temporary one)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -105,7 +122,7 @@ def main(argv=None) -> dict:
     log(f"  first start: warm-up {first['warmup_s']} s ({first['graphs_compiled']} graphs)")
     second = child(args, cache, args.rounds)
     log(f"  start from the cache: warm-up {second['warmup_s']} s")
-    frames = second.get("ms_per_frame_batch1", {})
+    frames = second.get("ms_per_frame", {})
     result = {
         "preset": args.preset, "device": args.device, "quantize": args.quantize, "torch": torch.__version__,
         "slots": args.slots, "codec_in_step": not args.no_codec, "sample_candidates": args.candidates,
@@ -113,8 +130,9 @@ def main(argv=None) -> dict:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "first_start": first, "start_from_cache": second,
         "cache_speedup": round(first["warmup_s"] / max(second["warmup_s"], 1e-9), 2),
-        "compiled_over_eager": (round(frames["compiled"]["median"] / frames["eager"]["median"], 3)
-                                if frames else None),
+        "compiled_over_eager": {b: round(frames[f"compiled batch {b}"]["median"]
+                                         / frames[f"eager batch {b}"]["median"], 3)
+                                for b in args.batches.split(",") if f"compiled batch {b}" in frames},
     }
     print(json.dumps(result))
     return result
