@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
     p.add_argument("--default-path-only", action="store_true",
                    help="build only the sampling variant of default requests (top-k 50) in every bucket")
     p.add_argument("--cache", help="compile cache directory (default: a fresh temporary one)")
+    p.add_argument("--only", choices=("first", "second"),
+                   help="run one of the two starts (the second needs the --cache the first filled)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -118,18 +120,21 @@ def main(argv=None) -> dict:
     cache = args.cache or tempfile.mkdtemp(prefix="fastcsm-compile-")
     log(f"bench_compile: {args.preset} {args.quantize} on {args.device}, {args.slots} slots, cache {cache}")
     load = os.getloadavg()
-    first = child(args, cache, 0)
-    log(f"  first start: warm-up {first['warmup_s']} s ({first['graphs_compiled']} graphs)")
-    second = child(args, cache, args.rounds)
-    log(f"  start from the cache: warm-up {second['warmup_s']} s")
-    frames = second.get("ms_per_frame", {})
+    first = second = None
+    if args.only != "second":
+        first = child(args, cache, 0)
+        log(f"  first start: warm-up {first['warmup_s']} s ({first['graphs_compiled']} graphs)")
+    if args.only != "first":
+        second = child(args, cache, args.rounds)
+        log(f"  start from the cache: warm-up {second['warmup_s']} s")
+    frames = second.get("ms_per_frame", {}) if second else {}
     result = {
         "preset": args.preset, "device": args.device, "quantize": args.quantize, "torch": torch.__version__,
         "slots": args.slots, "codec_in_step": not args.no_codec, "sample_candidates": args.candidates,
         "cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "first_start": first, "start_from_cache": second,
-        "cache_speedup": round(first["warmup_s"] / max(second["warmup_s"], 1e-9), 2),
+        "cache_speedup": round(first["warmup_s"] / max(second["warmup_s"], 1e-9), 2) if first and second else None,
         "compiled_over_eager": {b: round(frames[f"compiled batch {b}"]["median"]
                                          / frames[f"eager batch {b}"]["median"], 3)
                                 for b in args.batches.split(",") if f"compiled batch {b}" in frames},
