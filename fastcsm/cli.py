@@ -547,7 +547,7 @@ def add_compile(sub) -> None:
                                    "prefill), and keep it in the compile cache, e.g. while building an image or "
                                    "in an init container. Servers and Ray replicas given the same cache "
                                    "directory then load it instead of compiling.")
-    add_arguments(p, groups=("model", "capacity"))
+    add_arguments(p, names=("model", "tokenizer", "codec", "device", "dtype", "quantize", "compile_cache", "slots"))
     p.set_defaults(func=run_compile)
 
 

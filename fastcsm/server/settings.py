@@ -308,13 +308,13 @@ def _parse(f: dataclasses.Field, raw: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
-                  table: type[Table] = Settings) -> None:
-    """A flag for every setting of `table` (of `groups`, default all), in argument groups named as the table's.
-    Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
+                  table: type[Table] = Settings, names: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting of `table` (of `groups` and `names`, default all), in argument groups named as
+    the table's. Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
     made = {}
     for f in dataclasses.fields(table):
         spec, (kind, _) = f.metadata["spec"], _kind(f)
-        if groups is not None and spec.group not in groups:
+        if (groups is not None and spec.group not in groups) or (names is not None and f.name not in names):
             continue
         group = made.get(spec.group) or made.setdefault(spec.group, parser.add_argument_group(spec.group))
         shown = spec.shown or (f.default if kind not in ("list", "bool") else None)
