@@ -10,10 +10,11 @@ A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each
 captured once (`capture`: after two warm-up runs on a side stream) and replayed; compiled or
 eager, it is called.
 
-Compiled, one graph serves every bucket: the batch is a dynamic dimension (`mark_batch`, 2 up to
-the engine's slots; batch 1 gets a graph of its own, which dynamo specialises anyway), so a
-warm-up over all buckets compiles 2 graphs a sampling variant however many buckets there are,
-and on CUDA each bucket's graph is captured from that compiled code. Prefill compiles the same
+Compiled, one graph serves every bucket: the batch is a dynamic dimension (`mark_batch`; batch
+1 gets a graph of its own, which dynamo specialises anyway, and a branch on the batch size in
+the step splits the rest: for csm-1b 2-16 and 17 up), so a warm-up over all buckets compiles 2
+or 3 graphs a sampling variant however many buckets there are, and on CUDA each bucket's graph
+is captured from that compiled code. Prefill compiles the same
 way with its rows as the dynamic dimension. A compiled runner runs every sampling path as the
 path with every filter for its `candidates` (the same picks): 2 variants, not 9. What inductor
 builds is kept on disk (`compile_cache`), so a later start loads it instead of compiling.
@@ -82,15 +83,17 @@ def preserved(*states):
             t.copy_(copy)
 
 
-def mark_batch(args: tuple, max_batch: int) -> None:
-    """Mark the batch dimension of every per-row tensor of `engine_step`'s args dynamic (2 up to
-    max_batch), so that one compiled graph serves every bucket above 1. The KV caches [L, B, ...]
-    have it second; every other per-row tensor first."""
+def mark_batch(args: tuple) -> None:
+    """Mark the batch dimension of every per-row tensor of `engine_step`'s args dynamic, so that
+    one compiled graph serves every bucket above 1. The KV caches [L, B, ...] have it second;
+    every other per-row tensor first. Where the step's code branches on the batch size, dynamo
+    keeps one graph per side of it (the sampler's whole-frame noise, up to B x K x 2048 = 2^20:
+    csm-1b's batches 2-16 and 17 up)."""
     _, _, state, cache, decoder_cache, tables, codec_state, pcm, _ = args
-    if max_batch <= 2 or state.h.shape[0] < 2:
+    if state.h.shape[0] < 2:
         return
     for t, dim in [(cache.kv, 1), (decoder_cache.kv, 1), *((t, 0) for t in leaves((state, tables, codec_state, pcm)))]:
-        torch._dynamo.mark_dynamic(t, dim, min=2, max=max_batch)
+        torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def describe(path: SamplingPath) -> str:
@@ -146,7 +149,7 @@ class Runner:
         if self.compiled:
             if tokens.shape[1] >= 2:
                 for t in (tokens, mask):
-                    torch._dynamo.mark_dynamic(t, 1, min=2, max=cache.length)
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
         else:
             cache = cache.within(window)
         with torch.inference_mode():
@@ -176,7 +179,7 @@ class Runner:
 
     def _run_step(self, args: tuple) -> None:
         if self.compiled:
-            mark_batch(args, self._buffers.state.h.shape[0])
+            mark_batch(args)
         self._step(*args)
 
     def warmup(self, bufs: Buffers, variants, progress: Callable[[Progress], None] | None = None) -> None:
