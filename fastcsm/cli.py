@@ -598,7 +598,43 @@ def run_quantize(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize]
+def add_compile(sub) -> None:
+    from .server.settings import add_arguments
+
+    p = sub.add_parser("compile", help="compile the step for every batch bucket into the compile cache, ahead of "
+                                       "`fastcsm serve --compile`",
+                       description="Build what `fastcsm serve --compile` with the same model flags and --slots "
+                                   "would compile at start-up (the frame step, once for every batch bucket, and "
+                                   "prefill), and keep it in the compile cache, e.g. while building an image or "
+                                   "in an init container. Servers and Ray replicas given the same cache "
+                                   "directory then load it instead of compiling.")
+    add_arguments(p, names=("model", "tokenizer", "codec", "device", "dtype", "quantize", "compile_cache", "slots"))
+    p.set_defaults(func=run_compile)
+
+
+def run_compile(args) -> int:
+    from .checkpoints import CheckpointError
+    from .generator import load_generator
+    from .server.service import start_engine
+    from .server.settings import settings_from_args
+
+    try:
+        s = settings_from_args(args, compile=True)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    try:
+        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+    log.setLevel(logging.INFO)  # the progress lines
+    t = time.perf_counter()
+    engine = start_engine(generator, s)
+    print(f"compiled the step for batches {', '.join(map(str, engine.buckets))} on {engine.device} in "
+          f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry}")
+    return EXIT_OK
+
+
+COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize, add_compile]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:

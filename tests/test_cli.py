@@ -187,3 +187,20 @@ def test_a_checkpoint_without_a_codec_is_refused_in_one_place(tmp_path, capsys):
     with pytest.raises(checkpoints.CheckpointError, match=re.escape(message)):
         service.load()
     assert message in service.load_error
+
+
+def test_compile_refuses_bad_settings_and_missing_models(tmp_path, capsys):
+    assert main(["compile", "--model", str(tmp_path), "--device", "cpu", "--slots", "0"]) == EXIT_USAGE
+    assert "slots must be at least 1 (--slots, FASTCSM_SLOTS)" in capsys.readouterr().err
+    assert main(["compile", "--model", str(tmp_path / "none"), "--device", "cpu"]) == EXIT_MODEL
+
+
+@pytest.mark.slow
+def test_compile_fills_the_cache_and_says_where(tmp_path, tiny_csm_dir, capsys):
+    cache = tmp_path / "cache"
+    rc = main(["compile", "--model", str(tiny_csm_dir), "--device", "cpu", "--slots", "2", "--compile-cache",
+               str(cache)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "batches 1, 2 on cpu" in out
+    entry = out.strip().rsplit("cache: ", 1)[1]
+    assert entry.startswith(str(cache)) and any((cache / entry.rsplit("/", 1)[1] / "inductor").rglob("*"))

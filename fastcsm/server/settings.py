@@ -87,7 +87,12 @@ class Settings(Table):
     quantize: str | None = setting(None, "8-bit linears (int8 anywhere, fp8 on GPUs of compute capability 8.9+), "
                                          "quantized while loading (default: the checkpoint's own precision)",
                                    "model", choices=("none", "int8", "fp8"))
-    compile: bool = setting(False, "torch.compile the frame step: faster frames after minutes of warm-up", "model")
+    compile: bool = setting(False, "torch.compile the frame step and prefill (one compile for every batch "
+                                   "bucket, kept in --compile-cache): faster frames after minutes of warm-up on "
+                                   "the first start, far less from the cache", "model")
+    compile_cache: str | None = setting(None, "where compiled code is kept and shared by every process and Ray "
+                                              "replica (default: ~/.cache/fastcsm/compile; fill it ahead with "
+                                              "`fastcsm compile`)", "model", metavar="DIR")
     threads: int = setting(0, "torch CPU threads; 0 keeps torch's choice (on CPU, small models run best with 1)",
                            "model", metavar="N", at_least=0)
     model_name: str | None = setting(None, "the model id GET /v1/models lists (default: the checkpoint "
@@ -392,13 +397,13 @@ def _parse(f: dataclasses.Field, raw: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
-                  table: type[Table] = Settings) -> None:
-    """A flag for every setting of `table` (of `groups`, default all), in argument groups named as the table's.
-    Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
+                  table: type[Table] = Settings, names: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting of `table` (of `groups` and `names`, default all), in argument groups named as
+    the table's. Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
     made = {}
     for f in dataclasses.fields(table):
         spec, (kind, _) = f.metadata["spec"], _kind(f)
-        if groups is not None and spec.group not in groups:
+        if (groups is not None and spec.group not in groups) or (names is not None and f.name not in names):
             continue
         group = made.get(spec.group) or made.setdefault(spec.group, parser.add_argument_group(spec.group))
         shown = spec.shown or (f.default if kind not in ("list", "bool") else None)
