@@ -29,7 +29,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 import httpx
 import websockets
 
-from ..errors import EXIT_MODEL, CliError
+from ..errors import CliError
 from ..server.settings import add_arguments, settings_from_args
 from ..server.urls import conversation_url, free_port, wait_ready
 
@@ -200,23 +200,14 @@ def run_wyoming(args) -> int:
 
     import uvicorn
 
-    from ..checkpoints import CheckpointError
-    from ..generator import load_generator
     from ..server.app import create_app
+    from ..server.cli import load_generator_for
 
     try:
         settings = settings_from_args(args, host="127.0.0.1", port=free_port(), api_keys=[])
     except ValueError as e:
         raise CliError(str(e)) from e
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    try:
-        generator = load_generator(settings.model, settings.device, settings.dtype, settings.tokenizer,
-                                   settings.codec, settings.quantize)
-    except CheckpointError as e:
-        raise CliError(str(e), EXIT_MODEL) from e
+    generator = load_generator_for(settings)
     server = uvicorn.Server(uvicorn.Config(create_app(settings, generator=generator), host="127.0.0.1",
                                            port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="fastcsm-server", daemon=True)
