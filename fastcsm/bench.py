@@ -212,7 +212,7 @@ def peer_ms_per_frame(model: CSM, frames: int) -> dict:
     return {"ms_per_frame": 1000 * elapsed / out.shape[1], "frames": int(out.shape[1])}
 
 
-SETTINGS = ("device", "dtype", "threads")  # from fastcsm serve's table: the same flags and variables
+SETTINGS = ("device", "dtype", "threads", "compile")  # from fastcsm serve's table: the same flags and variables
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -228,7 +228,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed frame steps per batch size (default: 50 on CUDA; 20 for tiny, 3 otherwise on CPU)")
     p.add_argument("--voice-seconds", type=float, default=10.0,
                    help="voice prompt length for time to first audio (default: %(default)g)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the frame step (cached on disk)")
     p.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
     p.add_argument("--no-codec", action="store_true", help="leave Mimi decode out of the step")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")

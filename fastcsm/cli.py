@@ -42,6 +42,12 @@ def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
     p.set_defaults(settings=tuple(names) + tuple(p.get_default("settings") or ()))
 
 
+def _table_default(name: str):
+    from .server.settings import Settings
+
+    return Settings.__dataclass_fields__[name].default
+
+
 def _alias(p, old: str, dest: str, **kwargs) -> None:
     """An older spelling of an option: still accepted, hidden from --help."""
     p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
@@ -119,9 +125,10 @@ def add_speak(sub) -> None:
                    help="sampling temperature; 0 is greedy (default: %(default)s)")
     g.add_argument("--topk", type=int, default=50, metavar="K",
                    help="sample from the k likeliest codes; 0 is all (default: %(default)s)")
-    g.add_argument("--max-audio-length-ms", type=float, default=90_000, metavar="MS",
-                   help="longest audio for each generated piece, in ms (default: %(default)g); a bound derived "
-                        "from the text's length applies as well")
+    g.add_argument("--max-audio-length-ms", type=float, metavar="MS",
+                   help="longest audio for each generated piece, in ms (default: "
+                        f"{_table_default('max_audio_length_ms')}); a bound derived from the text's length applies "
+                        "as well [FASTCSM_MAX_AUDIO_LENGTH_MS]")
     _alias(g, "--max-ms", "max_audio_length_ms", type=float)
     g.add_argument("--max-piece-chars", type=int, default=200, metavar="N",
                    help="split longer text at sentence and clause boundaries, pieces of at most N characters "
@@ -149,6 +156,13 @@ def _check_speak_args(args) -> None:
     from .context import ContextTooLong, check_fits
 
     cfg = preset("csm-1b")  # before loading: every CSM checkpoint has 80 ms frames and a 2048-row window
+    if args.max_audio_length_ms is None:  # the server's bound, from its variable or its default
+        from .server.settings import values_from_args
+
+        try:
+            args.max_audio_length_ms = values_from_args(args, ("max_audio_length_ms",))["max_audio_length_ms"]
+        except ValueError as e:
+            raise CliError(str(e)) from e
     max_ms = args.max_audio_length_ms
     if not math.isfinite(max_ms) or max_ms < cfg.frame_ms:
         raise CliError(f"--max-audio-length-ms {max_ms:g} is too short: one audio frame takes {cfg.frame_ms} ms")
@@ -439,7 +453,7 @@ class Progress:
 
     def _state(self, audio_s: float, over: bool) -> dict:
         pieces = self.stream.pieces
-        ended = [p for p in pieces if over or p.ended or p is not pieces[-1]]
+        ended = [p for p in pieces if over or p.ended or p.frames >= p.max_frames or p is not pieces[-1]]
         done_chars = sum(len(p.text) for p in ended)
         done_audio = sum(p.frames for p in ended) * self.frame_s
         pace = done_audio / done_chars if done_chars and done_audio else self.PRIOR_S_PER_CHAR

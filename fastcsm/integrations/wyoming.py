@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 try:
     from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -185,7 +186,8 @@ def add_wyoming(sub) -> None:
                               "  fastcsm wyoming --uri tcp://127.0.0.1:10200 --model ~/models/csm-1b --voice alloy")
     p.add_argument("--uri", default="tcp://127.0.0.1:10200", help="where to listen (default: %(default)s)")
     p.add_argument("--server", metavar="URL", help="a running fastcsm serve (default: load the model in this process)")
-    p.add_argument("--api-key", help="the server's API key, if it has one")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key, if it has one (default: the first of "
+                                                    "FASTCSM_API_KEYS, as the server reads it) [FASTCSM_API_KEYS]")
     p.add_argument("--voice", default="0", help="the voice when a request names none (default: %(default)s)")
     # Without --server: fastcsm serve's own settings (flags and FASTCSM_* variables) for the model in this process.
     add_arguments(p, groups=("model", "voices", "OpenAI compatibility"))
@@ -194,7 +196,8 @@ def add_wyoming(sub) -> None:
 
 def run_wyoming(args) -> int:
     if args.server:
-        return _run(args.uri, Backend(args.server, args.voice, args.api_key))
+        key = args.api_key or next(iter(os.environ.get("FASTCSM_API_KEYS", "").split(",")), "").strip() or None
+        return _run(args.uri, Backend(args.server, args.voice, key))
     # The model in this process: a fastcsm server on a free loopback port, this service in front.
     import threading
 
