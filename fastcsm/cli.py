@@ -639,6 +639,10 @@ def add_bench(sub) -> None:
 def run_bench(args) -> int:
     from . import bench
 
+    try:
+        bench.check_plot_available(args.plot)
+    except ValueError as e:
+        raise CliError(str(e)) from e
     bench.run(args)
     return EXIT_OK
 
