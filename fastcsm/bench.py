@@ -218,25 +218,25 @@ SETTINGS = ("device", "dtype", "threads", "compile")  # from fastcsm serve's tab
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .server.settings import add_arguments as add_settings
 
-    p.add_argument("--preset", default="tiny", help="model shapes of the random weights: tiny, csm-1b, csm-3b, "
-                                                    "csm-8b (default: %(default)s)")
+    p.add_argument("--preset", default="tiny", metavar="NAME",
+                   help="model shapes of the random weights: tiny, csm-1b, csm-3b, csm-8b (default: %(default)s)")
     p.add_argument("--model", metavar="DIR", help="bench this checkpoint (directory or hub id) instead of random "
                                                   "weights; --preset is then ignored")
-    p.add_argument("--batch", default=None,
+    p.add_argument("--batch", default=None, metavar="B,B,...",
                    help="comma-separated batch sizes (default: 1,8,64,256 on CUDA; 1,8 on CPU)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="timed frame steps per batch size (default: 50 on CUDA; 20 for tiny, 3 otherwise on CPU)")
-    p.add_argument("--voice-seconds", type=float, default=10.0,
+    p.add_argument("--voice-seconds", type=float, default=10.0, metavar="S",
                    help="voice prompt length for time to first audio (default: %(default)g)")
     p.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
     p.add_argument("--no-codec", action="store_true", help="leave Mimi decode out of the step")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
-    p.add_argument("--peer-frames", type=int, default=None,
+    p.add_argument("--peer-frames", type=int, default=None, metavar="N",
                    help="frames the peer generates (default: 20 on CUDA or for tiny; 2 otherwise)")
-    p.add_argument("--quantize", default="none",
+    p.add_argument("--quantize", default="none", metavar="MODE,...",
                    help="comma-separated modes measured side by side: none (the --dtype weights), int8, fp8 "
                         "(CUDA, compute capability 8.9+); e.g. none,int8 (default: %(default)s)")
-    p.add_argument("--accuracy-frames", type=int, default=16,
+    p.add_argument("--accuracy-frames", type=int, default=16, metavar="N",
                    help="frames generated after the voice prompt and line for the quantized modes' accuracy "
                         "(default: %(default)s)")
     p.add_argument("--plot", metavar="FILE.png",
