@@ -142,3 +142,15 @@ def test_voices_folder_variable_and_its_older_name(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("FASTCSM_THREADS", "-1")
     assert main(["voices", "add", "a", "--audio", "x", "--text", "t"]) == 2
     assert "FASTCSM_THREADS" in capsys.readouterr().err
+
+
+def test_speak_takes_the_servers_length_bound_from_its_variable(monkeypatch):
+    from fastcsm.cli import _check_speak_args
+
+    monkeypatch.setenv("FASTCSM_MAX_AUDIO_LENGTH_MS", "2400")
+    args = build_parser().parse_args(["speak", "hi"])
+    _check_speak_args(args)
+    assert args.max_audio_length_ms == 2400
+    args = build_parser().parse_args(["speak", "hi", "--max-audio-length-ms", "800"])
+    _check_speak_args(args)
+    assert args.max_audio_length_ms == 800

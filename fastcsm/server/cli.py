@@ -62,14 +62,13 @@ def check_device(device: str | None) -> None:
 
 def load_generator_for(s):
     """The generator that `s` (a `Settings`, or a command's arguments with the same names) asks for:
-    device checked, torch's threads set for the machine and the model, watermark loaded first."""
+    device checked, watermark loaded first, then torch's threads set for the machine and the model."""
     from .. import threads
     from ..checkpoints import CheckpointError, resolve_device_dtype
     from ..generator import load_generator
     from ..watermark import Watermarker, WatermarkUnavailable
 
     check_device(s.device)
-    threads.apply(s.threads)  # a model of unknown size while loading
     try:  # before the (slow) model load
         watermarker = Watermarker.load(resolve_device_dtype(s.device)[0]) if s.watermark else None
     except (WatermarkUnavailable, ValueError) as e:
@@ -102,7 +101,6 @@ def listen(host: str, port: int) -> socket.socket:
             raise CliError(f"port {port} needs privileges this user lacks: use a port above 1023 "
                            "(--port 0 picks a free one)") from e
         raise CliError(f"cannot listen on {host} port {port}: {e.strerror or e}") from e
-    sock.set_inheritable(True)
     return sock
 
 
