@@ -1,9 +1,10 @@
 """Frame time on a CPU with its cores idle and with one core busy, for each thread policy.
 
-Each cell runs in a fresh process (OpenMP reads its wait policy once, when torch loads): a model
-of random weights built with fastcsm's own code (`bench.random_model`, and `quant.quantized_copy`
-for int8), a one-slot engine with Mimi decode in the step, the median ms of `--steps` frame steps
-after a warm-up. "busy" starts one process that spins on one core for the whole cell. The
+Each model and policy runs in a fresh process (OpenMP reads its wait policy once, when torch
+loads): a model of random weights built with fastcsm's own code (`bench.random_model`, and
+`quant.quantized_copy` for int8), a one-slot engine with Mimi decode in the step, the median ms
+of `--steps` frame steps after a warm-up, first with the cores idle, then "busy": with one more
+process spinning on a core. The
 "speak" row times `fastcsm speak` itself (its own generation time, the model load excluded) on a
 tiny random checkpoint, at default settings and with `OMP_NUM_THREADS`-free torch defaults.
 
@@ -14,7 +15,7 @@ Policies:
   auto    fastcsm's default (fastcsm/threads.py): one thread for small models, else the cores
           not busy with other work now; idle threads sleeping
 
-    python benchmarks/bench_threads.py                       # tiny and csm-1b int8, a few minutes
+    python benchmarks/bench_threads.py                       # tiny, csm-1b int8 and speak: minutes
     python benchmarks/bench_threads.py --models tiny --steps 40
 
 Prints a table, then one JSON line.
@@ -38,7 +39,9 @@ SPEAK_TEXT = "Hello from fastcsm, speaking on a shared machine."
 
 
 def worker(model_name: str, policy: str, steps: int) -> dict:
-    """One cell, in this process: torch must not be loaded yet."""
+    """One model and policy, in this process (torch must not be loaded yet): the model is built
+    once, then timed with the cores idle and again with one core busy. `auto` chooses its threads
+    anew once the core is busy, as a fresh `fastcsm` process would."""
     from fastcsm import threads
 
     if policy in ("cores", "auto"):
@@ -53,15 +56,26 @@ def worker(model_name: str, policy: str, steps: int) -> dict:
     name, mode = MODELS[model_name]
     cfg = preset(name)
     count = {"one": 1, "cores": threads.usable_cores(), "auto": 0}.get(policy)
-    if count is not None:
-        threads.apply(count, cfg.param_count())
     model = random_model(cfg, torch.device("cpu"), torch.float32)
     if mode != "none":
         model = quant.quantized_copy(model, mode)
     engine = Engine(model, max_slots=1, codec=random_codec(cfg, torch.device("cpu")))
-    times = frame_times(engine, 1, steps, warmup=2)
-    return {"ms_per_step": 1000 * statistics.median(times), "threads": torch.get_num_threads(),
-            "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    out = {"wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    for scenario in ("idle", "busy"):
+        spinner = busy_process() if scenario == "busy" else None
+        try:
+            if spinner:
+                time.sleep(0.5)
+            if count is not None:
+                threads.apply(count, cfg.param_count())
+            times = frame_times(engine, 1, steps, warmup=2)
+            out[scenario] = {"ms_per_step": 1000 * statistics.median(times), "threads": torch.get_num_threads(),
+                             "load": load()}
+        finally:
+            if spinner:
+                spinner.kill()
+                spinner.wait()
+    return out
 
 
 def run_cell(model_name: str, policy: str, steps: int) -> dict:
@@ -100,7 +114,9 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default="tiny,csm-1b-int8", help="comma-separated: tiny, csm-1b-int8, speak "
                                                                 "(default: %(default)s,speak)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="timed frame steps (default: 30 tiny, 4 csm-1b)")
+    p.add_argument("--steps", type=int, default=None, help="timed frame steps (default: 20 tiny, 3 csm-1b)")
+    p.add_argument("--large-policies", default="torch,auto",
+                   help="the policies csm-1b runs (each builds the 1.5 B model; default: %(default)s)")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "POLICY", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -121,21 +137,22 @@ def main(argv=None) -> dict:
         for policy in policies:
             if model_name == "speak" and policy not in ("one", "auto"):
                 continue
-            cell = {"model": model_name, "policy": policy}
-            for scenario in ("idle", "busy"):
-                spinner = busy_process() if scenario == "busy" else None
-                try:
-                    time.sleep(0.5 if spinner else 0)
-                    cell[f"load_{scenario}"] = load()
-                    if model_name == "speak":
-                        cell[scenario] = speak_seconds(checkpoint, policy)
-                    else:
-                        steps = args.steps or (30 if model_name == "tiny" else 4)
-                        cell[scenario] = run_cell(model_name, policy, steps)
-                finally:
-                    if spinner:
-                        spinner.kill()
-                        spinner.wait()
+            if model_name == "csm-1b-int8" and policy not in args.large_policies.split(","):
+                continue
+            if model_name == "speak":
+                cell = {}
+                for scenario in ("idle", "busy"):
+                    spinner = busy_process() if scenario == "busy" else None
+                    try:
+                        time.sleep(0.5 if spinner else 0)
+                        cell[scenario] = {**speak_seconds(checkpoint, policy), "load": load()}
+                    finally:
+                        if spinner:
+                            spinner.kill()
+                            spinner.wait()
+            else:
+                cell = run_cell(model_name, policy, args.steps or (20 if model_name == "tiny" else 3))
+            cell.update(model=model_name, policy=policy)
             key = "seconds" if model_name == "speak" else "ms_per_step"
             cell["busy_over_idle"] = round(cell["busy"][key] / cell["idle"][key], 2)
             result["cells"].append(cell)
@@ -149,7 +166,7 @@ def print_row(cell: dict, key: str) -> None:
     threads = "/".join(str(cell[s].get("threads", "-")) for s in ("idle", "busy"))
     print(f"{cell['model']:12s} {cell['policy']:6s} threads {threads:>5}  idle {cell['idle'][key]:9.1f} {unit}"
           f"  one core busy {cell['busy'][key]:9.1f}  busy/idle {cell['busy_over_idle']:5.2f}"
-          f"  (load {cell['load_idle']} / {cell['load_busy']})", flush=True)
+          f"  (load {cell['idle']['load']} / {cell['busy']['load']})", flush=True)
 
 
 if __name__ == "__main__":

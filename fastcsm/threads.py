@@ -9,7 +9,7 @@ spinning waiters take time from that very thread. Hence the default policy (`thr
 - a small model (below `SMALL_MODEL_PARAMS`) runs on one thread: its ops are too short to gain
   from a second one, and a single thread has no barrier to wait at;
 - a larger model runs on the cores this process may use (`os.sched_getaffinity`) less those that
-  other processes keep busy right now (runnable tasks from /proc/loadavg, sampled a few times);
+  other processes keep busy right now (their busy time in /proc/stat over 0.1 s);
 - the pool's idle threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`): OpenMP reads it
   once, when torch loads, so `quiet_pool` must run before the first `import torch`.
 
@@ -38,21 +38,32 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int:
-    """Cores other processes keep busy now: runnable tasks besides this one (the fewest of a few
-    samples, so a passing blip does not count), scaled to this process's share of the machine."""
-    counts = []
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                running = int(f.read().split()[3].split("/")[0])
-        except (OSError, ValueError, IndexError):
-            return 0
-        counts.append(max(0, running - 1))
-        if i + 1 < samples:
-            time.sleep(interval_s)
-    share = usable_cores() / (os.cpu_count() or usable_cores())
-    return round(min(counts) * share)
+def busy_cores(window_s: float = 0.1) -> int:
+    """Cores of this process's set that other work keeps busy now: the busy share of each over
+    `window_s` (from /proc/stat), summed and rounded. 0 where /proc/stat cannot be read."""
+
+    def idle_and_total() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit():
+                    ticks = [int(x) for x in fields[:8]]
+                    out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait, all
+        return out
+
+    try:
+        cores = os.sched_getaffinity(0)
+        before = idle_and_total()
+        time.sleep(window_s)
+        after = idle_and_total()
+    except (AttributeError, OSError, ValueError, IndexError):
+        return 0
+    busy = 0.0
+    for cpu in cores & before.keys() & after.keys():
+        idle, total = (a - b for a, b in zip(after[cpu], before[cpu], strict=True))
+        busy += 1 - idle / total if total > 0 else 0
+    return round(busy)
 
 
 def choose(threads: int = 0, params: int | None = None) -> int:
