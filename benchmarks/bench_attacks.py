@@ -6,7 +6,18 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   polling /healthz; reports how long the refusal took and /healthz latency p50 / max;
 - burst: one WebSocket sends 80 x (speak, interrupt) at once; reports the time until every
   `done` arrived and until no stream held a slot or waited (/readyz), then the time another
-  client's short request took.
+  client's short request took;
+- wyoming_leak: through `fastcsm wyoming --server URL` (the `wyoming` extra), one connection
+  sends 40 x (`synthesize-start` + a chunk), then 50 clients leave mid-stream; reports the
+  server's open sockets (beyond the watchers') after each and once the clients left, and, while
+  it lasts, /healthz latency p99 / max and the longest gap in another client's speech stream,
+  beside the same for as long without the attack;
+- rebinding: requests as a page whose DNS name was rebound to the server would send them (`Host`
+  and `Origin` both `evil.example:PORT`): a voice delete, an upload, a read and a WebSocket
+  handshake (reports each status and whether the voice survived), then 2 s of rebound deletes
+  from 4 connections; reports their answers' latency and, while it lasts, /healthz latency
+  p99 / max and the longest gap in another client's speech stream, beside the same flood under
+  the server's own name (the peer: 404s from the route) and the same watch without an attack.
 
     python benchmarks/bench_attacks.py
 
@@ -15,8 +26,11 @@ Prints one JSON object on the last line of stdout.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,10 +125,172 @@ def burst(url: str) -> dict:
             "idle_ms": round(idle * 1000, 1), "other_status": r.status_code, "other_ms": round(other * 1000, 1)}
 
 
+class Watch:
+    """While an attack runs: /healthz polled, and another client's speech streamed again and again,
+    the gaps between its chunks noted."""
+
+    def __init__(self, url: str):
+        self.url, self.done = url, threading.Event()
+        self.healthz: list[float] = []
+        self.gaps: list[float] = []
+        self.threads = [threading.Thread(target=self.poll), threading.Thread(target=self.listen)]
+
+    def __enter__(self) -> Watch:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join()
+
+    def poll(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self.done.is_set():
+                t0 = time.perf_counter()
+                http.get(self.url + "/healthz")
+                self.healthz.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.005)
+
+    def listen(self) -> None:
+        body = {"input": "Another client is listening to this line.", "voice": "1", "response_format": "pcm",
+                "max_audio_length_ms": 4000}
+        with httpx.Client(timeout=60) as http:
+            while not self.done.is_set():
+                with http.stream("POST", self.url + "/v1/audio/speech", json=body) as r:
+                    last = None
+                    for _ in r.iter_raw():
+                        now = time.perf_counter()
+                        if last is not None:
+                            self.gaps.append((now - last) * 1000)
+                        last = now
+
+    def report(self) -> dict:
+        return {"healthz_polls": len(self.healthz), "healthz_p99_ms": pct(self.healthz, 99),
+                "healthz_max_ms": pct(self.healthz, 100), "other_stream_chunks": len(self.gaps) + 1,
+                "other_stream_max_gap_ms": pct(self.gaps, 100) if self.gaps else None}
+
+
+def server_sockets(url: str) -> int:
+    """TCP connections open on the server's port, from the server's side (Linux: /proc/net/tcp)."""
+    port = f"{int(url.rsplit(':', 1)[1]):04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(row[1].endswith(":" + port) and row[3] == "01" for row in rows)  # 01: ESTABLISHED
+
+
+def wyoming_leak(url: str) -> dict:
+    from wyoming.event import async_read_event, async_write_event
+    from wyoming.info import Describe
+    from wyoming.tts import SynthesizeChunk, SynthesizeStart
+
+    port = free_port()
+    wyoming = subprocess.Popen([sys.executable, "-m", "fastcsm", "wyoming", "--uri", f"tcp://127.0.0.1:{port}",
+                                "--server", url], stdout=subprocess.PIPE, text=True)
+    held = []
+
+    async def start_and_chunk(times: int) -> asyncio.StreamWriter:
+        """A connection that sent `times` x (synthesize-start + "Hi"), once all were handled."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(times):
+            await async_write_event(SynthesizeStart().event(), writer)
+            await async_write_event(SynthesizeChunk("Hi").event(), writer)
+        await async_write_event(Describe().event(), writer)
+        while (await async_read_event(reader)).type != "info":  # answered after every start before it
+            pass
+        return writer
+
+    async def attack(base: int) -> None:
+        one = await start_and_chunk(40)
+        await asyncio.sleep(0.5)
+        held.append(server_sockets(url) - base)
+        one.close()
+        many = await asyncio.gather(*(start_and_chunk(1) for _ in range(50)))
+        await asyncio.sleep(0.5)
+        held.append(server_sockets(url) - base)
+        for writer in many:
+            writer.transport.abort()  # gone mid-stream, without a word
+
+    try:
+        assert "listening" in wyoming.stdout.readline()
+        with Watch(url) as quiet:  # the same watch without the attack: what this machine gives anyway
+            time.sleep(2)
+        with Watch(url) as watch:
+            time.sleep(0.5)
+            base = server_sockets(url)  # the watchers' own
+            t0 = time.perf_counter()
+            asyncio.run(attack(base))
+            attack_ms = (time.perf_counter() - t0) * 1000
+            deadline = time.monotonic() + 10
+            while (after := server_sockets(url) - base) > 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return {"attack_ms": round(attack_ms, 1), "server_sockets_held": held, "server_sockets_after": after,
+                **watch.report(), "without_attack": quiet.report()}
+    finally:
+        wyoming.terminate()
+        wyoming.wait(10)
+
+
+def rebinding(url: str, seconds: float = 2.0, connections: int = 4) -> dict:
+    import numpy as np
+    import soundfile as sf
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port = int(url.rsplit(":", 1)[1])
+    evil = f"evil.example:{port}"
+    page = {"Host": evil, "Origin": f"http://{evil}"}
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(12_000, dtype=np.float32), 24_000, format="WAV")
+    form = {"data": {"name": "victim", "text": "Hello there.", "overwrite": "true"},
+            "files": {"audio": ("v.wav", wav.getvalue(), "audio/wav")}}
+    assert httpx.post(url + "/v1/voices", **form, timeout=60).status_code == 201
+    status = {"delete": httpx.delete(url + "/v1/voices/victim", headers=page).status_code,
+              "upload": httpx.post(url + "/v1/voices", headers=page, **form, timeout=60).status_code,
+              "read": httpx.get(url + "/v1/voices", headers=page).status_code}
+    try:
+        with connect(f"ws://{evil}/v1/conversations", sock=socket.create_connection(("127.0.0.1", port)),
+                     origin=f"http://{evil}", open_timeout=10):
+            status["websocket"] = 101
+    except InvalidStatus as e:
+        status["websocket"] = e.response.status_code
+    survived = httpx.get(url + "/v1/voices/victim").status_code == 200
+
+    def flood(headers: dict, voice: str) -> dict:
+        """DELETE /v1/voices/`voice` with `headers`, from `connections` connections for `seconds`."""
+        answered, statuses, end = [], set(), time.monotonic() + seconds
+
+        def one_connection():
+            with httpx.Client(headers=headers, timeout=60) as http:
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    statuses.add(http.delete(url + f"/v1/voices/{voice}").status_code)
+                    answered.append((time.perf_counter() - t0) * 1000)
+
+        threads = [threading.Thread(target=one_connection) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"requests": len(answered), "statuses": sorted(statuses), "answer_p50_ms": pct(answered, 50)}
+
+    with Watch(url) as quiet:  # the same watch without the attack: what this machine gives anyway
+        time.sleep(seconds)
+    with Watch(url) as watch:
+        rebound = flood(page, "victim")
+    with Watch(url) as peer:
+        own = flood({"Host": f"127.0.0.1:{port}"}, "nobody")
+    return {"status": status, "voice_survived": survived, **rebound, **watch.report(),
+            "own_name_404": {**own, **peer.report()}, "without_attack": quiet.report()}
+
+
 def main() -> None:
     proc, url = start()
     try:
         result = {"big_body": big_body(url), "burst": burst(url)}
+        result["wyoming_leak"] = wyoming_leak(url)
+        result["rebinding"] = rebinding(url)
     finally:
         stop(proc)
     print(json.dumps(result))

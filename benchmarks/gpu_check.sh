@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a CUDA machine that reaches no package registry (Python 3.12,
-# torch 2.11, transformers 5.17; see README "GPU check"). Run `benchmarks/device_wheels.sh` here
+# torch 2.11, transformers 5.17; see docs/performance.md, "GPU check"). Run `benchmarks/device_wheels.sh` here
 # first and carry `.device-wheels`; then, on the GPU machine, from the repository root:
 #     benchmarks/gpu_check.sh
 # A lent GPU gives ~15 minutes in all, so the steps come most telling first, each with its own

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import threads
 from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
+from .normalize import DEFAULT_LANGUAGE
 
 log = logging.getLogger("fastcsm")
 RTF_MEANING = "generation time / audio duration; below 1 is faster than real time"
@@ -133,7 +134,19 @@ def add_speak(sub) -> None:
     g.add_argument("--max-piece-chars", type=int, default=200, metavar="N",
                    help="split longer text at sentence and clause boundaries, pieces of at most N characters "
                         "(default: %(default)s; 0 never splits)")
+    g = p.add_argument_group("saying the text")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="speak the text exactly as given: no reading of numbers, dates, money, units, URLs or "
+                        "abbreviations as words, no lexicon")
+    g.add_argument("--language", default=DEFAULT_LANGUAGE, metavar="CODE",
+                   help="the language numbers are read in, one of num2words' codes (de, fr, es, ...); rules for "
+                        "dates, money, units and the like are English only (default: %(default)s)")
+    g.add_argument("--lexicon", metavar="FILE", default=os.environ.get("FASTCSM_LEXICON") or None,
+                   help="pronunciation lexicon: word<TAB>respelling lines, or a .json object of word -> respelling "
+                        "[FASTCSM_LEXICON]")
     g = p.add_argument_group("output")
+    g.add_argument("--captions", metavar="FILE",
+                   help="also write the time of each word as captions, .srt or .vtt")
     g.add_argument("--stream", action="store_true",
                    help="write the file as audio arrives and report the time to first audio (always so with -o -)")
     g.add_argument("--chunk-ms", type=int, default=320, metavar="MS",
@@ -173,6 +186,8 @@ def _check_speak_args(args) -> None:
         raise CliError(f"--max-audio-length-ms {max_ms:g} cannot be honoured: {e}") from e
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise CliError(f"--temperature must be a number >= 0, got {args.temperature:g}")
+    if args.captions and Path(args.captions).suffix.lower() not in (".srt", ".vtt"):
+        raise CliError(f"--captions {args.captions}: give a file ending in .srt or .vtt")
     if args.topk < 0:
         raise CliError(f"--topk must be >= 0, got {args.topk}")
     if args.max_piece_chars < 0:
@@ -370,11 +385,20 @@ class _Output:
 
 def run_speak(args) -> int:
     from .context import ContextTooLong
+    from .lexicon import LexiconError, load_lexicon
+    from .normalize import check_language
     from .server.cli import load_generator_for
     from .speech import SpeakOptions
 
     text = _read_text(args)
     _check_speak_args(args)
+    try:
+        lexicon = load_lexicon(args.lexicon)
+        check_language(args.language)
+    except LexiconError as e:
+        raise CliError(f"--lexicon: {e}") from e
+    except ValueError as e:
+        raise CliError(f"--language: {e}") from e
     # Everything the user gave is read and checked before the (slow) model load.
     voice = _load_voice_arg(args)
     context = _context_segments(_read_context(args.context)) if args.context else []
@@ -392,7 +416,8 @@ def run_speak(args) -> int:
     t0 = time.perf_counter()
     try:
         options = SpeakOptions(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature,
-                               topk=args.topk, max_piece_chars=args.max_piece_chars or None)
+                               topk=args.topk, max_piece_chars=args.max_piece_chars or None,
+                               normalize=args.normalize, language=args.language, lexicon=lexicon)
         stream = gen.stream(text, args.speaker, context, voice=voice, seed=args.seed, options=options,
                             chunk_frames=chunk_frames)
     except (ContextTooLong, ValueError, TypeError) as e:
@@ -420,6 +445,8 @@ def run_speak(args) -> int:
         if progress is not None:
             progress.close(out.samples / stream.sample_rate, finished)
     out.close()
+    if args.captions:
+        _write_captions(Path(args.captions).expanduser(), stream.words, info)
     total_s = time.perf_counter() - t0
     audio_s = out.samples / stream.sample_rate
     where = out.path or "stdout"
@@ -429,6 +456,16 @@ def run_speak(args) -> int:
     print(f"wrote {where}: {audio_s:.2f} s of audio ({stream.frames} frames, {len(stream.pieces)} piece(s)) "
           f"in {total_s:.2f} s{rtf}; model loaded in {load_s:.1f} s", file=info)
     return EXIT_OK
+
+
+def _write_captions(path: Path, words, info) -> None:
+    from .timestamps import CAPTION_FORMATS
+
+    try:
+        path.write_text(CAPTION_FORMATS[path.suffix.lower()](words), encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"cannot write the captions {path}: {e}") from e
+    print(f"wrote {path}: {len(words)} words", file=info)
 
 
 class Progress:
@@ -515,7 +552,7 @@ def add_voices(sub) -> None:
     vsub = p.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
 
     a = vsub.add_parser("add", help="encode a recording and save it as a named voice")
-    a.add_argument("name", help="letters, digits, '.', '_' or '-'")
+    a.add_argument("name", help="letters, digits, '.', '_' or '-', not digits alone (those are speaker ids)")
     a.add_argument("--audio", required=True, metavar="FILE", help="the recording (WAV, FLAC, OGG; any rate)")
     a.add_argument("--text", required=True, help="what is said in the recording")
     a.add_argument("--speaker", type=int, default=0, metavar="ID", help="speaker id (default: %(default)s)")
@@ -551,11 +588,11 @@ def _load_codec_only(args):
 
 def run_voices_add(args) -> int:
     from .audio import AudioError, read_audio
-    from .voices import Voice, VoiceError, check_name
+    from .voices import Voice, VoiceError, check_new_name
 
     store = _voice_store(args)
     try:
-        check_name(args.name)
+        check_new_name(args.name)
         if args.name in store and not args.overwrite:
             raise VoiceError(f"a voice named {args.name!r} already exists; pass --overwrite to replace it")
         if args.speaker < 0:

@@ -32,6 +32,7 @@ from .planner import SpeechPlan, plan_speech, requested_frames
 from .prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
 from .sampling import SamplingParams
 from .speech import AudioStream, Piece, SpeakOptions, Speech
+from .timestamps import word_times
 from .watermark import Watermarker, resolve_watermark
 
 log = logging.getLogger("fastcsm")
@@ -121,8 +122,8 @@ class Generator:
         seed: int | None = None,
     ) -> torch.LongTensor:
         """Speak `text` as `speaker` after `context`. Returns Mimi codes [frames, K] (on CPU),
-        without the all-zero end frame: one generation, no splitting, no length guard, no codec
-        needed. `temperature=0` is greedy; `seed` reproduces a draw."""
+        without the all-zero end frame: one generation of the text as given (no normalisation),
+        no splitting, no length guard, no codec needed. `temperature=0` is greedy; `seed` reproduces a draw."""
         params = SamplingParams(temperature, topk, topp)
         frames = self.frames_for(max_audio_length_ms)
         prompt = self.prompt(text, speaker, context)
@@ -253,26 +254,31 @@ class Generator:
         spoken: list[tuple[Prompt, list[torch.Tensor]]] = []
         before = None
         n = len(speech.pieces)
+        offset = 0  # samples of the line before this piece
         for i, text in enumerate(speech.pieces):
             planned = speech.piece(i, spoken, cfg, after=before)
             request, trim = planned.request, planned.trim
             piece = Piece(i, text.text, text.max_frames, len(request.prompt), trim, planned.dropped_context,
-                          planned.dropped_pieces, request.seed)
+                          planned.dropped_pieces, request.seed, spoken=text.spoken.text)
             plan.pieces.append(piece)
             if trim.dropped:
                 log.warning("piece %d/%d: dropped context segments %s and earlier pieces %s "
                             "(%d rows) so that %d frames fit the %d-row window", i + 1, n,
                             piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, text.max_frames,
                             cfg.max_seq_len)
-            got = []
+            got, pcm = [], []
             for frame in self._run(request):
                 got.append(frame.codes)
+                pcm.append(frame.pcm)
                 piece.frames += 1
                 yield frame
             piece.ended = piece.frames < text.max_frames
             if not piece.ended:
                 log.warning("piece %d/%d stopped at its bound of %d ms without an end frame",
                             i + 1, n, text.max_frames * cfg.frame_ms)
+            audio = torch.cat(pcm) if pcm else torch.zeros(0)
+            piece.words = word_times(text.spoken.words, audio, self.codec.sample_rate, offset / self.codec.sample_rate)
+            offset += audio.numel()
             spoken.append((text.line, got))
             before = request
             yield None

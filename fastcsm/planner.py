@@ -14,6 +14,8 @@ bounds, prompts and requests on every path:
 - **frame bound** (`frame_bound`): the requested `max_audio_length_ms` (a server asks for its
   limit when a request gives none, and refuses one above it), floored to whole frames, lowered by
   the length guard of the piece's text (`SpeakOptions.guard_ms`, rounded up to whole frames).
+- **spoken text** (`piece_text`): each piece as written becomes what the model reads, normalised
+  and respelled (`SpeakOptions.spoken`, normalize.py), with a map back to its written words.
 - **prompt** (`plan_piece`): pinned voices, then the context, then every earlier piece of the
   line with the audio generated for it, then the piece's own text; `context.fit` drops the
   oldest context (then the oldest earlier pieces) until the prompt and its frames fit the window.
@@ -35,6 +37,7 @@ import torch
 from .config import CsmConfig
 from .context import Trim, check_line_fits, fit
 from .engine import Request
+from .normalize import Spoken
 from .prompt import Prompt, TextTokenizer, audio_rows, concat, text_rows
 from .sampling import SamplingParams
 from .speech import SpeakOptions
@@ -113,15 +116,19 @@ def plan_piece(cfg: CsmConfig, pinned: list[Prompt], context: Sequence[Prompt],
 
 @dataclass
 class PieceText:
-    text: str
-    line: Prompt  # its text rows under the speaker
+    text: str  # as written
+    line: Prompt  # the rows of its spoken form under the speaker
     max_frames: int
+    spoken: Spoken  # what the model reads (normalised and respelled, unless options say not), word by word
 
 
 def piece_text(text: str, speaker: int, tokenizer: TextTokenizer, cfg: CsmConfig, options: SpeakOptions,
                limit_ms: float | None = None) -> PieceText:
-    """One piece's text rows and frame bound."""
-    return PieceText(text, text_rows(tokenizer, speaker, text, cfg), frame_bound(text, options, cfg.frame_ms, limit_ms))
+    """One piece's text rows and frame bound. This is where written text becomes what the model
+    reads (`SpeakOptions.spoken`): the rows and the length guard are those of the spoken form."""
+    spoken = options.spoken(text)
+    return PieceText(text, text_rows(tokenizer, speaker, spoken.text, cfg),
+                     frame_bound(spoken.text, options, cfg.frame_ms, limit_ms), spoken)
 
 
 @dataclass

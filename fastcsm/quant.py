@@ -7,7 +7,7 @@ s[n] = max|w[n]| / 127 (int8) or / 448 (fp8 e4m3), and y = (x @ q.T) * s. A laye
 its gate/up run as one linear each (`model.FusedLinears`), in 8 bits as in full precision: one
 `QuantLinear` over the stacked rows, whose per-row scales are exactly the separate linears'.
 
-The kernel is chosen per device and mode, by measurement (README, "Eight-bit weights"):
+The kernel is chosen per device and mode, by measurement (docs/performance.md, "Eight-bit kernels"):
 - int8 on CPU: fbgemm's int8 GEMM (`quantized::linear_dynamic`, VNNI where the CPU has it)
   behind a custom op, so `torch.compile(fullgraph=True)` keeps it as one opaque call. fbgemm
   quantizes activations with one scale per call; each row is first divided by its own max|x|
@@ -22,7 +22,7 @@ The kernel is chosen per device and mode, by measurement (README, "Eight-bit wei
   GPU (`benchmarks/bench_quant_kernels.py`). Otherwise, and above that many rows (prefill):
   weight-only, y = F.linear(x, q.to(x.dtype)) * s, also an opaque custom op. Weight-only saves
   memory, not time: measured on an H200 (torch 2.11), the conversion is a kernel of its own, so
-  an int8 step was slower than bf16 (README).
+  an int8 step was slower than bf16 (docs/performance.md).
 - fp8 (CUDA sm_89+): e4m3 weights. Where enough rows come at once (`scaled_mm_rows`) and the
   shapes suit the tensor cores, activations are cast to e4m3 per row and `torch._scaled_mm`
   runs; otherwise the int8 paths above (the Triton kernel takes e4m3 weights too).

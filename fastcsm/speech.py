@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .context import OLDER_AUDIO_MODES, Trim
+from .lexicon import Lexicon
+from .normalize import DEFAULT_LANGUAGE, NORMALIZE_BY_DEFAULT, Spoken, check_language, normalize, verbatim
 from .sampling import SamplingParams
+from .timestamps import WordTime
 
 log = logging.getLogger("fastcsm")
 
@@ -56,6 +59,12 @@ class SpeakOptions:
     # Experimental: keep only codebook 0 of older context audio ("codebook0"); see context.py.
     older_audio: str = "full"
     keep_full_audio: int = 2  # newest context segments that keep all codebooks in that mode
+    # Written forms (numbers, dates, money, units, URLs, ...) become spoken ones before the text is
+    # tokenised (normalize.py), in num2words' `language`; False speaks the text exactly as given.
+    normalize: bool = NORMALIZE_BY_DEFAULT
+    language: str = DEFAULT_LANGUAGE
+    # Whole-word respellings applied after normalisation (lexicon.py); not with normalize=False.
+    lexicon: Lexicon | None = None
 
     def __post_init__(self):
         ms = self.max_audio_length_ms
@@ -74,10 +83,19 @@ class SpeakOptions:
             raise ValueError(f"guard_base_ms must be a number >= 0, got {self.guard_base_ms!r}")
         if self.older_audio not in OLDER_AUDIO_MODES:
             raise ValueError(f"older_audio must be one of {OLDER_AUDIO_MODES}, got {self.older_audio!r}")
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {self.normalize!r}")
+        check_language(self.language)
+        if self.lexicon is not None and not isinstance(self.lexicon, Lexicon):
+            raise TypeError(f"lexicon must be a fastcsm.lexicon.Lexicon or None, got {type(self.lexicon).__name__}")
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.topk, self.topp)
+
+    def spoken(self, text: str) -> Spoken:
+        """`text` as it is to be said, with its words mapped back (normalised or as given)."""
+        return normalize(text, self.language, self.lexicon) if self.normalize else verbatim(text)
 
     def guard_ms(self, text: str) -> float | None:
         if self.guard_ms_per_char is None:
@@ -99,6 +117,8 @@ class Piece:
     seed: int | None
     frames: int = 0
     ended: bool = False  # the model emitted its end frame (else the bound stopped it)
+    spoken: str = ""  # the text as the model read it (normalised, respelled)
+    words: list[WordTime] = field(default_factory=list)  # each written word's time in the line's audio
 
 
 @dataclass
@@ -117,6 +137,11 @@ class Speech:
     @property
     def dropped_context(self) -> list[int]:
         return sorted({i for p in self.pieces for i in p.dropped_context})
+
+    @property
+    def words(self) -> list[WordTime]:
+        """Start and end of each written word in `audio`, in order (see timestamps.py)."""
+        return [w for p in self.pieces for w in p.words]
 
 
 class AudioStream:
@@ -167,6 +192,11 @@ class AudioStream:
 
     def __iter__(self) -> AudioStream:
         return self
+
+    @property
+    def words(self) -> list[WordTime]:
+        """The word times of the pieces finished so far (see `Speech.words`)."""
+        return [w for p in self.pieces for w in p.words]
 
     def __next__(self) -> torch.Tensor:
         return next(self._chunks)

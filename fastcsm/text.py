@@ -19,7 +19,7 @@ DEFAULT_MAX_CHARS = 200
 # A sentence ends at . ! ? … (or CJK full stops), optionally followed by closing quotes or
 # brackets, then whitespace. Paragraph breaks end a sentence too.
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|\n\s*\n")
-_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=[—–-]\s)|(?<=[—–])\s*")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+|\s+(?=[—–-]\s)|(?<=[—–])(?!\d)\s*")  # not in a range: 40–60
 # Words after which a full stop does not end the sentence.
 _ABBREVIATIONS = {
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e", "no", "fig", "approx",

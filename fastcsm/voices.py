@@ -6,7 +6,8 @@ the transcript), so cloning never re-encodes audio. On disk a voice is one small
 file (about 2 KB a second of audio): the codes as a tensor, the rest as string metadata.
 
 Named voices live in a directory: `$FASTCSM_VOICES_DIR` if set, else `~/.cache/fastcsm/voices`.
-Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it.
+Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it,
+and a new voice's name is never digits alone (those are speaker ids).
 `load_voice` accepts a name or the path of a voice file.
 """
 
@@ -28,10 +29,18 @@ SUFFIX = ".safetensors"
 FORMAT = "fastcsm-voice"
 VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TEMP_SUFFIX = ".tmp"
+# What `Voice.save` writes before moving it into place: `.NAME.safetensors.RANDOM.tmp`.
+_TEMP = re.compile(rf"\.{_NAME.pattern}{re.escape(SUFFIX)}\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}")
+STALE_TEMP_S = 600.0  # a temporary file this old is a crash's leftover (see `remove_stale_temps`)
 
 
 class VoiceError(ValueError):
     """A voice name, file or store operation that cannot be honoured."""
+
+
+class VoiceNotFound(VoiceError):
+    """No voice of that name or path: never there, or removed (a moment ago, perhaps)."""
 
 
 class VoiceExists(VoiceError):
@@ -108,7 +117,7 @@ class Voice:
             "name": self.name or "",
             "meta": json.dumps(self.meta),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o644)  # as a plain new file would be (mkstemp makes it private)
         try:
@@ -120,15 +129,11 @@ class Voice:
 
     @staticmethod
     def load(path: str | os.PathLike) -> Voice:
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise VoiceError(f"no voice file at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                codes = f.get_tensor("codes") if "codes" in f.keys() else None  # noqa: SIM118 (safe_open has no __contains__)
+            metadata, codes = _read_voice_file(path)
+        except (FileNotFoundError, IsADirectoryError):  # also one removed since a caller's check
+            raise VoiceNotFound(f"no voice file at {path}") from None
         except Exception as e:  # not safetensors, truncated, unreadable
             raise VoiceError(f"{path} is not a readable fastcsm voice file ({e})") from None
         if metadata.get("format") != FORMAT or codes is None:
@@ -154,11 +159,43 @@ class Voice:
         return Voice(speaker, text, codes, name, {"created": int(time.time()), **meta})
 
 
+_MAX_HEADER = 1 << 20  # a voice's safetensors header: one tensor's entry and the metadata (its transcript)
+
+
+def _read_voice_file(path: Path) -> tuple[dict, torch.Tensor | None]:
+    """A safetensors file's metadata, and its `codes` if the metadata is a voice's. The file is
+    opened once and read through that handle, so a file removed or replaced meanwhile is read
+    whole (the one opened) or not found, never half one and half the other; the header is read
+    first, so a file that is no voice (a model's weights, say) is not read further."""
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        size = f.read(8)
+        n = int.from_bytes(size, "little")
+        if len(size) < 8 or n > _MAX_HEADER:
+            raise ValueError("no safetensors header")
+        header = f.read(n)
+        metadata = json.loads(header).get("__metadata__") or {}
+        if metadata.get("format") != FORMAT:
+            return metadata, None
+        return metadata, load(size + header + f.read()).get("codes")
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise VoiceError(
             f"invalid voice name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
+    return name
+
+
+def check_new_name(name: str) -> str:
+    """A name to save a voice under: `check_name`'s rules, and not digits alone, which a
+    request reads as a speaker id before any voice name (so "007" would never be this voice)."""
+    check_name(name)
+    if name.isdigit():
+        raise VoiceError(f"invalid voice name {name!r}: digits alone already mean that speaker id; "
+                         "give the voice a name with a letter in it")
     return name
 
 
@@ -189,7 +226,7 @@ class VoiceStore:
     def add(self, voice: Voice, name: str, overwrite: bool = False) -> Path:
         """Save `voice` as `name`. Without `overwrite` a taken name raises `VoiceExists`, and of
         concurrent adds of one name (threads or processes) exactly one succeeds."""
-        path = self.path(name)
+        path = self.path(check_new_name(name))
         if path.exists() and not overwrite:
             raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -200,18 +237,43 @@ class VoiceStore:
             raise VoiceExists(f"a voice named {name!r} already exists; remove it first or overwrite it") from None
 
     def get(self, name: str) -> Voice:
-        path = self.path(name)
-        if not path.is_file():
+        try:
+            return Voice.load(self.path(name))
+        except VoiceNotFound:
             known = ", ".join(self.names()) or "none"
-            raise VoiceError(f"no voice named {name!r} in {self.root} (known: {known})")
-        return Voice.load(path)
+            raise VoiceNotFound(f"no voice named {name!r} in {self.root} (known: {known})") from None
 
     def remove(self, name: str) -> Path:
+        """Remove `name`; of concurrent removes of one voice exactly one succeeds, the others
+        get `VoiceNotFound` (there is no check before the unlink that could go stale)."""
         path = self.path(name)
-        if not path.is_file():
-            raise VoiceError(f"no voice named {name!r} in {self.root}")
-        path.unlink()
+        try:
+            path.unlink()
+        except (FileNotFoundError, IsADirectoryError):
+            raise VoiceNotFound(f"no voice named {name!r} in {self.root}") from None
         return path
+
+
+    def remove_stale_temps(self, older_than_s: float = STALE_TEMP_S) -> list[str]:
+        """Remove the temporary files of writes that never finished (a process killed while
+        saving), and return their names. Only those last written `older_than_s` ago: a save
+        writes its file in one go and moves it into place within a second, and another process
+        (a second server on this directory, `fastcsm voices add`) may be saving right now, so age,
+        not existence, tells a leftover; it needs no lock that every writer would have to take.
+        """
+        if not self.root.is_dir():
+            return []
+        removed, cutoff = [], time.time() - older_than_s
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                try:
+                    if (_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+                except OSError:  # gone meanwhile (another process cleaning), or not ours to remove
+                    continue
+        return sorted(removed)
 
 
 def load_voice(name_or_path: str | os.PathLike, store: VoiceStore | None = None) -> Voice:

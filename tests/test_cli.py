@@ -65,6 +65,14 @@ def test_voices_add_list_speak_remove(tmp_path, tiny_csm_dir, capsys):
     assert "no voice named 'alice'" in capsys.readouterr().err
 
 
+def test_voices_add_refuses_digit_only_names(tmp_path, capsys):
+    """Refused before the codec loads (there is none here): digits alone name a speaker id."""
+    rc = main(["voices", "add", "007", "--audio", str(tmp_path / "ref.wav"), "--text", "Hi.",
+               "--model", str(tmp_path / "no-such-model"), "--voices-dir", str(tmp_path / "voices")])
+    check_error(capsys, rc, EXIT_USAGE, "invalid voice name '007': digits alone already mean that speaker id")
+    assert not (tmp_path / "voices").exists()
+
+
 def check_error(capsys, rc, code, message):
     err = capsys.readouterr().err
     assert rc == code, err

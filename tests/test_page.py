@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -187,6 +188,80 @@ def test_page_loads_clean(page, server):
     assert page.console.errors == []
 
 
+PHONE = {"width": 390, "height": 844}  # a phone's viewport, in CSS pixels
+
+
+def overflowing(page) -> list[str]:
+    """The elements whose right edge lies past the viewport: what makes a page scroll sideways."""
+    return page.evaluate("""() => {
+        const width = document.documentElement.clientWidth;
+        return [...document.querySelectorAll("body *")]
+            .filter((e) => { const r = e.getBoundingClientRect(); return r.width > 0 && r.right > width + 0.5; })
+            .map((e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : ""));
+    }""")
+
+
+def box(page, selector: str) -> dict:
+    return page.eval_on_selector(selector, "e => e.getBoundingClientRect().toJSON()")
+
+
+def test_narrow_layout_fits_a_phone(page):
+    page.set_viewport_size(PHONE)
+    # everything a user may open: the key field, the sampling settings, the conversation's turns
+    for opened in (None, ".apikey summary", "details.advanced summary", "#tab-conversation"):
+        if opened:
+            page.click(opened)
+        sizes = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert sizes[0] <= sizes[1] <= PHONE["width"], (opened, sizes)
+        assert overflowing(page) == [], opened
+        page.evaluate("window.scrollTo(500, 0)")
+        assert page.evaluate("window.scrollX") == 0, opened  # the page does not scroll sideways
+    # the speaker id sits inside its field and its card, beside the name
+    speaker, field, card = box(page, "#voice-speaker"), box(page, "#voice-speaker >> xpath=.."), box(page, ".voices")
+    for inner, outer in ((speaker, field), (field, card)):
+        assert outer["left"] <= inner["left"] and inner["right"] <= outer["right"]
+    assert box(page, "#voice-name")["right"] < speaker["left"]
+    # the length bound is in sight without opening the sampling settings, and says what it means
+    page.click("details.advanced summary")
+    assert not page.eval_on_selector("details.advanced", "d => d.open")
+    assert page.is_visible("#max-ms") and page.input_value("#max-ms") == "10000"
+    assert page.text_content("#max-ms-hint") == "10 s per sentence"
+    page.fill("#max-ms", "2400")
+    assert page.text_content("#max-ms-hint") == "2.4 s per sentence"
+    assert page.console.errors == []
+
+
+def test_api_docs_work_offline(browser, server):
+    """/docs (Swagger UI) renders from the server's own files: nothing is fetched from outside the
+    loopback, as on a machine with no internet."""
+    page = browser.new_page()
+    console = Console(page)
+    outside = []
+
+    def loopback_only(route):
+        url = urlsplit(route.request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+            outside.append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route("**/*", loopback_only)
+    try:
+        page.goto(server + "/docs")
+        assert outside == []
+        # the operations, rendered from /openapi.json by Swagger UI's own script
+        page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/v1/audio/speech']", timeout=30_000)
+        assert page.eval_on_selector_all(".swagger-ui .opblock", "os => os.length") >= 10
+        assert outside == [] and console.errors == []
+    finally:
+        page.close()
+    # no ReDoc page, which would fetch its vendor's logo from outside
+    with pytest.raises(urllib.error.HTTPError) as absent:
+        api(server, "GET", "/redoc")
+    assert absent.value.code == 404
+
+
 def test_speak_streams_and_schedules_gaplessly(page, server, tmp_path):
     frames = 12
     set_sampling(page, frames * FRAME_MS, seed=7)
@@ -330,6 +405,13 @@ def test_interrupt_stops_playback(page, server):
     assert page.text_content("#speak-state") == "interrupted"
     assert page.is_enabled("#speak") and page.is_disabled("#interrupt")
     assert page.console.errors == []
+
+    # Speak with nothing to say: the page says so, and its status no longer tells of the last line
+    page.fill("#text", "  ")
+    page.click("#speak")
+    assert page.is_visible("#error") and page.text_content("#error-text") == "Type something to speak first."
+    assert page.text_content("#speak-state") == ""
+    assert stats(page)["requests"] == s["requests"]  # nothing was sent
 
 
 def test_conversation_turns_and_interrupt(page, server):

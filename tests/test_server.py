@@ -469,12 +469,16 @@ def test_done_counts_the_rows_of_every_piece_interrupted_or_not(server):
         # just ended) by the interrupt while the line waits for more text.
         ws.send(json.dumps({"type": "speak", "text": "One two three. Four", "voice": "0", "more": True,
                             "max_audio_length_ms": 400}))
-        assert recv_json(ws)["type"] == "started"
+        started = recv_json(ws)
+        # `started` bounds the first piece (400 ms: 5 frames), under its new name and its old one
+        assert started["type"] == "started" and started["first_piece_max_frames"] == started["max_frames"] == 5
         ws.send(json.dumps({"type": "append_text", "text": " five six. Seven", "more": True}))
         wait_for_audio(ws, 6)  # a frame of the second piece
         ws.send(json.dumps({"type": "interrupt"}))
         done = until_done(ws)[-1]
         assert done["reason"] == "interrupted" and done["pieces"] == 2 and done["frames"] >= 6
+        assert done["frames"] > started["first_piece_max_frames"]  # `done` counts the whole line
+        assert done["audio_ms"] == 80 * done["frames"]
         assert done["reused_rows"] > 0 and done["prefill_rows"] > 0  # the conversation so far was kept
         dones.append(done)
         # Interrupted before it was even complete: nothing was submitted, nothing counted.

@@ -26,13 +26,14 @@ from websockets.sync.client import connect  # noqa: E402
 from fastcsm.server.settings import Settings  # noqa: E402
 
 ALLOWED = "https://app.example"
+NAMES = ["tts.example", "*.voices.example"]  # --allowed-hosts
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # The default body limit (16 MiB), as in the attacks this file repeats.
     with LiveServer(slots=16, max_queue=48, api_keys=[KEY], cors_origins=[ALLOWED], max_audio_length_ms=8000,
-                    voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
+                    allowed_hosts=NAMES, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
         yield s
 
 
@@ -275,13 +276,14 @@ def _closed(sock: socket.socket) -> bool:
 def test_slow_headers_and_trickled_bodies_are_cut_off(small):
     heads = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(20)]
     bodies = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(5)]
+    host = f"Host: 127.0.0.1:{small.port}\r\n".encode()
     for b in bodies:
-        b.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        b.sendall(b"POST /v1/audio/speech HTTP/1.1\r\n" + host + b"Authorization: Bearer " + KEY.encode()
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
     replies = {}
     try:
         t0 = time.monotonic()
-        line = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        line = b"GET /healthz HTTP/1.1\r\n" + host
         for i in range(120):  # one byte every 0.1 s, on every connection
             for s in [*heads, *bodies]:
                 try:
@@ -355,8 +357,8 @@ def test_decoding_mixes_to_mono_block_by_block():
 
 # -- 5. concurrent uploads of one name ------------------------------------------------------------
 
-def _upload(server, name, overwrite=False, origin=None):
-    headers = {**AUTH, **({"Origin": origin} if origin else {})}
+def _upload(server, name, overwrite=False, origin=None, host=None):
+    headers = {**AUTH, **({"Origin": origin} if origin else {}), **({"Host": host} if host else {})}
     return httpx.post(server.url + "/v1/voices", headers=headers, timeout=60,
                       data={"name": name, "text": "Hello there.", "overwrite": str(overwrite).lower()},
                       files={"audio": ("v.wav", wav_bytes(0.5), "audio/wav")})
@@ -455,6 +457,31 @@ while True:
             assert Voice.load(store.path(name)).codes.shape == (200, 32)
 
 
+def test_stale_temporary_files_of_unfinished_writes_are_removed_at_start_up(tmp_path):
+    """What a write killed before its move leaves (`.NAME.safetensors.RANDOM.tmp`) goes when a
+    server starts, if older than ten minutes; a younger one may be another process's write in
+    progress and stays, as does everything that is not such a file."""
+    import os
+
+    import torch
+
+    from fastcsm.voices import Voice
+
+    stale, fresh, other = ".v0.safetensors.k3j_x9a1.tmp", ".v1.safetensors.q8w2e7rt.tmp", ".notes.tmp"
+    for name in (stale, fresh, other):
+        (tmp_path / name).write_bytes(b"\0" * 100)
+    Voice(0, "Kept.", torch.zeros(4, 32, dtype=torch.long)).save(tmp_path / "kept.safetensors")
+    (tmp_path / ".v2.safetensors.dir0000.tmp").mkdir()  # not a file: never removed
+    hour_ago = time.time() - 3600
+    for path in tmp_path.iterdir():
+        if path.name != fresh:
+            os.utime(path, (hour_ago, hour_ago))
+    with LiveServer(voices_dir=str(tmp_path)) as s:
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert [v["name"] for v in httpx.get(s.url + "/v1/voices").json()["data"]] == ["kept"]
+    assert left == sorted([fresh, other, "kept.safetensors", ".v2.safetensors.dir0000.tmp"])
+
+
 # -- 6, 7. keys never logged, never empty ---------------------------------------------------------
 
 def test_api_key_never_reaches_a_log_line(tmp_path):
@@ -526,6 +553,44 @@ def test_cross_site_writes_and_sockets_are_refused(server):
             assert recv_json(c)["type"] == "ready"
 
 
+def _socket_by_name(server, host: str, **kw):
+    """The conversation WebSocket as a page at `host` opens it: its URL (so the Host header)
+    and Origin name `host`, while the connection goes to the server on loopback."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    return connect(f"ws://{host}/v1/conversations", sock=sock, origin=f"http://{host}", additional_headers=AUTH,
+                   open_timeout=10, **kw)
+
+
+def test_a_rebound_name_is_refused_on_every_route_and_the_socket(server):
+    """DNS rebinding: a page at http://evil.example:PORT whose name now points at this server
+    is the server's own page by Origin (Origin == Host), so the Host itself must be one of the
+    server's names: loopback names, IP addresses, --host, this machine's, --allowed-hosts."""
+    from websockets.exceptions import InvalidStatus
+
+    assert _upload(server, "kept").status_code == 201
+    evil = f"evil.example:{server.port}"
+    page = {**AUTH, "Host": evil, "Origin": f"http://{evil}"}
+    responses = [httpx.delete(server.url + "/v1/voices/kept", headers=page),
+                 _upload(server, "kept", overwrite=True, origin=f"http://{evil}", host=evil),
+                 httpx.get(server.url + "/v1/voices", headers=page),  # the page could read the answer
+                 httpx.get(server.url + "/", headers={"Host": evil}),
+                 httpx.get(server.url + "/healthz", headers={"Host": "voices.example"})]  # *. is for subdomains
+    for r in responses:
+        assert r.status_code == 400, r.text
+        assert ("evil.example" in r.text or "voices.example" in r.text) and "--allowed-hosts" in r.text, r.text
+    with pytest.raises(InvalidStatus) as e:
+        _socket_by_name(server, evil).close()
+    assert e.value.response.status_code == 403
+    assert httpx.get(server.url + "/v1/voices/kept", headers=AUTH).status_code == 200  # untouched
+    # The server's own names: loopback, its IP, the configured ones (any case, a final dot).
+    for name in ("127.0.0.1", "localhost", "[::1]", "LocalHost.", "tts.example", "a.voices.example"):
+        host = f"{name}:{server.port}"
+        assert _upload(server, "kept", overwrite=True, origin=f"http://{host}", host=host).status_code == 201, name
+        with _socket_by_name(server, host) as c:
+            assert recv_json(c)["type"] == "ready"
+    assert httpx.get(server.url + "/", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
 # -- 9. chunked bodies over the limit -------------------------------------------------------------
 
 def test_chunked_body_over_the_limit_is_413(small):
@@ -572,6 +637,39 @@ def test_damaged_voice_is_reported_by_name_and_can_be_replaced_or_deleted(server
     assert "cut" not in httpx.get(server.url + "/v1/voices", headers=AUTH).json()["broken"]
 
 
+def test_a_delete_or_read_that_loses_a_race_with_a_delete_is_not_found(server, tmp_path):
+    """Two DELETEs of one voice at once: one 200, the other 404 (never a 500, which also cost
+    other requests their keep-alive connection); a read racing them finds the voice or does not,
+    never calls it damaged (409). The service alone takes many rounds, the server a few."""
+    import torch
+    from test_voices import at_once
+
+    from fastcsm.server.service import ApiError, Service
+    from fastcsm.voices import Voice
+
+    def status(call, *args) -> int:
+        try:
+            call(*args)
+            return 200
+        except ApiError as e:
+            return e.status
+
+    voice = Voice(0, "Hello there.", torch.zeros(4, 32, dtype=torch.long))
+    service = Service(Settings(voices_dir=str(tmp_path)))
+    for _ in range(100):
+        service.store.add(voice, "v", overwrite=True)
+        out = at_once(lambda: status(service.delete_voice, "v"), lambda: status(service.delete_voice, "v"),
+                      lambda: status(service.voice, "v"))
+        assert sorted(out[:2]) == [200, 404] and out[2] in (200, 400), out
+    url = server.url + "/v1/voices/gone"
+    for _ in range(5):
+        server.service.store.add(voice, "gone", overwrite=True)
+        out = at_once(lambda: httpx.delete(url, headers=AUTH), lambda: httpx.delete(url, headers=AUTH),
+                      lambda: httpx.get(url, headers=AUTH))
+        codes = [r.status_code for r in out]
+        assert sorted(codes[:2]) == [200, 404] and codes[2] in (200, 404), [r.text for r in out]
+
+
 # -- 11. the smaller ones -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, says", [
@@ -593,6 +691,19 @@ def test_websocket_refuses_booleans_too(server):
         c.send(json.dumps({"type": "speak", "text": "hi", "speaker": True}))
         e = recv_json(c)
         assert e["type"] == "error" and "speaker" in e["message"]
+
+
+def test_digit_only_voice_names_are_refused_at_upload(server):
+    """"007" would be read as speaker 7 wherever a voice is named, never as this voice."""
+    responses = [_upload(server, "007"),
+                 httpx.post(server.url + "/v1/audio/voices", headers=AUTH, data={"name": "42", "text": "Hello."},
+                            files={"audio_sample": ("v.wav", wav_bytes(0.5), "audio/wav")})]
+    for r in responses:
+        assert r.status_code == 400 and "digits alone" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "name"
+    assert _upload(server, "007a").status_code == 201
+    names = [v["name"] for v in httpx.get(server.url + "/v1/voices", headers=AUTH).json()["data"]]
+    assert "007" not in names and "42" not in names and "007a" in names
 
 
 def test_invalid_utf8_transcript_is_refused(server):

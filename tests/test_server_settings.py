@@ -64,6 +64,9 @@ REFUSED = [  # (flags, the same as Settings fields, what the one message says)
     (["--cors-origin", "https://app.example/"], {"cors_origins": ["https://app.example/"]}, "no trailing slash"),
     (["--api-key", " "], {"api_keys": [" "]}, "API key is empty"),
     (["--voice-map", "alloy"], {"voice_map": "alloy"}, "neither name=target entries nor a readable file"),
+    (["--allowed-hosts", "tts.example:8000"], {"allowed_hosts": ["tts.example:8000"]}, "no scheme, port or path"),
+    (["--allowed-hosts", "https://tts.example"], {"allowed_hosts": ["https://tts.example"]}, "(--allowed-hosts, "
+                                                                                           "FASTCSM_ALLOWED_HOSTS)"),
 ]
 
 
@@ -80,6 +83,31 @@ def test_settings_refuse_what_the_command_refuses_with_the_same_message(flags, f
     with pytest.raises(ValueError) as again:
         create_app(Settings(**{**dataclasses.asdict(Settings()), **fields}))
     assert str(again.value) == str(e.value)
+
+
+def test_allowed_hosts_from_flags_and_variable_and_what_they_allow(monkeypatch):
+    import socket
+
+    from fastcsm.server.limits import HostNames
+
+    monkeypatch.setenv("FASTCSM_ALLOWED_HOSTS", "a.example, *.b.example")
+    assert Settings.from_env().allowed_hosts == ["a.example", "*.b.example"]
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "c.example,d.example", "--allowed-hosts", "e."])
+    assert settings_from_args(args).allowed_hosts == ["c.example", "d.example", "e."]
+
+    everywhere = HostNames(Settings(host="0.0.0.0"))  # the default: no names configured
+    for host in ("localhost:8000", "127.0.0.1", "127.8.9.1:1", "[::1]:8000", "10.1.2.3:8000", "[fe80::1]:80",
+                 socket.gethostname(), f"{socket.gethostname().upper()}:8000", None):
+        assert everywhere.allows(host), host
+    for host in ("evil.example:8000", "localhost.evil.example", "", "[::1", "a.example",
+                 "evil.example@127.0.0.1", "127.0.0.1/x", "127.0.0.1:80:80"):
+        assert not everywhere.allows(host), host
+    named = HostNames(Settings(host="tts.lan", allowed_hosts=["a.example", "*.b.example", "e."]))
+    for host in ("tts.lan:8000", "A.Example.:80", "x.b.example", "x.y.b.example", "e:1"):
+        assert named.allows(host), host
+    for host in ("b.example", "xb.example", "a.example.evil"):
+        assert not named.allows(host), host
+    assert HostNames(Settings(allowed_hosts=["*"])).allows("evil.example:8000")
 
 
 def test_settings_check_types_given_in_code():

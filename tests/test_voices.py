@@ -1,5 +1,8 @@
 """Voice files and the voice directory: round trips, names that cannot escape, clear errors."""
 
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +78,44 @@ def test_bad_voices_are_refused():
         Voice(0, "text", torch.zeros(3, 32))
     with pytest.raises(VoiceError, match="non-empty"):
         Voice(0, "text", torch.zeros(0, 32, dtype=torch.long))
+
+
+def at_once(*calls) -> list:
+    """Each call in a thread of its own, all released together: their results (or exceptions)."""
+    barrier, out = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def run(i, call):
+        barrier.wait()
+        try:
+            out[i] = call()
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_a_remove_or_load_that_loses_a_race_with_a_remove_hears_no_voice(tmp_path):
+    """The file may go between any check and its use: a remove that loses is "no voice", as is
+    a load (never "not readable", which would call the voice damaged)."""
+    store = VoiceStore(tmp_path)
+    for _ in range(100):
+        store.add(voice(), "v", overwrite=True)
+        out = at_once(lambda: store.remove("v"), lambda: store.remove("v"), lambda: store.get("v"),
+                      lambda: Voice.load(store.path("v")))
+        assert sum(isinstance(o, Path) for o in out[:2]) == 1, out
+        for o in out:
+            assert isinstance(o, (Path, Voice)) or isinstance(o, VoiceError) and "no voice" in str(o), repr(o)
+
+
+def test_new_voices_never_take_a_speaker_ids_name(tmp_path):
+    store = VoiceStore(tmp_path)
+    for name in ("007", "12"):
+        with pytest.raises(VoiceError, match="digits alone already mean that speaker id"):
+            store.add(voice(), name)
+    store.add(voice(), "007a")
+    assert store.names() == ["007a"]

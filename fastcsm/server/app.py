@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +43,7 @@ from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
 
 log = logging.getLogger("fastcsm")
+VOICE_NAME = "letters, digits, '.', '_' or '-'; not digits alone (those are speaker ids)"
 ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 403: {"model": P.ErrorResponse},
           408: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
 
@@ -62,6 +64,9 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        leftovers = service.store.remove_stale_temps()
+        if leftovers:
+            log.info("fastcsm: removed %d unfinished voice writes from %s", len(leftovers), service.store.root)
         loading = asyncio.get_running_loop().run_in_executor(None, _load, service, generator)
         app.state.loading = loading
         try:
@@ -69,9 +74,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         finally:
             service.close()
 
-    app = FastAPI(title="fastcsm", version=_version(), lifespan=lifespan,
-                  description="Fast, streaming speech with Sesame's CSM: an OpenAI-compatible speech API, voices, "
-                              "and live conversations over a WebSocket.")
+    # /docs (Swagger UI) loads its script and style from fastapi-offline's copy under /docs-assets, never
+    # from a CDN, so the API's documentation works with no internet. No /redoc: ReDoc fetches its logo
+    # from its vendor's site whatever it is given.
+    app = FastAPIOffline(title="fastcsm", version=_version(), lifespan=lifespan, static_url="/docs-assets",
+                         redoc_url=None,
+                         description="Fast, streaming speech with Sesame's CSM: an OpenAI-compatible speech API, "
+                                     "voices, and live conversations over a WebSocket.")
     app.state.service = service
     app.state.settings = settings
     if settings.cors_origins:
@@ -254,7 +263,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.post("/v1/voices", response_model=P.VoiceInfo, status_code=201, dependencies=v1,
               responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
-    async def create_voice(name: str = Form(..., max_length=64, description="letters, digits, '.', '_' or '-'"),
+    async def create_voice(name: str = Form(..., max_length=64, description=VOICE_NAME),
                            text: str = Form(..., min_length=1, description="what is said in the recording"),
                            audio: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any rate"),
                            speaker: int = Form(0, ge=0, le=1_000_000),
@@ -271,7 +280,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
 
     @app.post("/v1/audio/voices", response_model=P.AudioVoice, status_code=201, dependencies=v1,
               responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
-    async def create_audio_voice(name: str = Form(..., max_length=64, description="letters, digits, '.', '_' or '-'"),
+    async def create_audio_voice(name: str = Form(..., max_length=64, description=VOICE_NAME),
                                  audio_sample: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or "
                                                                                   "MP3, any rate"),
                                  consent: str | None = Form(None, max_length=256,

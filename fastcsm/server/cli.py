@@ -23,9 +23,10 @@ flags win over the environment.
 
 examples:
   fastcsm serve --model ~/models/csm-1b --slots 32
-  fastcsm serve --host 0.0.0.0 --api-key "$KEY" --cors-origin https://app.example.com
+  fastcsm serve --host 0.0.0.0 --api-key "$KEY" --allowed-hosts tts.example.com --cors-origin https://app.example.com
   fastcsm serve --port 0          (any free port; the address is printed)
-  (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning)
+  (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning;
+   requests by a name other than loopback's, an IP address or this machine's need --allowed-hosts)
 
 then:
   curl -N localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\

@@ -216,7 +216,7 @@ class Conversation:
         # A bound above the server's limit is refused now, not per piece.
         options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
                               c.temperature if m.temperature is None else m.temperature,
-                              c.topk if m.topk is None else m.topk)
+                              c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
         seed = secrets.randbits(62) if m.seed is None else m.seed
         u = Utterance(m.id, self.utterances, speaker, options, seed, text, m.more)
         self.mark(u, now)
@@ -288,8 +288,10 @@ class Conversation:
         u.streams.append(u.stream)
         u.line, u.codes = planned.line, []
         if len(u.streams) == 1:
+            bound = planned.request.max_frames
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
-                                      prompt_rows=len(planned.request.prompt), max_frames=planned.request.max_frames))
+                                      prompt_rows=len(planned.request.prompt), first_piece_max_frames=bound,
+                                      max_frames=bound))
 
     async def play(self, u: Utterance) -> None:
         """Speak the line piece by piece as its text arrives, sending frames as they come; always

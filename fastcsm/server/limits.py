@@ -1,13 +1,15 @@
-"""What stands between the network and the routes: body limits and deadlines, Origin checks,
-API keys kept out of logs, and the uvicorn settings against slow clients.
+"""What stands between the network and the routes: Host and Origin checks, body limits and
+deadlines, API keys kept out of logs, and the uvicorn settings against slow clients.
 
-- `Guard` (ASGI middleware, outermost): per-route body limits (the speech and voice-upload
-  routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`) enforced by
-  Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the whole body
-  must arrive within `body_timeout_s` (else 408 and the connection closes); state-changing
-  requests and WebSocket handshakes whose `Origin` is present and not allowed get 403 (allowed:
-  the server's own page, loopback pages, and `--cors-origin`); `?api_key=` is taken out of the
-  query string before anything logs it.
+- `Guard` (ASGI middleware, outermost): requests and WebSocket handshakes whose Host is none
+  of the server's names (`HostNames`) are refused before anything else (400; 403 for a
+  handshake), which is what stops DNS rebinding; per-route body limits (the speech and
+  voice-upload routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`)
+  enforced by Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the
+  whole body must arrive within `body_timeout_s` (else 408 and the connection closes);
+  state-changing requests and WebSocket handshakes whose `Origin` is present and not allowed get
+  403 (allowed: the server's own page, by one of its names, loopback pages, and
+  `--cors-origin`); `?api_key=` is taken out of the query string before anything logs it.
 - `uvicorn_config`: h11 with a deadline for a request's head (`header_timeout_s`), the keep-alive
   timeout and the connection cap (`max_connections`).
 - `RedactKeys`: a logging filter that masks every configured key in any record, as a last line.
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi.responses import JSONResponse
 
 from . import protocol as P
-from .settings import Settings, is_loopback
+from .settings import Settings, ip_address, is_loopback
 
 SMALL_BODY_BYTES = 64 * 1024  # routes without audio in their body
 LARGE_BODY_ROUTES = {("POST", "/v1/audio/speech"), ("POST", "/v1/voices"),
@@ -65,8 +69,48 @@ def invalid_fields(errors: list[dict], skip=(), hints: dict[str, str] | None = N
     return "; ".join(parts) or "invalid", param
 
 
+class HostNames:
+    """The names this server answers to, against DNS rebinding: a page at http://evil.example
+    whose name the attacker re-points at this address is the server's own page by Origin, but
+    its requests still carry `Host: evil.example`. Allowed: loopback names, IP addresses (DNS
+    cannot rebind those: a page at an IP's origin is that host's own page), the `--host` name,
+    this machine's name, and `--allowed-hosts` (`*.example.com` for subdomains, `*` for any).
+    A request without Host (HTTP/1.0, which no browser sends) is allowed."""
+
+    def __init__(self, settings: Settings):
+        names = [settings.host, socket.gethostname(), *settings.allowed_hosts]
+        self.any = "*" in names
+        self.names = {_bare(n) for n in names if not n.startswith("*")}
+        self.suffixes = tuple(_bare(n)[1:] for n in names if n.startswith("*."))
+
+    def allows(self, host: str | None) -> bool:
+        if self.any or host is None:
+            return True
+        name = hostname(host)
+        if name is None:
+            return False
+        return (name in self.names or name.endswith(self.suffixes) or is_loopback(name)
+                or ip_address(name) is not None)
+
+
+def _bare(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:@/\\?#\[\]]+)(:[0-9]{0,5})?")
+
+
+def hostname(host: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]:port`), lowercase, without a final
+    dot; None if it is no host (nothing, or more than a host and a port)."""
+    match = _HOST_HEADER.fullmatch(host)
+    return _bare(match[1].strip("[]")) if match else None
+
+
 def origin_allowed(origin: str, host: str | None, allowed: list[str]) -> bool:
-    """The server's own page (same host and port), any loopback page, or a --cors-origin."""
+    """The server's own page (same host and port), any loopback page, or a --cors-origin. (The
+    Host itself is checked first, by `HostNames`: alone, Origin == Host is what a rebound name
+    passes.)"""
     if origin in allowed or "*" in allowed:
         return True
     try:
@@ -114,22 +158,24 @@ class Guard:
         self.small = min(SMALL_BODY_BYTES, settings.max_body_bytes)
         self.body_timeout_s = settings.body_timeout_s
         self.origins = list(settings.cors_origins)
+        self.hosts = HostNames(settings)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         _take_key_from_query(scope)
         headers = dict(scope.get("headers") or [])
+        host = headers[b"host"].decode("latin-1") if b"host" in headers else None
+        if not self.hosts.allows(host):
+            message = (f"this server does not answer to the name {hostname(host) or host!r} (the Host header); "
+                       "if that is its name, start it with --allowed-hosts for it")
+            return await _refuse(scope, receive, send, 400, message)
         origin = headers.get(b"origin")
         state_changing = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
-        if origin is not None and state_changing:
-            host = headers.get(b"host")
-            if not origin_allowed(origin.decode("latin-1"), host.decode("latin-1") if host else None, self.origins):
-                if scope["type"] == "websocket":  # closing before accepting: the handshake gets 403
-                    return await send({"type": "websocket.close", "code": 1008})
-                message = (f"requests from the page at {origin.decode('latin-1')!r} are not allowed; "
-                           "start the server with --cors-origin for it")
-                return await error_response(403, message)(scope, receive, send)
+        if origin is not None and state_changing and not origin_allowed(origin.decode("latin-1"), host, self.origins):
+            message = (f"requests from the page at {origin.decode('latin-1')!r} are not allowed; "
+                       "start the server with --cors-origin for it")
+            return await _refuse(scope, receive, send, 403, message)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         await self._http(scope, receive, send, headers)
@@ -177,6 +223,12 @@ class Guard:
             pass
         if refused is not None and not started:
             await error_response(refused.status, refused.message, close=True)(scope, receive, send)
+
+
+async def _refuse(scope, receive, send, status: int, message: str) -> None:
+    if scope["type"] == "websocket":  # closing before accepting: the handshake gets 403
+        return await send({"type": "websocket.close", "code": 1008})
+    return await error_response(status, message, close=True)(scope, receive, send)
 
 
 def _take_key_from_query(scope) -> None:

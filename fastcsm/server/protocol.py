@@ -91,6 +91,12 @@ audio are exactly those of a `speak` of the whole line. `started` comes when the
 submitted; `first_audio.ms` counts from the message that completed the first piece; `done` comes
 once the last piece (after `more: false`) has ended, or at `interrupt`, at any point (even before
 the first piece was complete). An `append_text` with no line open for it is an `error` event.
+
+Counting frames: `started.first_piece_max_frames` is the frame bound of the first piece alone
+(`max_frames` is the same number under its old name), while `done.frames` (and `done.audio_ms`)
+count the whole line, every one of its `done.pieces`: a line of three sentences may send three
+times the first piece's bound. Each piece's bound is `max_audio_length_ms` lowered to what its
+text can plausibly take (3 s + 150 ms a character), in 80 ms frames.
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
+
+from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
@@ -107,6 +116,15 @@ PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
 Int = Annotated[int, Strict()]
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 MAX_SPEAKER = 1_000_000  # the largest speaker id, however it is given (`speaker`, or `voice` as "7")
+# A request's own pronunciations (fastcsm.lexicon): word -> respelling, added to the server's --lexicon.
+LexiconEntries = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)],
+         Annotated[str, Field(min_length=1, max_length=MAX_RESPELLING_CHARS)]],
+    Field(max_length=MAX_REQUEST_ENTRIES)]
+NORMALIZE_HELP = ("read written forms as spoken ones (numbers, dates, money, units, URLs, e-mail, abbreviations) "
+                  "and apply the lexicon; false speaks the text exactly as given")
+LEXICON_HELP = ('whole-word respellings for this request, e.g. {"Nguyen": "Win", "SQL": "sequel"}, added to the '
+                "server's --lexicon (these win); a lower-case word matches any case, one with capitals only itself")
 
 
 class _Strict(BaseModel):
@@ -183,6 +201,8 @@ class SpeechRequest(_Strict):
         None, gt=0, description="longest audio to generate for each piece of the text (at most "
                                 "`ServerInfo.max_audio_length_ms`, the default), lowered to what the piece's "
                                 "text can plausibly take, 3 s + 150 ms a character")
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
+    lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 
 # -- voices ---------------------------------------------------------------------------------------
@@ -316,6 +336,8 @@ class Speak(_Strict):
     max_audio_length_ms: Number | None = Field(None, gt=0, description="longest audio of each piece of the line")
     more: bool = Field(False, description="the line goes on: more of its text follows in `append_text` messages "
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
+    normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
+    lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
 
 
 class AppendText(_Strict):
@@ -368,7 +390,11 @@ class Started(BaseModel):
     utterance: int = Field(description="counts utterances in this session from 0")
     speaker: int
     prompt_rows: int = Field(description="prompt rows of the first piece")
-    max_frames: int = Field(description="frame bound of the first piece")
+    first_piece_max_frames: int = Field(
+        description="frame bound of the line's first piece only (each later piece has its own bound, lowered to its "
+                    "text); `done.frames` counts every piece of the line, so it may exceed this")
+    max_frames: int = Field(description="the same as `first_piece_max_frames`, under its old name, for clients "
+                                        "written before it", deprecated=True)
 
 
 class FirstAudio(BaseModel):
@@ -384,8 +410,9 @@ class Done(BaseModel):
     id: str | None
     utterance: int
     reason: Literal["end", "max_length", "interrupted", "deadline", "error"]
-    frames: int
-    audio_ms: int
+    frames: int = Field(description="frames sent for the whole line, over all its `pieces` (80 ms each); not "
+                                    "bounded by `started.first_piece_max_frames`, which bounds the first piece")
+    audio_ms: int = Field(description="`frames` in milliseconds of audio")
     prefill_rows: int = Field(description="prompt rows this utterance prefilled, over every piece started, "
                                           "interrupted or not (a failed prefill: the rows that went in before it "
                                           "failed; a piece still queued: 0)")

@@ -18,11 +18,13 @@ import torch
 
 from ..audio import AudioError, read_audio
 from ..engine import Engine, Request
+from ..lexicon import Lexicon, LexiconError
+from ..normalize import NORMALIZE_BY_DEFAULT
 from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
 from ..speech import SpeakOptions
-from ..voices import Voice, VoiceError, VoiceExists, VoiceStore, check_name
+from ..voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
 from ..watermark import WatermarkedStream, resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .settings import Settings, parse_voice_map
@@ -61,6 +63,7 @@ class Service:
         self.settings = settings
         self.store = VoiceStore(settings.voices_dir)
         self.voice_map = parse_voice_map(settings.voice_map)
+        self.lexicon = settings.check_lexicon() or Lexicon({})
         self.generator = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
@@ -110,19 +113,23 @@ class Service:
     # -- voices ---------------------------------------------------------------------------------
 
     def voice(self, name: str) -> Voice:
-        """A registered voice (cached while its file is unchanged); 400 if there is none."""
+        """A registered voice (cached while its file is unchanged); 400 if there is none (also
+        when it is removed while being read)."""
+        unknown = ApiError(400, f"unknown voice {name!r}: {LIST_VOICES_HINT}", param="voice")
         try:
             check_name(name)
             path = self.store.path(name)
             mtime = path.stat().st_mtime_ns
         except (VoiceError, OSError):
-            raise ApiError(400, f"unknown voice {name!r}: {LIST_VOICES_HINT}", param="voice") from None
+            raise unknown from None
         with self._lock:
             hit = self._voices.get(name)
             if hit is not None and hit[0] == mtime:
                 return hit[1]
         try:
             voice = Voice.load(path)
+        except VoiceNotFound:
+            raise unknown from None
         except VoiceError:  # its message names the file's path: the client hears the name only
             raise BrokenVoice(name) from None
         with self._lock:
@@ -178,7 +185,7 @@ class Service:
                      overwrite: bool, **meta) -> VoiceInfo:
         gen = self.need_ready()
         try:
-            check_name(name)
+            check_new_name(name)
         except VoiceError as e:
             raise ApiError(400, str(e), param="name") from None
         exists = f"a voice named {name!r} already exists; delete it first or pass overwrite=true"
@@ -248,13 +255,19 @@ class Service:
         return (v.speaker if speaker is None else speaker), v
 
     def options(self, max_audio_length_ms: float | None, temperature: float, topk: int,
+                normalize: bool = NORMALIZE_BY_DEFAULT, lexicon: dict | None = None,
                 param: str = "max_audio_length_ms") -> SpeakOptions:
         """How one line is spoken: sampled as asked, each piece bounded by the request's bound (by
-        default the server's limit; 400 above it) lowered by the length guard of its text."""
+        default the server's limit; 400 above it) lowered by the length guard of its text, read
+        normalised (unless `normalize` is false) with the server's lexicon and the request's."""
         limit = self.settings.max_audio_length_ms
         try:
+            words = self.lexicon.updated(lexicon)
+        except LexiconError as e:
+            raise ApiError(400, str(e), param="lexicon") from None
+        try:
             options = SpeakOptions(max_audio_length_ms=limit if max_audio_length_ms is None else max_audio_length_ms,
-                                   temperature=temperature, topk=topk)
+                                   temperature=temperature, topk=topk, normalize=normalize, lexicon=words or None)
             requested_frames(options.max_audio_length_ms, self.cfg.frame_ms, limit)
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e), param=param) from None
@@ -302,7 +315,8 @@ class Service:
             raise ApiError(400, f"context has {len(req.context)} turns; at most {self.settings.max_context_turns}",
                            param="context")
         speaker, voice = self.resolve_speaker(req.voice, req.speaker)
-        options = self.options(req.max_audio_length_ms, req.temperature, req.topk)  # before any audio is encoded
+        options = self.options(req.max_audio_length_ms, req.temperature, req.topk, req.normalize,
+                               req.lexicon)  # before any audio is encoded
         encode = gen.codec.encode_waveform
         pinned = [self.voice_rows(voice, speaker)] if voice is not None else []
         history = []

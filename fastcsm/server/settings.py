@@ -4,8 +4,9 @@ Each field says its type, default, help, group and checks (`setting(...)`); from
 come the `fastcsm serve` flags (`add_arguments`), the `FASTCSM_<FIELD>` environment variables
 (`Settings.from_env`) and the checks `Settings` itself runs, so `create_app(Settings(slots=0))`
 refuses what `fastcsm serve --slots 0` refuses, with the same message. Flags override variables;
-lists (API keys, CORS origins) are comma-separated in a variable. An empty API key (say
-`FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without authentication.
+lists (API keys, CORS origins, allowed hosts) are comma-separated in a variable. An empty API key
+(say `FASTCSM_API_KEYS="$KEY"` with `$KEY` unset) is an error, never a server without
+authentication.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,29 @@ def setting(default, help: str, group: str, **spec):
     return field(default=default, metadata=meta)
 
 
+class Table:
+    """A dataclass whose fields are `setting(...)` rows (`Settings`; `fastcsm wyoming` has its own
+    limits): building one checks every row, `from_env` reads the rows' `FASTCSM_<FIELD>` variables."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> Self:
+        """Defaults, then `FASTCSM_<FIELD>` variables, then `overrides` (those not None)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = _from_environ(f, environ)
+            if value is not None:
+                values[f.name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
 @dataclass
-class Settings:
+class Settings(Table):
     """Everything `fastcsm serve` can be told, checked when built (see the module's docstring)."""
 
     model: str = setting("sesame/csm-1b", "checkpoint directory or hub repo id", "model", metavar="PATH_OR_ID")
@@ -84,6 +107,15 @@ class Settings:
     cors_origins: list[str] = setting([], "a browser origin allowed to call the API, e.g. https://app.example.com "
                                           "(repeatable)", "security and limits", metavar="ORIGIN",
                                       flag="--cors-origin")
+    allowed_hosts: list[str] = setting([], "a name clients reach the server by (the Host header), e.g. "
+                                           "tts.example.com or *.example.com; repeatable or comma-separated. "
+                                           "Loopback names, IP addresses, the --host name and this machine's "
+                                           "name are always allowed: behind --host 0.0.0.0 add the names "
+                                           "clients use, or * for any (a proxy that checks Host itself). Other "
+                                           "names get 400, so a web page whose name was rebound to this "
+                                           "address (DNS rebinding) can use nothing",
+                                       "security and limits", metavar="HOST",
+                                       shown="loopback names, IP addresses, --host, this machine's name")
     max_body_bytes: int = setting(16 << 20, "largest speech body (context audio) or voice upload; other routes "
                                             "take 64 KiB", "security and limits", metavar="N", at_least=1024,
                                   shown="16 MiB")
@@ -104,6 +136,9 @@ class Settings:
                                   metavar="S", at_least=0.1)
     max_connections: int = setting(1000, "open connections, WebSockets included; beyond it requests get 503",
                                    "slow clients", metavar="N", at_least=1)
+    lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
+                                        "object of word -> respelling (see README, \"Saying the text right\")",
+                                  "speech", metavar="FILE")
     voices_dir: str | None = setting(None, "where voices live (default: ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
@@ -116,13 +151,17 @@ class Settings:
     def __post_init__(self):
         """Every check of the table, then those between settings: a `ValueError` naming the setting,
         its flag and its variable."""
-        for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
+        super().__post_init__()
         self.check_keys()
         for origin in self.cors_origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise _refuse("cors_origins", "be origins such as https://app.example.com: scheme://host[:port], "
                                               "no path, no trailing slash (or * for any)", origin)
+        self.allowed_hosts = [h.strip() for x in self.allowed_hosts for h in x.split(",") if h.strip()]
+        for name in self.allowed_hosts:
+            if not _HOST.fullmatch(name) and ip_address(name) is None:
+                raise _refuse("allowed_hosts", "be host names such as tts.example.com or *.example.com: no "
+                                               "scheme, port or path (or * for any)", name)
         from ..config import preset
 
         cfg = preset("csm-1b")  # every CSM checkpoint: 80 ms frames, a 2048-row window
@@ -132,18 +171,7 @@ class Settings:
                                                  f"{cfg.max_seq_len}-row window holds ({window_ms} ms)",
                           self.max_audio_length_ms)
         parse_voice_map(self.voice_map)
-
-    @classmethod
-    def from_env(cls, environ=None, **overrides) -> Settings:
-        """Defaults, then `FASTCSM_<FIELD>` variables, then `overrides` (those not None)."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in dataclasses.fields(cls):
-            value = _from_environ(f, environ)
-            if value is not None:
-                values[f.name] = value
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        self.check_lexicon()
 
     def check_keys(self) -> list[str]:
         """The API keys, refusing an empty one: `--api-key "$KEY"` with `$KEY` unset must not
@@ -152,6 +180,15 @@ class Settings:
             raise ValueError("an API key is empty (is the variable holding it unset?): give a non-empty key, "
                              "or no --api-key / FASTCSM_API_KEYS at all for a server without authentication")
         return list(self.api_keys)
+
+    def check_lexicon(self):
+        """The `lexicon` file, loaded (None without one); a bad file is refused naming the setting."""
+        from ..lexicon import LexiconError, load_lexicon
+
+        try:
+            return load_lexicon(self.lexicon)
+        except LexiconError as e:
+            raise _refuse("lexicon", f"be a readable lexicon file ({e})", self.lexicon) from None
 
     @property
     def served_model_name(self) -> str:
@@ -162,15 +199,17 @@ class Settings:
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+")
+_HOST = re.compile(r"\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 def env_name(name: str) -> str:
     return f"FASTCSM_{name.upper()}"
 
 
-def _refuse(name: str, must: str, value) -> ValueError:
-    """The one form of a refusal, naming the setting by its field, its flag and its variable."""
-    flag = Settings.__dataclass_fields__[name].metadata["spec"].flag_of(name)
+def _refuse(name: str, must: str, value, spec: Spec | None = None) -> ValueError:
+    """The one form of a refusal, naming the setting by its field, its flag and its variable
+    (`spec`: the row's, when not one of `Settings`)."""
+    flag = (spec or Settings.__dataclass_fields__[name].metadata["spec"]).flag_of(name)
     return ValueError(f"{name} must {must} ({flag}, {env_name(name)}), got {value!r}")
 
 
@@ -195,27 +234,31 @@ def _check(f: dataclasses.Field, value) -> None:
         ok = isinstance(value, {"str": str, "bool": bool}[kind])
     if not ok:
         want = {"list": "a list of strings", "int": "an integer", "float": "a finite number"}.get(kind, f"a {kind}")
-        raise _refuse(f.name, f"be {want}", value)
+        raise _refuse(f.name, f"be {want}", value, spec)
     if spec.choices and value not in spec.choices:
-        raise _refuse(f.name, f"be one of {', '.join(spec.choices)}", value)
+        raise _refuse(f.name, f"be one of {', '.join(spec.choices)}", value, spec)
     if spec.at_least is not None and value < spec.at_least:
-        raise _refuse(f.name, f"be at least {spec.at_least:g}", value)
+        raise _refuse(f.name, f"be at least {spec.at_least:g}", value, spec)
     if spec.at_most is not None and value > spec.at_most:
-        raise _refuse(f.name, f"be at most {spec.at_most:g}", value)
+        raise _refuse(f.name, f"be at most {spec.at_most:g}", value, spec)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-def is_loopback(host: str) -> bool:
+def ip_address(host: str):
+    """`host` as an IP address (IPv6 with or without brackets), or None for a name."""
     import ipaddress
 
-    if host in LOOPBACK_HOSTS:
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    ip = ip_address(host)
+    return host in LOOPBACK_HOSTS or (ip is not None and ip.is_loopback)
 
 
 def security_warnings(settings: Settings) -> list[str]:
@@ -301,12 +344,12 @@ def _parse(f: dataclasses.Field, raw: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
-                  names: tuple[str, ...] | None = None) -> None:
-    """A flag for every setting (of `groups` or `names`, default all), in argument groups named as
-    the table's. Every flag defaults to None, so that `settings_from_args` (or `values_from_args`)
-    lets the environment fill the rest."""
+                  table: type[Table] = Settings, names: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting of `table` (of `groups` or `names`, default all), in argument groups
+    named as the table's. Every flag defaults to None, so that `settings_from_args` (or
+    `values_from_args`) lets the environment fill the rest."""
     made = {}
-    for f in dataclasses.fields(Settings):
+    for f in dataclasses.fields(table):
         spec, (kind, _) = f.metadata["spec"], _kind(f)
         if (groups is not None and spec.group not in groups) or (names is not None and f.name not in names):
             continue
@@ -325,10 +368,11 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | Non
         group.add_argument(spec.flag_of(f.name), **kwargs)
 
 
-def settings_from_args(args: argparse.Namespace, **overrides) -> Settings:
-    """Settings from parsed flags (those given) over the `FASTCSM_*` variables; `overrides` win."""
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
-    return Settings.from_env(**{**given, **overrides})
+def settings_from_args(args: argparse.Namespace, table: type[Table] = Settings, **overrides) -> Table:
+    """`table` (default `Settings`) from parsed flags (those given) over the `FASTCSM_*` variables;
+    `overrides` win."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(table)}
+    return table.from_env(**{**given, **overrides})
 
 
 def values_from_args(args: argparse.Namespace, names: tuple[str, ...], environ=None) -> dict:

@@ -33,7 +33,7 @@
     clockStart: null,      // AudioContext time the utterance starts playing
     clockEnd: null,        // AudioContext time the last scheduled sample ends
     firstAudioMs: null,    // request sent -> first audio byte, ms
-    rtf: null,             // generation wall time / audio duration
+    rtf: null,             // real-time factor: generation wall time / audio duration (lower is better)
     audioSeconds: 0,
     playing: false,        // sources are scheduled and not all finished
     streaming: false,      // audio is still arriving
@@ -344,6 +344,16 @@
   }
   window.addEventListener("resize", scheduleDraw);
 
+  // -- the length bound, in seconds beside its field -----------------------------------------
+  /* The server bounds each sentence (each piece of the text) by it; empty means the server's own limit. */
+  function showMaxLength() {
+    const ms = parseInt($("max-ms").value, 10);
+    const limit = stats.info && stats.info.max_audio_length_ms;
+    $("max-ms-hint").textContent = isFinite(ms) && ms > 0 ? `${+(ms / 1000).toFixed(2)} s per sentence`
+      : limit ? `the server's limit, ${+(limit / 1000).toFixed(2)} s per sentence` : "the server's limit";
+  }
+  $("max-ms").addEventListener("input", showMaxLength);
+
   // -- speaking over HTTP ----------------------------------------------------------------------
   let abort = null;
 
@@ -588,7 +598,13 @@
 
   $("speak").addEventListener("click", () => {
     const text = $("text").value.trim();
-    if (!text) { showError("Type something to speak first."); $("text").focus(); return; }
+    if (!text) {
+      showError("Type something to speak first.");
+      // the status spoke of the last line ("interrupted", "done"); nothing is spoken now
+      if (!stats.playing) setSpeakState("");
+      $("text").focus();
+      return;
+    }
     clearError();
     if (stats.mode === "conversation") conversation.speak(text);
     else speakHttp(text);
@@ -902,6 +918,7 @@
     if (info.max_audio_length_ms) {
       $("max-ms").max = info.max_audio_length_ms;
       if (+$("max-ms").value > info.max_audio_length_ms) $("max-ms").value = info.max_audio_length_ms;
+      showMaxLength();
     }
     $("server-state").title = `${info.model} · ${info.slots} streams at once · ${info.sample_rate} Hz`;
   }
@@ -915,6 +932,7 @@
   setMode("single");
   renderVoices([]);
   updateFigures();
+  showMaxLength();
   drawWave();
   Promise.all([loadInfo(), loadVoices()]).then(() => { stats.ready = true; });
 })();
