@@ -13,8 +13,8 @@ Policies:
   torch   torch's own default: one thread a core, OpenMP's spinning waiters (fastcsm's default before threads.py)
   one     one thread
   cores   a thread for every core this process may use, idle threads sleeping (OMP_WAIT_POLICY=PASSIVE)
-  auto    fastcsm's default (fastcsm/threads.py): one thread for small models, else the cores
-          not busy with other work now; idle threads sleeping
+  auto    fastcsm's default (fastcsm/threads.py): one thread for small models, else every
+          usable core; idle threads sleeping
 
     python benchmarks/bench_threads.py                       # tiny, csm-1b int8 and speak: minutes
     python benchmarks/bench_threads.py --models tiny --steps 40

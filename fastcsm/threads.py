@@ -8,8 +8,10 @@ spinning waiters take time from that very thread. Hence the default policy (`thr
 
 - a small model (below `SMALL_MODEL_PARAMS`) runs on one thread: its ops are too short to gain
   from a second one, and a single thread has no barrier to wait at;
-- a larger model runs on the cores this process may use (`os.sched_getaffinity`) less those that
-  other processes keep busy right now (their busy time in /proc/stat over 0.1 s);
+- a larger model runs on every core this process may use (`os.sched_getaffinity`): its ops
+  (csm-1b's linears take milliseconds) outlast a barrier's wait, and on a busy machine each thread
+  is one more share of the CPU (measured: one thread instead of two was 1.3-3x slower for csm-1b
+  int8, idle or with a core busy);
 - the pool's idle threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`): OpenMP reads it
   once, when torch loads, so `quiet_pool` must run before the first `import torch`.
 
@@ -20,9 +22,8 @@ environment is kept. `benchmarks/bench_threads.py` measures these choices agains
 from __future__ import annotations
 
 import os
-import time
 
-SMALL_MODEL_PARAMS = 200_000_000  # tiny presets run best alone; csm-1b (1.5 B) uses the free cores
+SMALL_MODEL_PARAMS = 200_000_000  # tiny presets run best alone; csm-1b (1.5 B) uses every core
 
 
 def quiet_pool(environ=os.environ) -> None:
@@ -38,42 +39,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores(window_s: float = 0.1) -> int:
-    """Cores of this process's set that other work keeps busy now: the busy share of each over
-    `window_s` (from /proc/stat), summed and rounded. 0 where /proc/stat cannot be read."""
-
-    def idle_and_total() -> dict[int, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit():
-                    ticks = [int(x) for x in fields[:8]]
-                    out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))  # idle + iowait, all
-        return out
-
-    try:
-        cores = os.sched_getaffinity(0)
-        before = idle_and_total()
-        time.sleep(window_s)
-        after = idle_and_total()
-    except (AttributeError, OSError, ValueError, IndexError):
-        return 0
-    busy = 0.0
-    for cpu in cores & before.keys() & after.keys():
-        idle, total = (a - b for a, b in zip(after[cpu], before[cpu], strict=True))
-        busy += 1 - idle / total if total > 0 else 0
-    return round(busy)
-
-
 def choose(threads: int = 0, params: int | None = None) -> int:
     """The thread count: `threads` if > 0, else the default policy above (`params` None: a large model)."""
     if threads > 0:
         return threads
     if params is not None and params < SMALL_MODEL_PARAMS:
         return 1
-    cores = usable_cores()
-    return max(1, cores - min(busy_cores(), cores))
+    return usable_cores()
 
 
 def apply(threads: int = 0, params: int | None = None) -> int:

@@ -83,8 +83,9 @@ class Settings(Table):
                                          "quantized while loading (default: the checkpoint's own precision)",
                                    "model", choices=("none", "int8", "fp8"))
     compile: bool = setting(False, "torch.compile the frame step: faster frames after minutes of warm-up", "model")
-    threads: int = setting(0, "torch CPU threads; 0 chooses for the machine: one for a small model, else the "
-                              "cores not busy with other work (fastcsm/threads.py)", "model", metavar="N", at_least=0)
+    threads: int = setting(0, "torch CPU threads; 0 chooses: one for a small model, else every core this "
+                              "process may use, idle threads sleeping (fastcsm/threads.py)", "model", metavar="N",
+                           at_least=0)
     model_name: str | None = setting(None, "the model id GET /v1/models lists (default: the checkpoint "
                                            "directory's or repo's name)", "model", metavar="NAME")
     watermark: bool = setting(False, "mark all audio with Sesame's SilentCipher watermark, as its reference "
