@@ -19,8 +19,8 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
 from ..engine import Engine, Request
 from ..lexicon import Lexicon, LexiconError
-from ..normalize import NORMALIZE_BY_DEFAULT
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
+from ..normalize import NORMALIZE_BY_DEFAULT
 from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
 from ..prompt import Prompt, Segment, check_text, segment_rows
 from ..scheduler import Scheduler, Stream
