@@ -738,8 +738,6 @@ def run_quantize(args) -> int:
 
 
 def add_compile(sub) -> None:
-    from .server.settings import add_arguments
-
     p = sub.add_parser("compile", help="compile the step for every batch bucket into the compile cache, ahead of "
                                        "`fastcsm serve --compile`",
                        description="Build what `fastcsm serve --compile` with the same model flags and --slots "
@@ -747,7 +745,7 @@ def add_compile(sub) -> None:
                                    "prefill), and keep it in the compile cache, e.g. while building an image or "
                                    "in an init container. Servers and Ray replicas given the same cache "
                                    "directory then load it instead of compiling.")
-    add_arguments(p, names=("model", "tokenizer", "codec", "device", "dtype", "quantize", "compile_cache", "slots"))
+    _add_settings(p, MODEL_SETTINGS + ("compile_cache", "slots"))
     p.set_defaults(func=run_compile)
 
 
@@ -765,6 +763,7 @@ def run_compile(args) -> int:
         generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
     except CheckpointError as e:
         raise CliError(str(e), EXIT_MODEL) from e
+    threads.apply(s.threads, generator.cfg.param_count())
     log.setLevel(logging.INFO)  # the progress lines
     t = time.perf_counter()
     engine = start_engine(generator, s)
