@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from . import threads
+from .bounds import SPEAKER, TEMPERATURE, TOPK
 from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
 from .normalize import DEFAULT_LANGUAGE
 
@@ -122,10 +122,10 @@ def add_speak(sub) -> None:
     g.add_argument("--context", metavar="JSON", help="earlier turns of the conversation (see below)")
     g = p.add_argument_group("sampling and length")
     g.add_argument("--seed", type=int, metavar="N", help="random seed, for a reproducible take")
-    g.add_argument("--temperature", type=float, default=0.9, metavar="T",
-                   help="sampling temperature; 0 is greedy (default: %(default)s)")
-    g.add_argument("--topk", type=int, default=50, metavar="K",
-                   help="sample from the k likeliest codes; 0 is all (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=TEMPERATURE.default, metavar="T",
+                   help=f"sampling temperature, {TEMPERATURE.accepts} (default: %(default)s)")
+    g.add_argument("--topk", type=int, default=TOPK.default, metavar="K",
+                   help=f"sample from the k likeliest codes, {TOPK.accepts} (default: %(default)s)")
     g.add_argument("--max-audio-length-ms", type=float, metavar="MS",
                    help="longest audio for each generated piece, in ms (default: "
                         f"{_table_default('max_audio_length_ms')}); a bound derived from the text's length applies "
@@ -166,7 +166,7 @@ def _read_text(args) -> str:
 
 def _check_speak_args(args) -> None:
     from .config import preset
-    from .context import ContextTooLong, check_fits
+    from .planner import requested_frames
 
     cfg = preset("csm-1b")  # before loading: every CSM checkpoint has 80 ms frames and a 2048-row window
     if args.max_audio_length_ms is None:  # the server's bound, from its variable or its default
@@ -176,26 +176,22 @@ def _check_speak_args(args) -> None:
             args.max_audio_length_ms = values_from_args(args, ("max_audio_length_ms",))["max_audio_length_ms"]
         except ValueError as e:
             raise CliError(str(e)) from e
-    max_ms = args.max_audio_length_ms
-    if not math.isfinite(max_ms) or max_ms < cfg.frame_ms:
-        raise CliError(f"--max-audio-length-ms {max_ms:g} is too short: one audio frame takes {cfg.frame_ms} ms")
-    try:  # audio alone, before any text: the loaded model's window checks the whole prompt
-        check_fits(0, int(max_ms // cfg.frame_ms), cfg.max_seq_len, cfg.frame_ms, "even an empty prompt",
-                   "lower --max-audio-length-ms")
-    except ContextTooLong as e:
-        raise CliError(f"--max-audio-length-ms {max_ms:g} cannot be honoured: {e}") from e
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise CliError(f"--temperature must be a number >= 0, got {args.temperature:g}")
+    # The library's checks and words (bounds.py; the window as the loaded model's checks it).
+    for flag, check in [("--max-audio-length-ms",
+                         lambda ms: requested_frames(ms, cfg.frame_ms, cfg.max_seq_len * cfg.frame_ms)),
+                        ("--temperature", TEMPERATURE.check), ("--topk", TOPK.check), ("--speaker", SPEAKER.check)]:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        try:
+            if value is not None:
+                check(value)
+        except ValueError as e:
+            raise CliError(f"{flag}: {e}") from None
     if args.captions and Path(args.captions).suffix.lower() not in (".srt", ".vtt"):
         raise CliError(f"--captions {args.captions}: give a file ending in .srt or .vtt")
-    if args.topk < 0:
-        raise CliError(f"--topk must be >= 0, got {args.topk}")
     if args.max_piece_chars < 0:
         raise CliError(f"--max-piece-chars must be >= 0, got {args.max_piece_chars}")
     if args.chunk_ms < cfg.frame_ms:
         raise CliError(f"--chunk-ms must be at least one frame ({cfg.frame_ms} ms), got {args.chunk_ms}")
-    if args.speaker is not None and args.speaker < 0:
-        raise CliError(f"--speaker must be a non-negative integer, got {args.speaker}")
     if (args.voice_audio is None) != (args.voice_text is None):
         raise CliError("--voice-audio and --voice-text go together: the recording and what it says")
     if args.voice and args.voice_audio:
@@ -255,8 +251,10 @@ def _read_context(path: str) -> list[dict]:
         unknown = set(t) - {"speaker", "text", "audio"}
         if unknown:
             raise CliError(f"{where} has unknown keys {sorted(unknown)} (known: speaker, text, audio)")
-        if isinstance(t["speaker"], bool) or not isinstance(t["speaker"], int) or t["speaker"] < 0:
-            raise CliError(f"{where}: speaker must be a non-negative integer, got {t['speaker']!r}")
+        try:
+            SPEAKER.check(t["speaker"])
+        except ValueError as e:
+            raise CliError(f"{where}: {e}") from None
         if not isinstance(t["text"], str) or not t["text"].strip():
             raise CliError(f"{where}: text must be a non-empty string")
         audio = t.get("audio")
@@ -598,8 +596,10 @@ def run_voices_add(args) -> int:
         check_new_name(args.name)
         if args.name in store and not args.overwrite:
             raise VoiceError(f"a voice named {args.name!r} already exists; pass --overwrite to replace it")
-        if args.speaker < 0:
-            raise VoiceError(f"--speaker must be a non-negative integer, got {args.speaker}")
+        try:
+            SPEAKER.check(args.speaker)
+        except ValueError as e:
+            raise VoiceError(f"--speaker: {e}") from None
         if args.text is not None and not args.text.strip():
             raise VoiceError("--text is empty: give the transcript of the recording")
         if args.text is None and not args.asr_model:

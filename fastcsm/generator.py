@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .bounds import MAX_AUDIO_LENGTH_MS, TEMPERATURE, TOPK, TOPP
 from .checkpoints import load_model, resolve
 from .codec import resolve_codec
 from .context import check_fits
@@ -100,8 +101,8 @@ class Generator:
     # -- prompts --------------------------------------------------------------------------------
 
     def frames_for(self, max_audio_length_ms) -> int:
-        """`max_audio_length_ms` in whole frames (rounded down; at least one)."""
-        return requested_frames(max_audio_length_ms, self.cfg.frame_ms)
+        """`max_audio_length_ms` in whole frames (rounded down; at least one, at most the window)."""
+        return requested_frames(max_audio_length_ms, self.cfg.frame_ms, self.cfg.max_seq_len * self.cfg.frame_ms)
 
     def prompt(self, text: str, speaker: int, context: Sequence[Segment] = ()) -> Prompt:
         encode = self.codec.encode_waveform if self.codec is not None else None
@@ -115,10 +116,10 @@ class Generator:
         text: str,
         speaker: int,
         context: Sequence[Segment] = (),
-        max_audio_length_ms: float = 90_000,
-        temperature: float = 0.9,
-        topk: int = 50,
-        topp: float = 1.0,
+        max_audio_length_ms: float = MAX_AUDIO_LENGTH_MS.default,
+        temperature: float = TEMPERATURE.default,
+        topk: int = TOPK.default,
+        topp: float = TOPP.default,
         seed: int | None = None,
     ) -> torch.LongTensor:
         """Speak `text` as `speaker` after `context`. Returns Mimi codes [frames, K] (on CPU),
@@ -139,9 +140,9 @@ class Generator:
         text: str,
         speaker: int,
         context: Sequence[Segment] = (),
-        max_audio_length_ms: float = 90_000,
-        temperature: float = 0.9,
-        topk: int = 50,
+        max_audio_length_ms: float = MAX_AUDIO_LENGTH_MS.default,
+        temperature: float = TEMPERATURE.default,
+        topk: int = TOPK.default,
         *,
         seed: int | None = None,
         voice=None,

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bounds import MAX_AUDIO_LENGTH_MS
 from .config import CsmConfig
 from .context import Trim, check_line_fits, fit
 from .engine import Request
@@ -64,13 +65,10 @@ def streamed_line() -> LinePieces:
 
 def requested_frames(ms, frame_ms: int, limit_ms: float | None = None) -> int:
     """The requested bound `ms` in whole frames (rounded down). A bound above `limit_ms` (a
-    server's limit) is an error, as is one shorter than a frame."""
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-        raise TypeError(f"max_audio_length_ms must be a number, got {ms!r}")
-    if not math.isfinite(ms):
-        raise ValueError(f"max_audio_length_ms must be a finite number, got {ms!r}")
+    server's limit, or the model's window) is an error, as is one shorter than a frame."""
+    MAX_AUDIO_LENGTH_MS.check(ms)
     if limit_ms is not None and ms > limit_ms:
-        raise ValueError(f"max_audio_length_ms={ms:g} is above this server's limit of {limit_ms:g} ms")
+        raise ValueError(f"max_audio_length_ms={ms:g} is above the limit of {limit_ms:g} ms")
     if ms < frame_ms:
         raise ValueError(f"max_audio_length_ms={ms:g} is shorter than one {frame_ms} ms frame")
     return int(ms // frame_ms)

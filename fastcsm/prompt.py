@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .bounds import SPEAKER
 from .config import CsmConfig
 
 log = logging.getLogger("fastcsm")
@@ -130,9 +130,7 @@ class Prompt:
 
 
 def check_speaker(speaker) -> int:
-    if isinstance(speaker, bool) or not isinstance(speaker, numbers.Integral) or speaker < 0:
-        raise ValueError(f"speaker must be a non-negative integer id, got {speaker!r}")
-    return int(speaker)
+    return SPEAKER.check(speaker)
 
 
 def check_text(text) -> str:

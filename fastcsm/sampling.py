@@ -23,22 +23,21 @@ from typing import NamedTuple
 
 import torch
 
+from .bounds import TEMPERATURE, TOPK, TOPP
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 means greedy; topk 0 and topp 1.0 switch those filters off."""
 
-    temperature: float = 0.9
-    topk: int = 50
-    topp: float = 1.0
+    temperature: float = TEMPERATURE.default
+    topk: int = TOPK.default
+    topp: float = TOPP.default
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
-        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
-            raise ValueError(f"topk must be an integer >= 0 (0 disables it), got {self.topk!r}")
-        if not (isinstance(self.topp, (int, float)) and 0 < self.topp <= 1):
-            raise ValueError(f"topp must be in (0, 1] (1 disables it), got {self.topp!r}")
+        TEMPERATURE.check(self.temperature)
+        TOPK.check(self.topk)
+        TOPP.check(self.topp)
 
 
 _MASK32 = 0xFFFFFFFF

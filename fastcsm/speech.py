@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bounds import MAX_AUDIO_LENGTH_MS, TEMPERATURE, TOPK, TOPP
 from .context import OLDER_AUDIO_MODES, Trim
 from .engine import EndReason
 from .lexicon import Lexicon
@@ -35,18 +36,18 @@ log = logging.getLogger("fastcsm")
 
 @dataclass(frozen=True)
 class SpeakOptions:
-    """How a line is sampled, bounded, split and fitted. The defaults are Sesame's reference
-    (`generate`'s 90 s, temperature 0.9, top-k 50) and suit csm-1b.
+    """How a line is sampled, bounded, split and fitted. The numbers' defaults and limits are
+    bounds.py's (Sesame's reference: `generate`'s 90 s, its temperature and top-k) and suit csm-1b.
 
     `Generator.speak` and `stream` take one of these; the server builds one from each request.
     """
 
     # The bound of each generated piece; the length guard below lowers it to what the piece's
     # text can plausibly take.
-    max_audio_length_ms: float = 90_000
-    temperature: float = 0.9  # 0 is greedy
-    topk: int = 50  # 0 switches top-k off
-    topp: float = 1.0  # 1.0 switches nucleus sampling off
+    max_audio_length_ms: float = MAX_AUDIO_LENGTH_MS.default
+    temperature: float = TEMPERATURE.default  # 0 is greedy
+    topk: int = TOPK.default  # 0 switches top-k off
+    topp: float = TOPP.default  # 1.0 switches nucleus sampling off
     # Text longer than this is split at sentence, then clause boundaries; None: never split.
     max_piece_chars: int | None = 200
     # Length guard: a piece may run to guard_base_ms + guard_ms_per_char * len(piece) (and never
@@ -68,11 +69,7 @@ class SpeakOptions:
     lexicon: Lexicon | None = None
 
     def __post_init__(self):
-        ms = self.max_audio_length_ms
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-            raise TypeError(f"max_audio_length_ms must be a number, got {ms!r}")
-        if not math.isfinite(ms) or ms <= 0:
-            raise ValueError(f"max_audio_length_ms must be a finite number > 0, got {ms!r}")
+        MAX_AUDIO_LENGTH_MS.check(self.max_audio_length_ms)
         SamplingParams(self.temperature, self.topk, self.topp)  # checks them
         m = self.max_piece_chars
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):

@@ -110,11 +110,14 @@ def test_empty_text(tmp_path, tiny_csm_dir, capsys, text):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-audio-length-ms", "0"], "--max-audio-length-ms 0 is too short: one audio frame takes 80 ms"),
-    (["--max-ms", "nan"], "too short"),
-    (["--max-audio-length-ms", "1e9"], "cannot be honoured: .*2048-row context window: allow at most 163840 ms"),
+    (["--max-audio-length-ms", "0"], "--max-audio-length-ms: max_audio_length_ms must be a finite number > 0"),
+    (["--max-audio-length-ms", "40"], "--max-audio-length-ms: max_audio_length_ms=40 is shorter than one 80 ms frame"),
+    (["--max-ms", "nan"], "must be a finite number > 0, got nan"),
+    (["--max-audio-length-ms", "1e9"], "max_audio_length_ms=1e\\+09 is above the limit of 163840 ms"),
     (["--chunk-ms", "10"], "--chunk-ms must be at least one frame"),
-    (["--temperature", "-1"], "--temperature must be"),
+    (["--temperature", "-1"], "--temperature: temperature must be a finite number from 0 to 10"),
+    (["--topk", "3000"], "--topk: topk must be an integer from 0 to 2048"),
+    (["--speaker", "-1"], "--speaker: speaker must be an integer from 0 to 1000000"),
     (["--voice-audio", "x.wav"], "go together"),
     (["--max-piece-chars", "-5"], "--max-piece-chars"),
 ])

@@ -54,11 +54,11 @@ def test_text_not_a_string(gen):
         gen.generate_codes(None, 0)
 
 
-@pytest.mark.parametrize("speaker", [-1, 1.5, "0", True, None])
+@pytest.mark.parametrize("speaker", [-1, 1.5, "0", True, None, 1_000_001])
 def test_bad_speaker(gen, speaker):
-    with pytest.raises(ValueError, match="speaker must be a non-negative integer"):
+    with pytest.raises(ValueError, match="speaker must be an integer from 0 to 1000000"):
         gen.generate_codes("Hello.", speaker)
-    with pytest.raises(ValueError, match="speaker must be a non-negative integer"):
+    with pytest.raises(ValueError, match="speaker must be an integer from 0 to 1000000"):
         gen.generate_codes("Hello.", 0, context=[Segment(speaker, "Hi.")])
     ok(gen)
 
@@ -74,9 +74,10 @@ def test_prompt_too_long_for_window(gen):
     ok(gen)
 
 
-@pytest.mark.parametrize("ms", [0, 79, -5])
-def test_length_below_one_frame(gen, ms):
-    with pytest.raises(ValueError, match="shorter than one 80 ms frame"):
+@pytest.mark.parametrize("ms, match", [(79, "shorter than one 80 ms frame"), (0, "must be a finite number > 0"),
+                                       (-5, "must be a finite number > 0")])
+def test_length_below_one_frame(gen, ms, match):
+    with pytest.raises(ValueError, match=match):
         gen.generate_codes("Hello.", 0, max_audio_length_ms=ms)
 
 

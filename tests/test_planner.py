@@ -43,7 +43,7 @@ def test_the_frame_bound_is_the_request_lowered_by_the_guard_on_every_path():
     assert planner.frame_bound("x" * 200, opts, FRAME_MS) == 12  # the request, 1000 ms, rounded down
     # A server's limit caps what may be asked; the guard applies whether or not a bound is given.
     assert planner.frame_bound("Hi there.", opts, FRAME_MS, limit_ms=8000) == 4
-    with pytest.raises(ValueError, match="above this server's limit of 800 ms"):
+    with pytest.raises(ValueError, match="above the limit of 800 ms"):
         planner.frame_bound("Hi.", opts, FRAME_MS, limit_ms=800)
     with pytest.raises(ValueError, match="shorter than one 80 ms frame"):
         planner.frame_bound("Hi.", SpeakOptions(max_audio_length_ms=79), FRAME_MS)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..bounds import SPEAKER
 from ..scheduler import End
 from . import protocol as P, transcriptions as T
 from .audio_out import available_formats, encoder
@@ -275,7 +276,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                            text: str | None = Form(None, description="what is said in the recording; left out, "
                                                                      "the server's speech recognition transcribes it"),
                            audio: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any rate"),
-                           speaker: int = Form(0, ge=0, le=1_000_000),
+                           speaker: int = Form(SPEAKER.default, ge=SPEAKER.low, le=SPEAKER.high),
                            overwrite: bool = Form(False)):
         """Register a voice: the recording is encoded once and stored as Mimi codes, with its
         transcript (given, or made once by the server's speech recognition)."""
@@ -298,7 +299,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                                  text: str | None = Form(None, description="fastcsm: what is said in audio_sample; "
                                                                            "left out, speech recognition transcribes "
                                                                            "it (--asr-model)"),
-                                 speaker: int = Form(0, ge=0, le=1_000_000)):
+                                 speaker: int = Form(SPEAKER.default, ge=SPEAKER.low, le=SPEAKER.high)):
         """OpenAI's custom-voice upload, over fastcsm's voice store (the voice's id is its name)."""
         if (text is None or not text.strip()) and not settings.asr_model:
             raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (this server has no speech "

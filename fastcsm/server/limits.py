@@ -63,6 +63,8 @@ def invalid_fields(errors: list[dict], skip=(), hints: dict[str, str] | None = N
         msg = e.get("msg", "invalid")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field (see /docs for the accepted fields)"
+        elif e.get("type") == "value_error":  # a check of the library's: its own words, unprefixed
+            msg = str(e.get("ctx", {}).get("error", msg))
         elif loc and hints and loc[-1] in hints:
             msg = f"{msg}; {hints[loc[-1]]}"
         parts.append(f"{where}: {msg}" if where else msg)

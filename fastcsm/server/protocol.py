@@ -134,8 +134,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, PlainValidator, Strict, WithJsonSchema
 
+from ..bounds import MAX_AUDIO_LENGTH_MS, SEED, SPEAKER, TEMPERATURE, TOPK, Bound
 from ..engine import EndReason
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
 from ..normalize import NORMALIZE_BY_DEFAULT
@@ -147,7 +148,22 @@ PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
 # JSON numbers only: `true` is not 1, "1" is not 1, and NaN or infinity is no number at all.
 Int = Annotated[int, Strict()]
 Number = Annotated[float, Strict(), AllowInfNan(False)]
-MAX_SPEAKER = 1_000_000  # the largest speaker id, however it is given (`speaker`, or `voice` as "7")
+MAX_SPEAKER = SPEAKER.high  # the largest speaker id, however it is given (`speaker`, or `voice` as "7")
+
+
+def bounded(bound: Bound, nullable: bool = False):
+    """A field taking `bound`'s values (fastcsm.bounds), refused in the library's own words; its
+    schema states the same limits. `nullable`: null too (the default applies)."""
+    def check(value):
+        return None if nullable and value is None else bound.check(value)
+
+    schema = bound.json_schema()
+    return Annotated[int | float | None, PlainValidator(check),
+                     WithJsonSchema({"anyOf": [schema, {"type": "null"}]} if nullable else schema)]
+
+
+Temperature, TopK, Seed = bounded(TEMPERATURE), bounded(TOPK), bounded(SEED, nullable=True)
+Speaker, MaxAudioLength = bounded(SPEAKER), bounded(MAX_AUDIO_LENGTH_MS, nullable=True)
 # A request's own pronunciations (fastcsm.lexicon): word -> respelling, added to the server's --lexicon.
 LexiconEntries = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)],
@@ -192,7 +208,7 @@ class VoiceRef(_Strict):
 class ContextTurn(_Strict):
     """An earlier turn of the conversation, oldest first."""
 
-    speaker: Int = Field(ge=0, le=MAX_SPEAKER, description="speaker id of the turn")
+    speaker: Speaker = Field(description="speaker id of the turn")
     text: str = Field(min_length=1, description="what was said")
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate) of the "
                                                 "turn; gives that speaker its voice")
@@ -223,16 +239,16 @@ class SpeechRequest(_Strict):
                              "(fastcsm): one object once spoken, `audio` (base64), `audio_format`, `sample_rate` and "
                              "`timestamps` (each written word's `start_time` and `end_time`)")
     # fastcsm
-    speaker: Int | None = Field(None, ge=0, le=MAX_SPEAKER,
+    speaker: bounded(SPEAKER, nullable=True) = Field(None,
                                 description="speaker id of the line (default: the voice's own id, or `voice` itself)")
     context: list[ContextTurn] = Field(default_factory=list, max_length=1024,
                                        description="earlier turns, oldest first (at most the server's "
                                                    "max_context_turns)")
-    seed: Int | None = Field(None, ge=0, lt=2**62, description="sampling seed, for a reproducible take")
-    temperature: Number = Field(0.9, ge=0.0, le=10.0, description="0 is greedy")
-    topk: Int = Field(50, ge=0, le=2048, description="sample from the k likeliest codes; 0 is all")
-    max_audio_length_ms: Number | None = Field(
-        None, gt=0, description="longest audio to generate for each piece of the text (at most "
+    seed: Seed = Field(None, description="sampling seed, for a reproducible take")
+    temperature: Temperature = Field(TEMPERATURE.default, description="0 is greedy")
+    topk: TopK = Field(TOPK.default, description="sample from the k likeliest codes; 0 is all")
+    max_audio_length_ms: MaxAudioLength = Field(
+        None, description="longest audio to generate for each piece of the text (at most "
                                 "`ServerInfo.max_audio_length_ms`, the default), lowered to what the piece's "
                                 "text can plausibly take, 3 s + 150 ms a character")
     normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
@@ -366,16 +382,16 @@ class Configure(_Strict):
                                           "when a line does not fit beside them); each speaks under its own "
                                           "speaker id")
     audio_format: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
-    temperature: Number = Field(0.9, ge=0.0, le=10.0)
-    topk: Int = Field(50, ge=0, le=2048)
-    max_audio_length_ms: Number | None = Field(None, gt=0)
+    temperature: Temperature = TEMPERATURE.default
+    topk: TopK = TOPK.default
+    max_audio_length_ms: MaxAudioLength = None
 
 
 class AddTurn(_Strict):
     """A turn of the other party (or any speaker), appended to the conversation."""
 
     type: Literal["add_turn"] = "add_turn"
-    speaker: Int = Field(ge=0, le=MAX_SPEAKER)
+    speaker: Speaker
     text: str = Field(min_length=1)
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate)")
 
@@ -385,13 +401,13 @@ class Speak(_Strict):
 
     type: Literal["speak"] = "speak"
     text: str = Field(min_length=1)
-    speaker: Int | None = Field(None, ge=0, le=MAX_SPEAKER)
+    speaker: bounded(SPEAKER, nullable=True) = None
     voice: str | None = Field(None, max_length=64)
     id: str | None = Field(None, max_length=128, description="echoed in this utterance's events")
-    seed: Int | None = Field(None, ge=0, lt=2**62)
-    temperature: Number | None = Field(None, ge=0.0, le=10.0)
-    topk: Int | None = Field(None, ge=0, le=2048)
-    max_audio_length_ms: Number | None = Field(None, gt=0, description="longest audio of each piece of the line")
+    seed: Seed = None
+    temperature: bounded(TEMPERATURE, nullable=True) = None
+    topk: bounded(TOPK, nullable=True) = None
+    max_audio_length_ms: MaxAudioLength = Field(None, description="longest audio of each piece of the line")
     more: bool = Field(False, description="the line goes on: more of its text follows in `append_text` messages "
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
     normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)

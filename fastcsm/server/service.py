@@ -17,6 +17,7 @@ import unicodedata
 import torch
 
 from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
+from ..bounds import SPEAKER
 from ..engine import Engine, Request
 from ..lexicon import Lexicon, LexiconError
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
@@ -259,9 +260,10 @@ class Service:
         exists = f"a voice named {name!r} already exists; delete it first or pass overwrite=true"
         if not overwrite and name in self.store:  # early; the store's create-if-absent is the real check
             raise ApiError(409, exists, "conflict_error", param="name")
-        if isinstance(speaker, bool) or not 0 <= speaker <= MAX_SPEAKER:
-            raise ApiError(400, f"speaker must be an integer id from 0 to {MAX_SPEAKER}, got {speaker!r}",
-                           param="speaker")
+        try:
+            SPEAKER.check(speaker)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="speaker") from None
         if text is not None and not text.strip():
             raise ApiError(400, "text is empty: give the transcript of the recording", param="text")
         if text is None:

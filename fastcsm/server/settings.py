@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Self
 
+from ..bounds import MAX_AUDIO_LENGTH_MS
 from ..listen.vad import END_SILENCE_MS, MAX_TURN_S, TurnConfig
 
 
@@ -129,8 +130,9 @@ class Settings(Table):
                                   shown="16 MiB")
     max_input_chars: int = setting(4096, "longest text to speak at once", "security and limits", metavar="N",
                                    at_least=1)
-    max_audio_length_ms: int = setting(90_000, "longest utterance, and the bound when a request gives none "
-                                               "(between one frame and what CSM's window holds)",
+    max_audio_length_ms: int = setting(MAX_AUDIO_LENGTH_MS.default,
+                                       "longest utterance, and the bound when a request gives none "
+                                       "(between one frame and what CSM's window holds)",
                                        "security and limits", metavar="MS")
     max_voice_audio_s: float = setting(60.0, "longest reference or context recording", "security and limits",
                                        metavar="S", at_least=0.1)
