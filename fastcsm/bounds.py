@@ -50,7 +50,16 @@ class Bound:
         """`value` if it is accepted, else a ValueError saying what is (NaN and infinities are no numbers)."""
         if self.ok(value):
             return int(value) if self.integer else value
-        raise ValueError(f"{self.name} must be {self.accepts}, got {value!r}")
+        raise ValueError(f"{self.name} must be {self.accepts}, got {self._shown(value)}")
+
+    def _shown(self, value) -> str:
+        """The refused value, the same whether it came as 5 or 5.0 (JSON and the CLI differ there)."""
+        if self.integer or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return repr(value)
+        try:
+            return repr(float(value))
+        except OverflowError:
+            return repr(value)
 
     def ok(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
