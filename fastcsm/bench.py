@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from . import quant
+from .bounds import TEMPERATURE, TOPK
 from .codec import Codec
 from .config import CsmConfig, preset
 from .engine import Engine, Request
@@ -200,8 +201,8 @@ def peer_ms_per_frame(model: CSM, frames: int) -> dict:
     hf = hf.eval()
     ids = torch.randint(0, 1000, (1, 24), device=dev)
     run = lambda n: hf.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=True,  # noqa: E731
-                                temperature=0.9, top_k=50, depth_decoder_do_sample=True,
-                                depth_decoder_temperature=0.9, depth_decoder_top_k=50)
+                                temperature=TEMPERATURE.default, top_k=TOPK.default, depth_decoder_do_sample=True,
+                                depth_decoder_temperature=TEMPERATURE.default, depth_decoder_top_k=TOPK.default)
     with torch.inference_mode():
         run(2)
         sync(dev)
