@@ -750,23 +750,18 @@ def add_compile(sub) -> None:
 
 
 def run_compile(args) -> int:
-    from .checkpoints import CheckpointError
-    from .generator import load_generator
-    from .server.service import start_engine
+    from .server.cli import load_generator_for
+    from .server.service import bootstrap
     from .server.settings import settings_from_args
 
     try:
-        s = settings_from_args(args, compile=True)
+        # The progress lines; no watermark (nothing is spoken) whatever FASTCSM_WATERMARK says.
+        s = settings_from_args(args, compile=True, log_level="info", watermark=False)
     except ValueError as e:
         raise CliError(str(e)) from e
-    try:
-        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
-    except CheckpointError as e:
-        raise CliError(str(e), EXIT_MODEL) from e
-    threads.apply(s.threads, generator.cfg.param_count())
-    log.setLevel(logging.INFO)  # the progress lines
+    generator = load_generator_for(s)
     t = time.perf_counter()
-    engine = start_engine(generator, s)
+    _, engine = bootstrap(s, generator)
     print(f"compiled the step for batches {', '.join(map(str, engine.buckets))} on {engine.device} in "
           f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry}")
     return EXIT_OK

@@ -66,14 +66,19 @@ def _as_voices(voice) -> list:
 
 
 class Generator:
-    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec=None, watermark=False):
+    def __init__(self, model: CSM, tokenizer: TextTokenizer, codec=None, watermark=False,
+                 engine: Engine | None = None):
+        """`engine`: the one-slot engine to speak on (e.g. with a runner of one's own); by default
+        one over `model` and `codec` is made on first use."""
+        if engine is not None and (engine.cfg != model.cfg or engine.codec is not codec):
+            raise ValueError("the engine must run this generator's model (or its quantized copy) and codec")
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.codec = codec
         self.device = model.device
         self.dtype = model.dtype
-        self.engine: Engine | None = None  # created on first use
+        self.engine: Engine | None = engine  # created on first use
         self.watermarker: Watermarker | None = resolve_watermark(watermark, self.device)
 
     @classmethod

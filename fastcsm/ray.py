@@ -185,12 +185,7 @@ class FastCSM:
     its own engine. It reports ready to Serve only once the model is loaded."""
 
     def __init__(self, settings: dict[str, Any]):
-        self.settings = Settings(**settings)
-        logging.getLogger("fastcsm").setLevel(self.settings.log_level.upper())
-        if self.settings.threads:
-            import torch
-
-            torch.set_num_threads(self.settings.threads)
+        self.settings = Settings(**settings)  # the service loads as every other (service.bootstrap)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id if context is not None else f"pid{os.getpid()}"
         self._fastapi = None
@@ -227,8 +222,7 @@ class FastCSM:
         service = self._fastapi.state.service if self._fastapi is not None else None
         if service is None or not service.ready:
             return  # still starting
-        thread = getattr(service.scheduler, "_thread", None)
-        if thread is not None and not thread.is_alive():
+        if not service.scheduler.alive:
             raise RuntimeError("fastcsm: the scheduler thread has stopped")
 
     def _export_metrics(self, service, period_s: float = 2.0) -> None:

@@ -187,6 +187,11 @@ class Scheduler:
     # -- the consumer side (any thread) -------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        """The loop is running (it stops at `close`, or if it dies)."""
+        return self._thread.is_alive()
+
+    @property
     def slots(self) -> int:
         return self.engine.max_slots
 

@@ -27,14 +27,14 @@ def tiny_checkpoint() -> Path:
 
 
 class LiveServer:
-    """`create_app(settings)` served by uvicorn in a background thread."""
+    """`create_app(settings, runner=runner)` served by uvicorn in a background thread."""
 
-    def __init__(self, log_level: str = "warning", **settings):
+    def __init__(self, log_level: str = "warning", runner=None, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings.setdefault("model", str(tiny_checkpoint()))
         self.settings = Settings(device="cpu", host="127.0.0.1", port=self.port, **settings)
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, runner=runner)
         # The served settings (head and body deadlines, connection cap) as `fastcsm serve` uses them.
         config = uvicorn_config(self.app, self.settings, log_level=log_level, ws="websockets",
                                 timeout_graceful_shutdown=2)

@@ -104,12 +104,13 @@ def test_a_small_window_drops_context_then_earlier_pieces():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    from recording_engine import recording_generator
     from server_harness import LiveServer, tiny_checkpoint
 
     from fastcsm.generator import Generator
 
     with LiveServer(slots=4, max_audio_length_ms=1600, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
-        yield s, Generator.from_pretrained(tiny_checkpoint(), device="cpu")
+        yield s, recording_generator(Generator.from_pretrained(tiny_checkpoint(), device="cpu"))
 
 
 def wav_bytes(seconds: float, hz: float) -> bytes:
@@ -143,22 +144,10 @@ def record_server(service, monkeypatch) -> list:
     return seen
 
 
-def record_generator(gen, monkeypatch) -> list:
-    seen, run = [], gen._run
-
-    def recording(request):
-        codes, frames = [], run(request)
-        seen.append((request, codes))
-        try:
-            for e in frames:
-                if not e.ended:
-                    codes.append(e.codes)
-                yield e
-        finally:
-            frames.close()
-
-    monkeypatch.setattr(gen, "_run", recording)
-    return seen
+def record_generator(gen) -> list:
+    """(request, codes) of every request `gen` (a recording generator) runs from here on."""
+    gen.engine.record.runs.clear()
+    return gen.engine.record.runs
 
 
 @pytest.mark.parametrize("temperature,max_ms", [(0.0, 240), (0.9, None)], ids=["greedy", "seeded"])
@@ -185,7 +174,7 @@ def test_http_and_generator_speak_identically(served, monkeypatch, temperature, 
         pieces = int(r.headers["x-fastcsm-pieces"])
         pcm = r.read()
 
-    gen_requests = record_generator(gen, monkeypatch)
+    gen_requests = record_generator(gen)
     context = [Segment(1, "An earlier turn.", audio=read_audio(turn_audio)), Segment(0, "And one without audio.")]
     options = SpeakOptions(max_audio_length_ms=max_ms or server.settings.max_audio_length_ms,
                            temperature=temperature, topk=50)

@@ -12,6 +12,7 @@ import io
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -28,10 +29,37 @@ FRAME = 1920
 MAX_BODY = 512 * 1024
 
 
+class Prefill:
+    """The served engine's prefill (its runner's, injected when the server starts), which a test
+    may replace for a while."""
+
+    def __init__(self):
+        self.instead = None
+
+    def __call__(self, *args):
+        from fastcsm.step import prefill
+
+        return (self.instead or prefill)(*args)
+
+    @contextmanager
+    def replaced_by(self, fn):
+        self.instead = fn
+        try:
+            yield
+        finally:
+            self.instead = None
+
+
+PREFILL = Prefill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from fastcsm.runner import Runner
+
     with LiveServer(slots=16, max_queue=64, api_keys=[KEY], max_body_bytes=MAX_BODY, max_input_chars=500,
-                    max_audio_length_ms=8000, voices_dir=str(tmp_path_factory.mktemp("voices"))) as s:
+                    max_audio_length_ms=8000, voices_dir=str(tmp_path_factory.mktemp("voices")),
+                    runner=Runner(prefill=PREFILL)) as s:
         yield s
 
 
@@ -494,11 +522,10 @@ def test_done_counts_the_rows_of_every_piece_interrupted_or_not(server):
     assert sum(d["reused_rows"] for d in dones) == after["reused_rows"] - before["reused_rows"]
 
 
-def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server, monkeypatch):
+def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server):
     """A line whose prefill fails ends with an `error` event saying so and a `done` (reason
     error) that counts the rows prefilled before the failure; another conversation's line,
     running meanwhile, ends with all its frames, and the failed session speaks again."""
-    from fastcsm.runner import Runner
     from fastcsm.step import prefill
 
     armed = threading.Event()
@@ -509,10 +536,8 @@ def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server, m
             raise RuntimeError("boom")
         return prefill(model, tokens, mask, start, cache)
 
-    engine = server.service.scheduler.engine
     idle_engine_stats(server)
-    monkeypatch.setattr(engine, "runner", Runner(prefill=flaky_prefill))
-    with ws_connect(server) as other, ws_connect(server) as ws:
+    with PREFILL.replaced_by(flaky_prefill), ws_connect(server) as other, ws_connect(server) as ws:
         assert recv_json(other)["type"] == recv_json(ws)["type"] == "ready"
         other.send(json.dumps({"type": "speak", "text": "I keep talking, whatever happens next door.", "voice": "0",
                                "max_audio_length_ms": 1600, "id": "other"}))
@@ -551,28 +576,25 @@ def test_a_line_past_its_deadline_says_so_in_its_done(server, monkeypatch):
         assert (events[-1]["prefill_rows"], events[-1]["reused_rows"]) == (0, 0)  # it never got a slot
 
 
-def test_speech_whose_generation_fails_is_broken_off_not_finished(server, monkeypatch):
+def test_speech_whose_generation_fails_is_broken_off_not_finished(server):
     """Its 200 went out with the first byte, so a failed prefill cannot change the status: the
     body is broken off without its last chunk (a client sees an incomplete response), never
     finished as a shorter file that looks whole; the next request is served normally."""
-    from fastcsm.runner import Runner
-
     def failing_prefill(*args):
         raise RuntimeError("boom")
 
     idle_engine_stats(server)
-    monkeypatch.setattr(server.service.scheduler.engine, "runner", Runner(prefill=failing_prefill))
     body = {"input": "Hello there.", "voice": "0", "response_format": "wav", "max_audio_length_ms": 160}
-    for extra in ({}, {"stream_format": "sse"}):
-        received = b""
-        with pytest.raises(httpx.RemoteProtocolError):
-            with httpx.stream("POST", server.url + "/v1/audio/speech", json={**body, **extra}, headers=AUTH,
-                              timeout=60) as r:
-                assert r.status_code == 200
-                for chunk in r.iter_raw():
-                    received += chunk
-        assert b"speech.audio.done" not in received
-    monkeypatch.undo()
+    with PREFILL.replaced_by(failing_prefill):
+        for extra in ({}, {"stream_format": "sse"}):
+            received = b""
+            with pytest.raises(httpx.RemoteProtocolError):
+                with httpx.stream("POST", server.url + "/v1/audio/speech", json={**body, **extra}, headers=AUTH,
+                                  timeout=60) as r:
+                    assert r.status_code == 200
+                    for chunk in r.iter_raw():
+                        received += chunk
+            assert b"speech.audio.done" not in received
     assert len(speak_bytes(server, 2)) == 2 * FRAME * 2
 
 

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from recording_engine import recording_generator
 
 from fastcsm.config import tiny_config
 from fastcsm.context import ContextTooLong, Trim, fit
@@ -27,28 +28,14 @@ FRAME_MS = CFG.frame_ms
 
 @pytest.fixture(scope="module")
 def gen(tiny_csm_dir):
-    return Generator.from_pretrained(tiny_csm_dir, device="cpu")
+    return recording_generator(Generator.from_pretrained(tiny_csm_dir, device="cpu"))
 
 
 @pytest.fixture
-def prompts(gen, monkeypatch):
-    """Record the prompt of every generation and count the frames drawn from the engine."""
-    seen = {"prompts": [], "requests": [], "frames": 0}
-    run = gen._run
-
-    def recording(request):
-        seen["prompts"].append(request.prompt)
-        seen["requests"].append(request)
-        frames = run(request)
-        try:
-            for f in frames:
-                seen["frames"] += not f.ended
-                yield f
-        finally:
-            frames.close()
-
-    monkeypatch.setattr(gen, "_run", recording)
-    return seen
+def prompts(gen):
+    """The prompt of every generation from here on, and the frames drawn from the engine."""
+    gen.engine.record.runs.clear()
+    return gen.engine.record
 
 
 def ms(max_audio_length_ms, **kw):
@@ -81,9 +68,9 @@ def test_stream_concatenates_to_generate(gen):
 
 def test_first_chunk_after_one_frame_and_stopping_frees_everything(gen, prompts):
     stream = gen.stream("Interrupt me.", 0, options=ms(8 * FRAME_MS), seed=1, chunk_frames=4)
-    assert prompts["frames"] == 0, "nothing runs before the first chunk is asked for"
+    assert prompts.frames == 0, "nothing runs before the first chunk is asked for"
     first = next(stream)
-    assert first.numel() == FRAME and prompts["frames"] == 1
+    assert first.numel() == FRAME and prompts.frames == 1
     assert gen.engine.free_slots == 0
     stream.close()
     assert stream.closed and gen.engine.free_slots == gen.engine.max_slots
@@ -104,7 +91,7 @@ def test_context_audio_is_encoded_and_voice_is_pinned(gen, prompts):
     assert voice.codes.shape == (4, K)  # 3 frames and a partial one
     context = [Segment(1, "A turn with audio.", audio=wav)]
     speech = gen.speak("With a voice.", None, context, voice=voice, options=ms(2 * FRAME_MS), seed=0)
-    prompt = prompts["prompts"][-1]
+    prompt = prompts.prompts[-1]
     voice_rows = text_rows(gen.tokenizer, 2, "Reference words.", CFG)
     n = len(voice_rows)
     assert torch.equal(prompt.tokens[:n], voice_rows.tokens), "the voice comes first, under the line's speaker"
@@ -126,7 +113,7 @@ def test_trimming_drops_oldest_context_and_reports(gen, prompts, caplog):
     assert piece.trim.dropped_rows == rows[0] + rows[1]
     assert piece.prompt_rows + 3 <= CFG.max_seq_len < piece.prompt_rows + 3 + rows[1]
     assert "dropped context segments [0, 1]" in caplog.text
-    prompt = prompts["prompts"][-1]
+    prompt = prompts.prompts[-1]
     assert len(prompt) == piece.prompt_rows
     vrows = len(text_rows(gen.tokenizer, 0, "Pinned voice.", CFG))
     assert torch.equal(prompt.tokens[vrows:vrows + 50, :K], voice.codes), "the pinned voice is never dropped"
@@ -169,7 +156,7 @@ def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
     assert [p.seed for p in speech.pieces] == [7, 8, 9]
     assert speech.codes.shape == (6, K) and speech.audio.numel() == 6 * FRAME
     # Piece 3's prompt holds pieces 1 and 2 with the audio generated for them.
-    p3 = prompts["prompts"][2]
+    p3 = prompts.prompts[2]
     r1 = text_rows(gen.tokenizer, 0, speech.pieces[0].text, CFG)
     assert torch.equal(p3.tokens[:len(r1)], r1.tokens)
     assert torch.equal(p3.tokens[len(r1):len(r1) + 2, :K], speech.codes[:2])
@@ -181,7 +168,7 @@ def test_long_text_is_split_and_pieces_carry_context(gen, prompts, caplog):
     torch.testing.assert_close(speech.audio, gen.codec.decode(speech.codes), rtol=1e-4, atol=1e-5)
     fresh = torch.cat([gen.codec.decode(speech.codes[i:i + 2]) for i in (0, 2, 4)])
     assert (fresh - speech.audio).abs().max() > 1e-2
-    requests = prompts["requests"][-3:]
+    requests = prompts.requests[-3:]
     assert [r.keep_audio for r in requests] == [True, True, False]
     with gen.stream(text, 0, chunk_frames=4, **kw) as stream:
         chunks = list(stream)
@@ -194,8 +181,8 @@ def test_pieces_say_how_they_ended(gen, caplog):
     """Each piece keeps the engine's reason for its end: the model's end frame, or its bound (and
     the bound is logged)."""
     ends = {0: 1}
-    speaker = Generator(gen.model, gen.tokenizer, gen.codec)
-    speaker.engine = Engine(gen.model, codec=gen.codec, runner=Runner(step=speech_ending_step(ends)))
+    speaker = Generator(gen.model, gen.tokenizer, gen.codec,
+                        engine=Engine(gen.model, codec=gen.codec, runner=Runner(step=speech_ending_step(ends))))
     text = "The first sentence is here. A second one follows it."
     kw = dict(seed=7, options=ms(3 * FRAME_MS, max_piece_chars=30))
     with caplog.at_level(logging.WARNING, logger="fastcsm"):
@@ -231,7 +218,7 @@ def test_input_errors_raise_before_any_generation(gen, prompts):
         gen.speak("Hi.", 0, [("not", "a segment")])
     with pytest.raises(ValueError, match="no voice named"):
         gen.speak("Hi.", 0, voice="nobody-here-" + "x" * 8)
-    assert prompts["frames"] == 0 and (gen.engine is None or gen.engine.free_slots == gen.engine.max_slots)
+    assert prompts.frames == 0 and (gen.engine is None or gen.engine.free_slots == gen.engine.max_slots)
 
 
 class _ByteTok:

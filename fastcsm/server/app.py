@@ -57,8 +57,9 @@ def _validation_message(errors: list) -> tuple[str, str | None]:
                           hints={"response_format": f"this server encodes {', '.join(available_formats())}"})
 
 
-def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
-    """The app. `generator` (a loaded `Generator`) skips loading `settings.model`."""
+def create_app(settings: Settings | None = None, generator=None, runner=None) -> FastAPI:
+    """The app. `generator` (a loaded `Generator`) skips loading `settings.model`; `runner` (a
+    `fastcsm.runner.Runner`) is the engine's step and prefill instead of the one `settings` build."""
     settings = settings or Settings.from_env()
     keys = settings.check_keys()  # an empty key is an error, never "no authentication"
     install_redaction(keys)
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         leftovers = service.store.remove_stale_temps()
         if leftovers:
             log.info("fastcsm: removed %d unfinished voice writes from %s", len(leftovers), service.store.root)
-        loading = asyncio.get_running_loop().run_in_executor(None, _load, service, generator)
+        loading = asyncio.get_running_loop().run_in_executor(None, _load, service, generator, runner)
         app.state.loading = loading
         try:
             yield
@@ -511,9 +512,9 @@ def _created(model: str) -> int:
         return int(time.time())
 
 
-def _load(service: Service, generator) -> None:
+def _load(service: Service, generator, runner) -> None:
     try:
-        service.load(generator)
+        service.load(generator, runner)
     except Exception:
         log.exception("fastcsm: loading the model failed")
 

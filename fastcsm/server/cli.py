@@ -62,25 +62,16 @@ def check_device(device: str | None) -> None:
 
 
 def load_generator_for(s):
-    """The generator that `s` (a `Settings`, or a command's arguments with the same names) asks for:
-    device checked, watermark loaded first, then torch's threads set for the machine and the model."""
-    from .. import threads
-    from ..checkpoints import CheckpointError, resolve_device_dtype
-    from ..generator import load_generator
-    from ..watermark import Watermarker, WatermarkUnavailable
+    """`service.load_generator_for` with the device checked first, its failures said as a command's."""
+    from ..checkpoints import CheckpointError
+    from ..watermark import WatermarkUnavailable
+    from .service import load_generator_for
 
     check_device(s.device)
-    try:  # before the (slow) model load
-        watermarker = Watermarker.load(resolve_device_dtype(s.device)[0]) if s.watermark else None
-    except (WatermarkUnavailable, ValueError) as e:
-        raise CliError(str(e), EXIT_MODEL) from e
     try:
-        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
-    except CheckpointError as e:
+        return load_generator_for(s)
+    except (CheckpointError, WatermarkUnavailable, ValueError) as e:
         raise CliError(str(e), EXIT_MODEL) from e
-    generator.watermarker = watermarker
-    threads.apply(s.threads, generator.cfg.param_count())
-    return generator
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -118,6 +109,7 @@ def run_serve(args) -> int:
         import uvicorn
 
         from .app import create_app
+        from .service import configure_logging
     except ImportError as e:
         missing = f"the server needs its extra packages ({e.name} is missing)"
         raise CliError(f"{missing}: pip install 'fastcsm[server]'") from e
@@ -125,12 +117,7 @@ def run_serve(args) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         raise CliError(str(e)) from e
-    logger = logging.getLogger("fastcsm")
-    logger.setLevel(settings.log_level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
-        logger.addHandler(handler)
+    configure_logging(settings.log_level)
     check_device(settings.device)
     sock = listen(settings.host, settings.port)  # before the model: a taken port costs no load
     try:
@@ -140,7 +127,7 @@ def run_serve(args) -> int:
         from .settings import security_warnings
 
         for warning in security_warnings(settings):
-            logger.warning("%s", warning)
+            logging.getLogger("fastcsm").warning("%s", warning)
         port = sock.getsockname()[1]
         settings.port = port
         url = page_url(settings.host, port)

@@ -60,14 +60,56 @@ def voice_info(name: str, voice: Voice) -> VoiceInfo:
                      created=voice.meta.get("created"))
 
 
-def start_engine(gen, s: Settings, progress=None) -> Engine:
+def configure_logging(level: str) -> None:
+    """fastcsm's log at `level`, one line a message on stderr unless something (the CLI, a host
+    such as Ray Serve) already handles it."""
+    log.setLevel(level.upper())
+    if not log.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
+        log.addHandler(handler)
+
+
+def load_generator_for(s):
+    """The generator that `s` (a `Settings`, or a command's arguments with the same names) asks for:
+    the watermark loaded first (before the slow model load), then the model, then torch's threads
+    set for the machine and the model. Raises `CheckpointError`, `WatermarkUnavailable` or ValueError."""
+    from .. import threads
+    from ..checkpoints import resolve_device_dtype
+    from ..generator import load_generator
+    from ..watermark import Watermarker
+
+    watermarker = Watermarker.load(resolve_device_dtype(s.device)[0]) if s.watermark else None
+    generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
+    generator.watermarker = watermarker
+    threads.apply(s.threads, generator.cfg.param_count())
+    return generator
+
+
+def start_engine(gen, s: Settings, progress=None, runner=None) -> Engine:
     """The engine `s` asks for over `gen`'s model, every step variant built (compiled: from the
-    compile cache where it has them; `progress` hears of each build)."""
-    engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
-                    compile=s.compile, compile_cache=s.compile_cache)
-    if engine.cuda_graphs or s.compile:
+    compile cache where it has them; `progress` hears of each build). `runner` (its step and
+    prefill) replaces the one the settings' compile flags would build."""
+    compiled = {} if runner is not None else {"compile": s.compile, "compile_cache": s.compile_cache}
+    engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk, runner=runner,
+                    **compiled)
+    if engine.cuda_graphs or engine.runner.compiled:
         log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup(progress))
     return engine
+
+
+def bootstrap(s: Settings, generator=None, runner=None, progress=None):
+    """What every service runs on, from its settings: fastcsm's log level, the generator
+    (`generator`, else the one `s` names, with torch's threads and the watermark) and the engine
+    over it (`runner`: its step and prefill, else what `s` asks for). `progress` hears what
+    start-up is doing. Returns (generator, engine)."""
+    configure_logging(s.log_level)
+    gen = generator if generator is not None else load_generator_for(s)
+    if s.watermark and gen.watermarker is None:
+        gen.watermarker = resolve_watermark(True, gen.device)
+    if progress is not None:
+        progress("building the engine")
+    return gen, start_engine(gen, s, progress, runner)
 
 
 class Service:
@@ -91,18 +133,13 @@ class Service:
     def ready(self) -> bool:
         return self.scheduler is not None
 
-    def load(self, generator=None) -> None:
-        """Load the model (or take `generator`), build the engine and start the scheduler."""
-        from ..generator import load_generator
-
+    def load(self, generator=None, runner=None) -> None:
+        """Load the model (or take `generator`), build the engine (over `runner`, if given) and
+        start the scheduler."""
         s = self.settings
         self.load_asr()
         try:
-            gen = generator or load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
-            if s.watermark and gen.watermarker is None:
-                gen.watermarker = resolve_watermark(True, gen.device)
-            self.loading = "building the engine"
-            engine = start_engine(gen, s, progress=lambda p: setattr(self, "loading", str(p)))
+            gen, engine = bootstrap(s, generator, runner, progress=lambda p: setattr(self, "loading", str(p)))
         except Exception as e:
             self.loading = None
             self.load_error = f"{type(e).__name__}: {e}"
