@@ -16,6 +16,7 @@ import unicodedata
 
 import torch
 
+from ..assistant.llm import LanguageModel, LLMConfig
 from ..audio import AudioError, read_audio
 from ..engine import Engine, Request
 from ..lexicon import Lexicon, LexiconError
@@ -69,6 +70,8 @@ class Service:
         self.load_error: str | None = None
         self._voices: dict[str, tuple[int, Voice]] = {}  # name -> (mtime_ns, voice)
         self._lock = threading.Lock()
+        self.llm_config = LLMConfig.from_settings(settings)  # None: no --llm-url, no assistant mode
+        self._llm: LanguageModel | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -99,6 +102,16 @@ class Service:
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+
+    def language_model(self) -> LanguageModel:
+        """The one client of --llm-url every assistant conversation shares (made on first use, on
+        the serving event loop); 400 when the server has none."""
+        if self.llm_config is None:
+            raise ApiError(400, "assistant mode needs a language model, and this server has none: start it with "
+                                "--llm-url URL --llm-model NAME (an OpenAI-compatible chat API)", param="assistant")
+        if self._llm is None:
+            self._llm = LanguageModel(self.llm_config)
+        return self._llm
 
     def need_ready(self):
         if not self.ready:
