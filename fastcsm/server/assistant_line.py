@@ -50,6 +50,7 @@ class Answer:
     task: asyncio.Task | None = None
     line: Utterance | None = None
     stopped: bool = False  # barge-in: the task stops feeding, the line is stopped
+    cut: bool = False  # ... before the model finished, or before the line was spoken whole
     heard_ms: float | None = None  # how much the client says it played, at barge-in
     first_audio_at: float | None = None
 
@@ -87,6 +88,7 @@ class AssistantLine:
         if a is None:
             return
         a.stopped, a.heard_ms = True, heard_ms
+        a.cut = a.turn.reason is None or a.line is None or not a.line.finished
         await a.turn.cancel()
         if a.line is not None and self.conv.current is a.line:
             await self.conv.stop_pump()
@@ -135,11 +137,10 @@ class AssistantLine:
                     await conv.stop_pump()
                 elif line.more:
                     await conv.append_text(P.AppendText(text="", more=False))
-                if line.task is not None:
-                    await asyncio.wait([line.task])  # until its `done`
+            if line is not None and line.task is not None:
+                await asyncio.wait([line.task])  # until its `done`
             kept = a.turn.finish(self._heard(a))
-            reason = "interrupted" if a.stopped and line is not None and line.stop == "interrupted" else \
-                a.turn.reason or "stop"
+            reason = "interrupted" if a.cut else a.turn.reason or "stop"
             t = a.asked_at
             ms = (lambda at: None if at is None else (at - t) * 1000)  # noqa: E731
             await conv.send(P.AssistantReply(
@@ -159,7 +160,7 @@ class AssistantLine:
         out of the piece's frames when its generation ended (None when it was cut)."""
         u = a.line
         if u is None:
-            return []
+            return [HeardPiece("", 0, None)] if a.cut else []
         budget = math.inf if a.heard_ms is None else round(a.heard_ms / self.conv.service.cfg.frame_ms)
         cut_last = u.line is not None  # the last piece started was stopped mid-generation
         heard = []
@@ -169,4 +170,6 @@ class AssistantLine:
             got = min(sent, budget)
             budget -= got
             heard.append(HeardPiece(text, got, frames))
+        if a.cut:  # the reply went on past what was spoken: the history marks the cut
+            heard.append(HeardPiece("", 0, None))
         return heard
