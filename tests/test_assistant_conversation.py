@@ -5,8 +5,12 @@ audio of the reply, barge-in that keeps what was heard, and model faults the con
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from server_harness import LiveServer
@@ -237,3 +241,43 @@ def test_an_unreachable_model_is_an_error_and_the_conversation_goes_on():
         c.send(type="speak", text="Still here.", speaker=1, max_audio_length_ms=PIECE_MS)
         assert c.until("done")["reason"] == "max_length"
         c.close()
+
+
+def test_fastcsm_serve_with_a_language_model_answers_in_text_and_audio(llm, tmp_path):
+    """The command line itself: `fastcsm serve --llm-url --llm-model --system-prompt @FILE`."""
+    from fastcsm.server.urls import free_port, wait_ready
+    from fastcsm.testing import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "prompt.txt").write_text("You are a voice. Be brief.\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCSM_")}
+    with open(tmp_path / "server.log", "w+b") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastcsm", "serve", "--model", str(tmp_path / "ckpt"), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), "--voices-dir", str(tmp_path / "voices"),
+             "--llm-url", llm.url, "--llm-model", "stand-in", "--system-prompt", f"@{tmp_path}/prompt.txt"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, 120, proc)
+            c = Client(SimpleNamespace(url=url))
+            c.configure()
+            first = len(llm.requests)
+            c.send(type="add_turn", speaker=0, text="Hello, are you there?")
+            reply = c.until("assistant_reply")
+            assert reply["reason"] == "stop" and reply["text"] == "Hello there. How can I help you today?"
+            assert [p["text"] for p in c.of("assistant_text")] == ["Hello there.", "How can I help you today?"]
+            assert c.of("done")[0]["reason"] == "max_length" and c.frames == 2 * FRAMES
+            assert llm.requests[first]["messages"][0] == {"role": "system", "content": "You are a voice. Be brief."}
+            c.close()
+        except Exception:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
