@@ -38,7 +38,9 @@ import sys
 import tempfile
 import time
 
-from fastcsm.server.urls import free_port, wait_ready
+from bench_server import launch, stop
+
+from fastcsm.server.urls import free_port
 from fastcsm.testing_llm import Scripted, StandInLLM, tokens
 
 FIRST_SENTENCE = "Sure, I can help with that. "
@@ -109,17 +111,9 @@ def start_server(args, llm_url: str) -> tuple[subprocess.Popen, str]:
         write_hf_checkpoint(model, seed=0)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCSM_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastcsm", "serve", "--model", model, "--device", args.device, "--host", "127.0.0.1",
-         "--port", str(port), "--voices-dir", tempfile.mkdtemp(), "--llm-url", llm_url, "--llm-model", "stand-in"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, args.startup_timeout, proc)
-    except Exception:
-        proc.kill()
-        raise
-    return proc, url
+    cmd = [sys.executable, "-m", "fastcsm", "serve", "--model", model, "--device", args.device, "--host", "127.0.0.1",
+           "--port", str(port), "--voices-dir", tempfile.mkdtemp(), "--llm-url", llm_url, "--llm-model", "stand-in"]
+    return launch(cmd, port, args.startup_timeout, env=env)
 
 
 def main() -> None:
@@ -139,8 +133,7 @@ def main() -> None:
         try:
             rows = asyncio.run(conversation(url, args.turns, args.piece_ms))
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stop(proc)
     model_ms = args.first_token_ms + (len(tokens(FIRST_SENTENCE)) - 1) * 1e3 / args.tokens_per_s
     for r in rows:
         r["fastcsm_share"] = r["first_audio_received"] - model_ms
