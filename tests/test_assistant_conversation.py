@@ -36,6 +36,8 @@ def _script(messages: list[dict]) -> Scripted:
         return Scripted(hang=True)
     if said.endswith("break off."):
         return Scripted("First part here. Second part here. Third part is never sent.", stop_after=6)
+    if said.endswith("short."):
+        return Scripted("Okay then.")
     if said.endswith("long."):
         return Scripted(LONG)
     return Scripted("**Hello** there. How can I help you today? 🎉")
@@ -168,12 +170,16 @@ def test_a_new_user_turn_mid_reply_is_barge_in(server, llm):
     c = Client(server)
     c.configure()
     first = len(llm.requests)
-    reply = _interrupted(c, llm, lambda: c.send(type="add_turn", speaker=0, text="Stop, hi."))
+    reply = _interrupted(c, llm, lambda: c.send(type="add_turn", speaker=0, text="Stop, be short."))
     assert reply["text"].startswith("One two three four five.") and reply["text"].endswith(CUT)
     assert c.until("assistant_reply")["reason"] == "stop"  # the new turn is answered
+    # CSM's context has the cut reply where it was heard, before the new turn: the answer (one
+    # piece) reuses the cached rows of the first turn and of the reply's first piece, not the first turn's alone.
+    done = c.of("done")[-1]
+    assert done["pieces"] == 1 and done["reused_rows"] > c.of("started")[0]["prompt_rows"]
     messages = _user_messages(llm, first + 1)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[2]["content"] == reply["text"] and messages[3]["content"] == "Stop, hi."
+    assert messages[2]["content"] == reply["text"] and messages[3]["content"] == "Stop, be short."
     c.close()
 
 
