@@ -118,22 +118,23 @@ complete having been spoken); a line takes at most `max_line_fragments` `append_
 fragment past it is refused with an `error` event and the line stays open, to be completed.
 
 Assistant mode (`configure {"assistant": true, "user_speaker": 0, "assistant_voice": ...}`, on a
-server started with `--llm-url` and `--llm-model`; without them the `configure` is an `error`
-event and changes nothing): every `add_turn` whose `speaker` is `user_speaker` is answered. Its
-text goes to the language model with the conversation's history (`--system-prompt` first), and
-the reply is spoken as a streamed line, exactly as a client's `speak` with `more: true` and
-`append_text`: the first piece as soon as the model completed it (`started`, `first_audio`,
-audio, `done` as for any line). Before each piece's first frame comes an `assistant_text` event
-with its words (markdown, code, emoji and stage directions removed; the reply bounded at
-`--max-reply-chars`); after the line's `done`, `assistant_reply` says why it ended and what the
-history keeps of it. `interrupt` (optionally with `heard_ms`, the audio the client played), or
-the next user turn arriving mid-reply, closes the model's stream and stops the line: the history
-keeps the pieces heard and, of the cut piece, `floor(frames heard / frames * words)` words (a
-piece cut while generated counts the reply's own frames per word, else five) and a dash; the
-conversation's CSM context keeps the rows of the audio spoken, before the user's new turn. A
-model that cannot be reached, answers an error status, is silent past `--llm-timeout-s` or
-breaks off gives an `error` event (codes `llm_*`): the pieces completed before are spoken, the
-conversation goes on, and the next user turn is answered. `reset` also forgets the model's history.
+server started with `--llm-url` and `--llm-model`; without them, or with an unknown
+`assistant_voice`, the `configure` is an `error` event and the configuration stays): every
+`add_turn` whose `speaker` is `user_speaker` is answered. Its text goes to the language model with
+the conversation's history (`--system-prompt` first), and the reply is spoken as a streamed line,
+exactly as a client's `speak` with `more: true` and `append_text`: the first piece as soon as the
+model completed it (`started`, `first_audio`, audio, `done` as for any line). Before each piece's
+first frame comes an `assistant_text` event with its words (markdown, code, emoji and stage
+directions removed; the reply bounded at `--max-reply-chars`); after the line's `done`,
+`assistant_reply` says why it ended and what the history keeps of it. `interrupt` (optionally with
+`heard_ms`, the audio the client played), or the next user turn arriving mid-reply, closes the
+model's stream and stops the line: the history keeps the pieces heard and, of the cut piece,
+`floor(frames heard / frames * words)` words (a piece cut while generated counts the reply's own
+frames per word, else five) and a dash; the conversation's CSM context keeps the rows of the audio
+spoken, before the user's new turn. A model that cannot be reached, answers an error status, is
+silent past `--llm-timeout-s` or breaks off gives an `error` event (codes `llm_*`): the pieces
+completed before are spoken, the conversation goes on, and the next user turn is answered. `reset`
+also forgets the model's history.
 """
 
 from __future__ import annotations
