@@ -54,6 +54,10 @@ class Answer:
     heard_ms: float | None = None  # how much the client says it played, at barge-in
     first_audio_at: float | None = None
 
+    def since_asked(self, at: float | None) -> float | None:
+        """Milliseconds from the user turn to the perf_counter stamp `at` (None: not reached)."""
+        return None if at is None else (at - self.asked_at) * 1000
+
 
 class AssistantLine:
     """The assistant of one conversation (see the module docstring)."""
@@ -141,12 +145,10 @@ class AssistantLine:
                 await asyncio.wait([line.task])  # until its `done`
             kept = a.turn.finish(self._heard(a))
             reason = "interrupted" if a.cut else a.turn.reason or "stop"
-            t = a.asked_at
-            ms = (lambda at: None if at is None else (at - t) * 1000)  # noqa: E731
             await conv.send(P.AssistantReply(
                 utterance=line.index if line is not None else None, reason=reason, text=kept,
-                first_token_ms=ms(a.turn.first_token_at), first_piece_ms=ms(a.turn.first_piece_at),
-                first_audio_ms=ms(a.first_audio_at)))
+                first_token_ms=a.since_asked(a.turn.first_token_at),
+                first_piece_ms=a.since_asked(a.turn.first_piece_at), first_audio_ms=a.since_asked(a.first_audio_at)))
         except Exception:  # the socket went away mid-send, or a bug: the reply ends, the conversation decides
             if not a.turn.reply.cancelled:
                 await a.turn.cancel()
