@@ -207,6 +207,28 @@ def test_a_model_fault_is_an_error_and_the_next_turn_works(server, llm, said, co
     c.close()
 
 
+def test_interrupt_before_the_first_piece_closes_the_request_and_reset_forgets(server, llm):
+    c = Client(server)
+    c.configure()
+    pooled, asked = llm.open_connections, len(llm.requests)
+    c.send(type="add_turn", speaker=0, text="Please hang.")
+    while len(llm.requests) == asked:  # until the model has the request
+        time.sleep(0.01)
+    c.send(type="interrupt")
+    reply = c.until("assistant_reply")
+    assert reply == {**reply, "reason": "interrupted", "text": "", "utterance": None, "first_token_ms": None}
+    assert not c.of("error") and not c.of("started")
+    deadline = time.monotonic() + 5
+    while llm.open_connections > pooled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert llm.open_connections <= pooled  # the waiting request's connection was closed
+    c.send(type="reset")
+    c.send(type="add_turn", speaker=0, text="Hello after the reset.")
+    assert c.until("assistant_reply")["reason"] == "stop"
+    assert llm.requests[-1]["messages"][1:] == [{"role": "user", "content": "Hello after the reset."}]
+    c.close()
+
+
 def test_a_slow_model_does_not_hold_up_another_conversation(server, llm):
     waiting, other = Client(server), Client(server)
     waiting.configure()
