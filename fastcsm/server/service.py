@@ -113,6 +113,12 @@ class Service:
             self._llm = LanguageModel(self.llm_config)
         return self._llm
 
+    async def close_language_model(self) -> None:
+        """Close the model client's connections (at shutdown)."""
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await llm.close()
+
     def need_ready(self):
         if not self.ready:
             why = f" (loading failed: {self.load_error})" if self.load_error else ""
