@@ -210,3 +210,54 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
             assert torch.allclose(eager.state.h, comp.state.h, atol=atol, rtol=rtol)
             assert torch.equal(eager.state.pos, comp.state.pos)
             assert torch.allclose(eager.cache.k, comp.cache.k, atol=atol, rtol=rtol)
+
+
+# Whisper's shapes (d_model, layers, heads, ffn) by name, for random models of the real sizes.
+WHISPER_SHAPES = {"test": (32, 1, 2, 64), "tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048),
+                  "small": (768, 12, 12, 3072)}
+WHISPER_EN_VOCAB = 50_257  # byte-level tokens of the English-only models, before their special tokens
+
+
+def write_tiny_whisper(root: str | Path, seed: int = 0, shape: str = "test") -> Path:
+    """A random English-only Whisper (transformers' `WhisperForConditionalGeneration`, byte-level
+    tokenizer) converted by CTranslate2's converter (what `ct2-transformers-converter` runs) into
+    `root`/ct2, a directory faster-whisper loads. Its text is noise; its plumbing is the real one.
+    `shape` "test" is tiny; "tiny", "base", "small" have Whisper's sizes, its vocabulary included
+    (unused filler tokens), so that their speed is the real models'."""
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+
+    root = Path(root)
+    hf, out = root / "hf", root / "ct2"
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+                "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]  # the converter adds the timestamps
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    if shape != "test":
+        vocab.update({f"<filler{i}>": i for i in range(len(vocab), WHISPER_EN_VOCAB - 1)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    eot = tok.token_to_id("<|endoftext|>")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], bos_token=specials[0],
+                            unk_token=specials[0]).save_pretrained(hf)
+    timestamps = 1501  # <|0.00|> .. <|30.00|>
+    dim, layers, heads, ffn = WHISPER_SHAPES[shape]
+    cfg = WhisperConfig(vocab_size=tok.get_vocab_size() + timestamps, num_mel_bins=80, d_model=dim,
+                        encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                        decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                        max_source_positions=1500, max_target_positions=448,
+                        decoder_start_token_id=tok.token_to_id("<|startoftranscript|>"), eos_token_id=eot,
+                        bos_token_id=eot, pad_token_id=eot, suppress_tokens=[], begin_suppress_tokens=[eot])
+    torch.manual_seed(seed)
+    WhisperForConditionalGeneration(cfg).eval().save_pretrained(hf)
+    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins).save_pretrained(hf)
+    TransformersConverter(str(hf), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(str(out),
+                                                                                                      force=True)
+    return out

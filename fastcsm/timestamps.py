@@ -13,6 +13,9 @@ written words, the spoken form of each (`normalize.Word`) and its PCM.
    words between two anchors share their stretch of audio in proportion to their weights.
 
 The result is one `WordTime` per written word, in order, monotonic and inside the audio.
+A piece cut off mid-way (an interrupted line) has no whole audio to share out: `heard` places
+its words from the start of its speech at a speaking rate (the line's own so far, else
+`SECONDS_PER_WEIGHT`) and keeps those whose start lies in the audio that was sent.
 `benchmarks/bench_timestamps.py` measures the error against speech whose word times are known
 (and picked the weights above).
 Nothing here knows of models or prompts.
@@ -32,6 +35,7 @@ SNAP_S = 0.6  # a pause at punctuation moves into a silence at most this far awa
 WORD_WEIGHT = 2.0  # in characters
 CLAUSE_PAUSE = 1.0
 SENTENCE_PAUSE = 2.0
+SECONDS_PER_WEIGHT = 0.057  # ~150 words a minute at ~5 letters a word
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,28 @@ def word_times(words: Sequence, pcm, sample_rate: int, offset_s: float = 0.0) ->
     times = _place(weights, gaps, span, pauses)
     return [WordTime(w.text, round(float(offset_s + s), 4), round(float(offset_s + e), 4))
             for w, (s, e) in zip(words, times, strict=True)]
+
+
+def heard(words: Sequence, pcm, sample_rate: int, seconds_per_weight: float = SECONDS_PER_WEIGHT) -> int:
+    """How many of a cut-off piece's `words` were begun in `pcm` [samples], the part of its audio
+    that was sent: the words are placed from the first loud window at `seconds_per_weight`."""
+    pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    loud = _loud(pcm, sample_rate)
+    if not loud.any():
+        return 0
+    t = int(np.argmax(loud)) * WINDOW_S
+    duration = len(pcm) / sample_rate
+    for i, w in enumerate(words):
+        if t >= duration:
+            return i
+        t += (weight(w.spoken) + _pause_after(w.spoken)) * seconds_per_weight
+    return len(words)
+
+
+def rate(words: Sequence[WordTime], spoken: Sequence) -> float | None:
+    """Seconds per unit of weight in timed `words` (their spoken forms `spoken`), None if none."""
+    total = sum(weight(w.spoken) for w in spoken)
+    return (words[-1].end - words[0].start) / total if words and total else None
 
 
 def _place(weights: np.ndarray, gaps: np.ndarray, span: tuple[float, float],

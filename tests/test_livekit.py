@@ -5,6 +5,7 @@ streaming `TTS` over the conversation WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -68,6 +69,26 @@ def test_stream_speaks_the_llm_reply_as_one_line(server):
     assert audio == spoken_whole(server, "Hello there. How are you today?", voice="alloy", seed=3,
                                  max_audio_length_ms=240)
     assert sum(f.samples_per_channel for f in synthesized) >= 3 * FRAME
+
+
+def test_stream_gives_the_aligned_transcript(server):
+    async def run():
+        tts = TTS(base_url=server.url, voice="0", seed=5, max_audio_length_ms=800)
+        stream = tts.stream()
+        for token in ["Meet", " me", " at", " 10:30pm,", " Dr.", " Nguyen.", " Bring", " $3.50", " please."]:
+            stream.push_text(token)
+        stream.end_input()
+        events = [ev async for ev in stream]
+        await tts.aclose()
+        return events
+
+    events = asyncio.run(run())
+    assert TTS().capabilities.aligned_transcript
+    timed = [w for ev in events for w in ev.frame.userdata.get("lk.timed_transcripts", [])]
+    assert "".join(timed) == "Meet me at 10:30pm, Dr. Nguyen. Bring $3.50 please. "  # as written
+    duration = sum(ev.frame.samples_per_channel for ev in events) / 24_000
+    assert all(a.end_time <= b.start_time for a, b in itertools.pairwise(timed))
+    assert all(0 <= w.start_time < w.end_time <= duration + 1e-3 for w in timed)
 
 
 def test_closing_a_stream_interrupts_and_the_conversation_goes_on(server, monkeypatch):

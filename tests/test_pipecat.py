@@ -4,6 +4,7 @@ an OpenAI voice name, and `FastCSMTTSService` over the conversation WebSocket.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -17,6 +18,7 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStoppedFrame,
+    TTSTextFrame,
 )
 from pipecat.services.openai.tts import OpenAITTSService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
@@ -61,6 +63,19 @@ def test_fastcsm_service_streams_the_llm_reply_as_one_line(server):
     assert audio_of(down) == spoken_whole(server, "Hello there. How are you today?", voice="alloy", seed=3,
                                           max_audio_length_ms=240)
     assert any(isinstance(f, TTSStoppedFrame) for f in down)
+
+
+def test_fastcsm_service_sends_each_word_at_its_time(server):
+    tts = FastCSMTTSService(url=server.url, voice="0", seed=5, max_audio_length_ms=800)
+    tokens = ["Meet", " me", " at", " 10:30pm,", " Dr.", " Nguyen.", " Bring", " $3.50", " please."]
+    down, up = asyncio.run(run_test(tts, frames_to_send=[*llm_reply(tokens), SleepFrame(2.0)]))
+    assert not up
+    words = [f for f in down if isinstance(f, TTSTextFrame)]
+    assert [f.text for f in words] == [t.strip() for t in tokens]  # as written, not "ten thirty p m"
+    pts = [f.pts for f in words]
+    duration_ns = len(audio_of(down)) // 2 * 1_000_000_000 // 24_000
+    assert all(a < b for a, b in itertools.pairwise(pts))  # each at its own time
+    assert pts[-1] - pts[0] < duration_ns
 
 
 def test_fastcsm_service_interrupt_keeps_the_socket_and_the_user_turn_goes_in(server, monkeypatch):

@@ -11,7 +11,10 @@ it is generated. One WebSocket per `TTS` object serves its streams one after the
 conversation (and its KV cache) on the server goes on from one agent turn to the next; a stream
 closed early (an interruption) sends `interrupt`, and the line, cut where it stopped, stays in the
 conversation. `add_user_turn(text)` puts the user's words in, so the next line answers them.
-`synthesize(text)` speaks one whole line the same way.
+`synthesize(text)` speaks one whole line the same way. The TTS has an aligned transcript
+(`aligned_transcript=True`): each written word of the server's `word` events is pushed as a
+`TimedString` ("word ", start and end in seconds into the segment's audio), which LiveKit uses
+to show the transcript in step with the audio and to keep, on an interruption, the words played.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 
 try:
     from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectionError, APIConnectOptions, APIError, tts, utils
+    from livekit.agents.types import TimedString
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError(f"fastcsm.integrations.livekit needs LiveKit Agents ({e.name} is missing): "
                       "pip install \"fastcsm[livekit]\"") from e
@@ -45,7 +49,8 @@ class TTS(tts.TTS):
     def __init__(self, *, base_url: str = "http://127.0.0.1:8000", voice: str = "0", api_key: str | None = None,
                  seed: int | None = None, temperature: float | None = None, topk: int | None = None,
                  max_audio_length_ms: float | None = None):
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=True), sample_rate=SAMPLE_RATE, num_channels=1)
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
+                         sample_rate=SAMPLE_RATE, num_channels=1)
         self._url = conversation_url(base_url)
         self._voice = voice
         self._api_key = api_key
@@ -133,7 +138,8 @@ class SynthesizeStream(tts.SynthesizeStream):
                         output_emitter.start_segment(segment_id=utils.shortuuid())
                         self._mark_started()
                         await ws.send(json.dumps({"type": "speak", "text": data, "voice": self._tts._voice,
-                                                  "id": request_id, "more": True, **self._tts._speak}))
+                                                  "id": request_id, "more": True, "timestamps": True,
+                                                  **self._tts._speak}))
                         line_open = True
                     else:
                         await ws.send(json.dumps({"type": "append_text", "text": data, "more": True}))
@@ -172,7 +178,10 @@ class SynthesizeStream(tts.SynthesizeStream):
                 output_emitter.push(msg)
                 continue
             event = json.loads(msg)
-            if event["type"] == "done":
+            if event["type"] == "word":  # words joined by spaces, as LiveKit's Cartesia alignment gives them
+                output_emitter.push_timed_transcript(TimedString(f"{event['word']} ", start_time=event["start"],
+                                                                 end_time=event["end"]))
+            elif event["type"] == "done":
                 await done.put(event)
             elif event["type"] == "error":
                 await done.put(event)  # a refused speak or fragment: the line cannot go on

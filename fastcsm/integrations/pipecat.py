@@ -12,6 +12,9 @@ of 24 kHz mono 16-bit PCM, one per 80 ms frame, as they are generated. On an int
 service sends `interrupt` and keeps the socket: the spoken part of the line (cut where it
 stopped) stays in the conversation. The user's turns (`TranscriptionFrame`s that reach the
 service, or `add_user_turn(text)`) go in with `add_turn`, so the bot's next line answers them.
+The server's `word` events become Pipecat's word timestamps (`add_word_timestamps`, as its
+Cartesia and ElevenLabs services do): each written word goes downstream as a `TTSTextFrame` whose
+`pts` is its start in the line's audio, so the assistant's context keeps the words played.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ class FastCSMTTSService(WebsocketTTSService):
                 self._idle.clear()
                 self._open = self._playing = context_id
                 await self._send({"type": "speak", "text": text, "voice": self._voice, "id": context_id,
-                                  "more": True, **self._speak_options})
+                                  "more": True, "timestamps": True, **self._speak_options})
             self._last_text = text
             await self.start_tts_usage_metrics(text)
             yield None  # the audio comes through the receive task
@@ -204,7 +207,10 @@ class FastCSMTTSService(WebsocketTTSService):
                 continue
             event = json.loads(message)
             kind = event.get("type")
-            if kind == "done":
+            if kind == "word":  # as Pipecat's word-timestamp services do: its TTSTextFrame, at its time
+                if ctx is not None and event.get("id") == ctx:
+                    await self.add_word_timestamps([(event["word"], event["start"])], ctx)
+            elif kind == "done":
                 await self._end_line(event.get("id") or ctx)
             elif kind == "error":
                 await self.push_error(error_msg=f"fastcsm: {event.get('message')}")

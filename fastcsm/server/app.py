@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..scheduler import End
-from . import protocol as P
+from . import protocol as P, transcriptions as T
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
 from .limits import (
@@ -41,6 +41,7 @@ from .limits import (
 from .metrics import render_metrics
 from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
+from .words import LineWords
 
 log = logging.getLogger("fastcsm")
 VOICE_NAME = "letters, digits, '.', '_' or '-'; not digits alone (those are speaker ids)"
@@ -149,7 +150,8 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     @app.get("/readyz", response_model=P.Ready, responses={503: {"model": P.Ready}}, tags=["service"])
     async def readyz():
         if not service.ready:
-            return JSONResponse(P.Ready(ready=False).model_dump(), status_code=503, headers={"Retry-After": "5"})
+            body = P.Ready(ready=False, loading=service.loading).model_dump()
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         s = service.scheduler
         return P.Ready(ready=True, slots=s.slots, free_slots=s.engine.free_slots, queued=s.queued)
 
@@ -218,6 +220,9 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def speech(request: Request):
         """Speak `input` (OpenAI's `audio.speech.create`, plus fastcsm's fields)."""
         req = await run_in_threadpool(parse_speech, await request.body())
+        if req.timestamps and req.stream_format == "audio":
+            raise ApiError(400, 'timestamps need stream_format "sse" (word events) or "json" (one object with the '
+                                "audio and its timestamps)", param="timestamps")
         if req.response_format not in formats:
             raise ApiError(400, f"response_format {req.response_format!r} is not available on this server; "
                                 f"choose one of {', '.join(formats)}", param="response_format")
@@ -235,9 +240,12 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
         if first.dropped_context:
             headers["X-Fastcsm-Context-Dropped"] = str(len(first.dropped_context))
         frames = [0]  # frames streamed so far, all pieces together
-        body = _audio(service, plan, stream, enc, frames)
+        words = LineWords(P.SAMPLE_RATE, req.speed) if req.timestamps or req.stream_format == "json" else None
+        body = _audio(service, plan, stream, enc, frames, words)
         if req.stream_format == "sse":
-            return StreamingResponse(_sse(body, plan, frames), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(body, plan, frames, words), media_type="text/event-stream", headers=headers)
+        if req.stream_format == "json":
+            return await _captioned(body, req.response_format, words, headers)
         return StreamingResponse(body, media_type=enc.media_type, headers=headers)
 
     # -- voices ---------------------------------------------------------------------------------
@@ -265,11 +273,13 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     @app.post("/v1/voices", response_model=P.VoiceInfo, status_code=201, dependencies=v1,
               responses={**ERRORS, 409: {"model": P.ErrorResponse}}, tags=["voices"])
     async def create_voice(name: str = Form(..., max_length=64, description=VOICE_NAME),
-                           text: str = Form(..., min_length=1, description="what is said in the recording"),
+                           text: str | None = Form(None, description="what is said in the recording; left out, "
+                                                                     "the server's speech recognition transcribes it"),
                            audio: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any rate"),
                            speaker: int = Form(0, ge=0, le=1_000_000),
                            overwrite: bool = Form(False)):
-        """Register a voice: the recording is encoded once and stored as Mimi codes."""
+        """Register a voice: the recording is encoded once and stored as Mimi codes, with its
+        transcript (given, or made once by the server's speech recognition)."""
         data = await audio.read()
         return await run_in_threadpool(service.create_voice, name, text, speaker, data, audio.filename, overwrite)
 
@@ -286,13 +296,15 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
                                                                                   "MP3, any rate"),
                                  consent: str | None = Form(None, max_length=256,
                                                             description="OpenAI's consent id; kept with the voice"),
-                                 text: str | None = Form(None, description="fastcsm: what is said in audio_sample "
-                                                                           "(required)"),
+                                 text: str | None = Form(None, description="fastcsm: what is said in audio_sample; "
+                                                                           "left out, speech recognition transcribes "
+                                                                           "it (--asr-model)"),
                                  speaker: int = Form(0, ge=0, le=1_000_000)):
         """OpenAI's custom-voice upload, over fastcsm's voice store (the voice's id is its name)."""
-        if text is None or not text.strip():
-            raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (it has no speech recognition): "
-                                "send it as the form field `text`", param="text")
+        if (text is None or not text.strip()) and not settings.asr_model:
+            raise ApiError(400, "text: fastcsm needs the transcript of audio_sample (this server has no speech "
+                                "recognition; start it with --asr-model): send it as the form field `text`",
+                           param="text")
         data = await audio_sample.read()
         meta = {"consent": consent} if consent else {}
         info = await run_in_threadpool(service.create_voice, name, text, speaker, data, audio_sample.filename, False,
@@ -304,6 +316,45 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     async def list_audio_voices():
         voices, _ = await run_in_threadpool(service.list_voices)
         return P.AudioVoiceList(data=[_audio_voice(v) for v in voices])
+
+    # -- transcription --------------------------------------------------------------------------
+
+    @app.post("/v1/audio/transcriptions", dependencies=v1, tags=["transcription"],
+              responses={**ERRORS, 200: {"content": {"application/json": {"schema": {"anyOf": [
+                  {"$ref": "#/components/schemas/Transcription"},
+                  {"$ref": "#/components/schemas/TranscriptionVerbose"}]}},
+                  "text/plain": {}, "application/x-subrip": {}, "text/vtt": {}}}})
+    async def transcriptions(file: UploadFile = File(..., description="the recording: WAV, FLAC, OGG or MP3, any "
+                                                                      "rate"),
+                             model: str = Form(..., max_length=256, description="any name (whisper-1 too): the "
+                                                                                "server's --asr-model transcribes"),
+                             language: str | None = Form(None, max_length=16, description="ISO 639-1, e.g. en"),
+                             prompt: str | None = Form(None, max_length=4096, description="text the speech "
+                                                                                          "continues"),
+                             response_format: str = Form("json", description=", ".join(T.RESPONSE_FORMATS)),
+                             temperature: float = Form(0.0, ge=0.0, le=1.0, description="accepted; decoding is "
+                                                                                        "greedy"),
+                             timestamp_granularities: list[str] = Form([], alias="timestamp_granularities[]",
+                                                                       description="segment, word (with "
+                                                                                   "verbose_json)")):
+        """OpenAI's `audio.transcriptions.create`, by the server's speech recognition (`--asr-model`)."""
+        if response_format not in T.RESPONSE_FORMATS:
+            raise ApiError(400, f"response_format {response_format!r} is not one of {', '.join(T.RESPONSE_FORMATS)}",
+                           param="response_format")
+        bad = [g for g in timestamp_granularities if g not in T.GRANULARITIES]
+        if bad:
+            raise ApiError(400, f"timestamp_granularities: {bad[0]!r} is not one of {', '.join(T.GRANULARITIES)}",
+                           param="timestamp_granularities")
+        if timestamp_granularities and response_format != "verbose_json":
+            raise ApiError(400, "timestamp_granularities needs response_format=verbose_json",
+                           param="timestamp_granularities")
+        service.need_asr("model")
+        data = await file.read()
+        transcript = await run_in_threadpool(service.transcribe_upload, data, language or None, prompt)
+        body, media_type = T.render(transcript, response_format, timestamp_granularities)
+        if isinstance(body, dict):
+            return JSONResponse(body)
+        return PlainTextResponse(body, media_type=media_type)
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -354,9 +405,10 @@ class SpeechFailed(RuntimeError):
     response is broken off without its last chunk, never finished as if the audio were whole."""
 
 
-async def _audio(service: Service, plan, stream, enc, frames: list[int]):
+async def _audio(service: Service, plan, stream, enc, frames: list[int], words: LineWords | None = None):
     """The response body: encoded frames as they come, piece after piece, each piece's audio
-    continuing from the one before; the slot is freed if the client leaves. A stream that fails
+    continuing from the one before; the slot is freed if the client leaves. With `words`, each
+    piece's word times (a list of `WordTime`) follow its audio. A stream that fails
     raises `SpeechFailed`, so the client sees a broken-off response (its status went out with the
     first byte), not a shorter file that looks complete."""
     spoken = []  # (text rows, codes) of the pieces done
@@ -373,10 +425,14 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                     raise SpeechFailed(f"speech stopped before piece {index + 1} of {len(plan.pieces)}: "
                                        f"{e.message}") from None
             codes = []
+            if words is not None:
+                words.start(plan.pieces[index].spoken.words)
             while not isinstance(item := await stream.next(), End):
                 codes.append(item.codes)
                 frames[0] += 1
                 if item.pcm is not None:
+                    if words is not None:
+                        words.audio(item.pcm)
                     data = enc.write(item.pcm)
                     if data:
                         yield data
@@ -384,6 +440,8 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
                 raise SpeechFailed(f"speech stopped in piece {index + 1} of {len(plan.pieces)}: {stream.end.reason}: "
                                    f"{stream.end.message}")
             spoken.append((plan.pieces[index].line, codes))
+            if words is not None:
+                yield words.done()
         tail = enc.finish()
         if tail:
             yield tail
@@ -392,22 +450,54 @@ async def _audio(service: Service, plan, stream, enc, frames: list[int]):
             stream.cancel()
 
 
-async def _sse(audio, plan, frames: list[int]):
-    """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage."""
-    sent = 0
+async def _sse(audio, plan, frames: list[int], words: LineWords | None):
+    """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage; with
+    `words`, a `speech.audio.word` event per written word after its piece's audio."""
     try:
         async for data in audio:
-            sent += len(data)
-            yield f'data: {json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})}\n\n'
+            if isinstance(data, list):
+                for w in data:
+                    yield _event({"type": "speech.audio.word", "word": w.text, "start": w.start, "end": w.end})
+            else:
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         rows = sum(len(p.line) for p in plan.pieces)
-        usage = {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}
-        yield f'data: {json.dumps({"type": "speech.audio.done", "usage": usage})}\n\n'
+        done = {"type": "speech.audio.done",
+                "usage": {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}}
+        if words is not None:
+            done["timestamps"] = [_timestamp(w).model_dump() for w in words.words]
+        yield _event(done)
     finally:
         await audio.aclose()
 
 
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _timestamp(w) -> P.WordTimestamp:
+    return P.WordTimestamp(word=w.text, start_time=w.start, end_time=w.end)
+
+
+async def _captioned(audio, audio_format: str, words: LineWords, headers: dict) -> JSONResponse:
+    """`stream_format: "json"`: the whole line, then one object with its audio and word times. A
+    line that fails is a 500 (nothing was sent yet)."""
+    chunks = []
+    try:
+        async for data in audio:
+            if not isinstance(data, list):
+                chunks.append(data)
+    except SpeechFailed as e:
+        log.warning("%s", e)
+        return error_response(500, str(e), "server_error")
+    finally:
+        await audio.aclose()
+    body = P.CaptionedSpeech(audio=base64.b64encode(b"".join(chunks)).decode(), audio_format=audio_format,
+                             sample_rate=P.SAMPLE_RATE, timestamps=[_timestamp(w) for w in words.words])
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
 def _audio_voice(info: P.VoiceInfo) -> P.AudioVoice:
-    return P.AudioVoice(id=info.name, name=info.name, created_at=info.created)
+    return P.AudioVoice(id=info.name, name=info.name, created_at=info.created, text=info.text)
 
 
 def _created(model: str) -> int:

@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..context import ContextTooLong
 from ..planner import plan_piece, spoken_rows, streamed_line
-from ..prompt import Prompt, Segment, concat, segment_rows
+from ..prompt import Prompt, Segment, concat, segment_rows, text_rows
 from ..scheduler import End
 from ..speech import SpeakOptions
 from ..text import LinePieces
@@ -42,6 +42,7 @@ from .assistant_line import AssistantLine
 from .audio_out import to_int16
 from .limits import invalid_fields, json_values, max_message_values
 from .service import ApiError, Service
+from .words import LineWords, word_events
 
 log = logging.getLogger("fastcsm")
 _CLIENT = TypeAdapter(P.ClientMessage)
@@ -80,6 +81,8 @@ class Utterance:
     frames: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
+    words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
+    timestamps: bool = False  # `word` events asked for
 
 
 class Conversation:
@@ -254,7 +257,8 @@ class Conversation:
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
         seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, options, seed, streamed_line(), m.more, voice, pin)
+        u = Utterance(m.id, self.utterances, speaker, options, seed, streamed_line(), m.more, voice, pin,
+                      timestamps=m.timestamps)
         u.text.add(text, final=not m.more)
         self.mark(u, now)
         first = None
@@ -315,6 +319,7 @@ class Conversation:
         svc, cfg = self.service, self.service.cfg
         text = svc.check_input(u.text.pieces[index], "text")
         piece = svc.piece_text(text, u.speaker, u.options)
+        u.words.start(piece.spoken.words)
         while True:
             pinned = self.pinned + ([u.pin] if u.pin is not None else [])
             try:  # a later fragment may yet bring another piece: every piece keeps its audio state
@@ -375,11 +380,16 @@ class Conversation:
                             await self.assistant.piece_audio(u, index)
                         if item.pcm is not None:  # once handed to the socket, sent whole and counted
                             await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
+                            u.words.audio(item.pcm)
                         if u.frames == 1:
                             await self.send(P.FirstAudio(id=u.id, utterance=u.index,
                                                          ms=(time.perf_counter() - u.t0) * 1000))
                     u.spoken.append((u.line, u.codes))
                     u.line, u.codes = None, []
+                    if end.reason.complete:  # the piece's audio is whole: its words are timed
+                        timed = u.words.done()
+                        for event in word_events(u.id, u.index, timed) if u.timestamps else ():
+                            await self.send(event)
                     reason = P.done_reason(end.reason)
                     if not end.reason.complete:
                         if end.reason in ("error", "deadline"):
@@ -431,19 +441,26 @@ class Conversation:
                                    audio_ms=u.frames * self.service.cfg.frame_ms,
                                    prefill_rows=sum(e.prefill_rows for e in ends),
                                    reused_rows=sum(e.reused_rows for e in ends), pieces=len(u.streams),
-                                   error=u.error if reason in ("error", "deadline") else None))
+                                   error=u.error if reason in ("error", "deadline") else None,
+                                   text=" ".join(u.words.heard_text)))
         except Exception:
             pass
 
     def remember(self, u: Utterance) -> None:
         """The pieces spoken (or begun), with the audio generated for them, join the conversation
-        as one turn; the line's voice is pinned if it was heard."""
+        as one turn (of a piece cut off, only the words whose audio was begun in what was sent); the
+        line's voice is pinned if it was heard."""
         cfg = self.service.cfg
         if u.pin is not None and u.frames and u.voice not in self.pinned_voices:
             self.pinned.append(u.pin)
             self.pinned_voices.append(u.voice)
         rows = []
         pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
+        if u.words.in_flight and pieces:
+            heard = u.words.cut()
+            line = " ".join(w.spoken for w in heard)
+            pieces[-1:] = [(text_rows(self.service.generator.tokenizer, u.speaker, line, cfg), pieces[-1][1])] \
+                if heard else []
         for line, codes in pieces:
             rows.append(spoken_rows(line, codes, cfg) if codes else line)
         if rows:

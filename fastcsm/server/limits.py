@@ -3,8 +3,8 @@ deadlines, API keys kept out of logs, and the uvicorn settings against slow clie
 
 - `Guard` (ASGI middleware, outermost): requests and WebSocket handshakes whose Host is none
   of the server's names (`HostNames`) are refused before anything else (400; 403 for a
-  handshake), which is what stops DNS rebinding; per-route body limits (the speech and
-  voice-upload routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`)
+  handshake), which is what stops DNS rebinding; per-route body limits (the speech,
+  voice-upload and transcription routes take up to `max_body_bytes`, every other route `SMALL_BODY_BYTES`)
   enforced by Content-Length and, for chunked bodies, as the bytes arrive (413 either way); the
   whole body must arrive within `body_timeout_s` (else 408 and the connection closes);
   state-changing requests and WebSocket handshakes whose `Origin` is present and not allowed get
@@ -30,7 +30,7 @@ from .settings import Settings, ip_address, is_loopback
 
 SMALL_BODY_BYTES = 64 * 1024  # routes without audio in their body
 LARGE_BODY_ROUTES = {("POST", "/v1/audio/speech"), ("POST", "/v1/voices"),
-                     ("POST", "/v1/audio/voices")}
+                     ("POST", "/v1/audio/voices"), ("POST", "/v1/audio/transcriptions")}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 API_KEY_SCOPE = "fastcsm.api_key"  # where the WebSocket's ?api_key= goes once out of the query string
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

@@ -15,7 +15,13 @@ HTTP
   none). Response headers: `X-Fastcsm-Seed` (the seed used), `X-Fastcsm-Sample-Rate`.
   With `stream_format: "sse"` the same bytes come as OpenAI's server-sent events instead:
   `data: {"type": "speech.audio.delta", "audio": "<base64>"}` per chunk, then
-  `data: {"type": "speech.audio.done", "usage": {...}}`.
+  `data: {"type": "speech.audio.done", "usage": {...}}`. With `timestamps: true` as well, each
+  written word of the text (as written: "10:30pm," not "ten thirty p m") comes as
+  `data: {"type": "speech.audio.word", "word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds
+  into the audio, after `speed`) once its piece's audio has been sent, and `speech.audio.done`
+  repeats them all as `timestamps`. `stream_format: "json"` answers one JSON object once the line
+  is spoken, Kokoro-FastAPI's captioned shape: `{"audio": "<base64 of the whole file>",
+  "audio_format": "mp3", "sample_rate": 24000, "timestamps": [{"word", "start_time", "end_time"}]}`.
 `GET /v1/voices` -> `VoiceList`; `GET /v1/voices/{name}` -> `VoiceInfo`;
 `POST /v1/voices` (multipart form: `name`, `text`, `speaker`, `overwrite`, file `audio`) -> `VoiceInfo`;
 `DELETE /v1/voices/{name}` -> `VoiceDeleted`. `GET /v1/voices` also lists the voice map (`aliases`).
@@ -64,12 +70,19 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
-`context_dropped`, `voice_unpinned`, `assistant_text` and `assistant_reply` (assistant mode,
-below), `error`; between `started` and `done` come binary
+`context_dropped`, `voice_unpinned`, `error`, `word`, `assistant_text` and `assistant_reply`
+(assistant mode, below); between `started` and `done` come binary
 messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
-default, or `pcm_f32le`). After `interrupt`, no binary message of that utterance follows the `done`
-(reason `interrupted`). A socket that closes ends its utterance the same way (its slot is freed
-before the next frame step). The spoken line (with the audio generated for it, cut where it was
+default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
+(as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
+"word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds into the line's audio), once its piece
+has ended: after every binary message holding its audio, before `done`. An interrupted line's
+`done.text` holds the written words the client received audio of (those of its `word` events,
+and the words of the cut piece whose audio had begun, placed at the line's speaking rate),
+timestamps or not; only those words join the conversation.
+After `interrupt`, no binary message of that utterance follows the `done` (reason `interrupted`).
+A socket that closes ends its utterance the same way (its slot is freed before the next frame
+step). The spoken line (with the audio generated for it, cut where it was
 interrupted) becomes part of the conversation, so the next line continues from it; the server
 keeps the conversation's KV cache, so the next `speak` prefills only the rows added since
 (`done.prefill_rows` / `done.reused_rows` report it, over every piece of the line that was
@@ -224,9 +237,11 @@ class SpeechRequest(_Strict):
     instructions: str | None = Field(None, max_length=4096,
                                      description="accepted for compatibility and ignored: CSM takes no style "
                                                  "instructions (its voice comes from `voice` and `context`)")
-    stream_format: Literal["audio", "sse"] = Field(
+    stream_format: Literal["audio", "sse", "json"] = Field(
         "audio", description="audio: the encoded audio itself; sse: server-sent events, `speech.audio.delta` "
-                             "(base64 of the next bytes of the encoded audio) then `speech.audio.done`")
+                             "(base64 of the next bytes of the encoded audio) then `speech.audio.done`; json "
+                             "(fastcsm): one object once spoken, `audio` (base64), `audio_format`, `sample_rate` and "
+                             "`timestamps` (each written word's `start_time` and `end_time`)")
     # fastcsm
     speaker: Int | None = Field(None, ge=0, le=MAX_SPEAKER,
                                 description="speaker id of the line (default: the voice's own id, or `voice` itself)")
@@ -242,6 +257,25 @@ class SpeechRequest(_Strict):
                                 "text can plausibly take, 3 s + 150 ms a character")
     normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
     lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
+    timestamps: bool = Field(False, description="with stream_format sse: a `speech.audio.word` event for each "
+                                                "written word (its start and end in seconds) once its audio is sent")
+
+
+class WordTimestamp(BaseModel):
+    """A written word and its span in the audio (Kokoro-FastAPI's names)."""
+
+    word: str
+    start_time: float
+    end_time: float
+
+
+class CaptionedSpeech(BaseModel):
+    """`POST /v1/audio/speech` with `stream_format: "json"`."""
+
+    audio: str = Field(description="base64 of the whole encoded audio")
+    audio_format: str
+    sample_rate: int
+    timestamps: list[WordTimestamp]
 
 
 # -- voices ---------------------------------------------------------------------------------------
@@ -282,6 +316,7 @@ class AudioVoice(BaseModel):
     id: str
     name: str
     created_at: int | None = Field(None, description="unix time")
+    text: str | None = Field(None, description="fastcsm: the transcript stored with the voice (given, or recognised)")
 
 
 class AudioVoiceList(BaseModel):
@@ -335,6 +370,8 @@ class Ready(BaseModel):
     slots: int = 0
     free_slots: int = 0
     queued: int = 0
+    loading: str | None = Field(None, description="while not ready: what start-up is doing, e.g. "
+                                                  "\"building step batch 8 top-64 (5/14, 120 s so far)\"")
 
 
 # -- WebSocket: client -> server ------------------------------------------------------------------
@@ -387,6 +424,8 @@ class Speak(_Strict):
                                           "(as an LLM writes it); speaking starts once its first piece is complete")
     normalize: bool = Field(NORMALIZE_BY_DEFAULT, description=NORMALIZE_HELP)
     lexicon: LexiconEntries | None = Field(None, description=LEXICON_HELP)
+    timestamps: bool = Field(False, description="send a `word` event for each written word of the line (its start "
+                                                "and end in the line's audio) after the audio holding it")
 
 
 class AppendText(_Strict):
@@ -473,12 +512,23 @@ class Done(BaseModel):
     error: str | None = Field(None, description="why the line stopped, when reason is error or deadline (the "
                                                 "message of the error event sent just before; a deadline is the "
                                                 "request's, or a streamed line's idle timeout)")
+    text: str = Field("", description="the written words of the line whose audio was sent (an interrupted line: "
+                                      "those begun before the cut), as the conversation keeps it")
 
 
 def done_reason(end: EndReason) -> str:
     """`done.reason` for the end of a line's last stream: the engine's reason by its name, but a
     cancelled stream was interrupted (by `interrupt`, a new `speak`, or the socket closing)."""
     return "interrupted" if end is EndReason.CANCELLED else end.value
+
+
+class WordEvent(BaseModel):
+    type: Literal["word"] = "word"
+    id: str | None
+    utterance: int
+    word: str = Field(description="a word as written in the line (a rule's match, \"40–60 °C\", is one word)")
+    start: float = Field(description="seconds into the line's audio")
+    end: float
 
 
 class ContextDropped(BaseModel):
@@ -533,6 +583,6 @@ class ErrorEvent(BaseModel):
 
 ServerMessage = Annotated[
     ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
-    | AssistantText | AssistantReply | ErrorEvent,
+    | ErrorEvent | WordEvent | AssistantText | AssistantReply,
     Field(discriminator="type"),
 ]

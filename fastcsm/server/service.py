@@ -17,9 +17,10 @@ import unicodedata
 import torch
 
 from ..assistant.llm import LanguageModel, LLMConfig
-from ..audio import AudioError, read_audio
+from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
 from ..engine import Engine, Request
 from ..lexicon import Lexicon, LexiconError
+from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
 from ..normalize import NORMALIZE_BY_DEFAULT
 from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
 from ..prompt import Prompt, Segment, check_text, segment_rows
@@ -59,6 +60,16 @@ def voice_info(name: str, voice: Voice) -> VoiceInfo:
                      created=voice.meta.get("created"))
 
 
+def start_engine(gen, s: Settings, progress=None) -> Engine:
+    """The engine `s` asks for over `gen`'s model, every step variant built (compiled: from the
+    compile cache where it has them; `progress` hears of each build)."""
+    engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
+                    compile=s.compile, compile_cache=s.compile_cache)
+    if engine.cuda_graphs or s.compile:
+        log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup(progress))
+    return engine
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -68,10 +79,13 @@ class Service:
         self.generator = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self.loading: str | None = "loading the model"  # what start-up is doing, for /readyz
         self._voices: dict[str, tuple[int, Voice]] = {}  # name -> (mtime_ns, voice)
         self._lock = threading.Lock()
         self.llm_config = LLMConfig.from_settings(settings)  # None: no --llm-url, no assistant mode
         self._llm: LanguageModel | None = None
+        self.asr = None  # a fastcsm.listen.asr.AsrPool once `asr_model` is loaded
+        self.asr_error: str | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -84,24 +98,76 @@ class Service:
         from ..generator import load_generator
 
         s = self.settings
+        self.load_asr()
         try:
             gen = generator or load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
             if s.watermark and gen.watermarker is None:
                 gen.watermarker = resolve_watermark(True, gen.device)
-            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
-                            compile=s.compile)
-            if engine.cuda_graphs or s.compile:
-                log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup())
+            self.loading = "building the engine"
+            engine = start_engine(gen, s, progress=lambda p: setattr(self, "loading", str(p)))
         except Exception as e:
+            self.loading = None
             self.load_error = f"{type(e).__name__}: {e}"
             raise
-        self.generator = gen
+        self.generator, self.loading = gen, None
         self.scheduler = Scheduler(engine, max_queue=s.max_queue, timeout_s=s.request_timeout_s)
         log.info("fastcsm: %s loaded on %s, %d slots", s.model, gen.device, s.slots)
+
+    def load_asr(self) -> None:
+        """The recogniser `asr_model` names, on the server's device; a failure is kept in
+        `asr_error` (and said by every route that needs it), never fatal to speaking."""
+        s = self.settings
+        if not s.asr_model or self.asr is not None:
+            return
+        try:
+            self.asr = AsrPool(load_transcriber(s.asr_model, s.device, threads=s.threads), max_waiting=s.max_queue)
+            log.info("fastcsm: speech recognition by %s", self.asr.name)
+        except AsrError as e:
+            self.asr_error = str(e)
+            log.error("fastcsm: speech recognition is off: %s", e)
 
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.asr is not None:
+            self.asr.close()
+
+    def need_asr(self, param: str | None = None):
+        """The recogniser; 400 when none is configured, 503 while it loads or if it failed to."""
+        if self.asr is not None:
+            return self.asr
+        if not self.settings.asr_model:
+            raise ApiError(400, "this server has no speech recognition: start it with --asr-model (e.g. small, or "
+                                'pocketsphinx; pip install "fastcsm[asr]")', param=param)
+        if self.asr_error:
+            raise ApiError(503, f"speech recognition failed to load: {self.asr_error}", "server_error")
+        raise ApiError(503, "speech recognition is still loading; retry shortly", "server_busy", retry_after=5)
+
+    def transcribe_upload(self, data: bytes, language: str | None, prompt: str | None):
+        """`POST /v1/audio/transcriptions`: decode the upload (400 if it is not audio), transcribe it."""
+        if not data:
+            raise ApiError(400, "file: the audio is empty", param="file")
+        try:
+            audio = read_audio(data, ASR_RATE, max_duration_s=self.settings.max_transcription_s,
+                               max_sample_rate=MAX_AUDIO_RATE, max_channels=MAX_AUDIO_CHANNELS)
+        except AudioError as e:
+            msg = re.sub(r"Error opening <[^>]*>: ", "", str(e)).replace("<BytesIO>", "file")
+            raise ApiError(400, f"{msg} (send WAV, FLAC, OGG or MP3; at most {self.settings.max_transcription_s:g} s)",
+                           param="file") from None
+        return self.transcribe(audio.numpy(), language, prompt)
+
+    def transcribe(self, audio, language: str | None = None, prompt: str | None = None, param: str = "file"):
+        """The `Transcript` of 16 kHz mono audio (called from a worker thread, it waits on the
+        recogniser's own thread)."""
+        asr = self.need_asr(param)
+        try:
+            return asr.transcribe(audio, language, prompt).result()
+        except AsrBusy as e:
+            raise ApiError(503, str(e), "server_busy", retry_after=2) from None
+        except UnknownLanguage as e:
+            raise ApiError(400, str(e), param="language") from None
+        except AsrError as e:
+            raise ApiError(400, str(e), param=param) from None
 
     def language_model(self) -> LanguageModel:
         """The one client of --llm-url every assistant conversation shares (made on first use, on
@@ -200,8 +266,10 @@ class Service:
                 continue  # gone since the listing
         return out, broken
 
-    def create_voice(self, name: str, text: str, speaker: int, audio: bytes, filename: str | None,
+    def create_voice(self, name: str, text: str | None, speaker: int, audio: bytes, filename: str | None,
                      overwrite: bool, **meta) -> VoiceInfo:
+        """Encode and store a voice; without `text` the recogniser transcribes the recording once
+        (400 if the server has none) and the transcript is stored and returned with the voice."""
         gen = self.need_ready()
         try:
             check_new_name(name)
@@ -213,10 +281,20 @@ class Service:
         if isinstance(speaker, bool) or not 0 <= speaker <= MAX_SPEAKER:
             raise ApiError(400, f"speaker must be an integer id from 0 to {MAX_SPEAKER}, got {speaker!r}",
                            param="speaker")
-        if not text or not text.strip():
+        if text is not None and not text.strip():
             raise ApiError(400, "text is empty: give the transcript of the recording", param="text")
-        text = self.check_input(text, "text")
+        if text is None:
+            self.need_asr("text")  # before any decoding: without a recogniser the transcript is required
+        else:
+            text = self.check_input(text, "text")
         wav = self._read_audio(audio, "audio")
+        if text is None:
+            text = self.transcribe(resample(wav.numpy(), SAMPLE_RATE, ASR_RATE), param="audio").text
+            if not text.strip():
+                raise ApiError(400, "no speech was recognised in the recording: send its transcript as `text`",
+                               param="audio")
+            meta["transcribed_by"] = self.asr.name
+            text = self.check_input(text, "text")
         try:
             voice = Voice.from_audio(gen.codec, wav, text, speaker, source=(filename or "upload")[:256], **meta)
         except (VoiceError, AudioError, ValueError) as e:

@@ -1,0 +1,93 @@
+"""Speech recognition: pocketsphinx hears espeak-ng's speech offline; faster-whisper's own code
+path runs on a tiny random Whisper converted by CTranslate2 (noise for text, real plumbing)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import numpy as np
+import pytest
+from listen_audio import SENTENCES, needs_espeak, overlap, silence, speech_bounds, spoken
+
+from fastcsm.listen.asr import AsrError, SphinxTranscriber, load_transcriber
+
+pytest.importorskip("pocketsphinx")
+
+
+@functools.cache
+def sphinx() -> SphinxTranscriber:
+    return load_transcriber("pocketsphinx")
+
+
+@functools.cache
+def tiny_whisper_dir() -> str:
+    pytest.importorskip("faster_whisper")
+    from fastcsm.testing import write_tiny_whisper
+
+    return str(write_tiny_whisper(tempfile.mkdtemp(prefix="fastcsm-whisper-")))
+
+
+@needs_espeak
+@pytest.mark.parametrize("sentence", SENTENCES)
+def test_pocketsphinx_hears_espeak(sentence):
+    t = sphinx().transcribe(spoken(sentence))
+    assert overlap(t.text, sentence) >= 0.75, t.text
+    assert t.language == "en"
+    assert [w.text for w in t.words] == t.text.split()
+    # Word timings lie inside the audio, in order, each word taking time.
+    ends = [0.0] + [w.end for w in t.words]
+    assert all(0 <= w.start < w.end <= t.duration for w in t.words)
+    assert all(a <= w.start + 1e-6 for a, w in zip(ends, t.words, strict=False))
+
+
+@needs_espeak
+def test_pocketsphinx_word_timings_follow_the_speech():
+    a, b = SENTENCES[2], SENTENCES[3]  # "what time is it", a second of silence, "thank you very much"
+    first, gap = np.concatenate([silence(0.5), spoken(a)]), silence(1.0)
+    t = sphinx().transcribe(np.concatenate([first, gap, spoken(b), silence(0.3)]))
+    heard = {w.text: w for w in t.words}
+    assert heard["what"].start == pytest.approx(speech_bounds(first)[0], abs=0.15)
+    second = len(first) / 16_000 + 1.0 + speech_bounds(spoken(b))[0]
+    assert heard["thank"].start == pytest.approx(second, abs=0.15)
+
+
+def test_no_audio_is_no_text():
+    t = sphinx().transcribe(silence(0.0))
+    assert t.text == "" and t.segments == () and t.duration == 0.0
+
+
+def test_bad_audio_and_language_are_refused():
+    with pytest.raises(AsrError, match="mono"):
+        sphinx().transcribe(np.zeros((2, 100), np.float32))
+    with pytest.raises(AsrError, match="NaN"):
+        sphinx().transcribe(np.full(100, np.nan, np.float32))
+    with pytest.raises(AsrError, match="English only"):
+        sphinx().transcribe(silence(0.1), language="fr")
+
+
+def test_faster_whisper_runs_a_converted_tiny_model():
+    whisper = load_transcriber(tiny_whisper_dir(), device="cpu")
+    assert whisper.name.startswith("faster-whisper:") and not whisper.multilingual
+    audio = np.random.default_rng(0).normal(0, 0.1, 16_000 * 2).astype(np.float32)
+    t = whisper.transcribe(audio, language="en", prompt="hello")
+    assert t.language == "en" and t.duration == 2.0
+    # Noise for text, but segments and words are there, timed inside the audio and in order.
+    assert t.segments
+    for s in t.segments:
+        assert 0 <= s.start <= s.end <= t.duration
+        assert all(0 <= w.start <= w.end <= t.duration for w in s.words)
+    with pytest.raises(AsrError, match="English-only"):
+        whisper.transcribe(audio, language="fr")
+
+
+def test_missing_models_are_named(tmp_path):
+    pytest.importorskip("faster_whisper")
+    with pytest.raises(AsrError, match="no-such-whisper.*hub cache"):
+        load_transcriber("someone/no-such-whisper", device="cpu")
+    with pytest.raises(AsrError, match="without model.bin"):
+        load_transcriber(str(tmp_path), device="cpu")
+    with pytest.raises(AsrError, match="cpu or cuda"):
+        load_transcriber(tiny_whisper_dir(), device="mps")
+    with pytest.raises(AsrError, match="empty"):
+        load_transcriber(" ")
