@@ -142,28 +142,34 @@ def test_interrupt_cancels_the_model_and_keeps_what_was_heard(server, llm):
     c = Client(server)
     c.configure()
     first = len(llm.requests)
-    reply = _interrupted(c, llm, lambda: c.send(type="interrupt", heard_ms=PIECE_MS + 80))
+    # The client played the first piece (3 frames) and nothing more: its words, and the cut.
+    reply = _interrupted(c, llm, lambda: c.send(type="interrupt", heard_ms=PIECE_MS))
     assert llm.wait_connections(0) == 0  # the model's stream was closed, not left open
-    # The first piece (3 frames) and one frame of the second: floor(1 / 3 * 5 words) = 1 word.
-    assert reply["text"] == f"One two three four five. One {CUT}"
+    assert reply["text"] == f"One two three four five. {CUT}"
     assert llm.requests[first]["stream"] is True
     c.send(type="add_turn", speaker=0, text="Hi again.")
     assert c.until("assistant_reply")["reason"] == "stop"
     assert _user_messages(llm, first + 1)[-2:] == [{"role": "assistant", "content": reply["text"]},
                                                    {"role": "user", "content": "Hi again."}]
+    # Nothing played: the reply is not in the history at all.
+    reply = _interrupted(c, llm, lambda: c.send(type="interrupt", heard_ms=0))
+    assert reply["text"] == ""
+    c.send(type="add_turn", speaker=0, text="Hello?")
+    c.until("assistant_reply")
+    assert _user_messages(llm, first + 3)[-2:] == [
+        {"role": "assistant", "content": "Hello there. How can I help you today?"},
+        {"role": "user", "content": "Say something long. Hello?"}]  # the user's two turns, as one
     c.close()
 
 
-def test_interrupt_without_heard_ms_counts_the_frames_sent(server, llm):
+def test_interrupt_without_heard_ms_keeps_the_words_whose_audio_was_sent(server, llm):
     c = Client(server)
     c.configure()
     reply = _interrupted(c, llm, lambda: c.send(type="interrupt"))
     assert llm.wait_connections(0) == 0
-    # Every frame sent counts as heard: whole pieces (3 frames, 5 words each), then of the cut one
-    # floor(frames / 3 * 5) words; and the reply was cut, however far the line got.
-    frames = c.of("done")[-1]["frames"]
-    words = (LONG.split() * 2)[:5 * (frames // FRAMES) + 5 * (frames % FRAMES) // FRAMES]
-    assert frames > FRAMES and reply["text"] == " ".join(words + [CUT])
+    # The line's `done.text`: the written words whose audio was sent (word times), then the cut.
+    heard = c.of("done")[-1]["text"]
+    assert heard.startswith("One two three four five.") and reply["text"] == f"{heard} {CUT}"
     c.close()
 
 

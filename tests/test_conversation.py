@@ -67,7 +67,7 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         line = segment_rows(Segment(0, "Hi."), TOK, CFG)
         stream = OneFrameStream()
         u = Utterance("x", 0, 0, None, 0, streamed_line(), False, t0=time.perf_counter(), stream=stream,
-                      streams=[stream], piece_frames=[0], line=line)
+                      streams=[stream], line=line)
         u.text.add("Hi.", final=True)
         conv.current = u
         u.task = asyncio.create_task(conv.play(u))

@@ -8,10 +8,11 @@ piece, as soon as the model completed it, is a `speak` with `more: true`, each l
 feeds it text and, as each piece's audio starts, tells the client its words (`assistant_text`).
 
 Barge-in (`stop`): the model's stream is closed, the line is stopped as `interrupt` stops any,
-and the history keeps what the client got of each piece (`HeardPiece`: the frames sent, or
-`heard_ms` of them when the client says how much it played). A model fault is an `error` event;
-the pieces complete before it are spoken, and the next turn is answered as usual. Every wait is
-on the event loop: a slow model holds up its own reply, never another conversation's audio.
+and the history keeps the written words the client got: those whose audio was sent, as the
+line's `done.text` counts them from word times, or those of the first `heard_ms` when the client
+says how much it played. A model fault is an `error` event; the pieces complete before it are
+spoken, and the next turn is answered as usual. Every wait is on the event loop: a slow model
+holds up its own reply, never another conversation's audio.
 
 Nothing here knows of engines or sockets beyond the conversation's methods and events.
 """
@@ -158,20 +159,22 @@ class AssistantLine:
                 self.current = None
 
     def _heard(self, a: Answer) -> list[HeardPiece]:
-        """What the client got of each piece of the line: the frames sent (capped at `heard_ms`),
-        out of the piece's frames when its generation ended (None when it was cut)."""
+        """What the client heard of the line, as the history takes it: the written words whose audio
+        was sent (the line's `done.text`: every word of a whole piece, of a cut piece those begun in
+        the audio sent, by their times), or, given `heard_ms`, those begun in that much audio (of a
+        cut piece, in proportion to its audio played); marked cut when the reply went on past them."""
         u = a.line
+        marker = [HeardPiece("", 0, None)]  # `heard_text` ends a reply here, cut
         if u is None:
-            return [HeardPiece("", 0, None)] if a.cut else []
-        budget = math.inf if a.heard_ms is None else round(a.heard_ms / self.conv.service.cfg.frame_ms)
-        cut_last = u.line is not None  # the last piece started was stopped mid-generation
-        heard = []
-        for i, text in enumerate(u.text.pieces):
-            sent = u.piece_frames[i] if i < len(u.piece_frames) else 0
-            frames = sent if i < len(u.piece_frames) and not (cut_last and i == len(u.piece_frames) - 1) else None
-            got = min(sent, budget)
-            budget -= got
-            heard.append(HeardPiece(text, got, frames))
-        if a.cut:  # the reply went on past what was spoken: the history marks the cut
-            heard.append(HeardPiece("", 0, None))
-        return heard
+            return marker if a.cut else []
+        sent = u.words.heard_text
+        n = len(sent)
+        if a.heard_ms is not None:
+            played_s, timed = a.heard_ms / 1000, u.words.words
+            n = sum(1 for w in timed if w.start < played_s)
+            timed_s = u.words.offset / u.words.sample_rate  # the audio of the whole pieces
+            sent_s = u.frames * self.conv.service.cfg.frame_ms / 1000
+            if n == len(timed) and sent_s > timed_s:  # into the cut piece
+                n += math.floor((len(sent) - n) * min(1.0, max(0.0, played_s - timed_s) / (sent_s - timed_s)))
+        heard = [HeardPiece(" ".join(sent[:n]), 1, 1)] if n else []
+        return heard + marker if a.cut or n < len(sent) else heard

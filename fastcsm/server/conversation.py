@@ -72,7 +72,6 @@ class Utterance:
     task: asyncio.Task | None = None
     stream: object = None  # the stream of the piece being generated
     streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
-    piece_frames: list = field(default_factory=list)  # frames generated (and sent) of each piece started
     error: str | None = None  # why it stopped, when it did not end normally
     stop: str = "interrupted"  # the `done` reason when it is stopped from outside
     line: Prompt | None = None  # text rows of the piece being generated
@@ -351,7 +350,6 @@ class Conversation:
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
         u.streams.append(u.stream)
-        u.piece_frames.append(0)
         u.line, u.codes = planned.line, []
         if len(u.streams) == 1:
             bound = planned.request.max_frames
@@ -375,7 +373,6 @@ class Conversation:
                             break
                         u.codes.append(item.codes)
                         u.frames += 1
-                        u.piece_frames[-1] += 1
                         if len(u.codes) == 1 and self.assistant is not None:
                             await self.assistant.piece_audio(u, index)
                         if item.pcm is not None:  # once handed to the socket, sent whole and counted

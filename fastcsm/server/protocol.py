@@ -141,13 +141,13 @@ first frame comes an `assistant_text` event with its words (markdown, code, emoj
 directions removed; the reply bounded at `--max-reply-chars`); after the line's `done`,
 `assistant_reply` says why it ended and what the history keeps of it. `interrupt` (optionally with
 `heard_ms`, the audio the client played), or the next user turn arriving mid-reply, closes the
-model's stream and stops the line: the history keeps the pieces heard and, of the cut piece,
-`floor(frames heard / frames * words)` words (a piece cut while generated counts the reply's own
-frames per word, else five) and a dash; the conversation's CSM context keeps the rows of the audio
-spoken, before the user's new turn. A model that cannot be reached, answers an error status, is
-silent past `--llm-timeout-s` or breaks off gives an `error` event (codes `llm_*`): the pieces
-completed before are spoken, the conversation goes on, and the next user turn is answered. `reset`
-also forgets the model's history.
+model's stream and stops the line: the model's history keeps the written words whose audio was
+sent (the line's `done.text`), or with `heard_ms` those begun in that much audio (of the cut
+piece, in proportion to its audio played), and a dash; the conversation's CSM context keeps the
+line as `done` says, before the user's new turn. A model that cannot be reached, answers an error
+status, is silent past `--llm-timeout-s` or breaks off gives an `error` event (codes `llm_*`): the
+pieces completed before are spoken, the conversation goes on, and the next user turn is answered.
+`reset` also forgets the model's history.
 """
 
 from __future__ import annotations
