@@ -94,10 +94,15 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd += ["--model", model] if model else ["--preset", args.preset]
     if args.compile:
         cmd.append("--compile")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return launch(cmd, port, args.startup_timeout)
+
+
+def launch(cmd: list[str], port: int, startup_timeout: float, **popen) -> tuple[subprocess.Popen, str]:
+    """Start the server command `cmd` (listening on `port`) and wait until it is ready."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, args.startup_timeout, proc)
+        wait_ready(url, startup_timeout, proc)
     except Exception:
         proc.kill()
         raise

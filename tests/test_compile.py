@@ -207,7 +207,8 @@ def test_readyz_says_what_start_up_is_doing():
     from fastcsm.server.settings import Settings
 
     app = create_app(Settings(model="/nonexistent"))
-    client = TestClient(app)  # outside `with`: no lifespan, so nothing loads and the server stays unready
+    # Outside `with`: no lifespan, so nothing loads and the server stays unready.
+    client = TestClient(app, base_url="http://127.0.0.1")
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json() == {"ready": False, "slots": 0, "free_slots": 0, "queued": 0,
                                                  "loading": "loading the model"}

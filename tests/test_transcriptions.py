@@ -131,7 +131,7 @@ def test_without_speech_recognition_the_routes_say_so(tmp_path):
 
     sample = {"audio_sample": ("me.wav", wav_of_silence(), "audio/wav")}
     app = create_app(Settings(device="cpu", voices_dir=str(tmp_path)))
-    http = TestClient(app)  # no lifespan: nothing loads, and nothing here needs the model
+    http = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: nothing loads, and nothing here needs the model
     r = http.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
                   files={"file": ("a.wav", wav_of_silence(), "audio/wav")})
     assert r.status_code == 400 and "--asr-model" in r.json()["error"]["message"]
@@ -146,7 +146,7 @@ def test_a_recogniser_that_fails_to_load_is_named(tmp_path):
 
     app = create_app(Settings(device="cpu", voices_dir=str(tmp_path), asr_model="someone/no-such-whisper"))
     app.state.service.load_asr()
-    r = TestClient(app).post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+    r = TestClient(app, base_url="http://127.0.0.1").post("/v1/audio/transcriptions", data={"model": "whisper-1"},
                              files={"file": ("a.wav", wav_of_silence(), "audio/wav")})
     assert r.status_code == 503 and "no-such-whisper" in r.json()["error"]["message"]
 

@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, generator=None, runner=None) ->
         try:
             yield
         finally:
+            await service.close_language_model()
             service.close()
 
     # /docs (Swagger UI) loads its script and style from fastapi-offline's copy under /docs-assets, never

@@ -38,6 +38,7 @@ from ..scheduler import End
 from ..speech import SpeakOptions
 from ..text import LinePieces
 from . import protocol as P
+from .assistant_line import AssistantLine
 from .audio_out import to_int16
 from .limits import invalid_fields, json_values, max_message_values
 from .service import ApiError, Service
@@ -94,6 +95,7 @@ class Conversation:
         self.turns: list[Prompt] = []
         self.utterances = 0
         self.current: Utterance | None = None
+        self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
         self._send_lock = asyncio.Lock()
         self.max_values = max_message_values(service.settings)
 
@@ -152,25 +154,36 @@ class Conversation:
         except WebSocketDisconnect:
             pass
         finally:
+            if self.assistant is not None:
+                await self.assistant.stop()
             await self.stop_pump()
 
     async def handle(self, command) -> None:
         if isinstance(command, P.Interrupt):
+            if self.assistant is not None:
+                await self.assistant.stop(command.heard_ms)
             await self.stop_pump()
         elif isinstance(command, P.Reset):
+            if self.assistant is not None:
+                await self.assistant.reset()
             await self.stop_pump()
             # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
             self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
             self.turns = []
         elif isinstance(command, P.Configure):
+            if self.assistant is not None:
+                await self.assistant.stop()
             await self.stop_pump()
             pinned = [await self.pin(name) for name in command.voices]
+            self.assistant = AssistantLine(self, command) if command.assistant else None
             self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
             self.configured_pins = list(pinned)
             await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
                                               pinned_rows=sum(map(len, pinned))))
         elif isinstance(command, P.AddTurn):
             await self.add_turn(command)
+            if self.assistant is not None and command.speaker == self.assistant.user_speaker:
+                await self.on_user_turn(command.text)
         elif isinstance(command, P.Speak):
             await self.speak(command)
         elif isinstance(command, P.AppendText):
@@ -208,6 +221,12 @@ class Conversation:
         if dropped:
             await self.send(P.ContextDropped(dropped_turns=dropped, dropped_rows=dropped_rows,
                                              remaining_rows=self.rows()))
+
+    async def on_user_turn(self, text: str) -> None:
+        """The user's turn `text` was just added to the conversation: in assistant mode, answer it
+        (a reply in flight is stopped first, as barge-in)."""
+        if self.assistant is not None:
+            await self.assistant.answer(text)
 
     def rows(self) -> int:
         return sum(map(len, self.pinned)) + sum(map(len, self.turns))
@@ -354,6 +373,8 @@ class Conversation:
                             break
                         u.codes.append(item.codes)
                         u.frames += 1
+                        if len(u.codes) == 1 and self.assistant is not None:
+                            await self.assistant.piece_audio(u, index)
                         if item.pcm is not None:  # once handed to the socket, sent whole and counted
                             await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
                             u.words.audio(item.pcm)

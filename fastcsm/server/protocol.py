@@ -70,7 +70,8 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
-`context_dropped`, `voice_unpinned`, `error`, `word`; between `started` and `done` come binary
+`context_dropped`, `voice_unpinned`, `error`, `word`, `assistant_text` and `assistant_reply`
+(assistant mode, below); between `started` and `done` come binary
 messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
 default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
 (as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
@@ -128,6 +129,25 @@ complete having been spoken); a line takes at most `max_line_fragments` `append_
 (default 8192): the one past it ends the line with an `error` event (code `bad_request`) and its
 `done` (reason `error`); and a line holds at most `max_line_chars` characters (default 4096): a
 fragment past it is refused with an `error` event and the line stays open, to be completed.
+
+Assistant mode (`configure {"assistant": true, "user_speaker": 0, "assistant_voice": ...}`, on a
+server started with `--llm-url` and `--llm-model`; without them, or with an unknown
+`assistant_voice`, the `configure` is an `error` event and the configuration stays): every
+`add_turn` whose `speaker` is `user_speaker` is answered. Its text goes to the language model with
+the conversation's history (`--system-prompt` first), and the reply is spoken as a streamed line,
+exactly as a client's `speak` with `more: true` and `append_text`: the first piece as soon as the
+model completed it (`started`, `first_audio`, audio, `done` as for any line). Before each piece's
+first frame comes an `assistant_text` event with its words (markdown, code, emoji and stage
+directions removed; the reply bounded at `--max-reply-chars`); after the line's `done`,
+`assistant_reply` says why it ended and what the history keeps of it. `interrupt` (optionally with
+`heard_ms`, the audio the client played), or the next user turn arriving mid-reply, closes the
+model's stream and stops the line: the model's history keeps the written words whose audio was
+sent (the line's `done.text`), or with `heard_ms` those begun in that much audio (of the cut
+piece, in proportion to its audio played), and a dash; the conversation's CSM context keeps the
+line as `done` says, before the user's new turn. A model that cannot be reached, answers an error
+status, is silent past `--llm-timeout-s` or breaks off gives an `error` event (codes `llm_*`): the
+pieces completed before are spoken, the conversation goes on, and the next user turn is answered.
+`reset` also forgets the model's history.
 """
 
 from __future__ import annotations
@@ -385,6 +405,14 @@ class Configure(_Strict):
     temperature: Temperature = TEMPERATURE.default
     topk: TopK = TOPK.default
     max_audio_length_ms: MaxAudioLength = None
+    assistant: bool = Field(False, description="answer each user turn with the server's language model (--llm-url), "
+                                               "spoken as a streamed line; refused when the server has none")
+    user_speaker: Int = Field(0, ge=0, le=MAX_SPEAKER, description="assistant mode: the speaker id of the user's "
+                                                                   "turns, the `add_turn`s that are answered")
+    assistant_voice: str | None = Field(None, max_length=64, description="assistant mode: the voice of the replies "
+                                                                        "(a registered voice, or a bare id like \"1\")")
+    assistant_speaker: Int = Field(1, ge=0, le=MAX_SPEAKER, description="assistant mode: the replies' speaker id "
+                                                                        "when `assistant_voice` is not given")
 
 
 class AddTurn(_Strict):
@@ -426,6 +454,9 @@ class AppendText(_Strict):
 
 class Interrupt(_Strict):
     type: Literal["interrupt"] = "interrupt"
+    heard_ms: Number | None = Field(None, ge=0, description="assistant mode: how much of the reply's audio the "
+                                                              "client played; the history keeps the words of that "
+                                                              "much (default: of every frame sent)")
 
 
 class Reset(_Strict):
@@ -532,16 +563,42 @@ class VoiceUnpinned(BaseModel):
     pinned_rows: int = Field(description="rows of the voices still pinned")
 
 
+class AssistantText(BaseModel):
+    """A piece of the assistant's reply, sent as its audio starts (its first frame follows)."""
+
+    type: Literal["assistant_text"] = "assistant_text"
+    utterance: int = Field(description="the reply's utterance (as in `started` and `done`)")
+    piece: int = Field(description="the piece's position in the reply, from 0")
+    text: str = Field(description="the words spoken, after the speakable filter")
+
+
+class AssistantReply(BaseModel):
+    """The assistant's reply has ended (after its line's `done`): what the history keeps of it."""
+
+    type: Literal["assistant_reply"] = "assistant_reply"
+    utterance: int | None = Field(description="the reply's utterance; None when nothing was spoken")
+    reason: Literal["stop", "length", "interrupted", "error"] = Field(
+        description="stop: the model finished; length: the reply bound (--max-reply-chars) or the model's token limit "
+                    "cut it; interrupted: barge-in (interrupt, or the next user turn); error: the model or the line "
+                    "failed (an `error` event said why)")
+    text: str = Field(description="what the model will see of this reply: the pieces heard, and of an interrupted "
+                                  "piece the words its frames cover, then a dash")
+    first_token_ms: float | None = Field(description="from the user turn to the model's first token")
+    first_piece_ms: float | None = Field(description="from the user turn to the first piece complete")
+    first_audio_ms: float | None = Field(description="from the user turn to the reply's first frame leaving the server")
+
+
 class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     message: str
     code: str = Field(description="bad_request, not_found, busy, unauthorized, timeout (a streamed line got no "
-                                  "text in time), internal")
+                                  "text in time), internal; assistant mode: llm_unreachable, llm_error (the model's "
+                                  "server answered an error status), llm_timeout, llm_stopped (the reply broke off)")
     id: str | None = None
 
 
 ServerMessage = Annotated[
     ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
-    | ErrorEvent | WordEvent,
+    | ErrorEvent | WordEvent | AssistantText | AssistantReply,
     Field(discriminator="type"),
 ]

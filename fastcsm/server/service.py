@@ -16,6 +16,7 @@ import unicodedata
 
 import torch
 
+from ..assistant.llm import LanguageModel, LLMConfig
 from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
 from ..bounds import SPEAKER
 from ..engine import Engine, Request
@@ -124,6 +125,8 @@ class Service:
         self.loading: str | None = "loading the model"  # what start-up is doing, for /readyz
         self._voices: dict[str, tuple[int, Voice]] = {}  # name -> (mtime_ns, voice)
         self._lock = threading.Lock()
+        self.llm_config = LLMConfig.from_settings(settings)  # None: no --llm-url, no assistant mode
+        self._llm: LanguageModel | None = None
         self.asr = None  # a fastcsm.listen.asr.AsrPool once `asr_model` is loaded
         self.asr_error: str | None = None
 
@@ -203,6 +206,22 @@ class Service:
             raise ApiError(400, str(e), param="language") from None
         except AsrError as e:
             raise ApiError(400, str(e), param=param) from None
+
+    def language_model(self) -> LanguageModel:
+        """The one client of --llm-url every assistant conversation shares (made on first use, on
+        the serving event loop); 400 when the server has none."""
+        if self.llm_config is None:
+            raise ApiError(400, "assistant mode needs a language model, and this server has none: start it with "
+                                "--llm-url URL --llm-model NAME (an OpenAI-compatible chat API)", param="assistant")
+        if self._llm is None:
+            self._llm = LanguageModel(self.llm_config)
+        return self._llm
+
+    async def close_language_model(self) -> None:
+        """Close the model client's connections (at shutdown)."""
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await llm.close()
 
     def need_ready(self):
         if not self.ready:
