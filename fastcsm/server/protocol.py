@@ -138,6 +138,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
 
 from ..engine import EndReason
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..listen.listener import MAX_RATE as MAX_INPUT_RATE, MIN_RATE as MIN_INPUT_RATE
 from ..normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
@@ -354,6 +355,15 @@ class Ready(BaseModel):
 
 # -- WebSocket: client -> server ------------------------------------------------------------------
 
+class InputAudio(_Strict):
+    """The user's microphone stream: binary messages of little-endian 16-bit mono PCM."""
+
+    sample_rate: Int = Field(ge=MIN_INPUT_RATE, le=MAX_INPUT_RATE, description="samples per second of the PCM")
+    language: str | None = Field(None, min_length=2, max_length=8, description="what the user speaks (ISO 639-1, "
+                                                                               "e.g. en); left out, the recogniser "
+                                                                               "decides")
+
+
 class Configure(_Strict):
     """Session settings; send before the first turn (sending it later resets the conversation)."""
 
@@ -367,6 +377,12 @@ class Configure(_Strict):
     temperature: Number = Field(0.9, ge=0.0, le=10.0)
     topk: Int = Field(50, ge=0, le=2048)
     max_audio_length_ms: Number | None = Field(None, gt=0)
+    input_audio: InputAudio | None = Field(None, description="the user's microphone audio streams in as binary "
+                                                             "messages of 16-bit mono PCM at this rate (needs the "
+                                                             "server's speech recognition, --asr-model)")
+    user_speaker: Int = Field(1, ge=0, le=MAX_SPEAKER, description="speaker id of the turns heard from input_audio")
+    barge_in: bool = Field(True, description="the user starting to speak interrupts the line being spoken, as "
+                                             "`interrupt` does")
 
 
 class AddTurn(_Strict):
@@ -374,7 +390,8 @@ class AddTurn(_Strict):
 
     type: Literal["add_turn"] = "add_turn"
     speaker: Int = Field(ge=0, le=MAX_SPEAKER)
-    text: str = Field(min_length=1)
+    text: str | None = Field(None, min_length=1, description="what was said; left out, the server's speech "
+                                                              "recognition transcribes `audio`")
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate)")
 
 
@@ -432,6 +449,7 @@ class ConfiguredEvent(BaseModel):
     voices: list[str]
     audio_format: str
     pinned_rows: int
+    input_audio: InputAudio | None = Field(None, description="the microphone stream the server now listens to")
 
 
 class TurnAdded(BaseModel):
@@ -440,6 +458,32 @@ class TurnAdded(BaseModel):
     speaker: int
     rows: int
     conversation_rows: int
+    text: str | None = Field(None, description="the turn's text when speech recognition made it")
+
+
+class UserSpeechStarted(BaseModel):
+    type: Literal["user_speech_started"] = "user_speech_started"
+    at_ms: float = Field(description="where the user's turn starts in the input audio (ms from its first sample)")
+
+
+class UserSpeechStopped(BaseModel):
+    type: Literal["user_speech_stopped"] = "user_speech_stopped"
+    at_ms: float = Field(description="where the turn ends in the input audio")
+    cut: bool = Field(False, description="the turn reached the server's max_turn_s and was cut there (the speech "
+                                         "after it starts the next turn)")
+
+
+class UserTurn(BaseModel):
+    """A turn heard from the input audio, transcribed; with text it has joined the conversation
+    (a `turn_added` came just before), with none (nothing recognised) it has not."""
+
+    type: Literal["user_turn"] = "user_turn"
+    text: str
+    speaker: int
+    audio_ms: float = Field(description="the turn's audio")
+    frames: int = Field(description="its Mimi frames (80 ms each) in the conversation")
+    cut: bool = Field(False, description="cut at max_turn_s")
+    added: bool = Field(description="the turn joined the conversation (false: no words were recognised)")
 
 
 class Started(BaseModel):
@@ -524,6 +568,6 @@ class ErrorEvent(BaseModel):
 
 ServerMessage = Annotated[
     ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
-    | ErrorEvent | WordEvent,
+    | ErrorEvent | WordEvent | UserSpeechStarted | UserSpeechStopped | UserTurn,
     Field(discriminator="type"),
 ]
