@@ -8,14 +8,14 @@ import base64
 import io
 import json
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import soundfile as sf
-from websockets.sync.client import connect
-
 from listen_audio import needs_espeak, overlap, pcm16, silence, spoken
 from server_harness import LiveServer
+from websockets.sync.client import connect
 
 pytestmark = needs_espeak
 RATE = 16_000
@@ -28,10 +28,11 @@ def server():
         yield s
 
 
+@contextmanager
 def ws_connect(server):
-    ws = connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=10, max_size=None)
-    assert json.loads(ws.recv(timeout=10))["type"] == "ready"
-    return ws
+    with connect(server.url.replace("http", "ws") + "/v1/conversations", open_timeout=10, max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+        yield ws
 
 
 def configure(ws, **fields) -> dict:

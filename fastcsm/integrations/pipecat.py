@@ -10,8 +10,13 @@ completes it (`append_text` with `more: false`), so the server starts speaking a
 sentence and carries the audio on from piece to piece. Audio comes back as `TTSAudioRawFrame`s
 of 24 kHz mono 16-bit PCM, one per 80 ms frame, as they are generated. On an interruption the
 service sends `interrupt` and keeps the socket: the spoken part of the line (cut where it
-stopped) stays in the conversation. The user's turns (`TranscriptionFrame`s that reach the
-service, or `add_user_turn(text)`) go in with `add_turn`, so the bot's next line answers them.
+stopped) stays in the conversation. The user's turns go in with `add_turn`, so the bot's next
+line answers them, in the user's own voice: the service keeps the user's audio of each turn (the
+`InputAudioRawFrame`s from just before `UserStartedSpeakingFrame` to `UserStoppedSpeakingFrame`)
+and sends it with the turn's transcript (the `TranscriptionFrame`s that reach the service, or
+`add_user_turn(text)`). A turn whose transcript never reaches the service (Pipecat's user
+aggregator keeps them) goes in as audio alone before the bot's next line, and the server's
+speech recognition (`--asr-model`) transcribes it.
 The server's `word` events become Pipecat's word timestamps (`add_word_timestamps`, as its
 Cartesia and ElevenLabs services do): each written word goes downstream as a `TTSTextFrame` whose
 `pts` is its start in the line's audio, so the assistant's context keeps the words played.
@@ -20,17 +25,25 @@ Cartesia and ElevenLabs services do): each written word goes downstream as a `TT
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+import wave
 from collections.abc import AsyncGenerator
+
+import numpy as np
 
 try:
     from pipecat.frames.frames import (
         ErrorFrame,
         Frame,
+        InputAudioRawFrame,
         StartFrame,
         TranscriptionFrame,
         TTSAudioRawFrame,
         TTSStoppedFrame,
+        UserStartedSpeakingFrame,
+        UserStoppedSpeakingFrame,
     )
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.settings import TTSSettings
@@ -42,6 +55,8 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 from ..server.urls import conversation_url  # noqa: E402
 
 SAMPLE_RATE = 24_000
+PREROLL_S = 0.5  # audio kept from before the user is said to start (VAD decides after the speech begins)
+MAX_TURN_S = 60.0  # the user's audio kept for one turn (the server's max_voice_audio_s by default)
 
 
 class FastCSMTTSService(WebsocketTTSService):
@@ -51,12 +66,14 @@ class FastCSMTTSService(WebsocketTTSService):
     voice: a registered voice, one of OpenAI's names, or a speaker id such as "0".
     api_key: the server's key, if it has one.
     user_speaker: the speaker id the user's turns go in under (default 1; the bot is its voice's).
+    user_audio: send the user's audio of each turn with it (default), so the bot hears the user.
     seed, temperature, topk, max_audio_length_ms: as in a `speak` message (per piece of a line).
     """
 
     def __init__(self, *, url: str = "ws://127.0.0.1:8000", voice: str = "0", api_key: str | None = None,
-                 user_speaker: int = 1, seed: int | None = None, temperature: float | None = None,
-                 topk: int | None = None, max_audio_length_ms: float | None = None, **kwargs):
+                 user_speaker: int = 1, user_audio: bool = True, seed: int | None = None,
+                 temperature: float | None = None, topk: int | None = None,
+                 max_audio_length_ms: float | None = None, **kwargs):
         kwargs.setdefault("settings", TTSSettings(model="csm", voice=voice, language=None))
         super().__init__(sample_rate=SAMPLE_RATE, push_start_frame=True, push_stop_frames=True,
                          push_text_frames=False, **kwargs)
@@ -73,6 +90,7 @@ class FastCSMTTSService(WebsocketTTSService):
         self._idle = asyncio.Event()  # no utterance in flight on the server
         self._idle.set()
         self._last_text = ""
+        self._hearing = _UserAudio() if user_audio else None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -135,13 +153,42 @@ class FastCSMTTSService(WebsocketTTSService):
     # -- the conversation -----------------------------------------------------------------------
 
     async def add_user_turn(self, text: str, speaker: int | None = None) -> None:
-        """The user's words join the conversation, so the bot's next line follows them."""
-        if text.strip() and self._websocket:
-            await self._send({"type": "add_turn", "speaker": self._user_speaker if speaker is None else speaker,
-                              "text": text})
+        """The user's words join the conversation (with the audio of their turn, when the service
+        heard it), so the bot's next line follows them."""
+        if not text.strip():
+            return
+        if self._hearing is not None and self._hearing.speaking:  # the turn's audio is not complete yet
+            self._hearing.texts.append(text)
+            return
+        await self._send_user_turn(text, speaker)
+
+    async def _send_user_turn(self, text: str | None, speaker: int | None = None) -> None:
+        """An `add_turn` of the user's text and the audio heard since the last one (either may be
+        missing, not both: audio alone is transcribed by the server)."""
+        audio = self._hearing.take() if self._hearing is not None else None
+        if not self._websocket or (text is None and audio is None):
+            return
+        message = {"type": "add_turn", "speaker": self._user_speaker if speaker is None else speaker}
+        if text is not None:
+            message["text"] = text
+        if audio is not None:
+            message["audio"] = audio
+        await self._send(message)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
-        if isinstance(frame, TranscriptionFrame):
+        hearing = self._hearing
+        if isinstance(frame, InputAudioRawFrame):
+            if hearing is not None:
+                hearing.add(frame.audio, frame.sample_rate, frame.num_channels)
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            if hearing is not None:
+                hearing.start()
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            if hearing is not None and hearing.speaking:
+                hearing.stop()
+                if hearing.texts:  # its transcript came while the user spoke
+                    await self._send_user_turn(" ".join(hearing.texts))
+        elif isinstance(frame, TranscriptionFrame):
             await self.add_user_turn(frame.text)
         await super().process_frame(frame, direction)
 
@@ -156,6 +203,8 @@ class FastCSMTTSService(WebsocketTTSService):
             else:
                 # One line in flight per conversation: the line before (completed) finishes first.
                 await asyncio.wait_for(self._idle.wait(), 600)
+                if self._hearing is not None and self._hearing.heard:  # a turn heard, its text not seen here
+                    await self._send_user_turn(None)
                 self._idle.clear()
                 self._open = self._playing = context_id
                 await self._send({"type": "speak", "text": text, "voice": self._voice, "id": context_id,
@@ -217,3 +266,60 @@ class FastCSMTTSService(WebsocketTTSService):
                 if ctx is not None and event.get("id") == ctx and event.get("code") != "internal":
                     await self._end_line(ctx)  # its speak was refused: no done follows
 
+
+
+class _UserAudio:
+    """The user's audio of the turns not yet sent, as 16-bit mono PCM at the transport's rate: the
+    last `PREROLL_S` before each turn starts, then everything until it stops (at most `MAX_TURN_S`
+    of it). Between turns only the pre-roll is kept."""
+
+    def __init__(self):
+        self.rate: int | None = None
+        self.preroll: list[bytes] = []
+        self.turn: list[bytes] = []  # the turns heard and not yet sent, the one in progress included
+        self.turn_bytes = 0
+        self.speaking = False
+        self.heard = False  # a finished turn waits to be sent
+        self.texts: list[str] = []  # its transcript, when it came while the user spoke
+
+    def add(self, audio: bytes, rate: int, channels: int) -> None:
+        if channels > 1:
+            x = np.frombuffer(audio[: len(audio) - len(audio) % (2 * channels)], "<i2").reshape(-1, channels)
+            audio = x.mean(axis=1).astype("<i2").tobytes()
+        if rate != self.rate:  # another stream: what was kept does not join it
+            self.rate, self.preroll, self.turn, self.turn_bytes = rate, [], [], 0
+            self.heard = False
+        if self.speaking:
+            if self.turn_bytes < MAX_TURN_S * rate * 2:
+                self.turn.append(audio)
+                self.turn_bytes += len(audio)
+            return
+        self.preroll.append(audio)
+        while len(self.preroll) > 1 and sum(map(len, self.preroll[1:])) >= PREROLL_S * rate * 2:
+            self.preroll.pop(0)
+
+    def start(self) -> None:
+        self.speaking = True
+        self.turn += self.preroll
+        self.turn_bytes += sum(map(len, self.preroll))
+        self.preroll = []
+
+    def stop(self) -> None:
+        self.speaking, self.heard = False, bool(self.turn)
+
+    def take(self) -> str | None:
+        """Base64 of a WAV of the turns heard (None if none, or while the user still speaks), which
+        are forgotten with the transcript held for them."""
+        if self.speaking:
+            return None
+        self.texts, self.heard = [], False
+        if not self.turn:
+            return None
+        pcm, self.turn, self.turn_bytes = b"".join(self.turn), [], 0
+        out = io.BytesIO()
+        with wave.open(out, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(self.rate)
+            w.writeframes(pcm)
+        return base64.b64encode(out.getvalue()).decode()
