@@ -25,13 +25,8 @@ Cartesia and ElevenLabs services do): each written word goes downstream as a `TT
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
-import wave
 from collections.abc import AsyncGenerator
-
-import numpy as np
 
 try:
     from pipecat.frames.frames import (
@@ -53,10 +48,9 @@ except ImportError as e:  # pragma: no cover - the extra is missing
                       "pip install \"fastcsm[pipecat]\"") from e
 
 from ..server.urls import conversation_url  # noqa: E402
+from .hearing import UserAudio, user_turn  # noqa: E402
 
 SAMPLE_RATE = 24_000
-PREROLL_S = 0.5  # audio kept from before the user is said to start (VAD decides after the speech begins)
-MAX_TURN_S = 60.0  # the user's audio kept for one turn (the server's max_voice_audio_s by default)
 
 
 class FastCSMTTSService(WebsocketTTSService):
@@ -90,7 +84,7 @@ class FastCSMTTSService(WebsocketTTSService):
         self._idle = asyncio.Event()  # no utterance in flight on the server
         self._idle.set()
         self._last_text = ""
-        self._hearing = _UserAudio() if user_audio else None
+        self._hearing = UserAudio() if user_audio else None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -165,15 +159,9 @@ class FastCSMTTSService(WebsocketTTSService):
     async def _send_user_turn(self, text: str | None, speaker: int | None = None) -> None:
         """An `add_turn` of the user's text and the audio heard since the last one (either may be
         missing, not both: audio alone is transcribed by the server)."""
-        audio = self._hearing.take() if self._hearing is not None else None
-        if not self._websocket or (text is None and audio is None):
-            return
-        message = {"type": "add_turn", "speaker": self._user_speaker if speaker is None else speaker}
-        if text is not None:
-            message["text"] = text
-        if audio is not None:
-            message["audio"] = audio
-        await self._send(message)
+        message = user_turn(self._user_speaker if speaker is None else speaker, text, self._hearing)
+        if self._websocket and message is not None:
+            await self._send(message)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         hearing = self._hearing
@@ -267,59 +255,3 @@ class FastCSMTTSService(WebsocketTTSService):
                     await self._end_line(ctx)  # its speak was refused: no done follows
 
 
-
-class _UserAudio:
-    """The user's audio of the turns not yet sent, as 16-bit mono PCM at the transport's rate: the
-    last `PREROLL_S` before each turn starts, then everything until it stops (at most `MAX_TURN_S`
-    of it). Between turns only the pre-roll is kept."""
-
-    def __init__(self):
-        self.rate: int | None = None
-        self.preroll: list[bytes] = []
-        self.turn: list[bytes] = []  # the turns heard and not yet sent, the one in progress included
-        self.turn_bytes = 0
-        self.speaking = False
-        self.heard = False  # a finished turn waits to be sent
-        self.texts: list[str] = []  # its transcript, when it came while the user spoke
-
-    def add(self, audio: bytes, rate: int, channels: int) -> None:
-        if channels > 1:
-            x = np.frombuffer(audio[: len(audio) - len(audio) % (2 * channels)], "<i2").reshape(-1, channels)
-            audio = x.mean(axis=1).astype("<i2").tobytes()
-        if rate != self.rate:  # another stream: what was kept does not join it
-            self.rate, self.preroll, self.turn, self.turn_bytes = rate, [], [], 0
-            self.heard = False
-        if self.speaking:
-            if self.turn_bytes < MAX_TURN_S * rate * 2:
-                self.turn.append(audio)
-                self.turn_bytes += len(audio)
-            return
-        self.preroll.append(audio)
-        while len(self.preroll) > 1 and sum(map(len, self.preroll[1:])) >= PREROLL_S * rate * 2:
-            self.preroll.pop(0)
-
-    def start(self) -> None:
-        self.speaking = True
-        self.turn += self.preroll
-        self.turn_bytes += sum(map(len, self.preroll))
-        self.preroll = []
-
-    def stop(self) -> None:
-        self.speaking, self.heard = False, bool(self.turn)
-
-    def take(self) -> str | None:
-        """Base64 of a WAV of the turns heard (None if none, or while the user still speaks), which
-        are forgotten with the transcript held for them."""
-        if self.speaking:
-            return None
-        self.texts, self.heard = [], False
-        if not self.turn:
-            return None
-        pcm, self.turn, self.turn_bytes = b"".join(self.turn), [], 0
-        out = io.BytesIO()
-        with wave.open(out, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(self.rate)
-            w.writeframes(pcm)
-        return base64.b64encode(out.getvalue()).decode()
