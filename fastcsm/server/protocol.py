@@ -49,7 +49,8 @@ something speakable (a letter, digit or symbol) and no control characters.
 
 WebSocket `/v1/conversations`
 ----------------------------
-Text messages are JSON objects with a `type`; binary messages are audio. After the server's
+Text messages are JSON objects with a `type`; binary messages are audio (the server's speech,
+the client's microphone: see Listening below). After the server's
 `ready`, the client sends `ClientMessage`s:
 
     configure   pin voices at the head of the conversation, pick the PCM format and defaults
@@ -70,7 +71,8 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
-`context_dropped`, `voice_unpinned`, `error`, `word`; between `started` and `done` come binary
+`context_dropped`, `voice_unpinned`, `error`, `word`, `user_speech_started`, `user_speech_stopped`,
+`user_turn`; between `started` and `done` come binary
 messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
 default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
 (as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
@@ -120,6 +122,24 @@ Counting frames: `started.first_piece_max_frames` is the frame bound of the firs
 count the whole line, every one of its `done.pieces`: a line of three sentences may send three
 times the first piece's bound. Each piece's bound is `max_audio_length_ms` lowered to what its
 text can plausibly take (3 s + 150 ms a character), in 80 ms frames.
+
+Listening: with `"input_audio": {"sample_rate": 16000}` in `configure` (any rate from 8 to 48 kHz;
+optionally `"language"`) the client streams the user's microphone as binary messages of
+little-endian 16-bit mono PCM at that rate, in chunks of 20-100 ms as it records (the server
+needs speech recognition, `--asr-model`: without it the `configure` is an `error` event). The
+server finds the user's turns with Silero VAD (`--turn-silence-ms` of silence ends one,
+`--max-turn-s` cuts one) and sends `user_speech_started {at_ms}`, then `user_speech_stopped {at_ms,
+cut}`, then, once the turn is transcribed, `turn_added` (with its `text`) and `user_turn {text,
+speaker, audio_ms, frames, cut, added}`: the turn (its Mimi codes, encoded while the user spoke,
+and its transcript) has joined the conversation as `user_speaker` (default 1), exactly as an
+`add_turn` with that audio and text would, so the next line hears the user's voice. A turn in
+which nothing was recognised is reported (`added: false`) and not added. With `barge_in` (on by
+default) the user starting to speak interrupts the line in flight exactly as `interrupt` does.
+Audio before such a `configure`, a rate outside 8-48 kHz, an odd byte count, a chunk over 5 s,
+audio more than 2 s ahead of real time, or more than 4 turns waiting for their transcript are
+each an `error` event; the chunk is dropped and the session goes on. `reset` and `configure` drop
+the turn being heard and those being transcribed. `add_turn` with `audio` and no `text` is
+transcribed (an `error` event without speech recognition); its `turn_added.text` says what was heard.
 
 A streamed line is bounded (the server's settings; `fastcsm serve --help` lists them): a line
 that gets no text for `line_idle_timeout_s` seconds (default 30; empty fragments bring no text)
