@@ -16,7 +16,7 @@ import soundfile as sf
 pytest.importorskip("livekit.agents", reason="LiveKit Agents is not installed: pip install \"fastcsm[livekit]\"")
 lk_openai = pytest.importorskip("livekit.plugins.openai",
                                 reason="livekit-plugins-openai is not installed: pip install \"fastcsm[livekit]\"")
-from server_harness import LiveServer, spoken_whole  # noqa: E402
+from server_harness import LiveServer, recorded_turns, spoken_whole  # noqa: E402
 
 from fastcsm.integrations.livekit import TTS  # noqa: E402
 
@@ -144,23 +144,9 @@ def test_the_user_turn_goes_in_with_the_users_audio(server, monkeypatch):
     from livekit.agents import AgentSession
     from livekit.agents.voice.events import UserInputTranscribedEvent, UserStateChangedEvent
 
-    from fastcsm.server.conversation import Conversation
-
     if needs_espeak.args[0]:
         pytest.skip(needs_espeak.kwargs["reason"])
-    turns, added = [], []
-    add_turn, append_turn = Conversation.add_turn, Conversation.append_turn
-
-    async def recording_add_turn(self, m):
-        turns.append(m)
-        return await add_turn(self, m)
-
-    async def recording_append_turn(self, turn, speaker, text=None):
-        added.append((speaker, len(turn)))
-        return await append_turn(self, turn, speaker, text)
-
-    monkeypatch.setattr(Conversation, "add_turn", recording_add_turn)
-    monkeypatch.setattr(Conversation, "append_turn", recording_append_turn)
+    turns, added = recorded_turns(monkeypatch)
     said = "thank you very much"
     wav = pcm16(np.concatenate([silence(1.0, 48_000), spoken(said, 48_000)]))
     chunk = 480 * 2  # 10 ms at 48 kHz, as LiveKit's frames come
@@ -196,4 +182,4 @@ def test_the_user_turn_goes_in_with_the_users_audio(server, monkeypatch):
     assert rate == 48_000
     # From half a second (the pre-roll) before the user was said to start, 0.1 s into the speech.
     assert len(audio) / rate == pytest.approx(0.5 - 0.1 + len(spoken(said, 48_000)) / 48_000, abs=0.03)
-    assert added[0][0] == 1 and added[0][1] > 20  # the turn's rows hold its audio frames
+    assert added[0][0] == 1 and added[0][2] > 20  # the turn's rows hold its audio frames

@@ -26,7 +26,7 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.services.openai.tts import OpenAITTSService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
-from server_harness import LiveServer, spoken_whole  # noqa: E402
+from server_harness import LiveServer, recorded_turns, spoken_whole  # noqa: E402
 
 from fastcsm.integrations.pipecat import FastCSMTTSService  # noqa: E402
 
@@ -140,23 +140,9 @@ def test_the_user_turn_goes_in_with_the_users_audio(monkeypatch):
     from listen_audio import needs_espeak, overlap, pcm16, silence, spoken
     from pipecat.frames.frames import InputAudioRawFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame
 
-    from fastcsm.server.conversation import Conversation
-
     if needs_espeak.args[0]:
         pytest.skip(needs_espeak.kwargs["reason"])
-    turns, added = [], []
-    add_turn, append_turn = Conversation.add_turn, Conversation.append_turn
-
-    async def recording_add_turn(self, m):
-        turns.append(m)
-        return await add_turn(self, m)
-
-    async def recording_append_turn(self, turn, speaker, text=None):
-        added.append((speaker, text, len(turn)))
-        return await append_turn(self, turn, speaker, text)
-
-    monkeypatch.setattr(Conversation, "add_turn", recording_add_turn)
-    monkeypatch.setattr(Conversation, "append_turn", recording_append_turn)
+    turns, added = recorded_turns(monkeypatch)
 
     def user_says(text: str) -> list:
         chunk = 320  # 20 ms at 16 kHz, as transports send
