@@ -1,8 +1,8 @@
 """Mimi speed on this machine: whole-file encode/decode real-time factors and streaming frame latency.
 
 Real Mimi shapes (32 codebooks) with random weights, fp32. Prints a few human lines, then one JSON
-line. Real-time factor = compute time / audio time (below 1 is faster than real time); "x_realtime"
-is its inverse. Streaming latency is the wall time of one 80 ms frame step for all slots, measured
+line. Real-time factor ("rtf") = compute time / audio time, as everywhere in fastcsm (below 1 is
+faster than real time). Streaming latency is the wall time of one 80 ms frame step for all slots, measured
 after warm-up. At batch 1 a step is bound by reading the decoder's weights once: the JSON gives
 those bytes and the bandwidth achieved, to compare with the machine's memory bandwidth. The peer
 is transformers' `MimiModel` with the same weights, in the same run (whole sequences only: it
@@ -152,9 +152,7 @@ def main() -> None:
         "num_codebooks": config.num_codebooks,
         "audio_seconds": seconds,
         "encode_rtf": round(encode_s / seconds, 4),
-        "encode_x_realtime": round(seconds / encode_s, 1),
         "decode_rtf": round(decode_s / seconds, 4),
-        "decode_x_realtime": round(seconds / decode_s, 1),
         "streaming": streaming,
         "decode_gflop_per_frame": round(flops / 1e9, 3),
         "streaming_batch1_gflops": round(flops / 1e9 / batch1, 1) if batch1 else None,

@@ -17,6 +17,15 @@
 # Results go to $OUT (default /tmp/gpu_check): env.txt, tests.log, bench_graphs.json,
 # profile.json, bench_quant_kernels.json, tests_more.log, bench_compiled.json, and gpu_check.log
 # with everything printed.
+#
+#     benchmarks/gpu_check.sh compile
+# is a second device call of its own (under 9.5 minutes), for the compiled step: csm-1b with Mimi
+# in the step and 256 slots (buckets 1 ... 256, one compile for all of them), the variant default
+# requests run. First starts of bf16 and int8 side by side into empty compile caches (their
+# compiles share the CPU cores; each start is timed), then a start of each from its cache, which
+# times compiled+captured against captured frames at batches 1, 64, 256 (benchmarks/bench_compile.py).
+# Results: compile_first_{bf16,int8}.json, compile_cache_{bf16,int8}.json (cold vs warm start:
+# first_start.warmup_s against start_from_cache.warmup_s; frames: start_from_cache.ms_per_frame).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -44,6 +53,24 @@ else
     echo "no .device-wheels: run benchmarks/device_wheels.sh here and carry .device-wheels"
 fi
 python3 -c 'import fastcsm.bench, fastcsm.server.app, soundfile, soxr; print("imports ok")'
+
+if [ "${1:-}" = compile ]; then
+    caches=$(mktemp -d)
+    bc=(python3 benchmarks/bench_compile.py --device cuda --slots 256 --default-path-only)
+    step "compiled: first starts, bf16 and int8 side by side, empty caches"
+    timeout 330 "${bc[@]}" --quantize none --only first --cache "$caches/bf16" | tail -1 >"$out/compile_first_bf16.json" &
+    timeout 330 "${bc[@]}" --quantize int8 --only first --cache "$caches/int8" | tail -1 >"$out/compile_first_int8.json" &
+    wait
+    cat "$out"/compile_first_*.json
+    for mode in bf16 int8; do
+        step "compiled: $mode from its cache, then compiled+captured vs captured at batches 1, 64, 256"
+        timeout 110 "${bc[@]}" --quantize "$([ $mode = bf16 ] && echo none || echo int8)" --only second \
+            --cache "$caches/$mode" --batches 1,64,256 --rounds 2 --frames 20 | tail -1 \
+            | tee "$out/compile_cache_$mode.json"
+    done
+    step "done"
+    exit 0
+fi
 
 step "tests: CUDA graphs and the Triton 8-bit kernel"
 timeout 150 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 \

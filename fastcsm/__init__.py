@@ -1,7 +1,20 @@
-"""fastcsm: fast, streaming inference and serving for Sesame's CSM speech model."""
+"""fastcsm: fast, streaming inference and serving for Sesame's CSM speech model.
 
-from .generator import Generator, load_csm_1b
-from .prompt import Segment
+`Generator`, `Segment` and `load_csm_1b` load torch when first used, not on `import fastcsm`:
+the `fastcsm` command sets OpenMP's wait policy before torch starts (see threads.py).
+"""
 
 __version__ = "0.1.0"
 __all__ = ["Generator", "Segment", "load_csm_1b"]
+
+
+def __getattr__(name: str):
+    if name in ("Generator", "load_csm_1b"):
+        from . import generator
+
+        return getattr(generator, name)
+    if name == "Segment":
+        from .prompt import Segment
+
+        return Segment
+    raise AttributeError(f"module 'fastcsm' has no attribute {name!r}")

@@ -373,15 +373,24 @@ def load_weights(model: CSM, files: CheckpointFiles, device: torch.device, dtype
     model.load_state_dict(loaded, assign=True, strict=True)
 
 
+def unavailable_device(device) -> str | None:
+    """Why `device` cannot run here, in words for any caller (None: it can)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "PyTorch sees no CUDA GPU"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available"
+    return None
+
+
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA if present with bf16, else CPU with fp32. Refuses what the device cannot run."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for, but it is not available; use device='cpu'")
+    reason = unavailable_device(device)
+    if reason:
+        raise ValueError(f"device {device.type!r} was asked for, but {reason}; use device='cpu'")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):

@@ -1,8 +1,11 @@
-"""The `fastcsm` command: `speak` a line to a WAV file, manage `voices`.
+"""The `fastcsm` command: `speak` a line to an audio file (or stdout), manage `voices`, and more.
 
 Each subcommand is one `add_<name>(subparsers)` function that declares its arguments and sets
 `func` to the function that runs it; `COMMANDS` lists them, so a new subcommand (`serve`,
-`bench`) is one more function appended there.
+`bench`) is one more function appended there. Options that `fastcsm serve` also has (model,
+device, threads, voices folder...) come from its settings table (server/settings.py): the same
+flag, `FASTCSM_*` variable, help and checks in every command. Old spellings (`--max-ms`,
+`--force`, `quantize --mode`) still parse, hidden from `--help`.
 
 Errors a user can cause end in one line on stderr and an exit code, never a traceback (the
 codes are in errors.py). Set FASTCSM_DEBUG=1 to see tracebacks for every error.
@@ -19,36 +22,57 @@ import sys
 import time
 from pathlib import Path
 
+from . import threads
 from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
 from .normalize import DEFAULT_LANGUAGE
 
-DEFAULT_MODEL = "sesame/csm-1b"
 log = logging.getLogger("fastcsm")
+RTF_MEANING = "generation time / audio duration; below 1 is faster than real time"
 
 
 # -- shared arguments ---------------------------------------------------------------------------
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=os.environ.get("FASTCSM_MODEL", DEFAULT_MODEL), metavar="PATH_OR_ID",
-                   help="a checkpoint directory or hub repo id (default: $FASTCSM_MODEL or %(default)s). "
-                        "sesame/csm-1b is gated: accept its terms on huggingface.co and run "
-                        "`huggingface-cli login`, or point this at a downloaded directory")
-    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or its directory) if the checkpoint has none")
-    g.add_argument("--codec", metavar="PATH_OR_ID",
-                   help="a Mimi checkpoint (e.g. kyutai/mimi) for checkpoints that carry no codec")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="weights precision (default: bf16 on cuda, fp32 on cpu)")
-    g.add_argument("--quantize", choices=["none", "int8", "fp8"],
-                   help="8-bit linears, quantized while loading: int8 (any device), fp8 (GPUs of compute "
-                        "capability 8.9+); --dtype is then the embeddings' and activations' precision "
-                        "(default: the checkpoint's own, full precision unless written by `fastcsm quantize`)")
+MODEL_SETTINGS = ("model", "tokenizer", "codec", "device", "dtype", "quantize", "threads")
 
 
-def _add_voices_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--voices-dir", metavar="DIR",
-                   help="where named voices live (default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices)")
+def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Flags of `fastcsm serve`'s settings table; `main` fills them in from the environment."""
+    from .server.settings import add_arguments
+
+    add_arguments(p, names=names)
+    p.set_defaults(settings=tuple(names) + tuple(p.get_default("settings") or ()))
+
+
+def _table_default(name: str):
+    from .server.settings import Settings
+
+    return Settings.__dataclass_fields__[name].default
+
+
+def _alias(p, old: str, dest: str, **kwargs) -> None:
+    """An older spelling of an option: still accepted, hidden from --help."""
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
+def _resolve_settings(args) -> None:
+    """Fill the table's options of this command from their variables and defaults, checked; then
+    refuse a device this machine lacks (before anything slow) and set torch's threads."""
+    names = getattr(args, "settings", None)
+    if not names:
+        return
+    from .server.cli import check_device
+    from .server.settings import values_from_args
+
+    try:
+        values = values_from_args(args, names)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    for name, value in values.items():
+        setattr(args, name, value)
+    if "device" in values:
+        check_device(args.device)
+    if "threads" in values:
+        threads.apply(args.threads)  # a model of unknown size; refined once one is loaded
 
 
 def _voice_store(args):
@@ -57,39 +81,16 @@ def _voice_store(args):
     return VoiceStore(args.voices_dir)
 
 
-def _load_generator(args):
-    from .checkpoints import CheckpointError
-    from .generator import load_generator
-
-    try:
-        return load_generator(args.model, args.device, args.dtype, args.tokenizer, args.codec, args.quantize)
-    except CheckpointError as e:
-        raise CliError(str(e), EXIT_MODEL) from e
-
-
-def _load_watermarker(args):
-    from .checkpoints import resolve_device_dtype
-    from .watermark import Watermarker, WatermarkUnavailable
-
-    try:
-        device = resolve_device_dtype(args.device)[0]
-    except ValueError as e:
-        raise CliError(f"could not load the model {args.model!r}: {e}", EXIT_MODEL) from e
-    try:
-        return Watermarker.load(device)
-    except WatermarkUnavailable as e:
-        raise CliError(str(e), EXIT_MODEL) from e
-
-
 # -- speak --------------------------------------------------------------------------------------
 
 SPEAK_EPILOG = """\
 examples:
-  fastcsm speak "Hello from fastcsm." -o hello.wav
+  fastcsm speak "Hello from fastcsm." -o hello.wav       (also .mp3, .ogg, .opus, .aac, .flac)
   fastcsm speak "Same voice as before." --voice alice -o line.wav
   fastcsm speak "Cloned from a sample." --voice-audio ref.wav --voice-text "What ref.wav says." -o out.wav
   fastcsm speak "Nice to meet you." --context conversation.json --speaker 1 -o reply.wav
   echo "Read from stdin." | fastcsm speak - --stream -o out.wav
+  fastcsm speak "Straight to the speakers." -o - | aplay      (or: -o - --format mp3 | ffplay -)
 
 A conversation file (--context) is a JSON list of turns, oldest first; audio paths are relative
 to the file:
@@ -97,30 +98,39 @@ to the file:
    {"speaker": 1, "text": "Fine, thanks."}]
 """
 
+# -o's extension -> the encoder (server/audio_out.py's names; .ogg holds Opus)
+EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".aac": "aac",
+              ".pcm": "pcm", ".raw": "pcm"}
+FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
+
 
 def add_speak(sub) -> None:
     p = sub.add_parser("speak", help="speak a line of text into an audio file",
-                       description="Speak TEXT with CSM and write 24 kHz audio (WAV or FLAC).",
+                       description="Speak TEXT with CSM and write 24 kHz mono audio to a file or to stdout.",
                        epilog=SPEAK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", metavar="TEXT", help="the words to speak ('-' reads them from stdin)")
     p.add_argument("-o", "--output", default="out.wav", metavar="FILE",
-                   help="where to write the audio, .wav or .flac (default: %(default)s)")
+                   help="where to write the audio; its extension picks the format: "
+                        f"{', '.join(EXTENSIONS)}; '-' writes to stdout (default: %(default)s)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="the audio format, whatever the file's name (default: from -o's extension; wav for '-')")
     g = p.add_argument_group("voice and conversation")
     g.add_argument("--voice", metavar="NAME_OR_FILE", help="a saved voice (see `fastcsm voices`) or voice file")
     g.add_argument("--voice-audio", metavar="FILE", help="clone the voice of this recording (needs --voice-text)")
     g.add_argument("--voice-text", metavar="TEXT", help="what is said in --voice-audio")
     g.add_argument("--speaker", type=int, metavar="ID", help="speaker id of the line (default: the voice's, else 0)")
     g.add_argument("--context", metavar="JSON", help="earlier turns of the conversation (see below)")
-    _add_voices_dir(g)
     g = p.add_argument_group("sampling and length")
     g.add_argument("--seed", type=int, metavar="N", help="random seed, for a reproducible take")
     g.add_argument("--temperature", type=float, default=0.9, metavar="T",
                    help="sampling temperature; 0 is greedy (default: %(default)s)")
     g.add_argument("--topk", type=int, default=50, metavar="K",
                    help="sample from the k likeliest codes; 0 is all (default: %(default)s)")
-    g.add_argument("--max-ms", type=float, default=90_000, metavar="MS",
-                   help="longest audio for each generated piece, in ms (default: %(default)g); a bound derived "
-                        "from the text's length applies as well")
+    g.add_argument("--max-audio-length-ms", type=float, metavar="MS",
+                   help="longest audio for each generated piece, in ms (default: "
+                        f"{_table_default('max_audio_length_ms')}); a bound derived from the text's length applies "
+                        "as well [FASTCSM_MAX_AUDIO_LENGTH_MS]")
+    _alias(g, "--max-ms", "max_audio_length_ms", type=float)
     g.add_argument("--max-piece-chars", type=int, default=200, metavar="N",
                    help="split longer text at sentence and clause boundaries, pieces of at most N characters "
                         "(default: %(default)s; 0 never splits)")
@@ -138,15 +148,12 @@ def add_speak(sub) -> None:
     g.add_argument("--captions", metavar="FILE",
                    help="also write the time of each word as captions, .srt or .vtt")
     g.add_argument("--stream", action="store_true",
-                   help="write the file as audio arrives and report the time to first audio")
+                   help="write the file as audio arrives and report the time to first audio (always so with -o -)")
     g.add_argument("--chunk-ms", type=int, default=320, metavar="MS",
-                   help="with --stream, audio after the first frame is written in chunks of this length "
+                   help="with --stream or -o -, audio after the first frame is written in chunks of this length "
                         "(default: %(default)s)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--watermark", action="store_true",
-                   help="mark the audio with Sesame's SilentCipher watermark, as its reference generator does "
-                        "(off by default; needs pip install \"fastcsm[watermark]\")")
-    _add_model_args(p)
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    _add_settings(p, MODEL_SETTINGS + ("watermark", "voices_dir"))
     p.set_defaults(func=run_speak)
 
 
@@ -162,13 +169,21 @@ def _check_speak_args(args) -> None:
     from .context import ContextTooLong, check_fits
 
     cfg = preset("csm-1b")  # before loading: every CSM checkpoint has 80 ms frames and a 2048-row window
-    if not math.isfinite(args.max_ms) or args.max_ms < cfg.frame_ms:
-        raise CliError(f"--max-ms {args.max_ms:g} is too short: one audio frame takes {cfg.frame_ms} ms")
+    if args.max_audio_length_ms is None:  # the server's bound, from its variable or its default
+        from .server.settings import values_from_args
+
+        try:
+            args.max_audio_length_ms = values_from_args(args, ("max_audio_length_ms",))["max_audio_length_ms"]
+        except ValueError as e:
+            raise CliError(str(e)) from e
+    max_ms = args.max_audio_length_ms
+    if not math.isfinite(max_ms) or max_ms < cfg.frame_ms:
+        raise CliError(f"--max-audio-length-ms {max_ms:g} is too short: one audio frame takes {cfg.frame_ms} ms")
     try:  # audio alone, before any text: the loaded model's window checks the whole prompt
-        check_fits(0, int(args.max_ms // cfg.frame_ms), cfg.max_seq_len, cfg.frame_ms, "even an empty prompt",
-                   "lower --max-ms")
+        check_fits(0, int(max_ms // cfg.frame_ms), cfg.max_seq_len, cfg.frame_ms, "even an empty prompt",
+                   "lower --max-audio-length-ms")
     except ContextTooLong as e:
-        raise CliError(f"--max-ms {args.max_ms:g} cannot be honoured: {e}") from e
+        raise CliError(f"--max-audio-length-ms {max_ms:g} cannot be honoured: {e}") from e
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise CliError(f"--temperature must be a number >= 0, got {args.temperature:g}")
     if args.captions and Path(args.captions).suffix.lower() not in (".srt", ".vtt"):
@@ -185,13 +200,25 @@ def _check_speak_args(args) -> None:
         raise CliError("--voice-audio and --voice-text go together: the recording and what it says")
     if args.voice and args.voice_audio:
         raise CliError("give either --voice or --voice-audio/--voice-text, not both")
-    from .audio import WRITE_FORMATS
+    args.format = _output_format(args.output, args.format)
+    if args.output != "-":
+        parent = Path(args.output).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise CliError(f"cannot write {args.output!r}: the directory {parent} does not exist")
 
-    if Path(args.output).suffix.lower() not in WRITE_FORMATS:
-        raise CliError(f"cannot write {args.output!r}: the output must end in one of {sorted(WRITE_FORMATS)}")
-    parent = Path(args.output).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise CliError(f"cannot write {args.output!r}: the directory {parent} does not exist")
+
+def _output_format(output: str, given: str | None) -> str:
+    """The encoder's name: --format, else -o's extension (wav for stdout); refused if this build lacks it."""
+    from .server.audio_out import available_formats
+
+    fmt = given or ("wav" if output == "-" else EXTENSIONS.get(Path(output).suffix.lower()))
+    if fmt is None:
+        raise CliError(f"cannot tell the format of {output!r} from its extension: end it in one of "
+                       f"{', '.join(EXTENSIONS)}, or pass --format")
+    if fmt not in available_formats():
+        raise CliError(f"writing {fmt} needs FFmpeg's encoders through PyAV: pip install \"fastcsm[server]\" "
+                       f"(this build writes {', '.join(available_formats())})")
+    return fmt
 
 
 def _load_voice_arg(args):
@@ -275,34 +302,92 @@ def _clone_voice(gen, audio, args):
         raise CliError(f"--voice-audio: {e}") from e
 
 
-class _AudioWriter:
-    """Appends float chunks to a 16-bit WAV/FLAC file (soundfile fixes the header on close)."""
+class _FileWriter:
+    """Appends float chunks to a 16-bit WAV/FLAC file (soundfile writes the sizes on close)."""
 
-    def __init__(self, path: str, sample_rate: int):
+    def __init__(self, path: Path, fmt: str, sample_rate: int):
         import soundfile as sf
 
-        from .audio import WRITE_FORMATS
-
-        fmt, subtype = WRITE_FORMATS[Path(path).suffix.lower()]
         try:
-            self.file = sf.SoundFile(path, "w", samplerate=sample_rate, channels=1, format=fmt, subtype=subtype)
+            self.file = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1, format=fmt.upper(),
+                                     subtype="PCM_16")
         except (RuntimeError, OSError) as e:
             raise CliError(f"cannot write {path}: {e}") from e
-        self.samples = 0
 
-    def write(self, chunk) -> None:
-        x = chunk.clamp(-1, 1).numpy()
+    def write(self, x) -> None:
         self.file.write(x)
-        self.samples += x.shape[0]
 
     def close(self) -> None:
         self.file.close()
+
+
+class _EncodedWriter:
+    """Encodes float chunks with the server's streaming encoders into a file or stdout, flushed
+    chunk by chunk so that a player downstream starts at once."""
+
+    def __init__(self, out, fmt: str, sample_rate: int):
+        from .server.audio_out import encoder
+
+        self.out, self.encoder = out, encoder(fmt, sample_rate)
+        self._send(self.encoder.start())
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self.out.write(data)
+            self.out.flush()
+
+    def write(self, x) -> None:
+        self._send(self.encoder.write(x))
+
+    def close(self) -> None:
+        self._send(self.encoder.finish())
+
+
+class _Output:
+    """Where `speak` puts its audio: a file (written beside it, then renamed, unless streaming) or
+    stdout. Counts the samples written."""
+
+    def __init__(self, args, sample_rate: int):
+        self.samples, self.file = 0, None
+        if args.output == "-":
+            self.path = self.tmp = None
+            self.writer = _EncodedWriter(sys.stdout.buffer, args.format, sample_rate)
+            return
+        self.path = Path(args.output).expanduser()
+        self.tmp = self.path if args.stream else self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        if args.format in ("wav", "flac"):  # a finished file carries its length in its header
+            self.writer = _FileWriter(self.tmp, args.format, sample_rate)
+            return
+        try:
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            raise CliError(f"cannot write {self.tmp}: {e.strerror or e}") from e
+        self.writer = _EncodedWriter(self.file, args.format, sample_rate)
+
+    def write(self, chunk) -> None:
+        x = chunk.clamp(-1, 1).numpy()
+        self.writer.write(x)
+        self.samples += x.shape[0]
+
+    def close(self, ok: bool = True) -> None:
+        try:
+            self.writer.close()
+        finally:
+            if self.file is not None:
+                self.file.close()
+        if self.tmp is None:
+            return
+        if not ok:
+            self.tmp.unlink(missing_ok=True)
+        elif self.tmp != self.path:
+            os.replace(self.tmp, self.path)
 
 
 def run_speak(args) -> int:
     from .context import ContextTooLong
     from .lexicon import LexiconError, load_lexicon
     from .normalize import check_language
+    from .server.cli import load_generator_for
     from .speech import SpeakOptions
 
     text = _read_text(args)
@@ -318,83 +403,134 @@ def run_speak(args) -> int:
     voice = _load_voice_arg(args)
     context = _context_segments(_read_context(args.context)) if args.context else []
     voice_audio = _read_voice_audio(args) if args.voice_audio else None
+    info = sys.stderr if args.output == "-" else sys.stdout  # stdout then carries the audio alone
     t_load = time.perf_counter()
-    watermarker = _load_watermarker(args) if args.watermark else None
-    gen = _load_generator(args)
-    gen.watermarker = watermarker
+    gen = load_generator_for(args)
     load_s = time.perf_counter() - t_load
     if voice_audio is not None:
         voice = _clone_voice(gen, voice_audio, args)
-    # Without --stream the file is written at the end; chunks of 2 s only drive the progress bar.
-    chunk_frames = max(1, args.chunk_ms // gen.cfg.frame_ms) if args.stream else 25
+    streaming = args.stream or args.output == "-"
+    # Written at the end unless streaming; chunks of 2 s then only drive the progress.
+    chunk_frames = max(1, args.chunk_ms // gen.cfg.frame_ms) if streaming else 25
 
     t0 = time.perf_counter()
     try:
-        options = SpeakOptions(max_audio_length_ms=args.max_ms, temperature=args.temperature, topk=args.topk,
-                               max_piece_chars=args.max_piece_chars or None, normalize=args.normalize,
-                               language=args.language, lexicon=lexicon)
+        options = SpeakOptions(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature,
+                               topk=args.topk, max_piece_chars=args.max_piece_chars or None,
+                               normalize=args.normalize, language=args.language, lexicon=lexicon)
         stream = gen.stream(text, args.speaker, context, voice=voice, seed=args.seed, options=options,
                             chunk_frames=chunk_frames)
     except (ContextTooLong, ValueError, TypeError) as e:
         raise CliError(str(e)) from e
 
-    out = Path(args.output).expanduser()
-    tmp = out if args.stream else out.with_name(f".{out.name}.{os.getpid()}.partial{out.suffix}")
-    writer = _AudioWriter(str(tmp), stream.sample_rate)
+    out = _Output(args, stream.sample_rate)
+    progress = None if args.quiet else Progress(stream, len(text.strip()), gen.cfg.frame_ms / 1000, t0)
     first_ms = None
-    bar = _progress(args.quiet, stream.num_pieces)
+    finished = False
     try:
         with stream:
             for chunk in stream:
                 if first_ms is None:
                     first_ms = (time.perf_counter() - t0) * 1000
-                    if args.stream:
-                        print(f"time to first audio: {first_ms:.0f} ms", flush=True)
-                writer.write(chunk)
-                if bar is not None:
-                    bar.update(stream.frames - bar.n)
-                    bar.set_postfix_str(f"piece {len(stream.pieces)}/{stream.num_pieces}", refresh=False)
+                    if streaming:
+                        print(f"time to first audio: {first_ms:.0f} ms", file=info, flush=True)
+                out.write(chunk)
+                if progress is not None:
+                    progress.update(out.samples / stream.sample_rate)
+        finished = True
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        out.close(ok=False)
         raise
     finally:
-        if bar is not None:
-            bar.close()
-    writer.close()
-    if tmp != out:
-        os.replace(tmp, out)
+        if progress is not None:
+            progress.close(out.samples / stream.sample_rate, finished)
+    out.close()
     if args.captions:
-        _write_captions(Path(args.captions).expanduser(), stream.words)
+        _write_captions(Path(args.captions).expanduser(), stream.words, info)
     total_s = time.perf_counter() - t0
-    audio_s = writer.samples / stream.sample_rate
-    if writer.samples == 0:
-        print(f"warning: the model ended at once and produced no audio; {out} is empty", file=sys.stderr)
-    speed = f", {audio_s / total_s:.2f}x real time" if total_s > 0 else ""
-    print(f"wrote {out}: {audio_s:.2f} s of audio ({stream.frames} frames, {len(stream.pieces)} piece(s)) "
-          f"in {total_s:.2f} s{speed}; model loaded in {load_s:.1f} s")
+    audio_s = out.samples / stream.sample_rate
+    where = out.path or "stdout"
+    if out.samples == 0:
+        print(f"warning: the model ended at once and produced no audio; {where} is empty", file=sys.stderr)
+    rtf = f", real-time factor {total_s / audio_s:.2f} ({RTF_MEANING})" if audio_s > 0 else ""
+    print(f"wrote {where}: {audio_s:.2f} s of audio ({stream.frames} frames, {len(stream.pieces)} piece(s)) "
+          f"in {total_s:.2f} s{rtf}; model loaded in {load_s:.1f} s", file=info)
     return EXIT_OK
 
 
-def _write_captions(path: Path, words) -> None:
+def _write_captions(path: Path, words, info) -> None:
     from .timestamps import CAPTION_FORMATS
 
     try:
         path.write_text(CAPTION_FORMATS[path.suffix.lower()](words), encoding="utf-8")
     except OSError as e:
         raise CliError(f"cannot write the captions {path}: {e}") from e
-    print(f"wrote {path}: {len(words)} words")
+    print(f"wrote {path}: {len(words)} words", file=info)
 
 
-def _progress(quiet: bool, pieces: int):
-    """A frame counter on stderr for long generations (shown after 2 s, only on a terminal)."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(unit="frame", desc="speaking", delay=2.0, file=sys.stderr, leave=False)
+class Progress:
+    """How far a long `speak` is, on stderr: on a terminal one line rewritten in place (from 2 s
+    on): pieces done of the total, seconds of audio, the real-time factor and the time left;
+    otherwise (a log, a pipe) one line as each piece ends.
+
+    The time left is the audio still to come times the real-time factor so far; the audio still
+    to come is the text not yet spoken at the pace (seconds a character) of the pieces done, or
+    at `PRIOR_S_PER_CHAR` before any is."""
+
+    PRIOR_S_PER_CHAR = 0.07  # CSM speaks about 60-100 ms a character
+    DELAY_S, EVERY_S = 2.0, 0.25
+
+    def __init__(self, stream, text_chars: int, frame_s: float, t0: float, out=None, terminal: bool | None = None):
+        self.stream, self.chars, self.frame_s, self.t0 = stream, max(1, text_chars), frame_s, t0
+        self.out = out or sys.stderr
+        self.terminal = self.out.isatty() if terminal is None else terminal
+        self.logged = 0  # pieces already reported (not on a terminal)
+        self.shown_at = 0.0
+        self.width = 0
+
+    def _state(self, audio_s: float, over: bool) -> dict:
+        pieces = self.stream.pieces
+        ended = [p for p in pieces if over or p.ended or p.frames >= p.max_frames or p is not pieces[-1]]
+        done_chars = sum(len(p.text) for p in ended)
+        done_audio = sum(p.frames for p in ended) * self.frame_s
+        pace = done_audio / done_chars if done_chars and done_audio else self.PRIOR_S_PER_CHAR
+        expected = max(audio_s, done_audio + pace * max(0, self.chars - done_chars))
+        elapsed = time.perf_counter() - self.t0
+        rtf = elapsed / audio_s if audio_s > 0 else None
+        left = (expected - audio_s) * rtf if rtf is not None and not over else None
+        return {"done": len(ended), "total": self.stream.num_pieces, "audio_s": audio_s, "elapsed": elapsed,
+                "rtf": rtf, "left": left}
+
+    @staticmethod
+    def _line(s: dict) -> str:
+        rtf = f"real-time factor {s['rtf']:.2f}" if s["rtf"] is not None else "real-time factor -"
+        left = f", about {s['left']:.0f} s left" if s["left"] is not None else ""
+        return f"{s['audio_s']:.1f} s of audio in {s['elapsed']:.1f} s, {rtf}{left}"
+
+    def update(self, audio_s: float, over: bool = False) -> None:
+        s = self._state(audio_s, over)
+        if not self.terminal:  # a line per piece that ended since the last call
+            for i in range(self.logged, s["done"]):
+                print(f"fastcsm: piece {i + 1}/{s['total']} done ({self.stream.pieces[i].frames * self.frame_s:.1f}"
+                      f" s of audio); so far {self._line(s)}", file=self.out, flush=True)
+            self.logged = max(self.logged, s["done"])
+            return
+        if not over and (s["elapsed"] < self.DELAY_S or s["elapsed"] - self.shown_at < self.EVERY_S):
+            return
+        self.shown_at = s["elapsed"]
+        line = f"speaking: piece {s['done']}/{s['total']} done, {self._line(s)}"
+        self.out.write("\r" + line.ljust(self.width))
+        self.out.flush()
+        self.width = len(line)
+
+    def close(self, audio_s: float, finished: bool) -> None:
+        """Report the pieces not yet reported once all are `finished` (not on a terminal), or clear the line."""
+        if not self.terminal:
+            if finished:
+                self.update(audio_s, over=True)
+        elif self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.out.flush()
 
 
 # -- voices -------------------------------------------------------------------------------------
@@ -423,22 +559,19 @@ def add_voices(sub) -> None:
                    help="speech recognition for a recording without --text: a faster-whisper model (small, a hub "
                         "repo or a directory, from the cache) or pocketsphinx [FASTCSM_ASR_MODEL]")
     a.add_argument("--speaker", type=int, default=0, metavar="ID", help="speaker id (default: %(default)s)")
-    a.add_argument("--force", action="store_true", help="replace a voice of the same name")
-    _add_voices_dir(a)
-    g = a.add_argument_group("codec")
-    g.add_argument("--model", default=os.environ.get("FASTCSM_MODEL", DEFAULT_MODEL), metavar="PATH_OR_ID",
-                   help="the CSM checkpoint whose codec encodes the audio (default: %(default)s)")
-    g.add_argument("--codec", metavar="PATH_OR_ID", help="a Mimi checkpoint to use instead of the model's")
-    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    a.add_argument("--overwrite", action="store_true", help="replace a voice of the same name")
+    _alias(a, "--force", "overwrite", action="store_true")
+    # The codec that encodes the recording: --codec, else the model checkpoint's own.
+    _add_settings(a, ("model", "codec", "device", "threads", "voices_dir"))
     a.set_defaults(func=run_voices_add)
 
     ls = vsub.add_parser("list", help="list saved voices")
-    _add_voices_dir(ls)
+    _add_settings(ls, ("voices_dir",))
     ls.set_defaults(func=run_voices_list)
 
     rm = vsub.add_parser("remove", help="delete a saved voice")
     rm.add_argument("name")
-    _add_voices_dir(rm)
+    _add_settings(rm, ("voices_dir",))
     rm.set_defaults(func=run_voices_remove)
 
 
@@ -463,8 +596,8 @@ def run_voices_add(args) -> int:
     store = _voice_store(args)
     try:
         check_new_name(args.name)
-        if args.name in store and not args.force:
-            raise VoiceError(f"a voice named {args.name!r} already exists; pass --force to replace it")
+        if args.name in store and not args.overwrite:
+            raise VoiceError(f"a voice named {args.name!r} already exists; pass --overwrite to replace it")
         if args.speaker < 0:
             raise VoiceError(f"--speaker must be a non-negative integer, got {args.speaker}")
         if args.text is not None and not args.text.strip():
@@ -482,7 +615,7 @@ def run_voices_add(args) -> int:
     codec = _load_codec_only(args)
     try:
         voice = Voice.from_audio(codec, audio, args.text, args.speaker, source=str(args.audio), **meta)
-        path = store.add(voice, args.name, overwrite=args.force)
+        path = store.add(voice, args.name, overwrite=args.overwrite)
     except (VoiceError, AudioError, ValueError) as e:
         raise CliError(str(e)) from e
     print(f"saved voice {args.name!r} ({voice.duration_ms() / 1000:.1f} s, speaker {voice.speaker}) to {path}")
@@ -561,12 +694,16 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure frame time, time to first audio and the peer on random weights",
                        description=bench.__doc__.split("\n\n")[0])
     bench.add_arguments(p)
-    p.set_defaults(func=run_bench)
+    p.set_defaults(func=run_bench, settings=bench.SETTINGS)
 
 
 def run_bench(args) -> int:
     from . import bench
 
+    try:
+        bench.check_plot_available(args.plot)
+    except ValueError as e:
+        raise CliError(str(e)) from e
     bench.run(args)
     return EXIT_OK
 
@@ -579,26 +716,63 @@ def add_quantize(sub) -> None:
                                    "a quarter of the fp32 bytes.")
     p.add_argument("input", metavar="IN", help="checkpoint directory or hub repo id")
     p.add_argument("output", metavar="OUT", help="new (or empty) directory to write")
-    p.add_argument("--mode", default="int8", help="int8 (default) or fp8")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default="int8",
+                   help="8-bit format of the linears: int8 (any device) or fp8 (GPUs of compute capability 8.9+) "
+                        "(default: %(default)s)")
+    _alias(p, "--mode", "quantize", choices=("int8", "fp8"))
+    _add_settings(p, ("threads",))
     p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args) -> int:
     from .checkpoints import CheckpointError, write_quantized
 
-    if args.mode not in ("int8", "fp8"):
-        raise CliError(f"--mode must be int8 or fp8, got {args.mode!r}")
     t = time.perf_counter()
     try:
-        out = write_quantized(args.input, args.output, args.mode)
+        out = write_quantized(args.input, args.output, args.quantize)
     except (CheckpointError, OSError) as e:
         raise CliError(f"could not quantize {args.input!r}: {e}", EXIT_MODEL) from e
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    print(f"wrote {out} ({size / 1e9:.2f} GB, {args.mode}) in {time.perf_counter() - t:.1f} s")
+    print(f"wrote {out} ({size / 1e9:.2f} GB, {args.quantize}) in {time.perf_counter() - t:.1f} s")
     return EXIT_OK
 
 
-COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize]
+def add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile the step for every batch bucket into the compile cache, ahead of "
+                                       "`fastcsm serve --compile`",
+                       description="Build what `fastcsm serve --compile` with the same model flags and --slots "
+                                   "would compile at start-up (the frame step, once for every batch bucket, and "
+                                   "prefill), and keep it in the compile cache, e.g. while building an image or "
+                                   "in an init container. Servers and Ray replicas given the same cache "
+                                   "directory then load it instead of compiling.")
+    _add_settings(p, MODEL_SETTINGS + ("compile_cache", "slots"))
+    p.set_defaults(func=run_compile)
+
+
+def run_compile(args) -> int:
+    from .checkpoints import CheckpointError
+    from .generator import load_generator
+    from .server.service import start_engine
+    from .server.settings import settings_from_args
+
+    try:
+        s = settings_from_args(args, compile=True)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    try:
+        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+    threads.apply(s.threads, generator.cfg.param_count())
+    log.setLevel(logging.INFO)  # the progress lines
+    t = time.perf_counter()
+    engine = start_engine(generator, s)
+    print(f"compiled the step for batches {', '.join(map(str, engine.buckets))} on {engine.device} in "
+          f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry}")
+    return EXIT_OK
+
+
+COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize, add_compile]
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
@@ -617,6 +791,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.quiet_pool()  # before torch loads (building the parser may load it)
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("FASTCSM_DEBUG"))
     # The library's warnings (context dropped, a piece that never ended) as one line each.
@@ -624,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
     log.addHandler(handler)
     try:
+        _resolve_settings(args)
         return args.func(args) or EXIT_OK
     except CliError as e:
         if debug:

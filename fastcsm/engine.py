@@ -219,8 +219,10 @@ class Engine:
     quantize: "int8" or "fp8" runs a quantized copy of a full-precision `model` (see quant.py);
       a model loaded with `quantize=` is already quantized (`self.quantization` says which).
     runner: how the step and prefill run (`runner.Runner`); by default one built from
-      compile (wrap the step in `torch.compile`) and cuda_graphs (capture one graph per batch
-      bucket and sampling path; default: on when the model is on CUDA).
+      compile (wrap the step and prefill in `torch.compile`, batch dynamic: one compile for every
+      bucket), compile_cache (the directory that keeps what inductor compiled, see
+      `compile_cache`; default ~/.cache/fastcsm/compile) and cuda_graphs (capture one graph per
+      batch bucket and sampling path; default: on when the model is on CUDA).
     """
 
     def __init__(
@@ -237,10 +239,11 @@ class Engine:
         one_frame_late: bool | None = None,
         quantize: str | None = None,
         runner: Runner | None = None,
+        compile_cache: str | None = None,
     ):
         if codec is not None and not isinstance(codec, Codec):
             raise TypeError(f"codec must be a fastcsm.codec.Codec (wrap a Mimi as Codec(mimi)), got {type(codec)}")
-        if runner is not None and (compile or cuda_graphs):
+        if runner is not None and (compile or cuda_graphs or compile_cache):
             raise ValueError("give compile / cuda_graphs to the Runner you pass, not to the Engine")
         mode = quant.check_mode(quantize, model.device)
         if mode is not None and quant.mode_of(model) != mode:
@@ -257,8 +260,10 @@ class Engine:
         self.sample_candidates = sample_candidates
         on_cuda = self.device.type == "cuda"
         self.one_frame_late = on_cuda if one_frame_late is None else one_frame_late
-        self.runner = runner or Runner(compile=compile, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs)
+        self.runner = runner or Runner(compile=compile, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
+                                       cache_dir=compile_cache)
         self.buffers = Buffers.allocate(model, max_slots, self.max_seq_len, codec.mimi if codec else None)
+        self.runner.bind(self.buffers)
         # Pinned host copies of the newest frame (and its audio), read a step late on CUDA.
         self._host_codes = torch.zeros(max_slots, self.cfg.num_codebooks, dtype=torch.long, pin_memory=on_cuda)
         self._host_pcm = torch.zeros(max_slots, codec.frame_size, pin_memory=on_cuda) if codec else None
@@ -375,14 +380,15 @@ class Engine:
         top = max((row.slot for row in self._slots if row is not None and row.ready), default=-1)
         return next(b for b in self.buckets if b > top)
 
-    def warmup(self) -> float:
+    def warmup(self, progress=None) -> float:
         """Build every variant of the step before traffic arrives (compile it, capture its CUDA
         graph) for each batch bucket and every sampling path (a compiled runner runs them as 2 variants
-        a bucket, `Runner.variant`), so that no request waits for that later. Streams already running
-        are not advanced. Returns the seconds it took."""
+        a bucket, `Runner.variant`, from 2 compiled graphs each for all buckets), so that no request
+        waits for that later. Streams already running are not advanced. `progress` hears of each
+        build before it starts (`runner.Progress`). Returns the seconds it took."""
         t = time.perf_counter()
         paths = SamplingPath.every(self.sample_candidates)
-        self.runner.warmup(self.buffers, [(b, p) for b in self.buckets for p in paths])
+        self.runner.warmup(self.buffers, [(b, p) for b in self.buckets for p in paths], progress)
         return time.perf_counter() - t
 
     def _sampling_path(self, running: list[_Row]) -> SamplingPath:

@@ -22,7 +22,11 @@ Voices live in one directory that every replica reads and writes (`voices_dir`: 
 machines a shared volume); the voice store writes atomically, so the guarantees of one server
 hold across replicas. A WebSocket conversation stays on the replica that accepted it. Each
 response carries `X-Fastcsm-Replica` (the replica's id), so a client or a test can see where
-it landed. Each replica also exports its active streams and queue depth as Ray metrics
+it landed. With `compile=true` every replica keeps its compiled step in one directory
+(`compile_cache`, default ~/.cache/fastcsm/compile of the calling machine, resolved there; on
+several machines a shared volume): a replica started after the cache is filled (by the first
+replica, or ahead of time by `fastcsm compile`) loads instead of compiling. Each replica also
+exports its active streams and queue depth as Ray metrics
 (`ray_fastcsm_active_streams`, `ray_fastcsm_queue_depth`, tagged by replica) on every node's
 metrics port, which a Prometheus scraping the Ray cluster sees for the whole fleet.
 """
@@ -132,6 +136,10 @@ def parse_args(args: dict[str, Any] | None = None, environ=None) -> tuple[Settin
     settings = Settings.from_env(environ, **typed)  # checked as `fastcsm serve` checks them
     if settings.voices_dir:
         settings.voices_dir = os.path.abspath(os.path.expanduser(settings.voices_dir))
+    if settings.compile:  # one cache that every replica loads and fills: the first start compiles, later ones load
+        from .compile_cache import default_dir
+
+        settings.compile_cache = os.path.abspath(os.path.expanduser(settings.compile_cache or default_dir()))
     if os.path.isdir(os.path.expanduser(settings.model)):
         settings.model = os.path.abspath(os.path.expanduser(settings.model))
 

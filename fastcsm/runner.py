@@ -4,41 +4,57 @@ The engine owns the buffers (`step.Buffers`) and decides what to run; a `Runner`
 
     runner.prefill(buffers, slot, tokens, mask, start) -> h   prompt rows into one slot's cache row
     runner.step(buffers, batch, path)                         one frame for rows 0..batch-1
-    runner.warmup(buffers, variants)                          build those (batch, path) steps now
+    runner.warmup(buffers, variants, progress)                build those (batch, path) steps now
 
 A step variant is (batch bucket, `sampling.SamplingPath`). With CUDA graphs each variant is
 captured once (`capture`: after two warm-up runs on a side stream) and replayed; compiled or
-eager, it is called. A compiled runner runs every path as the path with every filter for its
-`candidates` (the same picks): each compile takes minutes for csm-1b, so a bucket compiles 2
-variants, not 9, and inductor fuses most of what the lean paths leave out anyway. Building a
-variant must not advance any stream, so every per-slot tensor is saved and restored around it
-(`preserved`). The functions run are arguments: a test gives a scripted step or a failing
-prefill instead of patching the engine. A runner serves one engine (its graphs hold that
+eager, it is called.
+
+Compiled, one graph serves every bucket: the batch is a dynamic dimension (`mark_batch`; batch
+1 gets a graph of its own, which dynamo specialises anyway, and a branch on the batch size in
+the step splits the rest: for csm-1b 2-16 and 17 up), so a warm-up over all buckets compiles 2
+or 3 graphs a sampling variant however many buckets there are, and on CUDA each bucket's graph
+is captured from that compiled code. Prefill compiles the same
+way with its rows as the dynamic dimension. A compiled runner runs every sampling path as the
+path with every filter for its `candidates` (the same picks): 2 variants, not 9. What inductor
+builds is kept on disk (`compile_cache`), so a later start loads it instead of compiling.
+
+Building a variant must not advance any stream, so every per-slot tensor is saved and restored
+around it (`preserved`). The functions run are arguments: a test gives a scripted step or a
+failing prefill instead of patching the engine. A runner serves one engine (its graphs hold that
 engine's buffers).
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 
+from . import compile_cache
 from .nested import leaves
 from .sampling import SamplingPath
 from .step import Buffers, engine_step, prefill
 
+log = logging.getLogger("fastcsm")
 
-def enable_compile_cache() -> Path:
-    """Keep compiled kernels on disk (`$FASTCSM_CACHE/inductor`, default ~/.cache/fastcsm), so a
-    restart loads them instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR wins."""
-    root = Path(os.environ.get("FASTCSM_CACHE", "~/.cache/fastcsm")).expanduser() / "inductor"
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))
-    torch._inductor.config.fx_graph_cache = True
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a warm-up stands, for a console line or a readiness probe."""
+
+    done: int  # variants built so far
+    total: int  # variants to build
+    what: str  # the one being built: "step batch 8 top-64", "prefill rows 2+"
+    elapsed_s: float  # since the warm-up began
+
+    def __str__(self) -> str:
+        return f"building {self.what} ({self.done + 1}/{self.total}, {self.elapsed_s:.0f} s so far)"
 
 
 def capture(fn, pool=None) -> torch.cuda.CUDAGraph:
@@ -67,40 +83,77 @@ def preserved(*states):
             t.copy_(copy)
 
 
+def mark_batch(args: tuple) -> None:
+    """Mark the batch dimension of every per-row tensor of `engine_step`'s args dynamic, so that
+    one compiled graph serves every bucket above 1. The KV caches [L, B, ...] have it second;
+    every other per-row tensor first. Where the step's code branches on the batch size, dynamo
+    keeps one graph per side of it (the sampler's whole-frame noise, up to B x K x 2048 = 2^20:
+    csm-1b's batches 2-16 and 17 up)."""
+    _, _, state, cache, decoder_cache, tables, codec_state, pcm, _ = args
+    if state.h.shape[0] < 2:
+        return
+    for t, dim in [(cache.kv, 1), (decoder_cache.kv, 1), *((t, 0) for t in leaves((state, tables, codec_state, pcm)))]:
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def describe(path: SamplingPath) -> str:
+    """A sampling variant in a few words, for progress lines."""
+    if not path.sampled:
+        return "greedy"
+    return "full sort" if path.candidates is None else f"top-{path.candidates}"
+
+
 class Runner:
     """step: the frame step, called as `engine_step` is; prefill: as `step.prefill`.
-    compile: False, True (inductor) or a `torch.compile` backend name, for the step.
-    cuda_graphs: capture one graph per variant (CUDA only)."""
+    compile: False, True (inductor) or a `torch.compile` backend (a name or a callable), for the
+      step and prefill. cache_dir: where inductor's output is kept (`compile_cache`; default
+      `compile_cache.default_dir()`). cuda_graphs: capture one graph per variant (CUDA only)."""
 
-    def __init__(self, step=engine_step, prefill=prefill, compile: bool | str = False, cuda_graphs: bool = False):
-        if compile:
-            backend = "inductor" if compile is True else compile
-            if backend == "inductor":
-                enable_compile_cache()
-            # Each variant is one compiled graph of the same function, more than dynamo's default
-            # recompile limit (8) for a few buckets (2 each); past the limit fullgraph=True fails.
+    def __init__(self, step=engine_step, prefill=prefill, compile: bool | str | Callable = False,
+                 cuda_graphs: bool = False, cache_dir: str | Path | None = None):
+        self.backend = ("inductor" if compile is True else compile) or None
+        if self.backend is not None:
+            # Two graphs a sampling variant plus prefill's, and a test or a second engine may compile
+            # more in one process: past dynamo's recompile limit (8) fullgraph=True fails.
             for name in ("recompile_limit", "accumulated_recompile_limit"):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
-            step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+            step = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend)
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=False, backend=self.backend)
         self._step, self._prefill = step, prefill
-        self.compiled = bool(compile)
+        self.compiled = self.backend is not None
         self.cuda_graphs = cuda_graphs
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else compile_cache.default_dir()
+        self.cache_entry: Path | None = None  # the compile cache's entry in use (inductor only)
         self.built: set[tuple[int, SamplingPath]] = set()  # variants compiled / captured / run so far
         self._graphs: dict[tuple[int, SamplingPath], torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool for every graph: only one runs at a time
         self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
+        self._prefill_built = False  # compiled: both prefill graphs were built by a warm-up
 
-    def _bind(self, bufs: Buffers) -> None:
+    def bind(self, bufs: Buffers) -> None:
+        """Serve the engine of `bufs` (and only it); compiled with inductor, open its compile cache entry."""
         if self._buffers is None:
             self._buffers = bufs
+            if self.backend == "inductor":  # the model's shapes are known now: open their cache entry
+                key = compile_cache.cache_key(bufs.model, bufs.mimi, bufs.cache.length)
+                self.cache_entry = compile_cache.open_entry(self.cache_dir, key)
         elif bufs is not self._buffers:
             raise ValueError("this Runner already serves another engine; give each engine its own")
 
     def prefill(self, bufs: Buffers, slot: int, tokens: torch.Tensor, mask: torch.Tensor,
                 start: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """`window`: the prompt's rows end below it (attention reads no further; prefill is eager)."""
+        """`window`: the prompt's rows end below it (attention reads no further). Compiled, the
+        rows are a dynamic dimension and attention reads the whole cache (static shapes)."""
+        self.bind(bufs)
+        cache = bufs.cache.rows(slot, slot + 1)
+        if self.compiled:
+            if tokens.shape[1] >= 2:
+                for t in (tokens, mask):
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+        else:
+            cache = cache.within(window)
         with torch.inference_mode():
-            return self._prefill(bufs.model, tokens, mask, start, bufs.cache.rows(slot, slot + 1).within(window))
+            return self._prefill(bufs.model, tokens, mask, start, cache)
 
     def variant(self, batch: int, path: SamplingPath) -> tuple[int, SamplingPath]:
         """The variant that runs `path` at `batch`: itself, or when compiled the path with every
@@ -112,7 +165,7 @@ class Runner:
     def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
         many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
-        self._bind(bufs)
+        self.bind(bufs)
         key = self.variant(batch, path)
         batch, path = key
         if self.cuda_graphs:
@@ -121,26 +174,57 @@ class Runner:
             self._graphs[key].replay()
             return
         with torch.inference_mode():
-            self._step(*bufs.step_args(batch, path, None if self.compiled else window))
+            self._run_step(bufs.step_args(batch, path, None if self.compiled else window))
         self.built.add(key)
 
-    def warmup(self, bufs: Buffers, variants) -> None:
-        """Build every variant not built yet, without advancing any stream."""
-        for key in dict.fromkeys(self.variant(*v) for v in variants):
-            if key not in self.built:
-                self._build(bufs, *key)
+    def _run_step(self, args: tuple) -> None:
+        if self.compiled:
+            mark_batch(args)
+        self._step(*args)
+
+    def warmup(self, bufs: Buffers, variants, progress: Callable[[Progress], None] | None = None) -> None:
+        """Build every variant not built yet (and, compiled, both prefill graphs), without advancing
+        any stream. `progress` hears of each build before it starts."""
+        self.bind(bufs)
+        todo = [("step", k) for k in dict.fromkeys(self.variant(*v) for v in variants) if k not in self.built]
+        if self.compiled and not self._prefill_built:
+            todo += [("prefill", rows) for rows in (1, 2)]
+        start = time.perf_counter()
+        for done, (kind, what) in enumerate(todo):
+            words = (f"step batch {what[0]} {describe(what[1])}" if kind == "step"
+                     else f"prefill rows {what}{'+' if what > 1 else ''}")
+            report = Progress(done, len(todo), words, time.perf_counter() - start)
+            log.info("fastcsm: %s", report)
+            if progress is not None:
+                progress(report)
+            if kind == "step":
+                self._build(bufs, *what)
+            else:
+                self._build_prefill(bufs, what)
+        self._prefill_built = self._prefill_built or self.compiled
 
     def _build(self, bufs: Buffers, batch: int, path: SamplingPath) -> None:
-        self._bind(bufs)
+        self.bind(bufs)
         args = bufs.step_args(batch, path)
         with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
             if self.cuda_graphs:
                 self._graphs[(batch, path)] = self._capture(args)
             else:
-                self._step(*args)
+                self._run_step(args)
         self.built.add((batch, path))
 
+    def _build_prefill(self, bufs: Buffers, rows: int) -> None:
+        """Compile prefill for `rows` prompt rows (1, or 2 for every longer chunk): a dummy prompt
+        into the last slot's final positions, which are put back afterwards."""
+        cache, slot = bufs.cache, bufs.cache.batch - 1
+        start = cache.length - rows
+        K = bufs.model.cfg.num_codebooks
+        tokens = torch.zeros(1, rows, K + 1, dtype=torch.long, device=cache.kv.device)
+        mask = torch.ones(1, rows, K + 1, dtype=torch.bool, device=cache.kv.device)
+        with preserved(cache.kv[:, slot, :, start:]):
+            self.prefill(bufs, slot, tokens, mask, torch.full((1,), start, device=cache.kv.device))
+
     def _capture(self, args: tuple) -> torch.cuda.CUDAGraph:
-        graph = capture(lambda: self._step(*args), self._pool)
+        graph = capture(lambda: self._run_step(args), self._pool)
         self._pool = self._pool or graph.pool()
         return graph

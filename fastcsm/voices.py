@@ -5,7 +5,7 @@ before the line to speak. A `Voice` keeps that segment already encoded (codes [f
 the transcript), so cloning never re-encodes audio. On disk a voice is one small safetensors
 file (about 2 KB a second of audio): the codes as a tensor, the rest as string metadata.
 
-Named voices live in a directory: `$FASTCSM_VOICES` if set, else `~/.cache/fastcsm/voices`.
+Named voices live in a directory: `$FASTCSM_VOICES_DIR` if set, else `~/.cache/fastcsm/voices`.
 Names are plain words (letters, digits, `.`, `_`, `-`), so a name can never reach outside it,
 and a new voice's name is never digits alone (those are speaker ids).
 `load_voice` accepts a name or the path of a voice file.
@@ -24,7 +24,7 @@ import torch
 
 from .prompt import Segment, check_speaker, check_text
 
-VOICE_DIR_ENV = "FASTCSM_VOICES"
+VOICE_DIR_ENV = "FASTCSM_VOICES_DIR"  # as `--voices-dir`; FASTCSM_VOICES, its older name, is read too
 SUFFIX = ".safetensors"
 FORMAT = "fastcsm-voice"
 VERSION = 1
@@ -200,8 +200,8 @@ def check_new_name(name: str) -> str:
 
 
 def voice_dir() -> Path:
-    """Where named voices live: `$FASTCSM_VOICES`, else `~/.cache/fastcsm/voices`."""
-    env = os.environ.get(VOICE_DIR_ENV)
+    """Where named voices live: `$FASTCSM_VOICES_DIR` (or `$FASTCSM_VOICES`), else `~/.cache/fastcsm/voices`."""
+    env = os.environ.get(VOICE_DIR_ENV) or os.environ.get("FASTCSM_VOICES")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fastcsm" / "voices"
 
 

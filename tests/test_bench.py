@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import pytest
 
@@ -27,8 +28,17 @@ def test_bench_reports_json(capsys):
     pytest.importorskip("transformers")
     result = bench.main(["--preset", "tiny", "--batch", "1,2", "--steps", "2", "--voice-seconds", "1",
                          "--peer-frames", "2", "--threads", "1", "--quantize", "none,int8", "--accuracy-frames", "3"])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    printed = json.loads(out[-1])
     assert printed == json.loads(json.dumps(result))
+    table = "\n".join(out[:-1])
+    assert "real-time factor = generation time / audio duration" in table
+    for mode in ("none", "int8"):
+        for batch in (1, 2):
+            ms = printed["modes"][mode]["batches"][str(batch)]["ms_per_step"]
+            assert re.search(rf"^{mode}\s+{batch}\s+{ms:.2f}\s", table, re.M), table
+    assert re.search(r"fastcsm is [\d.]+x (faster|slower) \(none\)", table)
+    assert "Warning" not in table and "[transformers]" not in table
 
     def numbers(d):
         for v in d.values():
@@ -59,11 +69,13 @@ def test_bench_reports_json(capsys):
             assert agrees(r["frames_per_s"], 1, lambda m, n=batch: 1000 * n / m, (ms, 3))
             assert agrees(r["gbps"], 3, lambda m, w=weights: w / (m / 1000) / 1e9, (ms, 3))
             assert agrees(r["fraction_of_floor"], 3, lambda f, m: f / m, (floor_ms, 3), (ms, 3))
+            assert agrees(r["real_time_factor"], 3, lambda m: m / frame_ms, (ms, 3))
             if abs(ms - frame_ms) > 5e-4:  # (decided on the unrounded time)
                 assert r["realtime_streams"] == (batch if ms <= frame_ms else 0)
             assert {"startup_s", "first_step_ms"} <= set(r)
         ms1 = mode["batches"]["1"]["ms_per_step"]
-        assert agrees(mode["realtime_factor_batch1"], 2, lambda m: frame_ms / m, (ms1, 12))  # from the printed figure
+        # generation time / audio duration, from the printed figure
+        assert agrees(mode["real_time_factor_batch1"], 3, lambda m: m / frame_ms, (ms1, 12))
         assert mode["realtime_streams_sustained"] == max(
             [int(b) for b, r in mode["batches"].items() if r["ms_per_step"] <= frame_ms], default=0)
         ttfa = mode["ttfa_ms"]
@@ -94,13 +106,24 @@ def test_weight_bytes_of_csm_1b_match_design():
     assert 0.5 * gb < int8 < 0.52 * gb
 
 
-def test_fastcsm_bench_command(capsys):
+def test_fastcsm_bench_command(tmp_path, capsys):
+    """`fastcsm bench` with --plot: the table, the JSON last, and a PNG of the sweep."""
+    pytest.importorskip("matplotlib")
     from fastcsm.cli import main
 
-    assert main(["bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--voice-seconds", "0.5",
-                 "--no-peer", "--threads", "1"]) == 0
+    plot = tmp_path / "bench.png"
+    assert main(["bench", "--preset", "tiny", "--batch", "1,2", "--steps", "1", "--voice-seconds", "0.5",
+                 "--no-peer", "--threads", "1", "--plot", str(plot)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(printed["modes"]) == {"none"} and set(printed["modes"]["none"]["batches"]) == {"1"}
+    assert set(printed["modes"]) == {"none"} and set(printed["modes"]["none"]["batches"]) == {"1", "2"}
+    assert printed["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "--plot", str(tmp_path / "bench.jpg")]) == 2
+    assert "--plot writes a PNG image" in capsys.readouterr().err
+
+
+def test_ratios_are_worded_as_faster_or_slower():
+    assert bench.ratio_words(2.53) == "2.5x faster" and bench.ratio_words(0.2) == "5.0x slower"
+    assert bench.ratio_words(1.0) == "1.0x faster"
 
 
 @pytest.fixture

@@ -302,8 +302,10 @@ def test_prequantized_hf_checkpoint_keeps_its_codec(tiny_csm_dir, tmp_path):
 def test_cli_quantize_flags(sesame_root, tmp_path, capsys):
     from fastcsm.cli import main
 
-    assert main(["quantize", str(sesame_root), str(tmp_path / "x"), "--mode", "int4"]) == 2
-    assert "int4" in capsys.readouterr().err
+    for flag in ("--quantize", "--mode"):  # --mode: the older spelling
+        with pytest.raises(SystemExit) as exc:
+            main(["quantize", str(sesame_root), str(tmp_path / "x"), flag, "int4"])
+        assert exc.value.code == 2 and "int4" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 3
 
 

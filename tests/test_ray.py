@@ -330,3 +330,15 @@ def test_killing_a_replica_closes_its_conversations_ends_its_streams_and_ray_rep
         seen |= {r.headers[REPLICA_HEADER] for r in spread(cluster, 6, replicas=2) if r.status_code == 200}
     assert seen == set(now)
     client.close()
+
+
+def test_replicas_share_one_compile_cache(tmp_path, monkeypatch):
+    """The driver resolves the compile cache, so every replica (and node, given a shared volume)
+    loads and fills the same one."""
+    monkeypatch.delenv("FASTCSM_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    settings, _ = parse_args({"model": "/m", "compile": "true"}, environ={})
+    assert settings.compile_cache == str(tmp_path / "fastcsm" / "compile")
+    settings, _ = parse_args({"model": "/m", "compile": True, "compile_cache": "~/shared/compile"}, environ={})
+    assert settings.compile_cache == os.path.expanduser("~/shared/compile")
+    assert parse_args({"model": "/m"}, environ={})[0].compile_cache is None

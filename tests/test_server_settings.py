@@ -122,7 +122,7 @@ def test_settings_check_types_given_in_code():
 def test_refusals_and_load_failures_end_in_one_line(capsys):
     assert main(["serve", "--slots", "0"]) == 2
     assert capsys.readouterr().err == "fastcsm: error: slots must be at least 1 (--slots, FASTCSM_SLOTS), got 0\n"
-    assert main(["serve", "--model", "/no/such/checkpoint"]) == 3
+    assert main(["serve", "--model", "/no/such/checkpoint", "--port", "0"]) == 3
     assert "could not load the model" in capsys.readouterr().err
 
 

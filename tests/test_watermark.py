@@ -156,7 +156,8 @@ def test_fastcsm_serve_watermark_flag_and_missing_package(monkeypatch, capsys):
     assert settings_from_args(build_parser().parse_args(["serve"])).watermark is True
     # Checked before the model is loaded: this model does not even exist.
     monkeypatch.setitem(sys.modules, "silentcipher", None)
-    assert main(["serve", "--watermark", "--model", "/nonexistent/model", "--device", "cpu"]) == EXIT_MODEL
+    argv = ["serve", "--watermark", "--model", "/nonexistent/model", "--device", "cpu", "--port", "0"]
+    assert main(argv) == EXIT_MODEL
     assert 'pip install "fastcsm[watermark]"' in capsys.readouterr().err
 
 

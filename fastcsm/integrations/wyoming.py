@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -40,7 +41,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 import httpx
 import websockets
 
-from ..errors import EXIT_MODEL, CliError
+from ..errors import CliError
 from ..server.settings import Table, add_arguments, setting, settings_from_args
 from ..server.urls import conversation_url, free_port, wait_ready
 
@@ -435,7 +436,8 @@ def add_wyoming(sub) -> None:
                               "  fastcsm wyoming --uri tcp://127.0.0.1:10200 --model ~/models/csm-1b --voice alloy")
     p.add_argument("--uri", default="tcp://127.0.0.1:10200", help="where to listen (default: %(default)s)")
     p.add_argument("--server", metavar="URL", help="a running fastcsm serve (default: load the model in this process)")
-    p.add_argument("--api-key", help="the server's API key, if it has one")
+    p.add_argument("--api-key", metavar="KEY", help="the server's API key, if it has one (default: the first of "
+                                                    "FASTCSM_API_KEYS, as the server reads it) [FASTCSM_API_KEYS]")
     p.add_argument("--voice", default="0", help="the voice when a request names none (default: %(default)s)")
     # Without --server: fastcsm serve's own settings (flags and FASTCSM_* variables) for the model in this process.
     add_arguments(p, groups=("model", "voices", "OpenAI compatibility"))
@@ -450,7 +452,8 @@ def run_wyoming(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     if args.server:
-        return _run(args.uri, Backend(args.server, args.voice, args.api_key), limits)
+        key = args.api_key or next(iter(os.environ.get("FASTCSM_API_KEYS", "").split(",")), "").strip() or None
+        return _run(args.uri, Backend(args.server, args.voice, key), limits)
     # The model in this process: a fastcsm server on a free loopback port, this service in front. It is
     # `fastcsm serve` with the same table and uvicorn settings (head deadline, keep-alive, connection
     # cap), and a key of its own, so that nothing else on this machine can use its port.
@@ -458,9 +461,8 @@ def run_wyoming(args) -> int:
 
     import uvicorn
 
-    from ..checkpoints import CheckpointError
-    from ..generator import load_generator
     from ..server.app import create_app
+    from ..server.cli import load_generator_for
     from ..server.limits import uvicorn_config
 
     key = secrets.token_urlsafe(32)
@@ -468,15 +470,7 @@ def run_wyoming(args) -> int:
         settings = settings_from_args(args, host="127.0.0.1", port=free_port(), api_keys=[key])
     except ValueError as e:
         raise CliError(str(e)) from e
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    try:
-        generator = load_generator(settings.model, settings.device, settings.dtype, settings.tokenizer,
-                                   settings.codec, settings.quantize)
-    except CheckpointError as e:
-        raise CliError(str(e), EXIT_MODEL) from e
+    generator = load_generator_for(settings)
     # log_level: its access log would list every loopback WebSocket, one per Wyoming request.
     server = uvicorn.Server(uvicorn_config(create_app(settings, generator=generator), settings, log_level="warning"))
     thread = threading.Thread(target=server.run, name="fastcsm-server", daemon=True)

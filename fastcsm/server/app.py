@@ -149,7 +149,8 @@ def create_app(settings: Settings | None = None, generator=None) -> FastAPI:
     @app.get("/readyz", response_model=P.Ready, responses={503: {"model": P.Ready}}, tags=["service"])
     async def readyz():
         if not service.ready:
-            return JSONResponse(P.Ready(ready=False).model_dump(), status_code=503, headers={"Retry-After": "5"})
+            body = P.Ready(ready=False, loading=service.loading).model_dump()
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         s = service.scheduler
         return P.Ready(ready=True, slots=s.slots, free_slots=s.engine.free_slots, queued=s.queued)
 

@@ -1,12 +1,17 @@
-"""`fastcsm serve` (also `python -m fastcsm.server`): its flags and what runs them.
+"""`fastcsm serve` (also `python -m fastcsm.server`): its flags and what runs them; and the model
+load every command shares (`load_generator_for`).
 
 The flags, their `FASTCSM_*` variables and their checks all come from the table in settings.py;
-a flag given on the command line wins over its variable.
+a flag given on the command line wins over its variable. The port is taken before the model
+loads, so a busy port costs no model load; with `--port 0` the system picks a free one.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
+import sys
 
 from ..errors import EXIT_MODEL, CliError
 from .settings import add_arguments, settings_from_args
@@ -19,6 +24,7 @@ flags win over the environment.
 examples:
   fastcsm serve --model ~/models/csm-1b --slots 32
   fastcsm serve --host 0.0.0.0 --api-key "$KEY" --allowed-hosts tts.example.com --cors-origin https://app.example.com
+  fastcsm serve --port 0          (any free port; the address is printed)
   (an empty key, e.g. $KEY unset, is an error; a non-loopback --host without a key prints a warning;
    requests by a name other than loopback's, an IP address or this machine's need --allowed-hosts)
 
@@ -35,9 +41,74 @@ def add_serve(sub) -> None:
                                    "POST /v1/audio/speech, voices at /v1/voices, live conversations at "
                                    "WS /v1/conversations, /healthz, /readyz and Prometheus /metrics.",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       usage="%(prog)s [FLAG ...]   (%(prog)s --help lists them)")
+                       usage="%(prog)s [--model PATH_OR_ID] [--host HOST] [--port PORT] [--api-key KEY] [FLAG ...]")
     add_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine lacks, in the command line's words."""
+    if not device:
+        return
+    from ..checkpoints import unavailable_device
+
+    try:
+        reason = unavailable_device(device)
+    except (RuntimeError, ValueError) as e:  # torch.device() refuses the spelling
+        raise CliError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps ({e})") from e
+    if reason:
+        raise CliError(f"--device {device}: {reason}; pass --device cpu (or leave --device out: "
+                       "a GPU when there is one, else the CPU)")
+
+
+def load_generator_for(s):
+    """The generator that `s` (a `Settings`, or a command's arguments with the same names) asks for:
+    device checked, watermark loaded first, then torch's threads set for the machine and the model."""
+    from .. import threads
+    from ..checkpoints import CheckpointError, resolve_device_dtype
+    from ..generator import load_generator
+    from ..watermark import Watermarker, WatermarkUnavailable
+
+    check_device(s.device)
+    try:  # before the (slow) model load
+        watermarker = Watermarker.load(resolve_device_dtype(s.device)[0]) if s.watermark else None
+    except (WatermarkUnavailable, ValueError) as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+    try:
+        generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
+    except CheckpointError as e:
+        raise CliError(str(e), EXIT_MODEL) from e
+    generator.watermarker = watermarker
+    threads.apply(s.threads, generator.cfg.param_count())
+    return generator
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), before anything slow; a port in use is a usage error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise CliError(f"cannot listen on --host {host}: {e.strerror}") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restarts reuse a TIME_WAIT port
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CliError(f"port {port} on {host} is already in use (another fastcsm serve?): pass --port 0 "
+                           "to pick a free one, or another --port") from e
+        if e.errno == errno.EACCES:
+            raise CliError(f"port {port} needs privileges this user lacks: use a port above 1023 "
+                           "(--port 0 picks a free one)") from e
+        raise CliError(f"cannot listen on {host} port {port}: {e.strerror or e}") from e
+    return sock
+
+
+def page_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the page (any-interface binds answer on loopback)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
 
 
 def run_serve(args) -> int:
@@ -54,35 +125,28 @@ def run_serve(args) -> int:
         settings = settings_from_args(args)
     except ValueError as e:
         raise CliError(str(e)) from e
-    logging.getLogger("fastcsm").setLevel(settings.log_level.upper())
-    if not logging.getLogger("fastcsm").handlers:
+    logger = logging.getLogger("fastcsm")
+    logger.setLevel(settings.log_level.upper())
+    if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        logging.getLogger("fastcsm").addHandler(handler)
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    # Load before listening: a model that cannot load ends the command with its reason.
-    from ..checkpoints import CheckpointError, resolve_device_dtype
-    from ..generator import load_generator
-    from ..watermark import Watermarker, WatermarkUnavailable
-
-    try:  # before the (slow) model load
-        watermarker = Watermarker.load(resolve_device_dtype(settings.device)[0]) if settings.watermark else None
-    except (WatermarkUnavailable, ValueError) as e:
-        raise CliError(str(e), EXIT_MODEL) from e
+        handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
+        logger.addHandler(handler)
+    check_device(settings.device)
+    sock = listen(settings.host, settings.port)  # before the model: a taken port costs no load
     try:
-        generator = load_generator(settings.model, settings.device, settings.dtype, settings.tokenizer,
-                                   settings.codec, settings.quantize)
-    except CheckpointError as e:
-        raise CliError(str(e), EXIT_MODEL) from e
-    generator.watermarker = watermarker
-    from .limits import uvicorn_config
-    from .settings import security_warnings
+        # Load before serving: a model that cannot load ends the command with its reason.
+        generator = load_generator_for(settings)
+        from .limits import uvicorn_config
+        from .settings import security_warnings
 
-    for warning in security_warnings(settings):
-        logging.getLogger("fastcsm").warning("fastcsm: %s", warning)
-    app = create_app(settings, generator=generator)
-    uvicorn.Server(uvicorn_config(app, settings)).run()
+        for warning in security_warnings(settings):
+            logger.warning("%s", warning)
+        port = sock.getsockname()[1]
+        settings.port = port
+        url = page_url(settings.host, port)
+        print(f"fastcsm: serving at {url} (the browser page; API docs at {url}docs)", file=sys.stderr, flush=True)
+        app = create_app(settings, generator=generator)
+        uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -371,6 +371,8 @@ class Ready(BaseModel):
     slots: int = 0
     free_slots: int = 0
     queued: int = 0
+    loading: str | None = Field(None, description="while not ready: what start-up is doing, e.g. "
+                                                  "\"building step batch 8 top-64 (5/14, 120 s so far)\"")
 
 
 # -- WebSocket: client -> server ------------------------------------------------------------------

@@ -59,6 +59,16 @@ def voice_info(name: str, voice: Voice) -> VoiceInfo:
                      created=voice.meta.get("created"))
 
 
+def start_engine(gen, s: Settings, progress=None) -> Engine:
+    """The engine `s` asks for over `gen`'s model, every step variant built (compiled: from the
+    compile cache where it has them; `progress` hears of each build)."""
+    engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
+                    compile=s.compile, compile_cache=s.compile_cache)
+    if engine.cuda_graphs or s.compile:
+        log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup(progress))
+    return engine
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -68,6 +78,7 @@ class Service:
         self.generator = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self.loading: str | None = "loading the model"  # what start-up is doing, for /readyz
         self._voices: dict[str, tuple[int, Voice]] = {}  # name -> (mtime_ns, voice)
         self._lock = threading.Lock()
         self.asr = None  # a fastcsm.listen.asr.AsrPool once `asr_model` is loaded
@@ -90,14 +101,13 @@ class Service:
             gen = generator or load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
             if s.watermark and gen.watermarker is None:
                 gen.watermarker = resolve_watermark(True, gen.device)
-            engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk,
-                            compile=s.compile)
-            if engine.cuda_graphs or s.compile:
-                log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup())
+            self.loading = "building the engine"
+            engine = start_engine(gen, s, progress=lambda p: setattr(self, "loading", str(p)))
         except Exception as e:
+            self.loading = None
             self.load_error = f"{type(e).__name__}: {e}"
             raise
-        self.generator = gen
+        self.generator, self.loading = gen, None
         self.scheduler = Scheduler(engine, max_queue=s.max_queue, timeout_s=s.request_timeout_s)
         log.info("fastcsm: %s loaded on %s, %d slots", s.model, gen.device, s.slots)
 

@@ -62,12 +62,9 @@ class Table:
         environ = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):
-            fallback = f.metadata["spec"].env_fallback
-            raw = environ.get(env_name(f.name))
-            if not raw and fallback and environ.get(fallback):
-                raw = environ[fallback]
-            if raw is not None and (raw != "" or f.name == "api_keys"):
-                values[f.name] = _parse(f, raw)
+            value = _from_environ(f, environ)
+            if value is not None:
+                values[f.name] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -81,15 +78,21 @@ class Settings(Table):
                                     metavar="PATH")
     codec: str | None = setting(None, "a Mimi checkpoint (e.g. kyutai/mimi) for checkpoints that carry no codec",
                                 "model", metavar="PATH_OR_ID")
-    device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda if available, else cpu)", "model")
+    device: str | None = setting(None, "cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)", "model")
     dtype: str | None = setting(None, "weights precision (default: bf16 on cuda, fp32 on cpu)", "model",
                                 choices=("fp32", "bf16", "fp16"))
     quantize: str | None = setting(None, "8-bit linears (int8 anywhere, fp8 on GPUs of compute capability 8.9+), "
                                          "quantized while loading (default: the checkpoint's own precision)",
                                    "model", choices=("none", "int8", "fp8"))
-    compile: bool = setting(False, "torch.compile the frame step: faster frames after minutes of warm-up", "model")
-    threads: int = setting(0, "torch CPU threads; 0 keeps torch's choice (on CPU, small models run best with 1)",
-                           "model", metavar="N", at_least=0)
+    compile: bool = setting(False, "torch.compile the frame step and prefill (one compile for every batch "
+                                   "bucket, kept in --compile-cache): faster frames after minutes of warm-up on "
+                                   "the first start, far less from the cache", "model")
+    compile_cache: str | None = setting(None, "where compiled code is kept and shared by every process and Ray "
+                                              "replica (default: ~/.cache/fastcsm/compile; fill it ahead with "
+                                              "`fastcsm compile`)", "model", metavar="DIR")
+    threads: int = setting(0, "torch CPU threads; 0 chooses: one for a small model, else every core this "
+                              "process may use, idle threads sleeping (fastcsm/threads.py)", "model", metavar="N",
+                           at_least=0)
     model_name: str | None = setting(None, "the model id GET /v1/models lists (default: the checkpoint "
                                            "directory's or repo's name)", "model", metavar="NAME")
     watermark: bool = setting(False, "mark all audio with Sesame's SilentCipher watermark, as its reference "
@@ -166,7 +169,7 @@ class Settings(Table):
                                    at_most=END_SILENCE_MS[1])
     max_turn_s: float = setting(TurnConfig.max_turn_s, "longest spoken turn of a user; a longer one is cut there",
                                 "speech recognition", metavar="S", at_least=MAX_TURN_S[0], at_most=MAX_TURN_S[1])
-    voices_dir: str | None = setting(None, "where voices live (default: $FASTCSM_VOICES or ~/.cache/fastcsm/voices)",
+    voices_dir: str | None = setting(None, "where voices live (default: ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
                                           "alloy=0,echo=1,coral=myvoice (a speaker id or a registered voice), or a "
@@ -369,6 +372,17 @@ def parse_voice_map(spec: str | None) -> dict[str, int | str]:
 _VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def _from_environ(f: dataclasses.Field, environ):
+    """The field's variable (or the older one it falls back to), parsed; None when unset or empty."""
+    fallback = f.metadata["spec"].env_fallback
+    raw = environ.get(env_name(f.name))
+    if not raw and fallback and environ.get(fallback):
+        raw = environ[fallback]
+    if raw is None or (raw == "" and f.name != "api_keys"):
+        return None
+    return _parse(f, raw)
+
+
 def _parse(f: dataclasses.Field, raw: str):
     """A variable's text as the field's type (checks of range and choice are `Settings`')."""
     kind, _ = _kind(f)
@@ -392,13 +406,14 @@ def _parse(f: dataclasses.Field, raw: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
-                  table: type[Table] = Settings) -> None:
-    """A flag for every setting of `table` (of `groups`, default all), in argument groups named as the table's.
-    Every flag defaults to None, so that `settings_from_args` lets the environment fill the rest."""
+                  table: type[Table] = Settings, names: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting of `table` (of `groups` and `names`, default all), in argument groups
+    named as the table's. Every flag defaults to None, so that `settings_from_args` (or
+    `values_from_args`) lets the environment fill the rest."""
     made = {}
     for f in dataclasses.fields(table):
         spec, (kind, _) = f.metadata["spec"], _kind(f)
-        if groups is not None and spec.group not in groups:
+        if (groups is not None and spec.group not in groups) or (names is not None and f.name not in names):
             continue
         group = made.get(spec.group) or made.setdefault(spec.group, parser.add_argument_group(spec.group))
         shown = spec.shown or (f.default if kind not in ("list", "bool") else None)
@@ -420,3 +435,22 @@ def settings_from_args(args: argparse.Namespace, table: type[Table] = Settings, 
     `overrides` win."""
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(table)}
     return table.from_env(**{**given, **overrides})
+
+
+def values_from_args(args: argparse.Namespace, names: tuple[str, ...], environ=None) -> dict:
+    """Some settings alone (a command that is not the server): each from its flag if given, else
+    its variable, else the table's default, with the table's checks. Settings not in `names` are
+    neither read nor checked, so a server's variables cannot break `fastcsm speak`."""
+    environ = os.environ if environ is None else environ
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values = {}
+    for name in names:
+        f = fields[name]
+        value = getattr(args, name, None)
+        if value is None:
+            value = _from_environ(f, environ)
+        if value is None:
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        _check(f, value)
+        values[name] = value
+    return values
