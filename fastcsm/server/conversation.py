@@ -51,11 +51,6 @@ log = logging.getLogger("fastcsm")
 _CLIENT = TypeAdapter(P.ClientMessage)
 
 
-def _error_code(status: int) -> str:
-    return {401: "unauthorized", 404: "not_found", 409: "busy", 503: "busy"}.get(
-        status, "bad_request" if status < 500 else "internal")
-
-
 @dataclass
 class Utterance:
     """The line in flight: its text so far (as pieces), the streams submitted, the rows and codes
@@ -161,7 +156,7 @@ class Conversation:
         try:
             await handler(message)
         except ApiError as e:
-            await self.error(e.message, _error_code(e.status), id)
+            await self.error(e.message, P.error_code(e.status), id)
         except (WebSocketDisconnect, asyncio.CancelledError):
             raise
         except Exception:  # a bug: say so, keep the session
@@ -317,7 +312,7 @@ class Conversation:
             future.cancel()
             raise
         except ApiError as e:
-            await self.error(f"the user's turn was not added: {e.message}", _error_code(e.status))
+            await self.error(f"the user's turn was not added: {e.message}", P.error_code(e.status))
         except AsrError as e:
             await self.error(f"the user's turn could not be transcribed: {e}")
         except WebSocketDisconnect:
@@ -527,7 +522,7 @@ class Conversation:
                 u.stream.cancel()
         except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
             u.error = e.message
-            await self.error(e.message, _error_code(e.status), u.id)
+            await self.error(e.message, P.error_code(e.status), u.id)
             reason = "error"
         except Exception:  # the socket went away mid-send
             if u.stream is not None:

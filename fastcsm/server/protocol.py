@@ -636,6 +636,12 @@ class AssistantReply(BaseModel):
     first_audio_ms: float | None = Field(description="from the user turn to the reply's first frame leaving the server")
 
 
+def error_code(status: int) -> str:
+    """The `error` event's code for a refusal worded as an HTTP status."""
+    return {401: "unauthorized", 404: "not_found", 409: "busy", 503: "busy"}.get(
+        status, "bad_request" if status < 500 else "internal")
+
+
 class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     message: str
