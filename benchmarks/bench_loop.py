@@ -63,7 +63,7 @@ class TypedTurns:
     async def send(self, ws) -> dict:
         """Send the next user turn; the stamps of its own stages (none for typed text)."""
         self.n += 1
-        await ws.send(json.dumps({"type": "add_turn", "speaker": 0, "text": f"Question number {self.n}?"}))
+        await ws.send(json.dumps({"type": "add_turn", "speaker": 1, "text": f"Question number {self.n}?"}))
         return {}
 
 

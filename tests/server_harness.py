@@ -81,3 +81,24 @@ def spoken_whole(server: LiveServer, text: str, **speak) -> bytes:
                 audio.append(msg)
             elif json.loads(msg)["type"] in ("done", "error"):
                 return b"".join(audio)
+
+
+def recorded_turns(monkeypatch) -> tuple[list, list]:
+    """What the servers' conversations are sent and add: each `AddTurn` message, and each turn that
+    joins a conversation as (speaker, its transcript when the server made it, its rows)."""
+    from fastcsm.server.conversation import Conversation
+
+    turns, added = [], []
+    add_turn, append_turn = Conversation.add_turn, Conversation.append_turn
+
+    async def recording_add_turn(self, m):
+        turns.append(m)
+        return await add_turn(self, m)
+
+    async def recording_append_turn(self, turn, speaker, text=None):
+        added.append((speaker, text, len(turn)))
+        return await append_turn(self, turn, speaker, text)
+
+    monkeypatch.setattr(Conversation, "add_turn", recording_add_turn)
+    monkeypatch.setattr(Conversation, "append_turn", recording_append_turn)
+    return turns, added

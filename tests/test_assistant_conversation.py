@@ -84,6 +84,7 @@ class Client:
         return [e for e in self.events if e["type"] == kind]
 
     def configure(self, **extra) -> dict:
+        extra = {"user_speaker": 0, "assistant_speaker": 1, **extra}  # the user 0, the replies 1
         self.send(type="configure", assistant=True, max_audio_length_ms=PIECE_MS, **extra)
         return self.until("configured", timeout=10)
 

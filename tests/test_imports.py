@@ -1,4 +1,5 @@
-"""The package's modules import each other without a cycle, counting imports inside functions."""
+"""The package's modules import each other without a cycle, counting imports inside functions (not
+those under `if TYPE_CHECKING:`, which only name types for annotations and never run)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imports(path: Path, modules: set[str]) -> set[str]:
     """The fastcsm modules `path` names in any import statement, at any depth of the file."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -67,6 +78,18 @@ def test_no_import_cycle_among_fastcsm_modules():
     assert "fastcsm.server.cli" in graph["fastcsm.cli"], "function-level imports count"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_type_only_imports_are_not_counted(tmp_path):
+    tree = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fastcsm.server.conversation import X\n"
+    path = ROOT / "server" / "_typing_probe.py"
+    path.write_text(tree)
+    try:
+        assert imports(path, {"fastcsm.server.conversation"}) == set()
+        path.write_text(tree.replace("if TYPE_CHECKING:\n    ", ""))
+        assert imports(path, {"fastcsm.server.conversation"}) == {"fastcsm.server.conversation"}
+    finally:
+        path.unlink()
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -5,14 +5,18 @@ streaming `TTS` over the conversation WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 pytest.importorskip("livekit.agents", reason="LiveKit Agents is not installed: pip install \"fastcsm[livekit]\"")
 lk_openai = pytest.importorskip("livekit.plugins.openai",
                                 reason="livekit-plugins-openai is not installed: pip install \"fastcsm[livekit]\"")
-from server_harness import LiveServer, spoken_whole  # noqa: E402
+from server_harness import LiveServer, recorded_turns, spoken_whole  # noqa: E402
 
 from fastcsm.integrations.livekit import TTS  # noqa: E402
 
@@ -130,3 +134,52 @@ def test_closing_a_stream_interrupts_and_the_conversation_goes_on(server, monkey
     assert first.frame.samples_per_channel > 0 and events
     assert reasons[0] == "interrupted" and reasons[-1] == "max_length"
     assert turns == ["Wait, stop."] and same  # one socket: the conversation and its KV cache were kept
+
+
+def test_the_user_turn_goes_in_with_the_users_audio(server, monkeypatch):
+    """The session's events say when the user speaks and what they said; the agent's STT node lends
+    the TTS the microphone's frames: the turn reaches fastcsm with its transcript and its audio."""
+    from listen_audio import needs_espeak, pcm16, silence, spoken
+    from livekit import rtc
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.events import UserInputTranscribedEvent, UserStateChangedEvent
+
+    if needs_espeak.args[0]:
+        pytest.skip(needs_espeak.kwargs["reason"])
+    turns, added = recorded_turns(monkeypatch)
+    said = "thank you very much"
+    wav = pcm16(np.concatenate([silence(1.0, 48_000), spoken(said, 48_000)]))
+    chunk = 480 * 2  # 10 ms at 48 kHz, as LiveKit's frames come
+    start = int(1.1 * 48_000 * 2) // chunk  # the user is said to start 0.1 s into the speech
+
+    async def run():
+        tts = TTS(base_url=server.url, voice="0", max_audio_length_ms=160)
+        session = AgentSession()
+        tts.listen(session)
+
+        async def microphone():
+            for n, i in enumerate(range(0, len(wav), chunk)):
+                if n == start:
+                    session.emit("user_state_changed", UserStateChangedEvent(old_state="listening",
+                                                                             new_state="speaking"))
+                data = wav[i: i + chunk]
+                yield rtc.AudioFrame(data, 48_000, 1, len(data) // 2)
+            session.emit("user_state_changed", UserStateChangedEvent(old_state="speaking", new_state="listening"))
+            session.emit("user_input_transcribed", UserInputTranscribedEvent(transcript=said, is_final=True))
+
+        frames = [f async for f in tts.hear(microphone())]  # as the STT node passes them on
+        stream = tts.stream()
+        stream.push_text("You are welcome.")
+        stream.end_input()
+        events = [ev async for ev in stream]
+        await tts.aclose()
+        return frames, events
+
+    frames, events = asyncio.run(run())
+    assert sum(f.samples_per_channel for f in frames) * 2 == len(wav) and events
+    assert [m.text for m in turns] == [said]
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(turns[0].audio)), dtype="float32")
+    assert rate == 48_000
+    # From half a second (the pre-roll) before the user was said to start, 0.1 s into the speech.
+    assert len(audio) / rate == pytest.approx(0.5 - 0.1 + len(spoken(said, 48_000)) / 48_000, abs=0.03)
+    assert added[0][0] == 1 and added[0][2] > 20  # the turn's rows hold its audio frames

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,12 +60,12 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 # -- fixtures -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`fastcsm serve` on a free loopback port with a tiny random checkpoint; yields its URL."""
+@contextmanager
+def serve(root: Path, *flags: str):
+    """`fastcsm serve` on a free loopback port with a tiny random checkpoint in `root`, and `flags`;
+    yields its URL."""
     from fastcsm.testing import write_hf_checkpoint
 
-    root = tmp_path_factory.mktemp("page_server")
     ckpt = root / "ckpt"
     write_hf_checkpoint(ckpt)
     port = free_port()
@@ -75,7 +76,7 @@ def server(tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "fastcsm", "serve", "--model", str(ckpt), "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(port), "--voices-dir", str(root / "voices"),
-             "--api-key", API_KEY],
+             "--api-key", API_KEY, *flags],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -93,15 +94,26 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def server(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("page_server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def playwright():
     from playwright import sync_api
 
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium_profile")), executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS, headless=True, viewport={"width": 1280, "height": 900})
-        yield ctx
-        ctx.close()
+    with sync_api.sync_playwright() as p:  # one per process: every browser here is launched by it
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tmp_path_factory):
+    ctx = playwright.chromium.launch_persistent_context(
+        str(tmp_path_factory.mktemp("chromium_profile")), executable_path=CHROMIUM,
+        args=CHROMIUM_ARGS, headless=True, viewport={"width": 1280, "height": 900})
+    yield ctx
+    ctx.close()
 
 
 class Console:
@@ -522,3 +534,40 @@ def test_api_key_is_asked_for_and_sent(browser, server):
         page.wait_for_function("window.fastcsm.conversation.connected", timeout=30_000)
     finally:
         page.close()
+
+
+def test_talk_mode_streams_the_microphone_and_the_user_turn_appears(playwright, tmp_path_factory):
+    """Talk mode in Chromium whose fake microphone plays espeak-ng speech: the page streams it over
+    the conversation WebSocket, and the server's speech recognition hears the sentence."""
+    from listen_audio import needs_espeak, overlap, silence, spoken
+
+    if needs_espeak.args[0]:
+        pytest.skip(needs_espeak.kwargs["reason"])
+    root = tmp_path_factory.mktemp("talk")
+    said = "what time is it"
+    wav = root / "mic.wav"
+    sf.write(wav, np.concatenate([silence(0.5, 48_000), spoken(said, 48_000), silence(3.0, 48_000)]), 48_000,
+             subtype="PCM_16")
+    with serve(root, "--asr-model", "pocketsphinx") as url:
+        ctx = playwright.chromium.launch_persistent_context(
+            str(root / "profile"), executable_path=CHROMIUM, headless=True,
+            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = open_page(ctx, url)
+            page.wait_for_function("window.fastcsm && window.fastcsm.ready === true", timeout=30_000)
+            page.click("#tab-conversation")
+            page.wait_for_function("window.fastcsm.conversation.connected === true", timeout=30_000)
+            page.click("#talk")
+            page.wait_for_function("(window.fastcsm.conversation.userTurns || []).length >= 1", timeout=90_000)
+            s = stats(page)
+            turn = s["conversation"]["userTurns"][0]
+            kinds = [e["type"] for e in s["conversation"]["events"]]
+            assert kinds.index("configured") < kinds.index("user_speech_started") < kinds.index("user_turn")
+            assert s["conversation"]["micChunks"] > 0 and s["conversation"]["micRate"] >= 8000
+            assert turn["added"] and overlap(turn["text"], said) >= 0.75, turn
+            assert page.text_content("#turns li.you").endswith(turn["text"])
+            assert page.console.errors == []
+            page.click("#talk")  # stops the microphone
+            assert page.get_attribute("#talk", "aria-pressed") == "false"
+        finally:
+            ctx.close()

@@ -4,9 +4,13 @@ an OpenAI voice name, and `FastCSMTTSService` over the conversation WebSocket.""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 pytest.importorskip("pipecat", reason="Pipecat is not installed: pip install \"fastcsm[pipecat]\"")
 from pipecat.frames.frames import (  # noqa: E402
@@ -22,7 +26,7 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.services.openai.tts import OpenAITTSService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
-from server_harness import LiveServer, spoken_whole  # noqa: E402
+from server_harness import LiveServer, recorded_turns, spoken_whole  # noqa: E402
 
 from fastcsm.integrations.pipecat import FastCSMTTSService  # noqa: E402
 
@@ -128,3 +132,40 @@ def test_a_late_done_of_an_earlier_line_leaves_the_line_playing_now():
         assert tts._playing is None and tts._open is None and tts._idle.is_set()
 
     asyncio.run(scenario())
+
+
+def test_the_user_turn_goes_in_with_the_users_audio(monkeypatch):
+    """The audio between the user starting and stopping to speak reaches fastcsm with the turn: with
+    its transcript when one reaches the service, else alone, and the server transcribes it."""
+    from listen_audio import needs_espeak, overlap, pcm16, silence, spoken
+    from pipecat.frames.frames import InputAudioRawFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame
+
+    if needs_espeak.args[0]:
+        pytest.skip(needs_espeak.kwargs["reason"])
+    turns, added = recorded_turns(monkeypatch)
+
+    def user_says(text: str) -> list:
+        chunk = 320  # 20 ms at 16 kHz, as transports send
+        wav = pcm16(np.concatenate([silence(1.0), spoken(text)]))
+        frames = [InputAudioRawFrame(wav[i: i + 2 * chunk], 16_000, 1) for i in range(0, len(wav), 2 * chunk)]
+        at = int(1.0 * 16_000 * 2 // (2 * chunk))  # the user is said to start 0.1 s into the speech
+        return [*frames[:at + 5], UserStartedSpeakingFrame(), *frames[at + 5:], UserStoppedSpeakingFrame()]
+
+    with LiveServer(slots=2, asr_model="pocketsphinx", max_audio_length_ms=8000) as server:
+        tts = FastCSMTTSService(url=server.url, voice="0", max_audio_length_ms=160)
+        frames = [*user_says("thank you very much"), SleepFrame(0.2),
+                  TranscriptionFrame("thank you very much", "user", "2026-01-01T00:00:00Z"), SleepFrame(0.2),
+                  *llm_reply(["You are welcome."]), SleepFrame(0.5),
+                  *user_says("what time is it"), SleepFrame(0.2),  # no transcript reaches the service
+                  *llm_reply(["It is noon."]), SleepFrame(0.5)]
+        down, up = asyncio.run(asyncio.wait_for(run_test(tts, frames_to_send=frames), 120))
+    assert [m.text for m in turns] == ["thank you very much", None]
+    for m, said in zip(turns, ["thank you very much", "what time is it"], strict=True):
+        wav, rate = sf.read(io.BytesIO(base64.b64decode(m.audio)), dtype="float32")
+        assert rate == 16_000
+        # From half a second (the pre-roll) before the user was said to start, 0.1 s into the speech.
+        assert len(wav) / rate == pytest.approx(0.5 - 0.1 + len(spoken(said)) / 16_000, abs=0.03)
+        assert np.abs(wav).max() > 0.1
+    assert added[0][1] is None and overlap(added[1][1], "what time is it") >= 0.75  # transcribed by the server
+    assert all(speaker == 1 and rows > 12 for speaker, _, rows in added)  # frames of audio, not text alone
+    assert sum(isinstance(f, TTSStoppedFrame) for f in down) == 2

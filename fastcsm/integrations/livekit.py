@@ -11,6 +11,19 @@ it is generated. One WebSocket per `TTS` object serves its streams one after the
 conversation (and its KV cache) on the server goes on from one agent turn to the next; a stream
 closed early (an interruption) sends `interrupt`, and the line, cut where it stopped, stays in the
 conversation. `add_user_turn(text)` puts the user's words in, so the next line answers them.
+
+The TTS hears the user too, so CSM answers in a voice that fits theirs: `listen(session)` follows
+the `AgentSession`'s `user_state_changed` (speaking / listening) and final `user_input_transcribed`
+events, and the agent's `stt_node` lends it the microphone's frames on their way to the STT:
+
+    class Assistant(Agent):
+        async def stt_node(self, audio, model_settings):
+            async for event in Agent.default.stt_node(self, tts.hear(audio), model_settings):
+                yield event
+
+The audio of each user turn (from half a second before the user starts speaking until they stop)
+goes in with its transcript in an `add_turn` before the next line (or with `add_user_turn`); a
+turn heard without a transcript goes in alone, for the server's `--asr-model` to transcribe.
 `synthesize(text)` speaks one whole line the same way. The TTS has an aligned transcript
 (`aligned_transcript=True`): each written word of the server's `word` events is pushed as a
 `TimedString` ("word ", start and end in seconds into the segment's audio), which LiveKit uses
@@ -22,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterable, AsyncIterator
 
 try:
+    from livekit import rtc
     from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectionError, APIConnectOptions, APIError, tts, utils
     from livekit.agents.types import TimedString
 except ImportError as e:  # pragma: no cover - the extra is missing
@@ -33,6 +48,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 import websockets
 
 from ..server.urls import conversation_url
+from .hearing import UserAudio, user_turn
 
 SAMPLE_RATE = 24_000
 
@@ -43,12 +59,13 @@ class TTS(tts.TTS):
     base_url: the server (`http(s)://` or `ws(s)://`, with or without `/v1/conversations`).
     voice: a registered voice, one of OpenAI's names, or a speaker id such as "0".
     api_key: the server's key, if it has one.
+    user_speaker: the speaker id the user's turns go in under (default 1).
     seed, temperature, topk, max_audio_length_ms: as in a `speak` message (per piece of a line).
     """
 
     def __init__(self, *, base_url: str = "http://127.0.0.1:8000", voice: str = "0", api_key: str | None = None,
-                 seed: int | None = None, temperature: float | None = None, topk: int | None = None,
-                 max_audio_length_ms: float | None = None):
+                 user_speaker: int = 1, seed: int | None = None, temperature: float | None = None,
+                 topk: int | None = None, max_audio_length_ms: float | None = None):
         super().__init__(capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
                          sample_rate=SAMPLE_RATE, num_channels=1)
         self._url = conversation_url(base_url)
@@ -58,6 +75,8 @@ class TTS(tts.TTS):
                                          "max_audio_length_ms": max_audio_length_ms}.items() if v is not None}
         self._ws = None
         self._lock = asyncio.Lock()  # one line at a time on the conversation
+        self._user_speaker = user_speaker
+        self._hearing = UserAudio()
 
     @property
     def model(self) -> str:
@@ -80,19 +99,55 @@ class TTS(tts.TTS):
                 raise APIConnectionError(f"fastcsm: the server did not say ready: {ready}")
         return self._ws
 
-    async def add_user_turn(self, text: str, speaker: int = 1) -> None:
-        """The user's words join the conversation, so the next line follows them."""
+    async def add_user_turn(self, text: str, speaker: int | None = None) -> None:
+        """The user's words join the conversation (with the audio of their turn, when it was
+        heard), so the next line follows them."""
         async with self._lock:
-            ws = await self._connection()
-            await ws.send(json.dumps({"type": "add_turn", "speaker": speaker, "text": text}))
-            while True:  # its answer: turn_added (or an error)
-                msg = await ws.recv()
-                if isinstance(msg, str):
-                    event = json.loads(msg)
-                    if event["type"] == "error":
-                        raise APIError(f"fastcsm: {event['message']}", retryable=False)
-                    if event["type"] == "turn_added":
-                        return
+            await self._add_turn(user_turn(self._user_speaker if speaker is None else speaker, text, self._hearing))
+
+    async def _add_turn(self, message: dict | None) -> None:
+        if message is None:
+            return
+        ws = await self._connection()
+        await ws.send(json.dumps(message))
+        while True:  # its answer: turn_added (or an error)
+            msg = await ws.recv()
+            if isinstance(msg, str):
+                event = json.loads(msg)
+                if event["type"] == "error":
+                    raise APIError(f"fastcsm: {event['message']}", retryable=False)
+                if event["type"] == "turn_added":
+                    return
+
+    async def _add_heard_turn(self) -> None:
+        """The user's turn heard since the last line, before the next one (none while they speak)."""
+        h = self._hearing
+        if not h.speaking and (h.heard or h.texts):
+            await self._add_turn(user_turn(self._user_speaker, " ".join(h.texts) or None, h))
+
+    # -- hearing the user -----------------------------------------------------------------------
+
+    def listen(self, session) -> None:
+        """Follow `session` (an `AgentSession`): when the user speaks, and what they said."""
+        session.on("user_state_changed", self._on_user_state)
+        session.on("user_input_transcribed", self._on_transcribed)
+
+    async def hear(self, audio: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
+        """`audio` (the microphone's frames, as an agent's `stt_node` gets them), passed on unchanged
+        and kept for the user's turns."""
+        async for frame in audio:
+            self._hearing.add(bytes(memoryview(frame.data).cast("B")), frame.sample_rate, frame.num_channels)
+            yield frame
+
+    def _on_user_state(self, event) -> None:
+        if event.new_state == "speaking":
+            self._hearing.start()
+        elif event.old_state == "speaking":
+            self._hearing.stop()
+
+    def _on_transcribed(self, event) -> None:
+        if event.is_final and event.transcript.strip():
+            self._hearing.texts.append(event.transcript.strip())
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS):
         return self._synthesize_with_stream(text, conn_options=conn_options)
@@ -116,6 +171,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         output_emitter.initialize(request_id=request_id, sample_rate=SAMPLE_RATE, num_channels=1,
                                   mime_type="audio/pcm", stream=True)
         async with self._tts._lock:
+            await self._tts._add_heard_turn()
             ws = await self._tts._connection()
             done: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(self._read(ws, output_emitter, done))

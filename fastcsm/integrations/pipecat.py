@@ -10,8 +10,13 @@ completes it (`append_text` with `more: false`), so the server starts speaking a
 sentence and carries the audio on from piece to piece. Audio comes back as `TTSAudioRawFrame`s
 of 24 kHz mono 16-bit PCM, one per 80 ms frame, as they are generated. On an interruption the
 service sends `interrupt` and keeps the socket: the spoken part of the line (cut where it
-stopped) stays in the conversation. The user's turns (`TranscriptionFrame`s that reach the
-service, or `add_user_turn(text)`) go in with `add_turn`, so the bot's next line answers them.
+stopped) stays in the conversation. The user's turns go in with `add_turn`, so the bot's next
+line answers them, in the user's own voice: the service keeps the user's audio of each turn (the
+`InputAudioRawFrame`s from just before `UserStartedSpeakingFrame` to `UserStoppedSpeakingFrame`)
+and sends it with the turn's transcript (the `TranscriptionFrame`s that reach the service, or
+`add_user_turn(text)`). A turn whose transcript never reaches the service (Pipecat's user
+aggregator keeps them) goes in as audio alone before the bot's next line, and the server's
+speech recognition (`--asr-model`) transcribes it.
 The server's `word` events become Pipecat's word timestamps (`add_word_timestamps`, as its
 Cartesia and ElevenLabs services do): each written word goes downstream as a `TTSTextFrame` whose
 `pts` is its start in the line's audio, so the assistant's context keeps the words played.
@@ -27,10 +32,13 @@ try:
     from pipecat.frames.frames import (
         ErrorFrame,
         Frame,
+        InputAudioRawFrame,
         StartFrame,
         TranscriptionFrame,
         TTSAudioRawFrame,
         TTSStoppedFrame,
+        UserStartedSpeakingFrame,
+        UserStoppedSpeakingFrame,
     )
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.settings import TTSSettings
@@ -40,6 +48,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
                       "pip install \"fastcsm[pipecat]\"") from e
 
 from ..server.urls import conversation_url  # noqa: E402
+from .hearing import UserAudio, user_turn  # noqa: E402
 
 SAMPLE_RATE = 24_000
 
@@ -51,12 +60,14 @@ class FastCSMTTSService(WebsocketTTSService):
     voice: a registered voice, one of OpenAI's names, or a speaker id such as "0".
     api_key: the server's key, if it has one.
     user_speaker: the speaker id the user's turns go in under (default 1; the bot is its voice's).
+    user_audio: send the user's audio of each turn with it (default), so the bot hears the user.
     seed, temperature, topk, max_audio_length_ms: as in a `speak` message (per piece of a line).
     """
 
     def __init__(self, *, url: str = "ws://127.0.0.1:8000", voice: str = "0", api_key: str | None = None,
-                 user_speaker: int = 1, seed: int | None = None, temperature: float | None = None,
-                 topk: int | None = None, max_audio_length_ms: float | None = None, **kwargs):
+                 user_speaker: int = 1, user_audio: bool = True, seed: int | None = None,
+                 temperature: float | None = None, topk: int | None = None,
+                 max_audio_length_ms: float | None = None, **kwargs):
         kwargs.setdefault("settings", TTSSettings(model="csm", voice=voice, language=None))
         super().__init__(sample_rate=SAMPLE_RATE, push_start_frame=True, push_stop_frames=True,
                          push_text_frames=False, **kwargs)
@@ -73,6 +84,7 @@ class FastCSMTTSService(WebsocketTTSService):
         self._idle = asyncio.Event()  # no utterance in flight on the server
         self._idle.set()
         self._last_text = ""
+        self._hearing = UserAudio() if user_audio else None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -135,13 +147,36 @@ class FastCSMTTSService(WebsocketTTSService):
     # -- the conversation -----------------------------------------------------------------------
 
     async def add_user_turn(self, text: str, speaker: int | None = None) -> None:
-        """The user's words join the conversation, so the bot's next line follows them."""
-        if text.strip() and self._websocket:
-            await self._send({"type": "add_turn", "speaker": self._user_speaker if speaker is None else speaker,
-                              "text": text})
+        """The user's words join the conversation (with the audio of their turn, when the service
+        heard it), so the bot's next line follows them."""
+        if not text.strip():
+            return
+        if self._hearing is not None and self._hearing.speaking:  # the turn's audio is not complete yet
+            self._hearing.texts.append(text)
+            return
+        await self._send_user_turn(text, speaker)
+
+    async def _send_user_turn(self, text: str | None, speaker: int | None = None) -> None:
+        """An `add_turn` of the user's text and the audio heard since the last one (either may be
+        missing, not both: audio alone is transcribed by the server)."""
+        message = user_turn(self._user_speaker if speaker is None else speaker, text, self._hearing)
+        if self._websocket and message is not None:
+            await self._send(message)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
-        if isinstance(frame, TranscriptionFrame):
+        hearing = self._hearing
+        if isinstance(frame, InputAudioRawFrame):
+            if hearing is not None:
+                hearing.add(frame.audio, frame.sample_rate, frame.num_channels)
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            if hearing is not None:
+                hearing.start()
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            if hearing is not None and hearing.speaking:
+                hearing.stop()
+                if hearing.texts:  # its transcript came while the user spoke
+                    await self._send_user_turn(" ".join(hearing.texts))
+        elif isinstance(frame, TranscriptionFrame):
             await self.add_user_turn(frame.text)
         await super().process_frame(frame, direction)
 
@@ -156,6 +191,8 @@ class FastCSMTTSService(WebsocketTTSService):
             else:
                 # One line in flight per conversation: the line before (completed) finishes first.
                 await asyncio.wait_for(self._idle.wait(), 600)
+                if self._hearing is not None and self._hearing.heard:  # a turn heard, its text not seen here
+                    await self._send_user_turn(None)
                 self._idle.clear()
                 self._open = self._playing = context_id
                 await self._send({"type": "speak", "text": text, "voice": self._voice, "id": context_id,
@@ -216,4 +253,5 @@ class FastCSMTTSService(WebsocketTTSService):
                 await self.push_error(error_msg=f"fastcsm: {event.get('message')}")
                 if ctx is not None and event.get("id") == ctx and event.get("code") != "internal":
                     await self._end_line(ctx)  # its speak was refused: no done follows
+
 

@@ -132,10 +132,8 @@ class AssistantLine:
             except LLMError as e:
                 await conv.error(str(e), llm_error_code(e))
             except ApiError as e:  # the line refused its first piece (a full queue, a line of the client's)
-                from .conversation import _error_code
-
                 await a.turn.cancel()
-                await conv.error(e.message, _error_code(e.status))
+                await conv.error(e.message, P.error_code(e.status))
             line = a.line
             if line is not None and conv.current is line:
                 if a.stopped:

@@ -31,7 +31,10 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..audio import resample
 from ..context import ContextTooLong
+from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
+from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
 from ..planner import plan_piece, spoken_rows, streamed_line
 from ..prompt import Prompt, Segment, concat, segment_rows, text_rows
 from ..scheduler import End
@@ -46,11 +49,6 @@ from .words import LineWords, word_events
 
 log = logging.getLogger("fastcsm")
 _CLIENT = TypeAdapter(P.ClientMessage)
-
-
-def _error_code(status: int) -> str:
-    return {401: "unauthorized", 404: "not_found", 409: "busy", 503: "busy"}.get(
-        status, "bad_request" if status < 500 else "internal")
 
 
 @dataclass
@@ -98,6 +96,8 @@ class Conversation:
         self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
         self._send_lock = asyncio.Lock()
         self.max_values = max_message_values(service.settings)
+        self.listener: Listener | None = None  # the user's microphone stream, once configured
+        self.hearing: list[asyncio.Task] = []  # turns heard, being transcribed and added, in order
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -124,8 +124,8 @@ class Conversation:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
-                if msg.get("text") is None:
-                    await self.error("send JSON text messages; binary messages are not accepted from clients")
+                if msg.get("text") is None:  # binary: the user's microphone audio
+                    await self.dispatch(self.hear, msg.get("bytes") or b"")
                     continue
                 text = msg["text"]
                 if json_values(text) > self.max_values:  # bounds the cost of parsing it
@@ -138,16 +138,7 @@ class Conversation:
                 except ValidationError as e:
                     await self.error(_describe(e))
                     continue
-                try:
-                    await self.handle(command)
-                except ApiError as e:
-                    await self.error(e.message, _error_code(e.status), getattr(command, "id", None))
-                except (WebSocketDisconnect, asyncio.CancelledError):
-                    raise
-                except Exception:  # a bug: say so, keep the session
-                    log.exception("conversation message %s failed", command.type)
-                    await self.error("internal error; the server log has the details", "internal",
-                                     getattr(command, "id", None))
+                await self.dispatch(self.handle, command)
                 # A socket's messages may be queued already (a flood): each waits its turn behind
                 # the other sockets and streams, instead of running back to back.
                 await asyncio.sleep(0)
@@ -156,7 +147,21 @@ class Conversation:
         finally:
             if self.assistant is not None:
                 await self.assistant.stop()
+            self.stop_listening()
             await self.stop_pump()
+
+    async def dispatch(self, handler, message) -> None:
+        """`handler(message)`; its failure is an `error` event and the session goes on."""
+        id = getattr(message, "id", None)
+        try:
+            await handler(message)
+        except ApiError as e:
+            await self.error(e.message, P.error_code(e.status), id)
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug: say so, keep the session
+            log.exception("conversation message %s failed", getattr(message, "type", "audio"))
+            await self.error("internal error; the server log has the details", "internal", id)
 
     async def handle(self, command) -> None:
         if isinstance(command, P.Interrupt):
@@ -170,16 +175,20 @@ class Conversation:
             # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
             self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
             self.turns = []
+            self.stop_listening()  # a turn being heard or transcribed belonged to the conversation forgotten
+            self.listener = self.new_listener(self.config)
         elif isinstance(command, P.Configure):
             if self.assistant is not None:
                 await self.assistant.stop()
             await self.stop_pump()
             pinned = [await self.pin(name) for name in command.voices]
             self.assistant = AssistantLine(self, command) if command.assistant else None
+            listener = self.new_listener(command)
+            self.stop_listening()
             self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
-            self.configured_pins = list(pinned)
+            self.configured_pins, self.listener = list(pinned), listener
             await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
-                                              pinned_rows=sum(map(len, pinned))))
+                                              pinned_rows=sum(map(len, pinned)), input_audio=command.input_audio))
         elif isinstance(command, P.AddTurn):
             await self.add_turn(command)
             if self.assistant is not None and command.speaker == self.assistant.user_speaker:
@@ -198,21 +207,38 @@ class Conversation:
 
     async def add_turn(self, m: P.AddTurn) -> None:
         svc = self.service
-        gen = svc.need_ready()
-        text = svc.check_input(m.text, "text")
+        svc.need_ready()
+        text = svc.check_input(m.text, "text") if m.text is not None else None
+        if text is None:
+            if m.audio is None:
+                raise ApiError(400, "add_turn needs text, audio, or both (audio alone is transcribed)", param="text")
+            svc.need_asr("text")  # before any decoding: without a recogniser the text is required
 
         def rows():
+            nonlocal text
             audio = svc.audio_b64(m.audio, "audio") if m.audio is not None else None
-            try:
-                return segment_rows(Segment(m.speaker, text, audio=audio), gen.tokenizer, gen.cfg,
-                                    gen.codec.encode_waveform)
-            except ValueError as e:
-                raise ApiError(400, str(e)) from None
+            if text is None:
+                text = svc.transcribe(resample(audio.numpy(), P.SAMPLE_RATE, ASR_RATE), param="audio").text
+                if not text:
+                    raise ApiError(400, "no speech was recognised in the turn's audio: send its text", param="text")
+            return self.turn_rows(Segment(m.speaker, text, audio=audio))
 
         turn = await run_in_threadpool(rows)
+        await self.append_turn(turn, m.speaker, text=None if m.text is not None else text)
+
+    def turn_rows(self, segment: Segment) -> Prompt:
+        """A turn's rows (its audio encoded, unless it brings its codes): call off the event loop."""
+        gen = self.service.generator
+        try:
+            return segment_rows(segment, gen.tokenizer, gen.cfg, gen.codec.encode_waveform)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def append_turn(self, turn: Prompt, speaker: int, text: str | None = None) -> None:
+        """Another party's turn joins the conversation (`text`: its transcript, when it was made here)."""
         self.turns.append(turn)
-        await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=m.speaker, rows=len(turn),
-                                    conversation_rows=self.rows()))
+        await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=speaker, rows=len(turn),
+                                    conversation_rows=self.rows(), text=text))
         # Turns that can never fit the window again are forgotten now, not kept in memory.
         window, dropped, dropped_rows = self.service.cfg.max_seq_len, 0, 0
         while len(self.turns) > 1 and self.rows() - len(self.turns[0]) >= window:
@@ -222,11 +248,90 @@ class Conversation:
             await self.send(P.ContextDropped(dropped_turns=dropped, dropped_rows=dropped_rows,
                                              remaining_rows=self.rows()))
 
+    # -- listening ------------------------------------------------------------------------------
+
+    def new_listener(self, config: P.Configure) -> Listener | None:
+        """The microphone stream `config.input_audio` declares (None: the client sends no audio)."""
+        audio = config.input_audio
+        return None if audio is None else self.service.listener(audio.sample_rate, audio.language)
+
+    async def hear(self, pcm: bytes) -> None:
+        """A binary message: the next chunk of the user's microphone audio. The listener runs off
+        the event loop, one chunk at a time (the socket is not read meanwhile, so a client that
+        sends faster than it is heard waits, holding nothing here)."""
+        listener = self.listener
+        if listener is None:
+            raise ApiError(400, "binary messages are the user's microphone audio: first send a configure with "
+                                '"input_audio": {"sample_rate": 16000} (16-bit mono little-endian PCM at that rate)',
+                           param="input_audio")
+        try:
+            events = await run_in_threadpool(listener.feed, pcm)
+        except ListenError as e:
+            raise ApiError(400, str(e), param="input_audio") from None
+        for e in events:
+            if listener is not self.listener:  # reset or configured meanwhile
+                return
+            if isinstance(e, SpeechStarted):
+                await self.send(P.UserSpeechStarted(at_ms=e.at_ms))
+                if self.config.barge_in:
+                    await self.handle(P.Interrupt())  # exactly as `interrupt` (an assistant's reply too)
+            else:
+                await self.send(P.UserSpeechStopped(at_ms=e.at_ms, cut=e.heard.cut))
+                await self.transcribe_turn(listener, e.heard)
+
+    async def transcribe_turn(self, listener: Listener, heard: Heard) -> None:
+        """Transcribe a heard turn on the recogniser's thread, then add it: a task per turn, each
+        after the one before (turns join in the order they were spoken), at most
+        `MAX_HEARD_TURNS` waiting per socket."""
+        self.hearing = [t for t in self.hearing if not t.done()]
+        if len(self.hearing) >= MAX_HEARD_TURNS:
+            raise ApiError(503, f"{len(self.hearing)} of the user's turns are still being transcribed; this one "
+                                "was dropped")
+        try:
+            future = self.service.asr.submit(listener.transcribe, heard)
+        except AsrBusy as e:
+            raise ApiError(503, f"{e}; the user's turn was dropped") from None
+        before = self.hearing[-1] if self.hearing else None
+        self.hearing.append(asyncio.create_task(self.user_turn(future, before)))
+
+    async def user_turn(self, future, before: asyncio.Task | None) -> None:
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            turn = await asyncio.wrap_future(future)
+            text, heard, speaker = turn.text.strip(), turn.heard, self.config.user_speaker
+            if text:  # the codes encoded as the user spoke: the same rows as an add_turn with this audio
+                rows = await run_in_threadpool(self.turn_rows, Segment(speaker, text, codes=heard.codes))
+                await self.append_turn(rows, speaker, text=text)
+            frames = 0 if heard.codes is None else len(heard.codes)
+            await self.send(P.UserTurn(text=text, speaker=speaker, audio_ms=round(heard.end_ms - heard.start_ms, 3),
+                                       frames=frames, cut=heard.cut, added=bool(text)))
+            if text:
+                await self.on_user_turn(text)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except ApiError as e:
+            await self.error(f"the user's turn was not added: {e.message}", P.error_code(e.status))
+        except AsrError as e:
+            await self.error(f"the user's turn could not be transcribed: {e}")
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("a heard turn failed")
+            await self.error("internal error; the server log has the details", "internal")
+
     async def on_user_turn(self, text: str) -> None:
         """The user's turn `text` was just added to the conversation: in assistant mode, answer it
         (a reply in flight is stopped first, as barge-in)."""
         if self.assistant is not None:
             await self.assistant.answer(text)
+
+    def stop_listening(self) -> None:
+        """Drop the turns being transcribed (a reset, a new configure, the socket closing)."""
+        for task in self.hearing:
+            task.cancel()
+        self.hearing = []
 
     def rows(self) -> int:
         return sum(map(len, self.pinned)) + sum(map(len, self.turns))
@@ -417,7 +522,7 @@ class Conversation:
                 u.stream.cancel()
         except ApiError as e:  # a later piece cannot be spoken (too long for the window, say)
             u.error = e.message
-            await self.error(e.message, _error_code(e.status), u.id)
+            await self.error(e.message, P.error_code(e.status), u.id)
             reason = "error"
         except Exception:  # the socket went away mid-send
             if u.stream is not None:
@@ -482,6 +587,7 @@ class Conversation:
         await self.finish(u, reason)
 
 
+MAX_HEARD_TURNS = 4  # a socket's turns waiting for their transcript (each at most max_turn_s of audio)
 _COMMANDS = ("configure", "add_turn", "speak", "append_text", "interrupt", "reset")
 
 

@@ -49,7 +49,8 @@ something speakable (a letter, digit or symbol) and no control characters.
 
 WebSocket `/v1/conversations`
 ----------------------------
-Text messages are JSON objects with a `type`; binary messages are audio. After the server's
+Text messages are JSON objects with a `type`; binary messages are audio (the server's speech,
+the client's microphone: see Listening below). After the server's
 `ready`, the client sends `ClientMessage`s:
 
     configure   pin voices at the head of the conversation, pick the PCM format and defaults
@@ -70,8 +71,9 @@ Text messages are JSON objects with a `type`; binary messages are audio. After t
 
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
-`context_dropped`, `voice_unpinned`, `error`, `word`, `assistant_text` and `assistant_reply`
-(assistant mode, below); between `started` and `done` come binary
+`context_dropped`, `voice_unpinned`, `error`, `word`, `user_speech_started`, `user_speech_stopped`,
+`user_turn`, `assistant_text` and `assistant_reply` (assistant mode, below); between `started` and
+`done` come binary
 messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
 default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
 (as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
@@ -122,6 +124,24 @@ count the whole line, every one of its `done.pieces`: a line of three sentences 
 times the first piece's bound. Each piece's bound is `max_audio_length_ms` lowered to what its
 text can plausibly take (3 s + 150 ms a character), in 80 ms frames.
 
+Listening: with `"input_audio": {"sample_rate": 16000}` in `configure` (any rate from 8 to 48 kHz;
+optionally `"language"`) the client streams the user's microphone as binary messages of
+little-endian 16-bit mono PCM at that rate, in chunks of 20-100 ms as it records (the server
+needs speech recognition, `--asr-model`: without it the `configure` is an `error` event). The
+server finds the user's turns with Silero VAD (`--turn-silence-ms` of silence ends one,
+`--max-turn-s` cuts one) and sends `user_speech_started {at_ms}`, then `user_speech_stopped {at_ms,
+cut}`, then, once the turn is transcribed, `turn_added` (with its `text`) and `user_turn {text,
+speaker, audio_ms, frames, cut, added}`: the turn (its Mimi codes, encoded while the user spoke,
+and its transcript) has joined the conversation as `user_speaker` (default 1), exactly as an
+`add_turn` with that audio and text would, so the next line hears the user's voice. A turn in
+which nothing was recognised is reported (`added: false`) and not added. With `barge_in` (on by
+default) the user starting to speak interrupts the line in flight exactly as `interrupt` does.
+Audio before such a `configure`, a rate outside 8-48 kHz, an odd byte count, a chunk over 5 s,
+audio more than 2 s ahead of real time, or more than 4 turns waiting for their transcript are
+each an `error` event; the chunk is dropped and the session goes on. `reset` and `configure` drop
+the turn being heard and those being transcribed. `add_turn` with `audio` and no `text` is
+transcribed (an `error` event without speech recognition); its `turn_added.text` says what was heard.
+
 A streamed line is bounded (the server's settings; `fastcsm serve --help` lists them): a line
 that gets no text for `line_idle_timeout_s` seconds (default 30; empty fragments bring no text)
 is ended with an `error` event (code `timeout`) and its `done` (reason `deadline`, whatever was
@@ -159,6 +179,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, PlainValidator, 
 from ..bounds import MAX_AUDIO_LENGTH_MS, SEED, SPEAKER, TEMPERATURE, TOPK, Bound
 from ..engine import EndReason
 from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..listen.listener import MAX_RATE as MAX_INPUT_RATE, MIN_RATE as MIN_INPUT_RATE
 from ..normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
@@ -392,6 +413,15 @@ class Ready(BaseModel):
 
 # -- WebSocket: client -> server ------------------------------------------------------------------
 
+class InputAudio(_Strict):
+    """The user's microphone stream: binary messages of little-endian 16-bit mono PCM."""
+
+    sample_rate: Int = Field(ge=MIN_INPUT_RATE, le=MAX_INPUT_RATE, description="samples per second of the PCM")
+    language: str | None = Field(None, min_length=2, max_length=8, description="what the user speaks (ISO 639-1, "
+                                                                               "e.g. en); left out, the recogniser "
+                                                                               "decides")
+
+
 class Configure(_Strict):
     """Session settings; send before the first turn (sending it later resets the conversation)."""
 
@@ -405,13 +435,19 @@ class Configure(_Strict):
     temperature: Temperature = TEMPERATURE.default
     topk: TopK = TOPK.default
     max_audio_length_ms: MaxAudioLength = None
+    input_audio: InputAudio | None = Field(None, description="the user's microphone audio streams in as binary "
+                                                             "messages of 16-bit mono PCM at this rate (needs the "
+                                                             "server's speech recognition, --asr-model)")
+    user_speaker: Int = Field(1, ge=0, le=MAX_SPEAKER, description="the user's speaker id: the turns heard from "
+                                                                   "input_audio join under it, and in assistant mode "
+                                                                   "its `add_turn`s are answered")
+    barge_in: bool = Field(True, description="the user starting to speak interrupts the line being spoken, as "
+                                             "`interrupt` does")
     assistant: bool = Field(False, description="answer each user turn with the server's language model (--llm-url), "
                                                "spoken as a streamed line; refused when the server has none")
-    user_speaker: Int = Field(0, ge=0, le=MAX_SPEAKER, description="assistant mode: the speaker id of the user's "
-                                                                   "turns, the `add_turn`s that are answered")
     assistant_voice: str | None = Field(None, max_length=64, description="assistant mode: the voice of the replies "
-                                                                        "(a registered voice, or a bare id like \"1\")")
-    assistant_speaker: Int = Field(1, ge=0, le=MAX_SPEAKER, description="assistant mode: the replies' speaker id "
+                                                                        "(a registered voice, or a bare id like \"0\")")
+    assistant_speaker: Int = Field(0, ge=0, le=MAX_SPEAKER, description="assistant mode: the replies' speaker id "
                                                                         "when `assistant_voice` is not given")
 
 
@@ -420,7 +456,8 @@ class AddTurn(_Strict):
 
     type: Literal["add_turn"] = "add_turn"
     speaker: Speaker
-    text: str = Field(min_length=1)
+    text: str | None = Field(None, min_length=1, description="what was said; left out, the server's speech "
+                                                              "recognition transcribes `audio`")
     audio: str | None = Field(None, description="base64 of an audio file (WAV, FLAC, OGG, MP3; any rate)")
 
 
@@ -481,6 +518,7 @@ class ConfiguredEvent(BaseModel):
     voices: list[str]
     audio_format: str
     pinned_rows: int
+    input_audio: InputAudio | None = Field(None, description="the microphone stream the server now listens to")
 
 
 class TurnAdded(BaseModel):
@@ -489,6 +527,32 @@ class TurnAdded(BaseModel):
     speaker: int
     rows: int
     conversation_rows: int
+    text: str | None = Field(None, description="the turn's text when speech recognition made it")
+
+
+class UserSpeechStarted(BaseModel):
+    type: Literal["user_speech_started"] = "user_speech_started"
+    at_ms: float = Field(description="where the user's turn starts in the input audio (ms from its first sample)")
+
+
+class UserSpeechStopped(BaseModel):
+    type: Literal["user_speech_stopped"] = "user_speech_stopped"
+    at_ms: float = Field(description="where the turn ends in the input audio")
+    cut: bool = Field(False, description="the turn reached the server's max_turn_s and was cut there (the speech "
+                                         "after it starts the next turn)")
+
+
+class UserTurn(BaseModel):
+    """A turn heard from the input audio, transcribed; with text it has joined the conversation
+    (a `turn_added` came just before), with none (nothing recognised) it has not."""
+
+    type: Literal["user_turn"] = "user_turn"
+    text: str
+    speaker: int
+    audio_ms: float = Field(description="the turn's audio")
+    frames: int = Field(description="its Mimi frames (80 ms each) in the conversation")
+    cut: bool = Field(False, description="cut at max_turn_s")
+    added: bool = Field(description="the turn joined the conversation (false: no words were recognised)")
 
 
 class Started(BaseModel):
@@ -588,6 +652,12 @@ class AssistantReply(BaseModel):
     first_audio_ms: float | None = Field(description="from the user turn to the reply's first frame leaving the server")
 
 
+def error_code(status: int) -> str:
+    """The `error` event's code for a refusal worded as an HTTP status."""
+    return {401: "unauthorized", 404: "not_found", 409: "busy", 503: "busy"}.get(
+        status, "bad_request" if status < 500 else "internal")
+
+
 class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     message: str
@@ -599,6 +669,6 @@ class ErrorEvent(BaseModel):
 
 ServerMessage = Annotated[
     ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
-    | ErrorEvent | WordEvent | AssistantText | AssistantReply,
+    | ErrorEvent | WordEvent | UserSpeechStarted | UserSpeechStopped | UserTurn | AssistantText | AssistantReply,
     Field(discriminator="type"),
 ]

@@ -129,6 +129,7 @@ class Service:
         self._llm: LanguageModel | None = None
         self.asr = None  # a fastcsm.listen.asr.AsrPool once `asr_model` is loaded
         self.asr_error: str | None = None
+        self._vad = None  # Silero's detector, loaded by the first conversation that listens
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -180,6 +181,27 @@ class Service:
         if self.asr_error:
             raise ApiError(503, f"speech recognition failed to load: {self.asr_error}", "server_error")
         raise ApiError(503, "speech recognition is still loading; retry shortly", "server_busy", retry_after=5)
+
+    def listener(self, rate: int, language: str | None):
+        """A `Listener` for one microphone stream at `rate` (400 without speech recognition):
+        turns cut by the server's settings, encoded by the model's codec, transcribed by its
+        recogniser (on the recogniser's thread: see `AsrPool.submit`)."""
+        from ..listen.listener import Listener, ListenError
+        from ..listen.vad import SileroVad, TurnConfig, VadError
+
+        asr, gen = self.need_asr("input_audio"), self.need_ready()
+        with self._lock:
+            if self._vad is None:
+                try:
+                    self._vad = SileroVad()
+                except VadError as e:
+                    raise ApiError(503, str(e), "server_error") from None
+        s = self.settings
+        try:
+            return Listener(self._vad, rate, codec=gen.codec, transcriber=asr.transcriber, language=language,
+                            config=TurnConfig(end_silence_ms=s.turn_silence_ms, max_turn_s=s.max_turn_s))
+        except ListenError as e:
+            raise ApiError(400, str(e), param="input_audio") from None
 
     def transcribe_upload(self, data: bytes, language: str | None, prompt: str | None):
         """`POST /v1/audio/transcriptions`: decode the upload (400 if it is not audio), transcribe it."""

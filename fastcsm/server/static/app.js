@@ -430,6 +430,9 @@
       this.rate = SAMPLE_RATE;
       this.dropping = false;  // interrupted: ignore audio until the server's `done`
       this.nextId = 0;
+      this.mic = null;        // talk mode: { stream, ctx, node } while the microphone streams
+      this.listening = false; // the server listens (its `configured` came): audio may be sent
+      this.hearing = [];      // the <li> of each user turn heard and not yet transcribed
     }
     url() {
       const u = new URL("/v1/conversations", location.href);
@@ -456,6 +459,7 @@
         stats.conversation.connected = false;
         setConvState("not connected", false);
         if (stats.streaming && utter && utter.via === "ws") endUtterance({ error: "closed" });
+        this.stopTalking();
         if (ev.code === 4401) askForKey();
         // The server says why in an error event before it closes; only a silent close gets a message here.
         if (ev.code !== 1000 && ev.code !== 1001 && !this.closing && !this.told) {
@@ -489,6 +493,91 @@
       const { max_audio_length_ms, temperature, topk, seed } = samplingFields();
       this.send({ type: "speak", id, text, voice: $("voice").value || "0", max_audio_length_ms, temperature, topk, seed });
     }
+    /* Talk mode: the microphone (echo cancelled) streams to the server as 16-bit PCM at the audio
+     * context's rate; the server finds the user's turns, transcribes them and adds them, with
+     * their audio, to the conversation. A `configure` starts the conversation afresh. */
+    async startTalking() {
+      let ws;
+      try { ws = await this.open(); } catch (_) { return; }
+      let stream;
+      try {
+        stream = await navigator.mediaDevices.getUserMedia({
+          audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true } });
+      } catch (err) {
+        showError(`The microphone is not available: ${err.message}`);
+        return;
+      }
+      const ctx = new AudioContext();
+      try {
+        await ctx.audioWorklet.addModule("mic-worklet.js");
+      } catch (err) {
+        stream.getTracks().forEach((t) => t.stop());
+        ctx.close();
+        showError(`The microphone cannot be streamed: ${err.message}`);
+        return;
+      }
+      const node = new AudioWorkletNode(ctx, "fastcsm-mic", { channelCount: 1, channelCountMode: "explicit" });
+      const mute = ctx.createGain();  // the graph runs while it reaches the output; the mic is not played
+      mute.gain.value = 0;
+      ctx.createMediaStreamSource(stream).connect(node);
+      node.connect(mute);
+      mute.connect(ctx.destination);
+      this.mic = { stream, ctx, node };
+      stats.conversation.micRate = ctx.sampleRate;
+      stats.conversation.micChunks = 0;
+      node.port.onmessage = (ev) => {
+        if (!this.listening || this.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+        ws.send(ev.data);
+        stats.conversation.micChunks++;
+      };
+      this.hearing = [];
+      $("turns").replaceChildren();
+      stats.conversation.turns = [];
+      this.send({ type: "configure", input_audio: { sample_rate: ctx.sampleRate }, barge_in: $("barge-in").checked });
+      $("talk").setAttribute("aria-pressed", "true");
+      $("talk").textContent = "■ Stop talking";
+      setTalkState("starting…");
+    }
+    stopTalking() {
+      const mic = this.mic;
+      this.mic = null;
+      this.listening = false;
+      if (!mic) return;
+      mic.stream.getTracks().forEach((t) => t.stop());
+      mic.ctx.close();
+      $("talk").setAttribute("aria-pressed", "false");
+      $("talk").textContent = "🎙 Talk";
+      setTalkState("");
+    }
+    heard(msg) {
+      switch (msg.type) {
+        case "user_speech_started": {
+          setTalkState("hearing you…");
+          const li = addTurnItem("you", "…");
+          li.classList.add("pending");
+          this.hearing.push(li);
+          // The server stops its line (barge_in); the audio already here stops too.
+          if ($("barge-in").checked && stats.streaming && utter.via === "ws") this.interrupt();
+          break;
+        }
+        case "user_speech_stopped":
+          setTalkState("transcribing…");
+          break;
+        case "user_turn": {
+          (stats.conversation.userTurns = stats.conversation.userTurns || []).push(msg);
+          const li = this.hearing.shift();
+          if (li) {
+            li.classList.remove("pending");
+            if (msg.added) li.lastChild.textContent = msg.text;
+            else li.remove();
+          }
+          setTalkState(msg.added ? `heard ${(msg.audio_ms / 1000).toFixed(1)} s` : "nothing recognised");
+          break;
+        }
+        default:
+          break;
+      }
+    }
     interrupt() {
       if (this.ws && this.ws.readyState === WebSocket.OPEN) this.send({ type: "interrupt" });
       this.dropping = true;
@@ -512,6 +601,15 @@
           stats.conversation.connected = true;
           setConvState("live", true);
           if (this.opening) { this.opening.resolve(ws); this.opening = null; }
+          break;
+        case "configured":
+          this.listening = !!(this.mic && msg.input_audio);
+          if (this.listening) setTalkState(`listening (${msg.input_audio.sample_rate} Hz)`);
+          break;
+        case "user_speech_started":
+        case "user_speech_stopped":
+        case "user_turn":
+          this.heard(msg);
           break;
         case "started":
           if (this.current && (!msg.id || this.current.dataset.id === msg.id)) this.current.dataset.started = "1";
@@ -538,6 +636,7 @@
           const text = msg.message || JSON.stringify(msg);
           this.told = true;
           showError(msg.code ? `${msg.code}: ${text}` : text);
+          if (this.mic && !this.listening) this.stopTalking();  // its configure was refused
           // An error about the line being spoken (or one sent before it started) ends it.
           const cur = this.current;
           if (cur && (msg.id ? cur.dataset.id === msg.id : !cur.dataset.started)) {
@@ -556,6 +655,7 @@
       if (stats.streaming) this.interrupt();
       if (this.ws && this.ws.readyState === WebSocket.OPEN) this.send({ type: "reset" });
       this.current = null;
+      this.hearing = [];
       $("turns").replaceChildren();
       stats.conversation.turns = [];
     }
@@ -570,7 +670,8 @@
     li.className = `turn ${who}`;
     const label = document.createElement("span");
     label.className = "who";
-    label.textContent = who === "model" ? `model · ${$("voice").value || "0"}` : withAudio ? "them · with audio" : "them";
+    label.textContent = who === "model" ? `model · ${$("voice").value || "0"}` : who === "you" ? "you · heard"
+      : withAudio ? "them · with audio" : "them";
     li.append(label, document.createTextNode(text));
     $("turns").append(li);
     $("turns").scrollTop = $("turns").scrollHeight;  // scroll the list only, never the page
@@ -583,6 +684,7 @@
     li.textContent = text;
     $("turns").append(li);
   }
+  function setTalkState(text) { $("talk-state").textContent = text; }
   function setConvState(text, live) {
     const el = $("conv-state");
     el.textContent = text;
@@ -658,6 +760,7 @@
     });
   }
   $("reset-conversation").addEventListener("click", () => conversation.reset());
+  $("talk").addEventListener("click", () => (conversation.mic ? conversation.stopTalking() : conversation.startTalking()));
   $("add-turn").addEventListener("click", () => {
     const text = $("their-line").value.trim();
     if (!text) return;
