@@ -1,6 +1,7 @@
 """Test-wide settings: tiny models run fastest on one thread (no pool wake-ups per small op).
-Tests marked `slow` (compiles: minutes on a CPU) run only with FASTCSM_SLOW_TESTS=1,
-which CI sets; otherwise each is reported as skipped."""
+Tests marked `slow` (compiles, the interpreted kernels, whole servers started as commands:
+ten seconds to minutes each on a CPU) run only with FASTCSM_SLOW_TESTS=1, which CI sets;
+otherwise each is reported as skipped."""
 
 import os
 
@@ -13,7 +14,7 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("FASTCSM_SLOW_TESTS"):
         return
-    skip = pytest.mark.skip(reason="slow (compiles with torch.compile); set FASTCSM_SLOW_TESTS=1")
+    skip = pytest.mark.skip(reason="slow (compiles, interprets kernels, starts servers); set FASTCSM_SLOW_TESTS=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

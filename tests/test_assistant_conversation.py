@@ -280,6 +280,7 @@ def test_an_unreachable_model_is_an_error_and_the_conversation_goes_on():
         c.close()
 
 
+@pytest.mark.slow
 def test_fastcsm_serve_with_a_language_model_answers_in_text_and_audio(llm, tmp_path):
     """The command line itself: `fastcsm serve --llm-url --llm-model --system-prompt @FILE`."""
     from fastcsm.server.urls import free_port, wait_ready

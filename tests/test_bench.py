@@ -137,6 +137,7 @@ def profile_step(monkeypatch):
     return profile_step
 
 
+@pytest.mark.slow
 def test_profile_step_reports_kernels_per_frame_on_cpu(profile_step, capsys):
     """The GPU profile script runs on the CPU (the tiny preset, eager): one JSON line with the wall
     time a frame, its ops (the CPU's kernels), their time, the gaps, and the top ops with the fastcsm

@@ -319,6 +319,7 @@ def test_prefill_budget_is_shared_across_waiting_requests(model):
     assert emitted_first == len(rows)  # the running stream advanced on every one of those steps
 
 
+@pytest.mark.slow
 def test_compiled_engine_with_codec_equals_eager():
     """The engine's whole step (frame + Mimi decode, as captured on CUDA) is one graph under
     torch.compile(fullgraph=True): same codes, same PCM, through the engine's own loop."""

@@ -39,6 +39,7 @@ PATHS = {"fma": config(1, 32, 64, 1, 4, 1), "fma-rows": config(4, 32, 64, 1, 4, 
 SHAPES = [(1, 64, 128), (3, 33, 100), (17, 40, 96)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED or CUDA, reason="this process already runs the kernel tests")
 def test_under_the_interpreter():
     """Run this file's kernel tests with Triton's interpreter on the CPU, in a fresh process

@@ -286,6 +286,7 @@ def test_prequantized_checkpoint_loads_directly(sesame_root, model, tmp_path):
         checkpoints.write_quantized(sesame_root, out)
 
 
+@pytest.mark.slow
 def test_prequantized_hf_checkpoint_keeps_its_codec(tiny_csm_dir, tmp_path):
     src = tiny_csm_dir
     out = checkpoints.write_quantized(src, tmp_path / "hf-int8")

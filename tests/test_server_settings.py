@@ -126,6 +126,7 @@ def test_refusals_and_load_failures_end_in_one_line(capsys):
     assert "could not load the model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_both_entry_points_behave_the_same():
     """`python -m fastcsm serve` (what the `fastcsm` script runs) and `python -m fastcsm.server`:
     one parser, one error path, one exit code."""
