@@ -536,19 +536,20 @@ def test_api_key_is_asked_for_and_sent(browser, server):
         page.close()
 
 
-def test_talk_mode_streams_the_microphone_and_the_user_turn_appears(playwright, tmp_path_factory):
-    """Talk mode in Chromium whose fake microphone plays espeak-ng speech: the page streams it over
-    the conversation WebSocket, and the server's speech recognition hears the sentence."""
-    from listen_audio import needs_espeak, overlap, silence, spoken
+@contextmanager
+def talking(playwright, root: Path, said: str, quiet_after_s: float, *flags: str, quiet_before_s: float = 0.5):
+    """A server with pocketsphinx (and `flags`), and a page in Chromium whose fake microphone is quiet
+    for `quiet_before_s`, says `said` (espeak-ng), then is quiet for `quiet_after_s` (the file loops):
+    yields the page, on its conversation tab (the page sends nothing before its `configure` is
+    answered, so a long first quiet keeps the sentence whole on a busy machine)."""
+    from listen_audio import needs_espeak, silence, spoken
 
     if needs_espeak.args[0]:
         pytest.skip(needs_espeak.kwargs["reason"])
-    root = tmp_path_factory.mktemp("talk")
-    said = "what time is it"
     wav = root / "mic.wav"
-    sf.write(wav, np.concatenate([silence(0.5, 48_000), spoken(said, 48_000), silence(3.0, 48_000)]), 48_000,
-             subtype="PCM_16")
-    with serve(root, "--asr-model", "pocketsphinx") as url:
+    mic = [silence(quiet_before_s, 48_000), spoken(said, 48_000), silence(quiet_after_s, 48_000)]
+    sf.write(wav, np.concatenate(mic), 48_000, subtype="PCM_16")
+    with serve(root, "--asr-model", "pocketsphinx", *flags) as url:
         ctx = playwright.chromium.launch_persistent_context(
             str(root / "profile"), executable_path=CHROMIUM, headless=True,
             args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}"])
@@ -557,17 +558,92 @@ def test_talk_mode_streams_the_microphone_and_the_user_turn_appears(playwright, 
             page.wait_for_function("window.fastcsm && window.fastcsm.ready === true", timeout=30_000)
             page.click("#tab-conversation")
             page.wait_for_function("window.fastcsm.conversation.connected === true", timeout=30_000)
-            page.click("#talk")
-            page.wait_for_function("(window.fastcsm.conversation.userTurns || []).length >= 1", timeout=90_000)
-            s = stats(page)
-            turn = s["conversation"]["userTurns"][0]
-            kinds = [e["type"] for e in s["conversation"]["events"]]
-            assert kinds.index("configured") < kinds.index("user_speech_started") < kinds.index("user_turn")
-            assert s["conversation"]["micChunks"] > 0 and s["conversation"]["micRate"] >= 8000
-            assert turn["added"] and overlap(turn["text"], said) >= 0.75, turn
-            assert page.text_content("#turns li.you").endswith(turn["text"])
-            assert page.console.errors == []
-            page.click("#talk")  # stops the microphone
-            assert page.get_attribute("#talk", "aria-pressed") == "false"
+            yield page
         finally:
             ctx.close()
+
+
+def test_talk_mode_streams_the_microphone_and_the_user_turn_appears(playwright, tmp_path_factory):
+    """Talk mode in Chromium whose fake microphone plays espeak-ng speech: the page streams it over
+    the conversation WebSocket, and the server's speech recognition hears the sentence."""
+    from listen_audio import overlap
+
+    said = "what time is it"
+    with talking(playwright, tmp_path_factory.mktemp("talk"), said, 3.0) as page:
+        page.click("#talk")
+        page.wait_for_function("(window.fastcsm.conversation.userTurns || []).length >= 1", timeout=90_000)
+        s = stats(page)
+        turn = s["conversation"]["userTurns"][0]
+        kinds = [e["type"] for e in s["conversation"]["events"]]
+        assert kinds.index("configured") < kinds.index("user_speech_started") < kinds.index("user_turn")
+        assert s["conversation"]["micChunks"] > 0 and s["conversation"]["micRate"] >= 8000
+        assert turn["added"] and overlap(turn["text"], said) >= 0.75, turn
+        assert page.text_content("#turns li.you").endswith(turn["text"])
+        assert page.console.errors == []
+        page.click("#talk")  # stops the microphone
+        assert page.get_attribute("#talk", "aria-pressed") == "false"
+
+
+@contextmanager
+def answered(playwright, root: Path, said: str, quiet_after_s: float, reply: str, tokens_per_s: float):
+    """Talk mode with "the model answers" (the stand-in model writing `reply` at `tokens_per_s`),
+    the microphone saying `said`: yields the page and the model once the first reply has ended."""
+    from fastcsm.testing_llm import StandInLLM
+
+    with StandInLLM([reply], tokens_per_s=tokens_per_s) as llm, \
+            talking(playwright, root, said, quiet_after_s, "--llm-url", llm.url, "--llm-model", "stand-in",
+                    quiet_before_s=3.0) as page:
+        page.check("#assistant")
+        page.click("#talk")
+        page.wait_for_function("(window.fastcsm.conversation.replies || []).length >= 1", timeout=120_000)
+        yield page, llm
+
+
+def test_talk_mode_with_the_model_answering_shows_and_plays_its_reply(playwright, tmp_path_factory):
+    """Talk mode with "the model answers": the user's spoken turn goes to the server's language
+    model (the stand-in, on loopback), and the page shows the reply's words and plays its audio."""
+    said, reply = "what time is it", "It is noon. Time for lunch."
+    with answered(playwright, tmp_path_factory.mktemp("talk_assistant"), said, 20.0, reply, 200) as (page, llm):
+        s = stats(page)
+        turn = s["conversation"]["userTurns"][0]
+        assert turn["added"] and turn["text"], turn  # what was heard is the other test's; here, that it is answered
+        kinds = [e["type"] for e in s["conversation"]["events"]]
+        assert kinds.index("user_turn") < kinds.index("started") < kinds.index("assistant_text") \
+            < kinds.index("assistant_reply")
+        texts = [e["text"] for e in s["conversation"]["events"] if e["type"] == "assistant_text"]
+        assert " ".join(texts).split() == reply.split()
+        assert page.text_content("#turns li.model").endswith(" ".join(texts))
+        assert llm.requests[0]["messages"][-1]["content"] == turn["text"]
+        done = s["utterances"][-1]
+        assert done["samples"] > 0 and not done["interrupted"] and not done["error"]
+        assert s["samplesScheduled"] > 0  # handed to the player
+        assert page.console.errors == []
+
+
+def test_talk_mode_speaking_over_the_reply_interrupts_it(playwright, tmp_path_factory):
+    """Barge-in in Chromium: the fake microphone's sentence comes round again (the file loops) while
+    the model's long reply plays; the page stops its audio and the server cuts the reply."""
+    reply = "Sure. " + " ".join(f"Here is the sentence number {n} of a long answer." for n in range(1, 9))
+    with answered(playwright, tmp_path_factory.mktemp("talk_barge_in"), "what time is it", 2.0, reply, 5) as (page, _):
+        s = stats(page)
+        first = s["conversation"]["replies"][0]
+        assert first["reason"] == "interrupted", first
+        kinds = [e["type"] for e in s["conversation"]["events"]]
+        started = kinds.index("started")
+        assert "user_speech_started" in kinds[started:kinds.index("assistant_reply")]  # spoken over the reply
+        assert s["utterances"][0]["interrupted"]
+        assert page.locator("#turns li.model.interrupted").count() >= 1
+        assert page.console.errors == []
+
+
+def test_talk_mode_with_the_model_answering_on_a_server_without_one_says_why(playwright, tmp_path_factory):
+    """"The model answers" on a server without --llm-url: the server's refusal of the configure is
+    shown, and the microphone stops."""
+    with talking(playwright, tmp_path_factory.mktemp("talk_no_model"), "what time is it", 1.0) as page:
+        page.check("#assistant")
+        page.click("#talk")
+        page.wait_for_function("window.fastcsm.lastError !== null", timeout=30_000)
+        assert page.is_visible("#error") and "--llm-url" in page.text_content("#error-text")
+        page.wait_for_function("document.querySelector('#talk').getAttribute('aria-pressed') === 'false'",
+                               timeout=10_000)
+        assert stats(page)["conversation"].get("micChunks", 0) == 0  # nothing was sent

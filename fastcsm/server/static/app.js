@@ -433,6 +433,7 @@
       this.mic = null;        // talk mode: { stream, ctx, node } while the microphone streams
       this.listening = false; // the server listens (its `configured` came): audio may be sent
       this.hearing = [];      // the <li> of each user turn heard and not yet transcribed
+      this.assistant = false; // talk mode with the server's language model answering
     }
     url() {
       const u = new URL("/v1/conversations", location.href);
@@ -533,7 +534,11 @@
       this.hearing = [];
       $("turns").replaceChildren();
       stats.conversation.turns = [];
-      this.send({ type: "configure", input_audio: { sample_rate: ctx.sampleRate }, barge_in: $("barge-in").checked });
+      // With "the model answers", the server's language model replies to each turn heard (a server
+      // without one refuses the configure, and its error shows).
+      this.assistant = $("assistant").checked;
+      this.send({ type: "configure", input_audio: { sample_rate: ctx.sampleRate }, barge_in: $("barge-in").checked,
+                  assistant: this.assistant });
       $("talk").setAttribute("aria-pressed", "true");
       $("talk").textContent = "■ Stop talking";
       setTalkState("starting…");
@@ -578,6 +583,22 @@
           break;
       }
     }
+    /* Assistant mode: the model's reply to a turn heard starts; it plays as it comes, and its
+     * words show as each piece's audio starts (`assistant_text`). */
+    replying() {
+      beginUtterance("ws", this.rate);
+      setSpeakState("the model answers…");
+      this.dropping = false;
+      this.current = addTurnItem("model", "");
+    }
+    replyText(msg) {
+      if (!this.current) return;
+      const words = this.current.lastChild;
+      words.textContent = words.textContent ? `${words.textContent} ${msg.text}` : msg.text;
+      const turn = stats.conversation.turns.findLast((t) => t.who === "model");
+      if (turn) turn.text = words.textContent;
+      $("turns").scrollTop = $("turns").scrollHeight;
+    }
     interrupt() {
       if (this.ws && this.ws.readyState === WebSocket.OPEN) this.send({ type: "interrupt" });
       this.dropping = true;
@@ -612,7 +633,14 @@
           this.heard(msg);
           break;
         case "started":
+          if (!this.current && this.assistant && this.listening) this.replying();
           if (this.current && (!msg.id || this.current.dataset.id === msg.id)) this.current.dataset.started = "1";
+          break;
+        case "assistant_text":
+          this.replyText(msg);
+          break;
+        case "assistant_reply":
+          (stats.conversation.replies = stats.conversation.replies || []).push(msg);
           break;
         case "first_audio":
           stats.conversation.serverFirstAudioMs = msg.ms;
