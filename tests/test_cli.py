@@ -203,10 +203,10 @@ def test_compile_refuses_bad_settings_and_missing_models(tmp_path, capsys):
 @pytest.mark.slow
 def test_compile_fills_the_cache_and_says_where(tmp_path, tiny_csm_dir, capsys):
     cache = tmp_path / "cache"
-    rc = main(["compile", "--model", str(tiny_csm_dir), "--device", "cpu", "--slots", "2", "--compile-cache",
+    rc = main(["compile", "--model", str(tiny_csm_dir), "--device", "cpu", "--slots", "1", "--compile-cache",
                str(cache)])
     out = capsys.readouterr().out
-    assert rc == 0 and "batches 1, 2 on cpu" in out
+    assert rc == 0 and "batches 1 on cpu" in out  # one bucket: each is a C++ build of minutes on a CPU
     entry = out.strip().rsplit("cache: ", 1)[1]
     assert entry.startswith(str(cache)) and any((cache / entry.rsplit("/", 1)[1] / "inductor").rglob("*"))
 
