@@ -11,6 +11,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from fastcsm.config import tiny_config
@@ -62,7 +63,7 @@ class OneFrameStream:
 def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
     async def main():
         ws = SlowSocket()
-        service = SimpleNamespace(settings=SimpleNamespace(max_input_chars=100), cfg=CFG)
+        service = SimpleNamespace(settings=SimpleNamespace(max_input_chars=100, max_messages_per_s=500), cfg=CFG)
         conv = Conversation(ws, service)
         line = segment_rows(Segment(0, "Hi."), TOK, CFG)
         stream = OneFrameStream()
@@ -141,3 +142,28 @@ def test_an_unknown_message_type_is_named_with_the_known_ones():
     for name in ("configure", "add_turn", "speak", "append_text", "interrupt", "reset"):
         assert name in unknown["message"]
     assert untyped["message"].startswith('the message needs a "type"')
+
+
+def test_a_socket_past_its_pace_waits_between_messages():
+    """The token bucket: a burst passes at once (yielding only), then each message waits for its
+    share of the rate; time refills the bucket, never past the burst."""
+    from fastcsm.server.limits import Pace
+
+    now, slept = [0.0], []
+
+    async def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    async def main():
+        pace = Pace(rate=100, burst=5, clock=lambda: now[0], sleep=sleep)
+        for _ in range(8):
+            await pace.wait()
+        assert slept[:5] == [0] * 5 and slept[5:] == pytest.approx([0.01] * 3)
+        now[0] += 10.0  # a long quiet: the bucket is full again, and only full
+        slept.clear()
+        for _ in range(6):
+            await pace.wait()
+        assert slept[:5] == [0] * 5 and slept[5] == pytest.approx(0.01)
+
+    asyncio.run(main())

@@ -43,7 +43,7 @@ from ..text import LinePieces
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
-from .limits import invalid_fields, json_values, max_message_values
+from .limits import Pace, invalid_fields, json_values, max_message_values
 from .service import ApiError, Service
 from .words import LineWords, word_events
 
@@ -96,6 +96,8 @@ class Conversation:
         self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
         self._send_lock = asyncio.Lock()
         self.max_values = max_message_values(service.settings)
+        rate = service.settings.max_messages_per_s
+        self.pace = Pace(rate, max(1.0, rate / 5))
         self.listener: Listener | None = None  # the user's microphone stream, once configured
         self.hearing: list[asyncio.Task] = []  # turns heard, being transcribed and added, in order
 
@@ -140,8 +142,8 @@ class Conversation:
                     continue
                 await self.dispatch(self.handle, command)
                 # A socket's messages may be queued already (a flood): each waits its turn behind
-                # the other sockets and streams, instead of running back to back.
-                await asyncio.sleep(0)
+                # the other sockets and streams, and past `max_messages_per_s` waits unread.
+                await self.pace.wait()
         except WebSocketDisconnect:
             pass
         finally:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import socket
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi.responses import JSONResponse
@@ -343,3 +344,26 @@ def uvicorn_config(app, settings: Settings, **overrides):
                    ws_max_size=settings.max_body_bytes)
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+class Pace:
+    """A token bucket for one client's messages: `rate` a second, `burst` at once. `wait()` returns
+    at once while the bucket holds a token, else sleeps until it does. Handling a cheap message
+    takes the GIL from the engine's thread as surely as an expensive one, so a socket sending
+    thousands of tiny messages must wait between them, not merely yield (`clock` and `sleep` are
+    injected by tests)."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic, sleep=asyncio.sleep):
+        self.rate, self.burst, self.clock, self.sleep = rate, burst, clock, sleep
+        self.tokens, self.last = burst, clock()
+
+    async def wait(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            await self.sleep((1 - self.tokens) / self.rate)
+            self.tokens, self.last = 1.0, self.clock()
+        else:
+            await self.sleep(0)  # a turn for every other task, even within the burst
+        self.tokens -= 1

@@ -155,6 +155,10 @@ class Settings(Table):
     max_line_chars: int = setting(4096, "longest line of a conversation, its streamed fragments together; a "
                                         "fragment past it is refused and the line stays open",
                                   "security and limits", metavar="N", at_least=1)
+    max_messages_per_s: int = setting(500, "messages one conversation socket has handled a second (a burst of "
+                                           "a fifth of a second's passes at once); faster ones wait unread, so "
+                                           "a flood cannot take the CPU from other streams", "security and limits",
+                                      metavar="N", at_least=1)
     lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
                                         "object of word -> respelling (see README, \"Saying the text right\")",
                                   "speech", metavar="FILE")
