@@ -36,11 +36,11 @@ def start(args) -> dict:
     """One start in this process: model, engine, warm-up; then, if asked, frames compiled and eager."""
     from torch._dynamo.utils import counters
 
-    from fastcsm import quant
     from fastcsm.bench import frame_times, random_codec, random_model
-    from fastcsm.config import preset
-    from fastcsm.engine import Engine
-    from fastcsm.sampling import SamplingParams, SamplingPath
+    from fastcsm.engine.engine import Engine
+    from fastcsm.engine.sampling import SamplingParams, SamplingPath
+    from fastcsm.model import quant
+    from fastcsm.model.config import preset
 
     if args.threads:
         torch.set_num_threads(args.threads)

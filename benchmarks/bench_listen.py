@@ -95,11 +95,11 @@ def bench_rtf(args) -> dict:
 def bench_turn(args) -> dict:
     import torch
 
-    from fastcsm.codec import Codec
+    from fastcsm.codec.codec import Codec
+    from fastcsm.codec.mimi import mimi_preset
     from fastcsm.listen.asr import SphinxTranscriber
     from fastcsm.listen.listener import Listener, SpeechStopped
     from fastcsm.listen.vad import SileroVad
-    from fastcsm.mimi import mimi_preset
     from fastcsm.testing import random_mimi
 
     torch.set_num_threads(1)  # a server's listener runs beside the engine, on one thread

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcsm.mimi import Mimi, MimiConfig
-from fastcsm.mimi_weights import export_state_dict
+from fastcsm.codec.mimi import Mimi, MimiConfig
+from fastcsm.codec.weights import export_state_dict
 
 
 def _sync(device: torch.device) -> None:

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastcsm.config import preset
+from fastcsm.model.config import preset
 
 
 def linear_shapes(cfg) -> list[tuple[str, int, int]]:
@@ -54,7 +54,7 @@ def log(msg: str) -> None:
 def time_graph(fn, calls: int, replays: int) -> float:
     """Microseconds per call: `calls` calls of fn(i) captured in one CUDA graph (as the engine
     captures its step), best of `replays`."""
-    from fastcsm.runner import capture
+    from fastcsm.engine.runner import capture
 
     graph = capture(lambda: [fn(i) for i in range(calls)])
     graph.replay()
@@ -83,7 +83,7 @@ def copies_of(make, nbytes: int, calls: int, l2: int) -> list[tuple]:
 
 
 def run(args, device: torch.device | None = None, timer=time_graph, shapes=SHAPES) -> dict:
-    from fastcsm import kernels, quant
+    from fastcsm.model import kernels, quant
 
     dev = device or torch.device("cuda")
     cuda = dev.type == "cuda"

@@ -1,10 +1,10 @@
-"""What Ray Serve's path costs: `fastcsm.ray` behind Serve's proxy against one `fastcsm serve`.
+"""What Ray Serve's path costs: `fastcsm.integrations.ray` behind Serve's proxy against one `fastcsm serve`.
 
 In one run, on loopback, with the same checkpoint (the tiny random one by default) and the same
 client as `bench_server.py`:
 
 1. a single `fastcsm serve` process (one torch thread on CPU);
-2. a local Ray cluster (`--cpus` CPUs) running `fastcsm.ray` with each of `--replicas` replica
+2. a local Ray cluster (`--cpus` CPUs) running `fastcsm.integrations.ray` with each of `--replicas` replica
    counts (one torch thread each), requests through Serve's HTTP proxy.
 
 The single server stays up throughout. Sequential one-frame requests go to it and to Serve's
@@ -65,7 +65,7 @@ def start_single(model: str, args) -> tuple[subprocess.Popen, str]:
 def deploy_ray(model: str, args, replicas: int, port: int) -> str:
     from ray import serve
 
-    from fastcsm.ray import build_app
+    from fastcsm.integrations.ray import build_app
 
     serve.run(build_app(model=model, device=args.device, replicas=replicas, threads=args.threads or 0,
                         num_cpus=args.cpus / replicas if args.device == "cpu" else 1, slots=args.slots,

@@ -64,9 +64,9 @@ def serve(args) -> None:
         gen = Generator.from_pretrained(args.model, device=args.device)
     else:
         from fastcsm.bench import random_codec, random_model
-        from fastcsm.codec import Codec
-        from fastcsm.config import preset
-        from fastcsm.prompt import TextTokenizer
+        from fastcsm.codec.codec import Codec
+        from fastcsm.model.config import preset
+        from fastcsm.model.prompt import TextTokenizer
         from fastcsm.testing import byte_tokenizer_json
 
         cfg = preset(args.preset)
@@ -152,7 +152,7 @@ async def one_stream(http, i: int, seconds: float, buffer_s: float) -> dict:
         late.append(t - must_play)
         played += n
     return {"ttfa": arrivals[0][0] - t0, "late": late, "samples": played // BYTES_PER_SAMPLE,
-            "replica": r.headers.get("x-fastcsm-replica")}  # set behind Ray Serve (fastcsm.ray)
+            "replica": r.headers.get("x-fastcsm-replica")}  # set behind Ray Serve (fastcsm.integrations.ray)
 
 
 async def run_level(url: str, n: int, seconds: float, buffer_s: float) -> dict:

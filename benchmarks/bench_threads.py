@@ -49,10 +49,10 @@ def worker(model_name: str, policy: str, steps: int) -> dict:
         threads.quiet_pool()
     import torch
 
-    from fastcsm import quant
     from fastcsm.bench import frame_times, random_codec, random_model
-    from fastcsm.config import preset
-    from fastcsm.engine import Engine
+    from fastcsm.engine.engine import Engine
+    from fastcsm.model import quant
+    from fastcsm.model.config import preset
 
     name, mode = MODELS[model_name]
     cfg = preset(name)

@@ -1,4 +1,4 @@
-"""How far the estimated word times (fastcsm.timestamps) are from the truth, and what saying the
+"""How far the estimated word times (fastcsm.speech.timestamps) are from the truth, and what saying the
 text right costs before the first frame.
 
 Truth: every word of a line is spoken alone by espeak-ng, trimmed to its sound, and the words are
@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastcsm import timestamps  # noqa: E402
-from fastcsm.normalize import normalize  # noqa: E402
+from fastcsm.speech import timestamps  # noqa: E402
+from fastcsm.speech.normalize import normalize  # noqa: E402
 
 RATE = 24_000
 LINES = [
@@ -136,7 +136,7 @@ def first_audio(runs: int = 15) -> dict:
     import torch
 
     from fastcsm.generator import Generator
-    from fastcsm.speech import SpeakOptions
+    from fastcsm.speech.speech import SpeakOptions
     from fastcsm.testing import write_hf_checkpoint
 
     torch.set_num_threads(1)

@@ -17,10 +17,10 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from fastcsm.bench import random_model
-from fastcsm.config import preset
-from fastcsm.engine import Engine
-from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams, SamplingPath
+from fastcsm.engine.engine import Engine
+from fastcsm.engine.runner import Runner
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.model.config import preset
 
 
 def main(argv=None) -> dict:

@@ -20,12 +20,12 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastcsm import config
-from fastcsm.codec import Codec
-from fastcsm.engine import Engine, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import Prompt
-from fastcsm.sampling import SamplingParams, SamplingPath
+from fastcsm.codec.codec import Codec
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.model import config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Prompt
 from fastcsm.testing import random_mimi, randomize_
 
 # Ops that only make a view or change metadata: no kernel on a GPU.

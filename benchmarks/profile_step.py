@@ -30,11 +30,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fastcsm import bench
-from fastcsm.checkpoints import resolve_device_dtype
-from fastcsm.config import preset
-from fastcsm.engine import Engine, Request
-from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams, SamplingPath
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.runner import Runner
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.model.checkpoints import resolve_device_dtype
+from fastcsm.model.config import preset
 
 
 def main(argv=None) -> dict:

@@ -4,8 +4,9 @@
 the `fastcsm` command sets OpenMP's wait policy before torch starts (see threads.py).
 """
 
-__version__ = "0.1.0"
-__all__ = ["Generator", "Segment", "load_csm_1b"]
+from .version import __version__
+
+__all__ = ["Generator", "Segment", "__version__", "load_csm_1b"]
 
 
 def __getattr__(name: str):
@@ -14,7 +15,7 @@ def __getattr__(name: str):
 
         return getattr(generator, name)
     if name == "Segment":
-        from .prompt import Segment
+        from .model.prompt import Segment
 
         return Segment
     raise AttributeError(f"module 'fastcsm' has no attribute {name!r}")

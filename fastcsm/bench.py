@@ -32,14 +32,14 @@ import warnings
 
 import torch
 
-from . import quant
 from .bounds import TEMPERATURE, TOPK
-from .codec import Codec
-from .config import CsmConfig, preset
-from .engine import Engine, Request
-from .model import CSM
-from .prompt import Prompt, audio_rows, concat
-from .sampling import SamplingParams
+from .codec.codec import Codec
+from .engine.engine import Engine, Request
+from .engine.sampling import SamplingParams
+from .model import quant
+from .model.config import CsmConfig, preset
+from .model.network import CSM
+from .model.prompt import Prompt, audio_rows, concat
 
 
 def log(*args) -> None:
@@ -68,7 +68,7 @@ def random_model(cfg: CsmConfig, device, dtype) -> CSM:
 
 
 def random_codec(cfg: CsmConfig, device) -> Codec:
-    from .mimi import mimi_preset
+    from .codec.mimi import mimi_preset
     from .testing import random_mimi
 
     return Codec(random_mimi(mimi_preset("tiny" if cfg.backbone.dim < 512 else "mimi")).to(device), cfg.num_codebooks)
@@ -170,7 +170,7 @@ def peer_ms_per_frame(model: CSM, frames: int) -> dict:
         return {"error": f"transformers not installed: {e}"}
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from .checkpoints import hf_name
+    from .model.checkpoints import hf_name
     from .testing import tiny_mimi_hf_config
 
     cfg = model.cfg
@@ -281,8 +281,8 @@ def check_plot_available(path: str | None) -> None:
 def load_checkpoint(path: str, device, dtype):
     """A real checkpoint at full precision (8-bit modes are made from it as from random weights),
     and its codec, or None when it carries none."""
-    from .checkpoints import load_model, resolve
-    from .codec import load_codec
+    from .codec.codec import load_codec
+    from .model.checkpoints import load_model, resolve
 
     model, files = load_model(path, device, dtype, quantize="none")
     try:
@@ -295,7 +295,7 @@ def load_checkpoint(path: str, device, dtype):
 
 def run(args) -> dict:
     from . import threads
-    from .checkpoints import resolve_device_dtype
+    from .model.checkpoints import resolve_device_dtype
     from .server.settings import values_from_args
 
     for name, value in values_from_args(args, SETTINGS).items():

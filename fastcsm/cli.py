@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import threads
 from .bounds import SPEAKER, TEMPERATURE, TOPK
-from .errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
-from .normalize import DEFAULT_LANGUAGE
+from .errors import EXIT_MODEL, EXIT_OK, CliError
+from .server.cli import command_parser, run_command
+from .speech.normalize import DEFAULT_LANGUAGE
 
 log = logging.getLogger("fastcsm")
 RTF_MEANING = "generation time / audio duration; below 1 is faster than real time"
@@ -54,29 +54,8 @@ def _alias(p, old: str, dest: str, **kwargs) -> None:
     p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
 
 
-def _resolve_settings(args) -> None:
-    """Fill the table's options of this command from their variables and defaults, checked; then
-    refuse a device this machine lacks (before anything slow) and set torch's threads."""
-    names = getattr(args, "settings", None)
-    if not names:
-        return
-    from .server.cli import check_device
-    from .server.settings import values_from_args
-
-    try:
-        values = values_from_args(args, names)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-    for name, value in values.items():
-        setattr(args, name, value)
-    if "device" in values:
-        check_device(args.device)
-    if "threads" in values:
-        threads.apply(args.threads)  # a model of unknown size; refined once one is loaded
-
-
 def _voice_store(args):
-    from .voices import VoiceStore
+    from .speech.voices import VoiceStore
 
     return VoiceStore(args.voices_dir)
 
@@ -165,8 +144,8 @@ def _read_text(args) -> str:
 
 
 def _check_speak_args(args) -> None:
-    from .config import preset
-    from .planner import requested_frames
+    from .model.config import preset
+    from .speech.planner import requested_frames
 
     cfg = preset("csm-1b")  # before loading: every CSM checkpoint has 80 ms frames and a 2048-row window
     if args.max_audio_length_ms is None:  # the server's bound, from its variable or its default
@@ -221,7 +200,7 @@ def _load_voice_arg(args):
     """The --voice file/name (before the model loads: a typo should not cost a model load)."""
     if not args.voice:
         return None
-    from .voices import VoiceError, load_voice
+    from .speech.voices import VoiceError, load_voice
 
     try:
         return load_voice(args.voice, _voice_store(args))
@@ -268,7 +247,7 @@ def _read_context(path: str) -> list[dict]:
 
 def _context_segments(turns: list[dict]):
     from .audio import AudioError, read_audio
-    from .prompt import Segment
+    from .model.prompt import Segment
 
     segments = []
     for t in turns:
@@ -292,7 +271,7 @@ def _read_voice_audio(args):
 
 
 def _clone_voice(gen, audio, args):
-    from .voices import Voice
+    from .speech.voices import Voice
 
     try:
         return Voice.from_audio(gen.codec, audio, args.voice_text, args.speaker or 0, source=str(args.voice_audio))
@@ -382,11 +361,11 @@ class _Output:
 
 
 def run_speak(args) -> int:
-    from .context import ContextTooLong
-    from .lexicon import LexiconError, load_lexicon
-    from .normalize import check_language
+    from .model.context import ContextTooLong
     from .server.cli import load_generator_for
-    from .speech import SpeakOptions
+    from .speech.lexicon import LexiconError, load_lexicon
+    from .speech.normalize import check_language
+    from .speech.speech import SpeakOptions
 
     text = _read_text(args)
     _check_speak_args(args)
@@ -457,7 +436,7 @@ def run_speak(args) -> int:
 
 
 def _write_captions(path: Path, words, info) -> None:
-    from .timestamps import CAPTION_FORMATS
+    from .speech.timestamps import CAPTION_FORMATS
 
     try:
         path.write_text(CAPTION_FORMATS[path.suffix.lower()](words), encoding="utf-8")
@@ -575,8 +554,8 @@ def add_voices(sub) -> None:
 
 def _load_codec_only(args):
     """The codec, without the CSM weights: from --codec, else from the model checkpoint."""
-    from .checkpoints import CheckpointError, resolve
-    from .codec import load_codec
+    from .codec.codec import load_codec
+    from .model.checkpoints import CheckpointError, resolve
 
     source = args.codec or args.model
     try:
@@ -589,7 +568,7 @@ def _load_codec_only(args):
 
 def run_voices_add(args) -> int:
     from .audio import AudioError, read_audio
-    from .voices import Voice, VoiceError, check_new_name
+    from .speech.voices import Voice, VoiceError, check_new_name
 
     store = _voice_store(args)
     try:
@@ -637,7 +616,7 @@ def _transcribe(audio, model: str, device: str | None) -> str:
 
 
 def run_voices_list(args) -> int:
-    from .voices import Voice, VoiceError
+    from .speech.voices import Voice, VoiceError
 
     store = _voice_store(args)
     names = store.names()
@@ -655,7 +634,7 @@ def run_voices_list(args) -> int:
 
 
 def run_voices_remove(args) -> int:
-    from .voices import VoiceError
+    from .speech.voices import VoiceError
 
     try:
         path = _voice_store(args).remove(args.name)
@@ -725,7 +704,7 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    from .checkpoints import CheckpointError, write_quantized
+    from .model.checkpoints import CheckpointError, write_quantized
 
     t = time.perf_counter()
     try:
@@ -770,42 +749,12 @@ def run_compile(args) -> int:
 COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize, add_compile]
 
 
-def build_parser(commands=None) -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="fastcsm",
-        description="Fast, streaming speech with Sesame's CSM.",
-        epilog='start with: fastcsm speak "Hello there." -o hello.wav   (fastcsm COMMAND --help for more)',
-    )
-    parser.add_argument("--version", action="version", version=f"fastcsm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in commands or COMMANDS:
-        add(sub)
-    return parser
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    threads.quiet_pool()  # before torch loads (building the parser may load it)
-    args = build_parser().parse_args(argv)
-    debug = bool(os.environ.get("FASTCSM_DEBUG"))
-    # The library's warnings (context dropped, a piece that never ended) as one line each.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
-    log.addHandler(handler)
-    try:
-        _resolve_settings(args)
-        return args.func(args) or EXIT_OK
-    except CliError as e:
-        if debug:
-            raise
-        print(f"fastcsm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause said
-        return e.code
-    except KeyboardInterrupt:
-        print("fastcsm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        log.removeHandler(handler)
+    return run_command(build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from .bounds import MAX_AUDIO_LENGTH_MS, TEMPERATURE, TOPK, TOPP
-from .checkpoints import load_model, resolve
-from .codec import resolve_codec
-from .context import check_fits
-from .engine import EndReason, Engine, Request
-from .model import CSM
-from .planner import SpeechPlan, plan_speech, requested_frames
-from .prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
-from .sampling import SamplingParams
-from .speech import AudioStream, Piece, SpeakOptions, Speech
-from .timestamps import word_times
-from .watermark import Watermarker, resolve_watermark
+from .codec.codec import resolve_codec
+from .engine.engine import EndReason, Engine, Request
+from .engine.sampling import SamplingParams
+from .model.checkpoints import load_model, resolve
+from .model.context import check_fits
+from .model.network import CSM
+from .model.prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
+from .speech.planner import SpeechPlan, plan_speech, requested_frames
+from .speech.speech import AudioStream, Piece, SpeakOptions, Speech
+from .speech.timestamps import word_times
+from .speech.watermark import Watermarker, resolve_watermark
 
 log = logging.getLogger("fastcsm")
 
@@ -49,7 +49,7 @@ class _Plan:
 
 def _as_voices(voice) -> list:
     """None, a Voice, a voice name/path, or a sequence of those -> list of Voice."""
-    from .voices import Voice, load_voice
+    from .speech.voices import Voice, load_voice
 
     if voice is None:
         return []
@@ -314,7 +314,7 @@ def load_csm_1b(device: str = "cuda", dtype=None) -> Generator:
 def load_generator(model, device=None, dtype=None, tokenizer=None, codec=None, quantize=None) -> Generator:
     """What `fastcsm speak` and `fastcsm serve` load: `model` with an audio codec (its own, else
     `codec`), or a `CheckpointError` that says what failed and how to fix it."""
-    from .checkpoints import CheckpointError
+    from .model.checkpoints import CheckpointError
 
     try:
         gen = Generator.from_pretrained(model, device=device, dtype=dtype, tokenizer=tokenizer, codec=codec or "auto",

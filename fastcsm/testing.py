@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CsmConfig, tiny_config
+from .model.config import CsmConfig, tiny_config
 
 
 def byte_tokenizer_json(bos_id: int = 128_000, eos_id: int = 128_001, **more_specials: int) -> dict:
@@ -77,7 +77,7 @@ def write_small_vocab_checkpoint(root: str | Path, seed: int = 0):
 
 def tiny_mimi_hf_config() -> dict:
     """fastcsm's tiny Mimi (real strides and codebook count, tiny widths) as a transformers `MimiConfig`."""
-    from .mimi import tiny_mimi_config
+    from .codec.mimi import tiny_mimi_config
 
     return tiny_mimi_config().to_hf_dict()
 
@@ -117,7 +117,7 @@ def hf_model(cfg: CsmConfig | None = None, seed: int = 0, **hf_config):
 def random_mimi(config=None, seed: int = 0):
     """fastcsm's Mimi (tiny by default) with random codebooks, so decoded audio depends on the
     codes (freshly built codebooks are all zero)."""
-    from .mimi import Mimi, tiny_mimi_config
+    from .codec.mimi import Mimi, tiny_mimi_config
 
     torch.manual_seed(seed)
     mimi = Mimi(config or tiny_mimi_config())
@@ -151,7 +151,7 @@ def write_hf_checkpoint(root: str | Path, cfg: CsmConfig | None = None, seed: in
 
 def run_alone(model, request, **engine_kw) -> torch.Tensor:
     """The codes [frames, K] of `request` generated alone, in an engine of one slot."""
-    from .engine import Engine
+    from .engine.engine import Engine
 
     return torch.stack([e.codes for e in Engine(model, max_slots=1, **engine_kw).run(request)])
 
@@ -159,7 +159,7 @@ def run_alone(model, request, **engine_kw) -> torch.Tensor:
 def speech_ending_step(ends: dict[int, int]):
     """The real frame step, except that slot s says its end frame as its frame number `ends[s]`
     (from 0), as a trained model ends its speech; `ends` may change between steps."""
-    from .step import engine_step
+    from .engine.step import engine_step
 
     def step(model, mimi, state, *rest):
         engine_step(model, mimi, state, *rest)
@@ -187,9 +187,9 @@ def assert_compiled_step_equals_eager(model, requests, backend: str, atol: float
     """Run `requests` in two engines over `model` to their first frame, then `steps` frame
     steps each: eager in one, `torch.compile(fullgraph=True)` with `backend` in the other. The
     codes and positions must be equal, the hidden state and backbone cache close."""
-    from .engine import Engine
+    from .engine.engine import Engine
+    from .engine.step import frame_step
     from .nested import first_rows
-    from .step import frame_step
 
     torch._dynamo.reset()
     B = len(requests)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastcsm.engine import Engine
+from fastcsm.engine.engine import Engine
 from fastcsm.generator import Generator
 
 

@@ -24,8 +24,8 @@ from fastcsm.assistant import (
 from fastcsm.assistant.history import CUT
 from fastcsm.assistant.llm import load_system_prompt
 from fastcsm.assistant.speakable import is_stage_direction
+from fastcsm.speech.text import speech_pieces
 from fastcsm.testing_llm import Scripted, StandInLLM, tokens
-from fastcsm.text import speech_pieces
 
 pytest.importorskip("openai")
 

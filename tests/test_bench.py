@@ -8,7 +8,7 @@ import re
 import pytest
 
 from fastcsm import bench
-from fastcsm.config import preset
+from fastcsm.model.config import preset
 
 
 def agrees(value, decimals, f, *inputs) -> bool:

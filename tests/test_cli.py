@@ -169,8 +169,9 @@ def test_a_checkpoint_without_a_codec_is_refused_in_one_place(tmp_path, capsys):
     """`speak`, `serve` and the server's loader all say the same: pass --codec."""
     from safetensors.torch import save_file
 
-    from fastcsm import bench, checkpoints
-    from fastcsm.config import tiny_config
+    from fastcsm import bench
+    from fastcsm.model import checkpoints
+    from fastcsm.model.config import tiny_config
     from fastcsm.server.service import Service
     from fastcsm.server.settings import Settings
     from fastcsm.testing import write_tokenizer

@@ -95,8 +95,8 @@ def test_the_same_names_in_python_and_over_http():
     from fastcsm.generator import Generator
     from fastcsm.server.protocol import Speak, SpeechRequest
     from fastcsm.server.service import Service
-    from fastcsm.speech import SpeakOptions
-    from fastcsm.voices import VoiceStore
+    from fastcsm.speech.speech import SpeakOptions
+    from fastcsm.speech.voices import VoiceStore
 
     speak = commands()["speak"]
     dests = {a.dest for a in speak._actions}
@@ -130,7 +130,7 @@ def test_serve_help_starts_with_a_usage(capsys):
 
 
 def test_voices_folder_variable_and_its_older_name(tmp_path, monkeypatch, capsys):
-    from fastcsm.voices import voice_dir
+    from fastcsm.speech.voices import voice_dir
 
     monkeypatch.delenv("FASTCSM_VOICES_DIR", raising=False)
     monkeypatch.setenv("FASTCSM_VOICES", str(tmp_path / "old"))

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from fastcsm import compile_cache
-from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.runner import Progress, Runner
-from fastcsm.sampling import SamplingParams, SamplingPath
+from fastcsm.engine import compile_cache
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.runner import Progress, Runner
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import byte_tokenizer_json, randomize_, run_together
 
 TOK = TextTokenizer.from_json(byte_tokenizer_json())
@@ -102,8 +102,8 @@ def test_tiny_preset_compiles_a_bounded_number_of_graphs_and_equals_eager():
     """The real step of the tiny preset (4 codebooks keep the trace short): as many graphs for 8
     buckets as for 3, and the engine compiled with aot_eager, Mimi in the step, gives the eager
     codes for requests at batches 1 to 3."""
-    from fastcsm.codec import Codec
-    from fastcsm.mimi import tiny_mimi_config
+    from fastcsm.codec.codec import Codec
+    from fastcsm.codec.mimi import tiny_mimi_config
     from fastcsm.testing import random_mimi
 
     m = tiny_model()

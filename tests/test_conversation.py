@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastcsm.config import tiny_config
-from fastcsm.planner import streamed_line
-from fastcsm.prompt import Segment, TextTokenizer, segment_rows
-from fastcsm.scheduler import End, Frame
+from fastcsm.model.config import tiny_config
+from fastcsm.model.prompt import Segment, TextTokenizer, segment_rows
 from fastcsm.server.conversation import Conversation, Utterance
+from fastcsm.server.scheduler import End, Frame
+from fastcsm.speech.planner import streamed_line
 from fastcsm.testing import byte_tokenizer_json
 
 CFG = tiny_config()

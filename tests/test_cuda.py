@@ -5,12 +5,12 @@ Skipped where there is no CUDA device; `benchmarks/gpu_check.sh` runs them on a 
 import pytest
 import torch
 
-from fastcsm import quant
-from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.sampling import SamplingParams, SamplingPath
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.model import quant
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import byte_tokenizer_json, randomize_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -26,7 +26,7 @@ def model(dtype):
 
 
 def codec():
-    from fastcsm.codec import Codec
+    from fastcsm.codec.codec import Codec
     from fastcsm.testing import random_mimi
 
     return Codec(random_mimi().cuda())

@@ -7,14 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastcsm.codec import Codec
-from fastcsm.config import tiny_config
-from fastcsm.engine import KEPT_AUDIO_PER_SLOT, EndReason, Engine, PrefillError, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams, SamplingPath
-from fastcsm.step import SlotState, engine_step
+from fastcsm.codec.codec import Codec
+from fastcsm.engine.engine import KEPT_AUDIO_PER_SLOT, EndReason, Engine, PrefillError, Request
+from fastcsm.engine.runner import Runner
+from fastcsm.engine.sampling import SamplingParams, SamplingPath
+from fastcsm.engine.step import SlotState, engine_step
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import (
     assert_compiled_step_equals_eager,
     byte_tokenizer_json,
@@ -48,7 +48,7 @@ def prompt(text, speaker=0, frames=4, seed=0):
 
 
 def mimi_codec(**config):
-    from fastcsm.mimi import tiny_mimi_config
+    from fastcsm.codec.mimi import tiny_mimi_config
     from fastcsm.testing import random_mimi
 
     return Codec(random_mimi(tiny_mimi_config(**config) if config else None))
@@ -207,7 +207,7 @@ def test_every_end_event_says_why(model, late):
     decided where it ended: the model's end frame or the length bound (the engine), a release
     (cancelled unless its caller gives the reason, as the scheduler does for a deadline), a
     prefill that raised (an injected failing runner)."""
-    from fastcsm.step import prefill
+    from fastcsm.engine.step import prefill
 
     ends, failing = {}, []
 
@@ -425,7 +425,7 @@ def test_a_failed_prefill_reports_the_rows_it_prefilled(model):
     """The end event of a request whose prefill fails counts the rows of the chunks that went
     in before the failing one, and those taken from the prefix cache, as the engine's own
     counters do; a request running beside it is untouched."""
-    from fastcsm.step import prefill
+    from fastcsm.engine.step import prefill
 
     fail_at = []  # the start row of the chunk that fails
 

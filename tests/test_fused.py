@@ -6,12 +6,13 @@ the fused step still compiles as one graph."""
 import pytest
 import torch
 
-from fastcsm import bench, checkpoints, quant
-from fastcsm.config import tiny_config
-from fastcsm.engine import Request
-from fastcsm.model import CSM, FusedState
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.sampling import SamplingParams
+from fastcsm import bench
+from fastcsm.engine.engine import Request
+from fastcsm.engine.sampling import SamplingParams
+from fastcsm.model import checkpoints, quant
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM, FusedState
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_, run_alone
 
 CFG = tiny_config()

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from fastcsm import checkpoints
-from fastcsm.config import tiny_config
 from fastcsm.generator import Generator
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment
+from fastcsm.model import checkpoints
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment
 from fastcsm.testing import randomize_, write_tokenizer
 
 CFG = tiny_config()

@@ -1,4 +1,4 @@
-"""The 8-bit Triton matmul (`fastcsm.kernels.qlinear`) against (x @ w.T) * s in fp32.
+"""The 8-bit Triton matmul (`fastcsm.model.kernels.qlinear`) against (x @ w.T) * s in fp32.
 
 On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, numpy): the default run
 starts this file again in a subprocess with the interpreter on and FASTCSM_QUANT_KERNEL=triton,
@@ -16,12 +16,15 @@ import torch
 
 pytest.importorskip("triton", reason="the 8-bit Triton kernel needs the triton package (pip install triton)")
 
-from fastcsm import kernels, quant  # noqa: E402
-from fastcsm.config import tiny_config  # noqa: E402
-from fastcsm.engine import Engine, Request  # noqa: E402
-from fastcsm.model import CSM  # noqa: E402
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt  # noqa: E402
-from fastcsm.sampling import SamplingParams  # noqa: E402
+from fastcsm.engine.engine import Engine, Request  # noqa: E402
+from fastcsm.engine.sampling import SamplingParams  # noqa: E402
+from fastcsm.model import (
+    kernels,  # noqa: E402
+    quant,
+)
+from fastcsm.model.config import tiny_config  # noqa: E402
+from fastcsm.model.network import CSM  # noqa: E402
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt  # noqa: E402
 from fastcsm.testing import byte_tokenizer_json, randomize_  # noqa: E402
 
 INTERPRETED = kernels.interpreting()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from listen_audio import SENTENCES, needs_espeak, overlap, pcm16, silence, speech_bounds, spoken
 
-from fastcsm.codec import Codec
+from fastcsm.codec.codec import Codec
 from fastcsm.listen.listener import (
     Listener,
     ListenError,

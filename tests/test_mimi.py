@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastcsm.checkpoints import half_to_interleaved, interleaved_to_half
-from fastcsm.mimi import Mimi, MimiConfig, check_codes, tiny_mimi_config
-from fastcsm.mimi_weights import (
+from fastcsm.codec.mimi import Mimi, MimiConfig, check_codes, tiny_mimi_config
+from fastcsm.codec.weights import (
     KYUTAI_FILENAME,
     detect_layout,
     export_state_dict,
     load_mimi,
     mimi_from_state_dict,
 )
+from fastcsm.model.checkpoints import half_to_interleaved, interleaved_to_half
 
 transformers = pytest.importorskip("transformers")
 

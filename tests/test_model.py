@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from fastcsm import checkpoints
-from fastcsm.config import CsmConfig, preset, tiny_config
+from fastcsm.engine.step import prefill
 from fastcsm.generator import Generator
-from fastcsm.prompt import Segment
-from fastcsm.step import prefill
+from fastcsm.model import checkpoints
+from fastcsm.model.config import CsmConfig, preset, tiny_config
+from fastcsm.model.prompt import Segment
 from fastcsm.testing import write_hf_checkpoint, write_tokenizer
 
 pytest.importorskip("transformers")
@@ -61,7 +61,7 @@ def test_csm_1b_rope_matches_hf_convention():
     ours = preset("csm-1b").decoder
     import dataclasses
 
-    from fastcsm.config import RopeScaling
+    from fastcsm.model.config import RopeScaling
 
     theirs = dataclasses.replace(ours, rope_scaling=RopeScaling.from_hf(hf))
     assert torch.allclose(theirs.inv_freq(), ours.inv_freq(), rtol=1e-6)
@@ -221,7 +221,7 @@ def test_one_rope_pass_turns_q_and_k_and_writes_keys_and_values_exactly():
     """Attention turns q and k and passes v through in one RoPE pass (cos 1, sin 0 at the value heads),
     then writes keys and values with one scatter: the cache holds v bit for bit, and k equal to RoPE
     applied to k alone."""
-    from fastcsm.model import CSM, KVCache, rope
+    from fastcsm.model.network import CSM, KVCache, rope
     from fastcsm.testing import randomize_
 
     cfg = tiny_config()

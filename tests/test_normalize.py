@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fastcsm.lexicon import Lexicon
-from fastcsm.normalize import normalize, verbatim
+from fastcsm.speech.lexicon import Lexicon
+from fastcsm.speech.normalize import normalize, verbatim
 
 # (written, spoken): real-world strings, each with the form a person reads aloud.
 CASES = [

@@ -100,9 +100,9 @@ def test_the_table_is_what_each_boundary_states():
     """The CLI's defaults, the HTTP body's and WebSocket's defaults and schema bounds are the table's."""
     from fastcsm.bounds import MAX_AUDIO_LENGTH_MS, SPEAKER, TEMPERATURE, TOPK, TOPP
     from fastcsm.cli import build_parser
-    from fastcsm.sampling import SamplingParams
+    from fastcsm.engine.sampling import SamplingParams
     from fastcsm.server import protocol as P
-    from fastcsm.speech import SpeakOptions
+    from fastcsm.speech.speech import SpeakOptions
 
     args = build_parser().parse_args(["speak", "Hi."])
     assert (args.temperature, args.topk) == (TEMPERATURE.default, TOPK.default)

@@ -1,7 +1,7 @@
 """The speech planner: one rule for pieces and bounds, and one path from text to audio.
 
 The library (`Generator.speak`) and the server (`POST /v1/audio/speech`) plan through
-`fastcsm.planner` and speak on the engine's in-step decode, so the same long text, voice,
+`fastcsm.speech.planner` and speak on the engine's in-step decode, so the same long text, voice,
 context and seed give the same pieces, requests, codes and audio on both.
 """
 
@@ -17,11 +17,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from fastcsm import planner
-from fastcsm.config import tiny_config
-from fastcsm.context import ContextTooLong
-from fastcsm.prompt import audio_rows, concat
-from fastcsm.speech import SpeakOptions
+from fastcsm.model.config import tiny_config
+from fastcsm.model.context import ContextTooLong
+from fastcsm.model.prompt import audio_rows, concat
+from fastcsm.speech import planner
+from fastcsm.speech.speech import SpeakOptions
 
 CFG = tiny_config()
 K = CFG.num_codebooks
@@ -122,7 +122,7 @@ def wav_bytes(seconds: float, hz: float) -> bytes:
 
 def record_server(service, monkeypatch) -> list:
     """(request, codes) of every request the service submits, through its public `submit`."""
-    from fastcsm.scheduler import End
+    from fastcsm.server.scheduler import End
 
     seen, submit = [], service.submit
 
@@ -153,7 +153,7 @@ def record_generator(gen) -> list:
 @pytest.mark.parametrize("temperature,max_ms", [(0.0, 240), (0.9, None)], ids=["greedy", "seeded"])
 def test_http_and_generator_speak_identically(served, monkeypatch, temperature, max_ms):
     from fastcsm.audio import read_audio
-    from fastcsm.prompt import Segment
+    from fastcsm.model.prompt import Segment
     from fastcsm.server.audio_out import encoder
 
     server, gen = served

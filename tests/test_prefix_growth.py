@@ -3,11 +3,11 @@ turn prefills only the rows added since the previous one, and the codes equal a 
 
 import torch
 
-from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment, TextTokenizer, audio_rows, concat, segment_rows, text_rows
-from fastcsm.sampling import SamplingParams
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.sampling import SamplingParams
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment, TextTokenizer, audio_rows, concat, segment_rows, text_rows
 from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone
 
 CFG = tiny_config()

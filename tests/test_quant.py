@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 
-from fastcsm import bench, checkpoints, quant
-from fastcsm.config import tiny_config
-from fastcsm.engine import Engine, Request
+from fastcsm import bench
+from fastcsm.engine.engine import Engine, Request
+from fastcsm.engine.sampling import SamplingParams
 from fastcsm.generator import Generator
-from fastcsm.model import CSM
-from fastcsm.prompt import Segment, TextTokenizer, build_prompt
-from fastcsm.sampling import SamplingParams
+from fastcsm.model import checkpoints, quant
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import (
     assert_compiled_step_equals_eager,
     byte_tokenizer_json,

@@ -1,4 +1,4 @@
-"""fastcsm on Ray Serve (`fastcsm.ray`): arguments, and a real local cluster with two replicas.
+"""fastcsm on Ray Serve (`fastcsm.integrations.ray`): arguments, and a real local cluster with two replicas.
 
 The cluster tests start a tiny Ray cluster (2 CPUs, two replicas of the tiny random model on
 one torch thread each) behind Serve's proxy on a free loopback port, and take about a minute:
@@ -29,7 +29,7 @@ from server_harness import free_port, tiny_checkpoint  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from fastcsm.ray import REPLICA_HEADER, build_app, parse_args  # noqa: E402
+from fastcsm.integrations.ray import REPLICA_HEADER, build_app, parse_args  # noqa: E402
 
 CLUSTER: dict[str, str] = {}
 SLOW = pytest.mark.skipif(not os.environ.get("FASTCSM_SLOW_TESTS"),
@@ -84,7 +84,7 @@ def test_bad_arguments_are_refused_with_the_reason(args, message):
 def test_health_check_fails_once_the_scheduler_thread_is_gone():
     from types import SimpleNamespace
 
-    from fastcsm.ray import FastCSM
+    from fastcsm.integrations.ray import FastCSM
     from fastcsm.server.app import create_app
     from fastcsm.server.settings import Settings
 
@@ -108,7 +108,7 @@ def test_deployment_files_are_valid_serve_configs_with_valid_arguments(name):
     docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "deploy" / "ray" / name).read_text()))
     config = yaml.safe_load(docs[0]["spec"]["serveConfigV2"]) if docs[0].get("kind") == "RayService" else docs[0]
     app = ServeDeploySchema.model_validate(config).applications[0]
-    assert app.import_path == "fastcsm.ray:app"
+    assert app.import_path == "fastcsm.integrations.ray:app"
     settings, dep = parse_args(app.args, environ={})
     opts = dep.options(settings)
     assert opts["ray_actor_options"]["num_gpus"] == 1.0 and opts["autoscaling_config"]["max_replicas"] >= 2

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from fastcsm.sampling import (
+from fastcsm.engine.sampling import (
     FrameNoise,
     SamplingParams,
     SamplingPath,

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fastcsm.generator import Generator
-from fastcsm.lexicon import Lexicon, LexiconError
-from fastcsm.normalize import normalize
-from fastcsm.prompt import text_rows
+from fastcsm.model.prompt import text_rows
 from fastcsm.server.settings import Settings
-from fastcsm.speech import SpeakOptions
-from fastcsm.timestamps import WordTime, srt, vtt, word_times
+from fastcsm.speech.lexicon import Lexicon, LexiconError
+from fastcsm.speech.normalize import normalize
+from fastcsm.speech.speech import SpeakOptions
+from fastcsm.speech.timestamps import WordTime, srt, vtt, word_times
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_harness import LiveServer  # noqa: E402
@@ -245,7 +245,7 @@ def test_speak_writes_captions_and_takes_a_lexicon(tmp_path, tiny_csm_dir, capsy
 
 
 def test_the_text_rows_are_those_of_the_spoken_form(gen):
-    from fastcsm.planner import piece_text
+    from fastcsm.speech.planner import piece_text
 
     piece = piece_text("$5", 0, gen.tokenizer, gen.cfg, SpeakOptions())
     assert piece.text == "$5" and piece.spoken.text == "five dollars"
@@ -253,7 +253,7 @@ def test_the_text_rows_are_those_of_the_spoken_form(gen):
 
 
 def test_long_text_is_never_cut_inside_a_range():
-    from fastcsm.text import split_text
+    from fastcsm.speech.text import split_text
 
     pieces = split_text("Set the oven to 40–60 °C and wait for a very long time until everything is done", 40)
     assert any("40–60 °C" in p for p in pieces)

@@ -9,14 +9,14 @@ import asyncio
 import pytest
 import torch
 
-from fastcsm.config import tiny_config
-from fastcsm.engine import EndReason, Engine, Request
-from fastcsm.model import CSM
-from fastcsm.prompt import TextTokenizer, build_prompt
-from fastcsm.runner import Runner
-from fastcsm.sampling import SamplingParams
-from fastcsm.scheduler import Busy, End, Scheduler
-from fastcsm.step import engine_step, prefill
+from fastcsm.engine.engine import EndReason, Engine, Request
+from fastcsm.engine.runner import Runner
+from fastcsm.engine.sampling import SamplingParams
+from fastcsm.engine.step import engine_step, prefill
+from fastcsm.model.config import tiny_config
+from fastcsm.model.network import CSM
+from fastcsm.model.prompt import TextTokenizer, build_prompt
+from fastcsm.server.scheduler import Busy, End, Scheduler
 from fastcsm.testing import byte_tokenizer_json, randomize_, run_alone, speech_ending_step
 
 CFG = tiny_config()

@@ -37,7 +37,7 @@ class Prefill:
         self.instead = None
 
     def __call__(self, *args):
-        from fastcsm.step import prefill
+        from fastcsm.engine.step import prefill
 
         return (self.instead or prefill)(*args)
 
@@ -55,7 +55,7 @@ PREFILL = Prefill()
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from fastcsm.runner import Runner
+    from fastcsm.engine.runner import Runner
 
     with LiveServer(slots=16, max_queue=64, api_keys=[KEY], max_body_bytes=MAX_BODY, max_input_chars=500,
                     max_audio_length_ms=8000, voices_dir=str(tmp_path_factory.mktemp("voices")),
@@ -526,7 +526,7 @@ def test_a_failed_prefill_is_an_explicit_error_and_other_streams_go_on(server):
     """A line whose prefill fails ends with an `error` event saying so and a `done` (reason
     error) that counts the rows prefilled before the failure; another conversation's line,
     running meanwhile, ends with all its frames, and the failed session speaks again."""
-    from fastcsm.step import prefill
+    from fastcsm.engine.step import prefill
 
     armed = threading.Event()
 

@@ -396,7 +396,7 @@ def test_concurrent_uploads_of_one_name_have_one_winner(server):
 def test_store_create_if_absent_is_atomic(tmp_path):
     import torch
 
-    from fastcsm.voices import Voice, VoiceError, VoiceStore
+    from fastcsm.speech.voices import Voice, VoiceError, VoiceStore
 
     store = VoiceStore(tmp_path)
     barrier = threading.Barrier(8)
@@ -429,7 +429,7 @@ def test_kill_9_while_writing_leaves_only_whole_voices(tmp_path):
 
     writer = f"""
 import torch
-from fastcsm.voices import Voice, VoiceStore
+from fastcsm.speech.voices import Voice, VoiceStore
 store = VoiceStore({str(tmp_path)!r})
 i = 0
 while True:
@@ -442,7 +442,7 @@ while True:
     if i == 8:
         print("writing", flush=True)
 """
-    from fastcsm.voices import Voice, VoiceStore
+    from fastcsm.speech.voices import Voice, VoiceStore
 
     for delay in (0.2,):  # one kill mid-stream of writes (a subprocess start costs seconds)
         proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
@@ -465,7 +465,7 @@ def test_stale_temporary_files_of_unfinished_writes_are_removed_at_start_up(tmp_
 
     import torch
 
-    from fastcsm.voices import Voice
+    from fastcsm.speech.voices import Voice
 
     stale, fresh, other = ".v0.safetensors.k3j_x9a1.tmp", ".v1.safetensors.q8w2e7rt.tmp", ".notes.tmp"
     for name in (stale, fresh, other):
@@ -645,7 +645,7 @@ def test_a_delete_or_read_that_loses_a_race_with_a_delete_is_not_found(server, t
     from test_voices import at_once
 
     from fastcsm.server.service import ApiError, Service
-    from fastcsm.voices import Voice
+    from fastcsm.speech.voices import Voice
 
     def status(call, *args) -> int:
         try:
@@ -730,11 +730,11 @@ def test_append_text_flood_costs_the_same_per_fragment_and_healthz_answers(serve
     fragments: each is split from the last complete piece on (the text the splitter squashes stays
     a few characters per fragment, where re-splitting the line squashed all of it, three times,
     per fragment) and the socket's messages take turns with everything else."""
-    import fastcsm.text
+    import fastcsm.speech.text
 
     squashed = []
-    squash = fastcsm.text._squash
-    monkeypatch.setattr(fastcsm.text, "_squash", lambda text: squashed.append(len(text)) or squash(text))
+    squash = fastcsm.speech.text._squash
+    monkeypatch.setattr(fastcsm.speech.text, "_squash", lambda text: squashed.append(len(text)) or squash(text))
     fragments = 1000
     with ws(server) as c:
         assert recv_json(c)["type"] == "ready"
@@ -762,7 +762,7 @@ def test_switching_voices_never_breaks_a_conversation(server):
     and reset unpins what speaking pinned (and pins the configured voices again)."""
     import torch
 
-    from fastcsm.voices import Voice, VoiceStore
+    from fastcsm.speech.voices import Voice, VoiceStore
 
     store = VoiceStore(server.settings.voices_dir)
     frames = 737  # 59 s each: three are 2,265 rows with their text, more than the 2,048-row window

@@ -10,15 +10,15 @@ import pytest
 import torch
 from recording_engine import recording_generator
 
-from fastcsm.config import tiny_config
-from fastcsm.context import ContextTooLong, Trim, fit
-from fastcsm.engine import EndReason, Engine
+from fastcsm.engine.engine import EndReason, Engine
+from fastcsm.engine.runner import Runner
 from fastcsm.generator import Generator
-from fastcsm.prompt import Segment, audio_rows, text_rows
-from fastcsm.runner import Runner
-from fastcsm.speech import SpeakOptions
+from fastcsm.model.config import tiny_config
+from fastcsm.model.context import ContextTooLong, Trim, fit
+from fastcsm.model.prompt import Segment, audio_rows, text_rows
+from fastcsm.speech.speech import SpeakOptions
+from fastcsm.speech.voices import Voice
 from fastcsm.testing import speech_ending_step
-from fastcsm.voices import Voice
 
 CFG = tiny_config()
 K = CFG.num_codebooks

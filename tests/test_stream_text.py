@@ -13,7 +13,7 @@ pytest.importorskip("websockets")
 from server_harness import LiveServer  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from fastcsm.text import speech_pieces  # noqa: E402
+from fastcsm.speech.text import speech_pieces  # noqa: E402
 
 LINE = "Hello there. How are you today? I am fine, thanks for asking, and I hope that you are well too."
 
@@ -89,7 +89,7 @@ def test_pieces_of_fragments_are_a_prefix_of_the_whole_lines_pieces():
 
 
 def test_a_line_split_fragment_by_fragment_is_the_line_split_at_once():
-    from fastcsm.planner import streamed_line
+    from fastcsm.speech.planner import streamed_line
 
     rng = random.Random(1)
     words = ["a", "word", " ", "  ", "\n", "\n\n", ".", "!", "?", ",", ";", " - ", "—", '"', ")", "Mr.", " Dr. ", "J.",
@@ -112,7 +112,7 @@ def test_a_fragment_costs_the_same_whatever_the_length_of_the_line_before_it(fra
     """The flood that froze the server: a 4 KB line (initials: one sentence that never ends), then
     fragment after fragment. Each is split from the last complete piece on, so the characters the
     splitter examines per fragment do not grow with the line."""
-    from fastcsm.planner import streamed_line
+    from fastcsm.speech.planner import streamed_line
 
     def examined_per_fragment(head: str) -> float:
         line = streamed_line()

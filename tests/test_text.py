@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastcsm.text import sentences, split_text
+from fastcsm.speech.text import sentences, split_text
 
 
 def test_short_text_is_returned_untouched():

@@ -2,7 +2,7 @@
 usable core for a large one; pool threads sleep unless the environment says otherwise."""
 
 from fastcsm import threads
-from fastcsm.config import preset
+from fastcsm.model.config import preset
 
 
 def test_a_count_asked_for_is_kept():

@@ -18,9 +18,9 @@ import torch
 
 from fastcsm.audio import read_audio
 from fastcsm.cli import main
-from fastcsm.config import CsmConfig, tiny_config
 from fastcsm.generator import Generator
-from fastcsm.prompt import LLAMA3_BOS_ID, LLAMA3_EOS_ID, Segment, TextTokenizer, text_rows
+from fastcsm.model.config import CsmConfig, tiny_config
+from fastcsm.model.prompt import LLAMA3_BOS_ID, LLAMA3_EOS_ID, Segment, TextTokenizer, text_rows
 from fastcsm.testing import SMALL_VOCAB_SPECIALS, byte_tokenizer_json, write_small_vocab_checkpoint
 
 pytest.importorskip("transformers")

@@ -154,7 +154,7 @@ def test_a_recogniser_that_fails_to_load_is_named(tmp_path):
 @needs_espeak
 def test_cli_voices_add_transcribes_without_text(tmp_path, tiny_csm_dir, capsys):
     from fastcsm.cli import main
-    from fastcsm.voices import VoiceStore
+    from fastcsm.speech.voices import VoiceStore
 
     ref = tmp_path / "me.wav"
     ref.write_bytes(wav_of(SENTENCES[0]))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcsm.voices import Voice, VoiceError, VoiceStore, check_name, load_voice, voice_dir
+from fastcsm.speech.voices import Voice, VoiceError, VoiceStore, check_name, load_voice, voice_dir
 
 
 def voice(frames=12, seed=0, speaker=3):

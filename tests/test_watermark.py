@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from fastcsm import watermark as wm
 from fastcsm.cli import main
 from fastcsm.errors import EXIT_MODEL
 from fastcsm.generator import Generator
-from fastcsm.speech import SpeakOptions
+from fastcsm.speech import watermark as wm
+from fastcsm.speech.speech import SpeakOptions
 
 SESAME_KEY = [212, 211, 146, 56, 201]  # csm's watermarking.py: CSM_1B_GH_WATERMARK
 TEXT = "First sentence here. And a second one."

@@ -14,9 +14,9 @@ pytest.importorskip("websockets")
 from server_harness import LiveServer  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from fastcsm.normalize import Word, normalize  # noqa: E402
-from fastcsm.prompt import text_rows  # noqa: E402
-from fastcsm.timestamps import SECONDS_PER_WEIGHT, heard, weight  # noqa: E402
+from fastcsm.model.prompt import text_rows  # noqa: E402
+from fastcsm.speech.normalize import Word, normalize  # noqa: E402
+from fastcsm.speech.timestamps import SECONDS_PER_WEIGHT, heard, weight  # noqa: E402
 
 SR = 24_000
 LINE = "Meet me at 10:30pm, Dr. Nguyen. The 40–60 °C range is fine."

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Sequence
 
-from ..text import speech_pieces
+from ..speech.text import speech_pieces
 from .history import HeardPiece, History
 from .llm import LanguageModel, LLMError, Reply
 from .speakable import Speakable

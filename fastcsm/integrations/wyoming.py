@@ -354,7 +354,7 @@ class Handler:
             pass
 
 async def describe(backend: Backend) -> Info:
-    from .. import __version__
+    from ..version import __version__
 
     attribution = Attribution(name="Sesame CSM via fastcsm", url="https://github.com/SesameAILabs/csm")
     voices = [TtsVoice(name=name, attribution=attribution, installed=True, description=None, version=None,

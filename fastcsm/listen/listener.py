@@ -85,7 +85,7 @@ Event = SpeechStarted | SpeechStopped
 
 
 class Listener:
-    """One microphone stream. `codec` (a `fastcsm.codec.Codec`) encodes turns as they arrive;
+    """One microphone stream. `codec` (a `fastcsm.codec.codec.Codec`) encodes turns as they arrive;
     `transcriber` makes their text; `max_ahead_s` refuses audio that arrives faster than real
     time by more than that (None: recorded audio, fed as fast as it reads)."""
 
@@ -110,7 +110,7 @@ class Listener:
         self._start: int | None = None  # the turn in progress, in 16 kHz samples
         self._encoder = None
         if codec is not None:
-            from ..mimi import MimiStreamingEncoder
+            from ..codec.mimi import MimiStreamingEncoder
 
             if codec.sample_rate != MIMI_RATE:
                 raise ListenError(f"the codec runs at {codec.sample_rate} Hz; the listener feeds it {MIMI_RATE}")

@@ -26,7 +26,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bounds import SPEAKER
-from ..scheduler import End
 from . import protocol as P, transcriptions as T
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
@@ -40,6 +39,7 @@ from .limits import (
     max_speech_values,
 )
 from .metrics import render_metrics
+from .scheduler import End
 from .service import ApiError, BrokenVoice, Service
 from .settings import Settings
 from .words import LineWords
@@ -59,7 +59,7 @@ def _validation_message(errors: list) -> tuple[str, str | None]:
 
 def create_app(settings: Settings | None = None, generator=None, runner=None) -> FastAPI:
     """The app. `generator` (a loaded `Generator`) skips loading `settings.model`; `runner` (a
-    `fastcsm.runner.Runner`) is the engine's step and prefill instead of the one `settings` build."""
+    `fastcsm.engine.runner.Runner`) is the engine's step and prefill instead of the one `settings` build."""
     settings = settings or Settings.from_env()
     keys = settings.check_keys()  # an empty key is an error, never "no authentication"
     install_redaction(keys)
@@ -521,7 +521,7 @@ def _load(service: Service, generator, runner) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
+import os
 import socket
 import sys
 
-from ..errors import EXIT_MODEL, CliError
-from .settings import add_arguments, settings_from_args
+from .. import threads
+from ..errors import EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, CliError
+from ..version import __version__
+from .settings import add_arguments, settings_from_args, values_from_args
 
 SERVE_EPILOG = """\
 environment: every flag can be set as FASTCSM_<NAME> (upper case, '-' as '_'; shown in [brackets]), e.g.
@@ -50,7 +54,7 @@ def check_device(device: str | None) -> None:
     """Refuse a device this machine lacks, in the command line's words."""
     if not device:
         return
-    from ..checkpoints import unavailable_device
+    from ..model.checkpoints import unavailable_device
 
     try:
         reason = unavailable_device(device)
@@ -63,8 +67,8 @@ def check_device(device: str | None) -> None:
 
 def load_generator_for(s):
     """`service.load_generator_for` with the device checked first, its failures said as a command's."""
-    from ..checkpoints import CheckpointError
-    from ..watermark import WatermarkUnavailable
+    from ..model.checkpoints import CheckpointError
+    from ..speech.watermark import WatermarkUnavailable
     from .service import load_generator_for
 
     check_device(s.device)
@@ -137,3 +141,71 @@ def run_serve(args) -> int:
     finally:
         sock.close()
     return 0
+
+
+# -- running a command ---------------------------------------------------------------------------
+# Every command, `fastcsm ...` and `python -m fastcsm.server ...` alike, runs through `run_command`:
+# one parser, one way of filling settings from the environment, one line per error.
+
+
+def command_parser(commands) -> argparse.ArgumentParser:
+    """The `fastcsm` parser with the subcommands that `commands` (`add_<name>(subparsers)`) declare."""
+    parser = argparse.ArgumentParser(
+        prog="fastcsm",
+        description="Fast, streaming speech with Sesame's CSM.",
+        epilog='start with: fastcsm speak "Hello there." -o hello.wav   (fastcsm COMMAND --help for more)',
+    )
+    parser.add_argument("--version", action="version", version=f"fastcsm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in commands:
+        add(sub)
+    return parser
+
+
+def _resolve_settings(args) -> None:
+    """Fill the table's options of this command from their variables and defaults, checked; then
+    refuse a device this machine lacks (before anything slow) and set torch's threads."""
+    names = getattr(args, "settings", None)
+    if not names:
+        return
+    try:
+        values = values_from_args(args, names)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    for name, value in values.items():
+        setattr(args, name, value)
+    if "device" in values:
+        check_device(args.device)
+    if "threads" in values:
+        threads.apply(args.threads)  # a model of unknown size; refined once one is loaded
+
+
+def run_command(build_parser, argv: list[str] | None = None) -> int:
+    """Parse `argv` (`build_parser()` builds the parser once the thread pool is quiet) and run the
+    command: a user's error ends in one line on stderr and its exit code (FASTCSM_DEBUG=1: traceback)."""
+    threads.quiet_pool()  # before torch loads (building the parser may load it)
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("FASTCSM_DEBUG"))
+    # The library's warnings (context dropped, a piece that never ended) as one line each.
+    log = logging.getLogger("fastcsm")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fastcsm: %(message)s"))
+    log.addHandler(handler)
+    try:
+        _resolve_settings(args)
+        return args.func(args) or EXIT_OK
+    except CliError as e:
+        if debug:
+            raise
+        print(f"fastcsm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause said
+        return e.code
+    except KeyboardInterrupt:
+        print("fastcsm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        log.removeHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastcsm.server [flags]`: `fastcsm serve [flags]`."""
+    return run_command(lambda: command_parser([add_serve]), ["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -32,18 +32,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import resample
-from ..context import ContextTooLong
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
 from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
-from ..planner import plan_piece, spoken_rows, streamed_line
-from ..prompt import Prompt, Segment, concat, segment_rows, text_rows
-from ..scheduler import End
-from ..speech import SpeakOptions
-from ..text import LinePieces
+from ..model.context import ContextTooLong
+from ..model.prompt import Prompt, Segment, concat, segment_rows, text_rows
+from ..speech.planner import plan_piece, spoken_rows, streamed_line
+from ..speech.speech import SpeakOptions
+from ..speech.text import LinePieces
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
 from .limits import Pace, invalid_fields, json_values, max_message_values
+from .scheduler import End
 from .service import ApiError, Service
 from .words import LineWords, word_events
 

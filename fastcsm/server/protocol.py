@@ -106,7 +106,7 @@ window together, the oldest pinned voices other than the line's own are unpinned
 event, code `bad_request`); `reset` goes back to the configured voices and `configure` sets the
 pins anew. No sequence of voices can leave a conversation that only answers errors.
 
-A line is spoken in pieces (`fastcsm.planner.streamed_pieces`): its sentences, and inside a long
+A line is spoken in pieces (`fastcsm.speech.planner.streamed_pieces`): its sentences, and inside a long
 sentence a cut after a clause (, ; : or a dash) once the piece has 40 characters. Each piece is
 one generation that sees the pieces before it with their audio, and the audio runs on from one
 piece to the next without a seam, as `POST /v1/audio/speech` does with long text. A line that
@@ -177,10 +177,10 @@ from typing import Annotated, Literal
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, PlainValidator, Strict, WithJsonSchema
 
 from ..bounds import MAX_AUDIO_LENGTH_MS, SEED, SPEAKER, TEMPERATURE, TOPK, Bound
-from ..engine import EndReason
-from ..lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..engine.engine import EndReason
 from ..listen.listener import MAX_RATE as MAX_INPUT_RATE, MIN_RATE as MIN_INPUT_RATE
-from ..normalize import NORMALIZE_BY_DEFAULT
+from ..speech.lexicon import MAX_REQUEST_ENTRIES, MAX_RESPELLING_CHARS, MAX_WORD_CHARS
+from ..speech.normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
@@ -205,7 +205,7 @@ def bounded(bound: Bound, nullable: bool = False):
 
 Temperature, TopK, Seed = bounded(TEMPERATURE), bounded(TOPK), bounded(SEED, nullable=True)
 Speaker, MaxAudioLength = bounded(SPEAKER), bounded(MAX_AUDIO_LENGTH_MS, nullable=True)
-# A request's own pronunciations (fastcsm.lexicon): word -> respelling, added to the server's --lexicon.
+# A request's own pronunciations (fastcsm.speech.lexicon): word -> respelling, added to the server's --lexicon.
 LexiconEntries = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)],
          Annotated[str, Field(min_length=1, max_length=MAX_RESPELLING_CHARS)]],

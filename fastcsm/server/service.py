@@ -19,17 +19,17 @@ import torch
 from ..assistant.llm import LanguageModel, LLMConfig
 from ..audio import SAMPLE_RATE, AudioError, read_audio, resample
 from ..bounds import SPEAKER
-from ..engine import Engine, Request
-from ..lexicon import Lexicon, LexiconError
+from ..engine.engine import Engine, Request
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
-from ..normalize import NORMALIZE_BY_DEFAULT
-from ..planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
-from ..prompt import Prompt, Segment, check_text, segment_rows
-from ..scheduler import Scheduler, Stream
-from ..speech import SpeakOptions
-from ..voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
-from ..watermark import WatermarkedStream, resolve_watermark
+from ..model.prompt import Prompt, Segment, check_text, segment_rows
+from ..speech.lexicon import Lexicon, LexiconError
+from ..speech.normalize import NORMALIZE_BY_DEFAULT
+from ..speech.planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
+from ..speech.speech import SpeakOptions
+from ..speech.voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
+from ..speech.watermark import resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
+from .scheduler import Scheduler, Stream, WatermarkedStream
 from .settings import Settings, parse_voice_map
 
 log = logging.getLogger("fastcsm")
@@ -76,9 +76,9 @@ def load_generator_for(s):
     the watermark loaded first (before the slow model load), then the model, then torch's threads
     set for the machine and the model. Raises `CheckpointError`, `WatermarkUnavailable` or ValueError."""
     from .. import threads
-    from ..checkpoints import resolve_device_dtype
     from ..generator import load_generator
-    from ..watermark import Watermarker
+    from ..model.checkpoints import resolve_device_dtype
+    from ..speech.watermark import Watermarker
 
     watermarker = Watermarker.load(resolve_device_dtype(s.device)[0]) if s.watermark else None
     generator = load_generator(s.model, s.device, s.dtype, s.tokenizer, s.codec, s.quantize)
@@ -496,7 +496,7 @@ class Service:
     def submit(self, request: Request, follow_on: bool = False) -> Stream:
         """Queue an utterance; 503 (with Retry-After) when the waiting queue is full. A
         `follow_on` (the next piece of a response already streaming) goes ahead of the queue."""
-        from ..scheduler import Busy, Closed
+        from .scheduler import Busy, Closed
 
         self.need_ready()
         try:

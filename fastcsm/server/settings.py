@@ -211,7 +211,7 @@ class Settings(Table):
             if not _HOST.fullmatch(name) and ip_address(name) is None:
                 raise _refuse("allowed_hosts", "be host names such as tts.example.com or *.example.com: no "
                                                "scheme, port or path (or * for any)", name)
-        from ..config import preset
+        from ..model.config import preset
 
         cfg = preset("csm-1b")  # every CSM checkpoint: 80 ms frames, a 2048-row window
         window_ms = cfg.max_seq_len * cfg.frame_ms
@@ -233,7 +233,7 @@ class Settings(Table):
 
     def check_lexicon(self):
         """The `lexicon` file, loaded (None without one); a bad file is refused naming the setting."""
-        from ..lexicon import LexiconError, load_lexicon
+        from ..speech.lexicon import LexiconError, load_lexicon
 
         try:
             return load_lexicon(self.lexicon)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..timestamps import WordTime, heard, rate, word_times
+from ..speech.timestamps import WordTime, heard, rate, word_times
 from . import protocol as P
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .bounds import SPEAKER
+from ..bounds import SPEAKER
 from .config import CsmConfig
 
 log = logging.getLogger("fastcsm")

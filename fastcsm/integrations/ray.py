@@ -2,13 +2,13 @@
 
 Serve's CLI runs the application builder with `key=value` arguments:
 
-    serve run fastcsm.ray:app model=~/models/csm-1b replicas=2
-    serve run fastcsm.ray:app model=DIR device=cpu min_replicas=1 max_replicas=4 voices_dir=/shared/voices
+    serve run fastcsm.integrations.ray:app model=~/models/csm-1b replicas=2
+    serve run fastcsm.integrations.ray:app model=DIR device=cpu min_replicas=1 max_replicas=4 voices_dir=/shared/voices
 
 and Python calls the same builder:
 
     from ray import serve
-    from fastcsm.ray import build_app
+    from fastcsm.integrations.ray import build_app
     serve.run(build_app(model="DIR", device="cpu", replicas=2))
 
 Arguments are every `fastcsm serve` setting (`model`, `device`, `slots`, `voices_dir`,
@@ -44,14 +44,15 @@ from typing import Any
 try:
     from ray import serve
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"fastcsm.ray needs Ray Serve ({e.name} is missing): pip install 'fastcsm[ray]'") from e
+    raise ImportError(f"fastcsm.integrations.ray needs Ray Serve ({e.name} is missing): "
+                      "pip install 'fastcsm[ray]'") from e
 
-from .server.settings import Settings
+from ..server.settings import Settings
 
 log = logging.getLogger("fastcsm")
 # Serve's proxies install `proxy_middlewares` when this is in their environment. A cluster that
-# `serve run fastcsm.ray:app` starts inherits it from here; `ray start` and KubeRay set it themselves.
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "fastcsm.ray:proxy_middlewares")
+# `serve run fastcsm.integrations.ray:app` starts inherits it from here; `ray start` and KubeRay set it themselves.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "fastcsm.integrations.ray:proxy_middlewares")
 REPLICA_HEADER = "x-fastcsm-replica"
 DEPLOYMENT_ARGS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
                    "num_cpus", "num_gpus", "name")
@@ -118,8 +119,8 @@ def parse_args(args: dict[str, Any] | None = None, environ=None) -> tuple[Settin
             raise ValueError(f"{key}= does not apply under Ray Serve: {why}")
     unknown = sorted(set(args) - set(_SETTINGS) - set(DEPLOYMENT_ARGS))
     if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; fastcsm.ray takes the server settings "
-                         f"({', '.join(n for n in _SETTINGS if n not in _NOT_HERE)}) and the deployment's "
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; fastcsm.integrations.ray takes the server "
+                         f"settings ({', '.join(n for n in _SETTINGS if n not in _NOT_HERE)}) and the deployment's "
                          f"({', '.join(DEPLOYMENT_ARGS)})")
     environ = dict(os.environ if environ is None else environ)
     typed = {}
@@ -137,7 +138,7 @@ def parse_args(args: dict[str, Any] | None = None, environ=None) -> tuple[Settin
     if settings.voices_dir:
         settings.voices_dir = os.path.abspath(os.path.expanduser(settings.voices_dir))
     if settings.compile:  # one cache that every replica loads and fills: the first start compiles, later ones load
-        from .compile_cache import default_dir
+        from ..engine.compile_cache import default_dir
 
         settings.compile_cache = os.path.abspath(os.path.expanduser(settings.compile_cache or default_dir()))
     if os.path.isdir(os.path.expanduser(settings.model)):
@@ -175,7 +176,8 @@ def build_app(args: dict[str, Any] | None = None, **kwargs):
 
 
 def app(args: dict[str, str]):
-    """The builder `serve run fastcsm.ray:app key=value ...` and `import_path: fastcsm.ray:app` call."""
+    """The builder that `serve run fastcsm.integrations.ray:app key=value ...` and
+    `import_path: fastcsm.integrations.ray:app` call."""
     return build_app(args)
 
 
@@ -192,7 +194,7 @@ class FastCSM:
         self._stop = threading.Event()
 
     def __serve_build_asgi_app__(self):
-        from .server.app import create_app
+        from ..server.app import create_app
 
         fastapi_app = create_app(self.settings)
         fastapi_app.add_middleware(ReplicaHeader, replica=self.replica)
@@ -307,7 +309,7 @@ class CloseOnReplicaLoss:
 
 
 def proxy_middlewares():
-    """`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=fastcsm.ray:proxy_middlewares`: what Serve's
+    """`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=fastcsm.integrations.ray:proxy_middlewares`: what Serve's
     proxies add in front of every request."""
     from starlette.middleware import Middleware
 

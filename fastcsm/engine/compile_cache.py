@@ -61,7 +61,7 @@ def device_name(device: torch.device) -> str:
 
 def cache_key(model, mimi=None, cache_length: int | None = None) -> dict:
     """The key of the compiled step and prefill of `model` (a `CSM`, quantized or not) with `mimi`."""
-    from .quant import mode_of
+    from ..model.quant import mode_of
 
     return {
         "torch": torch.__version__,

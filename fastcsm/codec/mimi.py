@@ -23,7 +23,7 @@ values, so `MimiStreamingDecoder.step` can be compiled with `fullgraph=True` and
 graph. Validation of user codes (which needs a host sync) happens once, at the public boundary;
 below it, codes are clamped so that nothing outside the codebook can reach the lookup.
 
-Weights are loaded by `fastcsm.mimi_weights` (Kyutai's and Hugging Face's names). The codec runs in
+Weights are loaded by `fastcsm.codec.weights` (Kyutai's and Hugging Face's names). The codec runs in
 fp32, the precision the reference tests were made at.
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nested import leaves
+from ..nested import leaves
 
 # Whole-sequence encode/decode work through the streaming path this many frames at a time.
 WHOLE_CHUNK_FRAMES = 64

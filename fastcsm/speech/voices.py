@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .prompt import Segment, check_speaker, check_text
+from ..model.prompt import Segment, check_speaker, check_text
 
 VOICE_DIR_ENV = "FASTCSM_VOICES_DIR"  # as `--voices-dir`; FASTCSM_VOICES, its older name, is read too
 SUFFIX = ".safetensors"

@@ -1,6 +1,6 @@
 """The codec as fastcsm uses it: encode reference audio, decode codes to a waveform.
 
-`Codec` wraps a `fastcsm.mimi.Mimi` in CSM's row layout (codes [frames, K], waveforms
+`Codec` wraps a `fastcsm.codec.mimi.Mimi` in CSM's row layout (codes [frames, K], waveforms
 [samples] on the CPU). Generated speech is decoded frame by frame inside the engine's step, in
 the engine's per-slot streaming state (`Mimi.decode_step`); `Codec.decode` decodes a whole
 sequence at once (tests, tools).
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .audio import validate_waveform
-from .checkpoints import CheckpointFiles, iter_codec_tensors, resolve
+from ..audio import validate_waveform
+from ..model.checkpoints import CheckpointFiles, iter_codec_tensors, resolve
 from .mimi import Mimi, MimiConfig
 
 log = logging.getLogger("fastcsm")
@@ -72,7 +72,7 @@ class Codec:
 
 def load_codec_for(files: CheckpointFiles, device=None) -> Codec | None:
     """The codec stored in a transformers-format CSM checkpoint (`codec_model.*`), else None."""
-    from .mimi_weights import mimi_from_state_dict
+    from .weights import mimi_from_state_dict
 
     tensors = dict(iter_codec_tensors(files))
     if not tensors:
@@ -86,7 +86,7 @@ def load_codec_for(files: CheckpointFiles, device=None) -> Codec | None:
 def load_codec(source: str | os.PathLike, device=None, num_codebooks: int | None = None) -> Codec:
     """A codec from a Mimi checkpoint: a directory or file (transformers `MimiModel`, Kyutai's
     tokenizer file, or a CSM checkpoint) or a hub repo id such as `kyutai/mimi`."""
-    from .mimi_weights import KYUTAI_FILENAME, load_mimi
+    from .weights import KYUTAI_FILENAME, load_mimi
 
     path = Path(source).expanduser()
     if not path.exists():  # a hub repo: Kyutai's Mimi file alone (its repos also hold a whole LM), else transformers'

@@ -502,7 +502,7 @@ def to_checkpoint(target: str, q: torch.Tensor, s: torch.Tensor) -> tuple[torch.
 @torch.no_grad()
 def quantized_copy(model: nn.Module, mode: str) -> nn.Module:
     """A quantized CSM made from a loaded full-precision one; embeddings and norms are shared."""
-    from .model import CSM, FusedState
+    from .network import CSM, FusedState
 
     ref = model.codebook0_head.weight
     device = ref.device

@@ -24,12 +24,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from .engine import EndReason, Engine, PrefillError, Request
+from ..engine.engine import EndReason, Engine, PrefillError, Request
 
 log = logging.getLogger("fastcsm")
 
@@ -385,3 +385,30 @@ class Scheduler:
 def _put_all(items: list) -> None:
     for stream, item in items:
         stream.queue.put_nowait(item)
+
+
+class WatermarkedStream:
+    """A scheduler `Stream` whose audio is watermarked: an utterance's frames are held until it
+    ends, then marked as one waveform and handed on (everything else is the stream's own)."""
+
+    def __init__(self, stream, watermarker, sample_rate: int):
+        self._stream = stream
+        self._watermarker = watermarker
+        self._sample_rate = sample_rate
+        self._ready: deque = deque()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    async def next(self):
+        if not self._ready:
+            frames = []
+            while not isinstance(item := await self._stream.next(), End):
+                frames.append(item)
+            if frames and frames[0].pcm is not None:
+                pcm = torch.from_numpy(np.concatenate([f.pcm for f in frames]))
+                marked = (await asyncio.to_thread(self._watermarker.apply, pcm, self._sample_rate)).numpy()
+                cuts = np.cumsum([f.pcm.shape[0] for f in frames])[:-1]
+                frames = [replace(f, pcm=p) for f, p in zip(frames, np.split(marked, cuts), strict=True)]
+            self._ready.extend([*frames, item])
+        return self._ready.popleft()

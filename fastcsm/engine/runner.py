@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..nested import leaves
 from . import compile_cache
-from .nested import leaves
 from .sampling import SamplingPath
 from .step import Buffers, engine_step, prefill
 

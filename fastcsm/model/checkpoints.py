@@ -26,7 +26,7 @@ import torch
 
 from . import quant
 from .config import FLAVORS, CsmConfig
-from .model import CSM, FusedState
+from .network import CSM, FusedState
 
 
 class CheckpointError(ValueError):

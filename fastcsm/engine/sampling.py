@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .bounds import TEMPERATURE, TOPK, TOPP
+from ..bounds import TEMPERATURE, TOPK, TOPP
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .mimi import Mimi, MimiDecoderState
-from .model import CSM, DecoderTables, KVCache
-from .nested import first_rows
+from ..codec.mimi import Mimi, MimiDecoderState
+from ..model.network import CSM, DecoderTables, KVCache
+from ..nested import first_rows
 from .sampling import EVERY_FILTER, FrameNoise, SamplingPath, pick, row_params
 
 

@@ -14,16 +14,12 @@ fastcsm marks each generated piece of a line, so streamed audio comes out a piec
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .audio import resample
-from .scheduler import End
+from ..audio import resample
 
 # Sesame's public key (csm `watermarking.py`). It is not secret: anyone can check for it. An
 # application that wants its own, private mark passes its own key.
@@ -101,31 +97,5 @@ def resolve_watermark(watermark, device: str | torch.device = "cpu") -> Watermar
         return Watermarker.load(device)
     if isinstance(watermark, Watermarker):
         return watermark
-    raise TypeError(f"watermark must be True, False or a fastcsm.watermark.Watermarker, got {type(watermark).__name__}")
+    raise TypeError(f"watermark must be True, False or a Watermarker, got {type(watermark).__name__}")
 
-
-class WatermarkedStream:
-    """A scheduler `Stream` whose audio is watermarked: an utterance's frames are held until it
-    ends, then marked as one waveform and handed on (everything else is the stream's own)."""
-
-    def __init__(self, stream, watermarker: Watermarker, sample_rate: int):
-        self._stream = stream
-        self._watermarker = watermarker
-        self._sample_rate = sample_rate
-        self._ready: collections.deque = collections.deque()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-    async def next(self):
-        if not self._ready:
-            frames = []
-            while not isinstance(item := await self._stream.next(), End):
-                frames.append(item)
-            if frames and frames[0].pcm is not None:
-                pcm = torch.from_numpy(np.concatenate([f.pcm for f in frames]))
-                marked = (await asyncio.to_thread(self._watermarker.apply, pcm, self._sample_rate)).numpy()
-                cuts = np.cumsum([f.pcm.shape[0] for f in frames])[:-1]
-                frames = [dataclasses.replace(f, pcm=p) for f, p in zip(frames, np.split(marked, cuts), strict=True)]
-            self._ready.extend([*frames, item])
-        return self._ready.popleft()

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bounds import MAX_AUDIO_LENGTH_MS, TEMPERATURE, TOPK, TOPP
-from .context import OLDER_AUDIO_MODES, Trim
-from .engine import EndReason
+from ..bounds import MAX_AUDIO_LENGTH_MS, TEMPERATURE, TOPK, TOPP
+from ..engine.engine import EndReason
+from ..engine.sampling import SamplingParams
+from ..model.context import OLDER_AUDIO_MODES, Trim
 from .lexicon import Lexicon
 from .normalize import DEFAULT_LANGUAGE, NORMALIZE_BY_DEFAULT, Spoken, check_language, normalize, verbatim
-from .sampling import SamplingParams
 from .timestamps import WordTime
 
 log = logging.getLogger("fastcsm")
@@ -85,7 +85,7 @@ class SpeakOptions:
             raise TypeError(f"normalize must be True or False, got {self.normalize!r}")
         check_language(self.language)
         if self.lexicon is not None and not isinstance(self.lexicon, Lexicon):
-            raise TypeError(f"lexicon must be a fastcsm.lexicon.Lexicon or None, got {type(self.lexicon).__name__}")
+            raise TypeError(f"lexicon must be a fastcsm Lexicon or None, got {type(self.lexicon).__name__}")
 
     @property
     def sampling(self) -> SamplingParams:

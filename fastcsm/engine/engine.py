@@ -32,12 +32,12 @@ from itertools import takewhile
 
 import torch
 
-from . import quant
-from .codec import Codec
-from .context import check_fits
-from .model import CSM
-from .nested import leaves
-from .prompt import Prompt
+from ..codec.codec import Codec
+from ..model import quant
+from ..model.context import check_fits
+from ..model.network import CSM
+from ..model.prompt import Prompt
+from ..nested import leaves
 from .runner import Runner
 from .sampling import SamplingParams, SamplingPath, row_key
 from .step import Buffers
@@ -206,7 +206,7 @@ class PrefixCache:
 class Engine:
     """Many streams in fixed slots over one model. Not thread-safe: one loop drives it.
 
-    codec: a `fastcsm.codec.Codec`; when given, every step also decodes each slot's new frame to
+    codec: a `fastcsm.codec.codec.Codec`; when given, every step also decodes each slot's new frame to
       PCM in per-slot streaming state, inside the same compiled / captured step.
     prefill_chunk: prompt rows prefilled per step, across waiting requests, so running streams
       never wait more than one chunk's time for their next frame.
@@ -242,7 +242,7 @@ class Engine:
         compile_cache: str | None = None,
     ):
         if codec is not None and not isinstance(codec, Codec):
-            raise TypeError(f"codec must be a fastcsm.codec.Codec (wrap a Mimi as Codec(mimi)), got {type(codec)}")
+            raise TypeError(f"codec must be a fastcsm Codec (wrap a Mimi as Codec(mimi)), got {type(codec)}")
         if runner is not None and (compile or cuda_graphs or compile_cache):
             raise ValueError("give compile / cuda_graphs to the Runner you pass, not to the Engine")
         mode = quant.check_mode(quantize, model.device)

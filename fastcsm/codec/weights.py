@@ -1,4 +1,4 @@
-"""Load Mimi weights from every published layout into `fastcsm.mimi.Mimi`.
+"""Load Mimi weights from every published layout into `fastcsm.codec.mimi.Mimi`.
 
 Layouts (names after an optional prefix such as `codec_model.` inside a CSM checkpoint):
 - `kyutai`: Kyutai's `tokenizer-e351c8d8-checkpoint125.safetensors` (`encoder.model.N.conv.conv.weight`,
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import half_to_interleaved, interleaved_to_half
+from ..model.checkpoints import half_to_interleaved, interleaved_to_half
 from .mimi import CausalConvTranspose1d, Mimi, MimiConfig
 
 KYUTAI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bounds import MAX_AUDIO_LENGTH_MS
-from .config import CsmConfig
-from .context import Trim, check_line_fits, fit
-from .engine import Request
+from ..bounds import MAX_AUDIO_LENGTH_MS
+from ..engine.engine import Request
+from ..engine.sampling import SamplingParams
+from ..model.config import CsmConfig
+from ..model.context import Trim, check_line_fits, fit
+from ..model.prompt import Prompt, TextTokenizer, audio_rows, concat, text_rows
 from .normalize import Spoken
-from .prompt import Prompt, TextTokenizer, audio_rows, concat, text_rows
-from .sampling import SamplingParams
 from .speech import SpeakOptions
 from .text import LinePieces, speech_pieces, split_text
 
