@@ -749,8 +749,8 @@ def run_compile(args) -> int:
 COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quantize, add_compile]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser(COMMANDS)
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    return command_parser(commands or COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
