@@ -153,7 +153,7 @@ def is_compute_op(e) -> bool:
 
 
 def source_line(e) -> str:
-    """The innermost fastcsm frame around an op ("fastcsm/sampling.py(190): pick"), from the Python
+    """The innermost fastcsm frame around an op ("fastcsm/engine/sampling.py(190): pick"), from the Python
     events of a trace made `with_stack`."""
     while e is not None:
         if "fastcsm/" in e.name and not e.name.startswith("aten::"):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from .bounds import SPEAKER, TEMPERATURE, TOPK
 from .errors import EXIT_MODEL, EXIT_OK, CliError
-from .server.cli import command_parser, run_command
 from .speech.normalize import DEFAULT_LANGUAGE
 
 log = logging.getLogger("fastcsm")
@@ -750,10 +749,15 @@ COMMANDS = [add_speak, add_voices, add_serve, add_wyoming, add_bench, add_quanti
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
+    from .server.cli import command_parser
+
     return command_parser(commands or COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The runner and the server's settings load numpy: after `import fastcsm.cli`, which loads nothing heavy.
+    from .server.cli import run_command
+
     return run_command(build_parser, argv)
 
 

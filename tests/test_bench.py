@@ -177,11 +177,12 @@ def test_profile_step_groups_cuda_kernels_and_their_launchers(profile_step):
         return e
 
     def frame(t):  # one frame: a linear (its mm launches one gemm) and a topk (two kernels)
-        line = event("fastcsm/model.py(88): forward", t, t + 50)
+        line = event("fastcsm/model/network.py(88): forward", t, t + 50)
         linear = event("aten::linear", t, t + 20, parent=line)
         mm = event("aten::mm", t + 1, t + 19, parent=linear)
         mm.append_kernel("gemm", 0, 6.0)
-        topk = event("aten::topk", t + 30, t + 40, parent=event("fastcsm/sampling.py(171): pick", t + 29, t + 41))
+        pick = event("fastcsm/engine/sampling.py(171): pick", t + 29, t + 41)
+        topk = event("aten::topk", t + 30, t + 40, parent=pick)
         topk.append_kernel("radix", 0, 2.0)
         topk.append_kernel("sort", 0, 1.0)
         gpu = [event("gemm", t + 2, t + 8, DeviceType.CUDA), event("radix", t + 31, t + 33, DeviceType.CUDA),
@@ -193,9 +194,9 @@ def test_profile_step_groups_cuda_kernels_and_their_launchers(profile_step):
     assert table["kernels_per_frame"] == 3 and table["kernels"] == 3 and table["busy_ms"] == 0.009
     assert table["top"] == [
         {"name": "gemm", "per_frame": 1, "us_per_frame": 6.0, "mean_us": 6.0, "ops": {"aten::linear": 2},
-         "where": {"fastcsm/model.py(88): forward": 2}},
+         "where": {"fastcsm/model/network.py(88): forward": 2}},
         {"name": "radix", "per_frame": 1, "us_per_frame": 2.0, "mean_us": 2.0, "ops": {"aten::topk": 2},
-         "where": {"fastcsm/sampling.py(171): pick": 2}},
+         "where": {"fastcsm/engine/sampling.py(171): pick": 2}},
     ]
     replays = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels no op launched (a graph replay)
     assert "ops" not in profile_step.kernel_table(replays, replays, cuda=True, frames=2, top=1)["top"][0]

@@ -335,7 +335,7 @@ def test_voice_from_uploaded_file_is_created_and_used(page, server, tmp_path):
     page.fill("#voice-speaker", "1")
     page.set_input_files("#voice-file", str(write_wav(tmp_path / "me.wav")))
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.speech.voices.includes('page-voice')", timeout=60_000)
+    page.wait_for_function("window.fastcsm.voices.includes('page-voice')", timeout=60_000)
     assert page.input_value("#voice") == "page-voice"  # the new voice is picked
     listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
     voice = next(v for v in listed if v["name"] == "page-voice")
@@ -372,7 +372,7 @@ def test_voice_from_the_microphone(page, server):
     page.fill("#voice-name", "mic-voice")
     page.fill("#voice-text", "A beep, not words.")
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.speech.voices.includes('mic-voice')", timeout=60_000)
+    page.wait_for_function("window.fastcsm.voices.includes('mic-voice')", timeout=60_000)
     listed = json.loads(api(server, "GET", "/v1/voices")[2])["data"]
     assert any(v["name"] == "mic-voice" for v in listed)
     assert page.console.errors == []
@@ -483,7 +483,7 @@ def test_refused_request_shows_the_servers_message(page, server, tmp_path):
     page.fill("#voice-text", "Soon gone.")
     page.set_input_files("#voice-file", str(write_wav(tmp_path / "gone.wav", 0.5)))
     page.click("#create-voice")
-    page.wait_for_function("window.fastcsm.speech.voices.includes('gone-voice')", timeout=60_000)
+    page.wait_for_function("window.fastcsm.voices.includes('gone-voice')", timeout=60_000)
     api(server, "DELETE", "/v1/voices/gone-voice")
 
     page.click("#speak")

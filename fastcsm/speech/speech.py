@@ -58,7 +58,7 @@ class SpeakOptions:
     guard_base_ms: float = 3000.0
     # Pieces after the first see the audio generated for the earlier ones as context.
     carry_pieces: bool = True
-    # Experimental: keep only codebook 0 of older context audio ("codebook0"); see context.py.
+    # Experimental: keep only codebook 0 of older context audio ("codebook0"); see model/context.py.
     older_audio: str = "full"
     keep_full_audio: int = 2  # newest context segments that keep all codebooks in that mode
     # Written forms (numbers, dates, money, units, URLs, ...) become spoken ones before the text is
