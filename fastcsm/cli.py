@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bounds import SPEAKER, TEMPERATURE, TOPK
+from .bounds import SEED, SPEAKER, TEMPERATURE, TOPK
 from .errors import EXIT_MODEL, EXIT_OK, CliError
 from .speech.normalize import DEFAULT_LANGUAGE
 
@@ -157,7 +157,8 @@ def _check_speak_args(args) -> None:
     # The library's checks and words (bounds.py; the window as the loaded model's checks it).
     for flag, check in [("--max-audio-length-ms",
                          lambda ms: requested_frames(ms, cfg.frame_ms, cfg.max_seq_len * cfg.frame_ms)),
-                        ("--temperature", TEMPERATURE.check), ("--topk", TOPK.check), ("--speaker", SPEAKER.check)]:
+                        ("--temperature", TEMPERATURE.check), ("--topk", TOPK.check), ("--speaker", SPEAKER.check),
+                        ("--seed", SEED.check)]:
         value = getattr(args, flag[2:].replace("-", "_"))
         try:
             if value is not None:

@@ -23,7 +23,7 @@ BAD = [
     ("topk", -1), ("topk", 2049),
     ("max_audio_length_ms", math.nan), ("max_audio_length_ms", math.inf), ("max_audio_length_ms", -5),
     ("max_audio_length_ms", 0), ("max_audio_length_ms", 40), ("max_audio_length_ms", 1e9),
-    ("speaker", -1), ("speaker", 1_000_001),
+    ("speaker", -1), ("speaker", 1_000_001), ("seed", -1), ("seed", 2**62),
 ]
 
 

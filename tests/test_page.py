@@ -193,6 +193,13 @@ def test_page_loads_clean(page, server):
     assert page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")[:2] == ["0", "1"]
     assert "ready" in page.text_content("#server-state")
     assert page.is_hidden("#error")
+    # the sampling fields show the one table's defaults and limits, as the server states them
+    from fastcsm.bounds import TEMPERATURE, TOPK
+
+    for bound in (TEMPERATURE, TOPK):
+        page.wait_for_function(f"document.getElementById('{bound.name}').value !== ''", timeout=30_000)
+        shown = page.eval_on_selector(f"#{bound.name}", "e => [e.value, e.min, e.max]")
+        assert [float(x) for x in shown] == [bound.default, bound.low, bound.high]
     # the page's own files come from the package
     for name in ("app.js", "style.css"):
         status, headers, body = api(server, "GET", "/" + name)

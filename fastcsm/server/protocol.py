@@ -381,8 +381,20 @@ class ModelList(BaseModel):
     data: list[ModelInfo]
 
 
+class OptionBounds(BaseModel):
+    """A speaking option's default and the values it accepts (fastcsm.bounds): what a form shows."""
+
+    default: float | int | None
+    minimum: float | int
+    maximum: float | int | None
+
+
+def option_bounds() -> dict[str, OptionBounds]:
+    return {b.name: OptionBounds(default=b.default, minimum=b.low, maximum=b.high) for b in (TEMPERATURE, TOPK)}
+
+
 class ServerInfo(BaseModel):
-    """What a client needs to know before it speaks: audio layout, formats and limits."""
+    """What a client needs to know before it speaks: audio layout, formats, limits and defaults."""
 
     model: str
     sample_rate: int = SAMPLE_RATE
@@ -396,6 +408,8 @@ class ServerInfo(BaseModel):
     max_voice_audio_s: float
     auth_required: bool
     slots: int
+    options: dict[str, OptionBounds] = Field(default_factory=option_bounds,
+                                             description="the sampling options' defaults and limits")
 
 
 class Health(BaseModel):

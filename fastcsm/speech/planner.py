@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bounds import MAX_AUDIO_LENGTH_MS
+from ..bounds import MAX_AUDIO_LENGTH_MS, SEED
 from ..engine.engine import Request
 from ..engine.sampling import SamplingParams
 from ..model.config import CsmConfig
@@ -167,6 +167,8 @@ def plan_speech(text: str, speaker: int, pinned: list[Prompt], context: list[Pro
     """Split `text`, bound every piece and check that each fits the window beside the pinned
     rows alone (the context may be dropped later, the pinned rows never). `seed` None draws one;
     piece i uses seed + i. Raises ValueError (or `ContextTooLong`) for what cannot be spoken."""
+    if seed is not None:
+        SEED.check(seed)
     pieces = [piece_text(piece, speaker, tokenizer, cfg, options, limit_ms) for piece in split(text, options)]
     for p in pieces:
         check_line_fits(pinned, p.line, p.max_frames, cfg)

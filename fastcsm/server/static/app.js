@@ -1054,6 +1054,14 @@
       if (+$("max-ms").value > info.max_audio_length_ms) $("max-ms").value = info.max_audio_length_ms;
       showMaxLength();
     }
+    // The sampling fields show the server's defaults and limits (its one table), unless edited.
+    for (const [name, bounds] of Object.entries(info.options || {})) {
+      const field = $(name);
+      if (!field) continue;
+      field.min = bounds.minimum;
+      if (bounds.maximum !== null) field.max = bounds.maximum;
+      if (field.value === "" && bounds.default !== null) field.value = bounds.default;
+    }
     $("server-state").title = `${info.model} · ${info.slots} streams at once · ${info.sample_rate} Hz`;
   }
   function askForKey() {
