@@ -1,5 +1,6 @@
-"""The package's modules import each other without a cycle, counting imports inside functions (not
-those under `if TYPE_CHECKING:`, which only name types for annotations and never run)."""
+"""The package's modules import each other without a cycle and only downwards, layer by layer,
+counting imports inside functions (not those under `if TYPE_CHECKING:`, which only name types for
+annotations and never run)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,56 @@ def test_no_import_cycle_among_fastcsm_modules():
     assert "fastcsm.server.cli" in graph["fastcsm.cli"], "function-level imports count"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The layers, bottom-up: a module imports its own layer's modules and those of lower floors only.
+FLOORS = [
+    {"base": ("fastcsm.audio", "fastcsm.bounds", "fastcsm.errors", "fastcsm.nested", "fastcsm.threads",
+              "fastcsm.version")},
+    {"model": ("fastcsm.model",)},
+    {"codec": ("fastcsm.codec",)},
+    {"engine": ("fastcsm.engine",), "listen": ("fastcsm.listen",)},
+    {"speech": ("fastcsm.speech",)},
+    {"assistant": ("fastcsm.assistant",)},
+    {"generator": ("fastcsm.generator",), "testing": ("fastcsm.testing", "fastcsm.testing_llm")},
+    {"server": ("fastcsm.server",)},
+    {"integrations": ("fastcsm.integrations",), "bench": ("fastcsm.bench",)},
+    {"commands": ("fastcsm.cli", "fastcsm.__main__", "fastcsm")},
+]
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(floor, layer) of `module`: the layer whose longest prefix names it."""
+    found = [(len(prefix), floor, layer) for floor, layers in enumerate(FLOORS) for layer, prefixes in layers.items()
+             for prefix in prefixes if module == prefix or module.startswith(prefix + ".")]
+    assert found, f"{module} belongs to no layer: add it to FLOORS"
+    _, floor, layer = max(found)
+    return floor, layer
+
+
+def test_layers_import_only_downwards():
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    upward = []
+    for f in files:
+        name = module_name(f)
+        floor, layer = layer_of(name)
+        for target in imports(f, modules):
+            to_floor, to_layer = layer_of(target)
+            if to_layer != layer and to_floor >= floor:
+                upward.append(f"{name} ({layer}) -> {target} ({to_layer})")
+    assert upward == [], "imports that run up or sideways:\n" + "\n".join(upward)
+    assert len(FLOORS) <= 10
+
+
+def test_the_core_layers_know_nothing_of_serving():
+    files = sorted(ROOT.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    core = ("model", "codec", "engine", "speech", "listen", "assistant")
+    for f in files:
+        if layer_of(module_name(f))[1] in core:
+            served = {t for t in imports(f, modules) if t.startswith(("fastcsm.server", "fastcsm.integrations"))}
+            assert not served, f"{module_name(f)} imports {served}"
 
 
 def test_type_only_imports_are_not_counted():
