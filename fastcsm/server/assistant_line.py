@@ -110,7 +110,7 @@ class AssistantLine:
             return
         if a.first_audio_at is None:
             a.first_audio_at = time.perf_counter()
-        await self.conv.send(P.AssistantText(utterance=u.index, piece=index, text=u.text.pieces[index]))
+        await self.conv.send(P.AssistantText(utterance=u.index, piece=index, text=u.line.texts[index]))
 
     # -- the task -------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -32,13 +31,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import resample
+from ..engine.engine import EndReason
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
 from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
 from ..model.context import ContextTooLong
 from ..model.prompt import Prompt, Segment, concat, segment_rows, text_rows
-from ..speech.planner import plan_piece, spoken_rows, streamed_line
-from ..speech.speech import SpeakOptions
-from ..speech.text import LinePieces
+from ..speech.line import Line
+from ..speech.planner import spoken_rows
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
@@ -53,16 +52,12 @@ _CLIENT = TypeAdapter(P.ClientMessage)
 
 @dataclass
 class Utterance:
-    """The line in flight: its text so far (as pieces), the streams submitted, the rows and codes
-    of the pieces spoken, the task pumping its frames."""
+    """The line in flight: its driver (the text so far, the pieces spoken and the one in flight),
+    the streams submitted, the task pumping its frames."""
 
     id: str | None
     index: int
-    speaker: int
-    options: SpeakOptions  # sampling and the bound of each piece
-    seed: int
-    text: LinePieces  # the line's pieces, kept up to date as its fragments arrive
-    more: bool  # more text may follow (append_text)
+    line: Line
     voice: str | None = None  # the registered voice it speaks in (kept pinned), if any
     pin: Prompt | None = None  # that voice's rows when it is not pinned yet: pinned once the line is heard
     fragments: int = 0  # append_text messages taken
@@ -72,14 +67,23 @@ class Utterance:
     streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
     error: str | None = None  # why it stopped, when it did not end normally
     stop: str = "interrupted"  # the `done` reason when it is stopped from outside
-    line: Prompt | None = None  # text rows of the piece being generated
-    codes: list = field(default_factory=list)  # its frames so far
-    spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
-    frames: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
     words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
     timestamps: bool = False  # `word` events asked for
+
+    @property
+    def more(self) -> bool:
+        """More text may follow (append_text)."""
+        return not self.line.final
+
+    @property
+    def frames(self) -> int:
+        return self.line.frames
+
+    @property
+    def speaker(self) -> int:
+        return self.line.speaker
 
 
 class Conversation:
@@ -362,14 +366,14 @@ class Conversation:
         options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
-        seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, options, seed, streamed_line(), m.more, voice, pin,
-                      timestamps=m.timestamps)
-        u.text.add(text, final=not m.more)
+        line = Line(text, speaker, [], [], svc.generator.tokenizer, svc.cfg, options, m.seed, streamed=True,
+                    final=not m.more, limit_ms=svc.settings.max_audio_length_ms,
+                    check=lambda piece: svc.check_input(piece, "text"), forget_dropped=True)
+        u = Utterance(m.id, self.utterances, line, voice, pin, timestamps=m.timestamps)
         self.mark(u, now)
         first = None
-        if u.text.pieces:
-            first = await self.plan_piece(u, 0)  # a line that cannot be spoken is an error here, not a `done`
+        if line.texts:
+            first = await self.plan_piece(u)  # a line that cannot be spoken is an error here, not a `done`
         elif not u.more:
             raise ApiError(400, "text has no words to speak", param="text")
         # From here on the utterance is `current` before anything awaits, so an interrupt or a
@@ -398,11 +402,10 @@ class Conversation:
             await self.error(message, id=u.id)
             await self.stop_pump("error", message)
             return
-        self.check_length(u.text.length + len(m.text))
+        self.check_length(u.line.length + len(m.text))
         u.fragments += 1
-        u.more = m.more
+        u.line.append(m.text, final=not m.more)
         if m.text or not m.more:  # (an empty fragment brings nothing: it keeps no line alive)
-            u.text.add(m.text, final=not m.more)
             self.mark(u, time.perf_counter())
             u.wake.set()
 
@@ -415,32 +418,31 @@ class Conversation:
     @staticmethod
     def mark(u: Utterance, now: float) -> None:
         """First audio is timed from the message that completed the line's first piece."""
-        if u.t0 is None and u.text.pieces:
+        if u.t0 is None and u.line.texts:
             u.t0 = now
 
-    async def plan_piece(self, u: Utterance, index: int):
-        """Piece `index` of the line, after the conversation and the pieces spoken before it (with
-        their audio), as `POST /v1/audio/speech` speaks long text. When the pinned voices leave the
-        piece no room, the oldest of them (never the line's own) are unpinned, each with an event."""
-        svc, cfg = self.service, self.service.cfg
-        text = svc.check_input(u.text.pieces[index], "text")
-        piece = svc.piece_text(text, u.speaker, u.options)
-        u.words.start(piece.spoken.words)
+    async def plan_piece(self, u: Utterance):
+        """The line's next piece (None: none now), after the conversation and the pieces spoken
+        before it (with their audio), as `POST /v1/audio/speech` speaks long text. When the pinned
+        voices leave the piece no room, the oldest of them (never the line's own) are unpinned,
+        each with an event; the turns dropped to make room are dropped for good."""
+        line = u.line
         while True:
-            pinned = self.pinned + ([u.pin] if u.pin is not None else [])
-            try:  # a later fragment may yet bring another piece: every piece keeps its audio state
-                planned = plan_piece(cfg, pinned, self.turns, u.spoken, piece.line, piece.max_frames,
-                                     u.options.sampling, u.seed + index, u.options, keep_audio=True,
-                                     audio_after=u.streams[-1].request if index and u.streams else None)
+            line.pinned, line.context = self.pinned + ([u.pin] if u.pin is not None else []), self.turns
+            try:
+                planned = line.next()
                 break
             except ContextTooLong as e:
                 if not await self.unpin_oldest(keep=u.voice):
                     raise ApiError(400, str(e), param="text") from None
+            except ValueError as e:
+                raise ApiError(400, str(e), param="text") from None
+        if planned is None:
+            return None
+        u.words.start(planned.text.spoken.words)
         trim = planned.trim
         if trim.dropped:  # dropped for good: the oldest turns, then (a window smaller than the line) its oldest pieces
             self.turns = self.turns[len(planned.dropped_context):]
-            if planned.dropped_pieces:
-                u.spoken = u.spoken[max(planned.dropped_pieces) + 1:]
             await self.send(P.ContextDropped(dropped_turns=len(trim.dropped), dropped_rows=trim.dropped_rows,
                                              remaining_rows=self.rows()))
         return planned
@@ -457,7 +459,6 @@ class Conversation:
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
         u.streams.append(u.stream)
-        u.line, u.codes = planned.line, []
         if len(u.streams) == 1:
             bound = planned.request.max_frames
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
@@ -469,31 +470,9 @@ class Conversation:
         ends with its `done`."""
         reason = "error"
         try:
-            index = len(u.streams) - 1
             while True:
-                if index >= 0:
-                    end = None
-                    while end is None:
-                        item = await u.stream.next()
-                        if isinstance(item, End):
-                            end = item
-                            break
-                        u.codes.append(item.codes)
-                        u.frames += 1
-                        if len(u.codes) == 1 and self.assistant is not None:
-                            await self.assistant.piece_audio(u, index)
-                        if item.pcm is not None:  # once handed to the socket, sent whole and counted
-                            await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
-                            u.words.audio(item.pcm)
-                        if u.frames == 1:
-                            await self.send(P.FirstAudio(id=u.id, utterance=u.index,
-                                                         ms=(time.perf_counter() - u.t0) * 1000))
-                    u.spoken.append((u.line, u.codes))
-                    u.line, u.codes = None, []
-                    if end.reason.complete:  # the piece's audio is whole: its words are timed
-                        timed = u.words.done()
-                        for event in word_events(u.id, u.index, timed) if u.timestamps else ():
-                            await self.send(event)
+                if u.line.in_flight is not None:
+                    end = await self.pump(u)
                     reason = P.done_reason(end.reason)
                     if not end.reason.complete:
                         if end.reason in ("error", "deadline"):
@@ -501,9 +480,8 @@ class Conversation:
                         if end.reason == "error":
                             await self.error(u.error, "internal", u.id)
                         break
-                index += 1
                 idle = self.service.settings.line_idle_timeout_s
-                while index >= len(u.text.pieces) and u.more:
+                while u.line.waiting:
                     u.wake.clear()
                     try:
                         await asyncio.wait_for(u.wake.wait(), idle)
@@ -513,11 +491,12 @@ class Conversation:
                         await self.error(u.error, "timeout", u.id)
                         reason = "deadline"
                         break
-                if index >= len(u.text.pieces):
-                    if index == 0 and not u.more:
+                planned = None if u.line.waiting else await self.plan_piece(u)
+                if planned is None:
+                    if u.line.done and not u.line.pieces:
                         await self.error("the line has no words to speak", "bad_request", u.id)
                     break
-                await self.start_piece(u, await self.plan_piece(u, index))
+                await self.start_piece(u, planned)
         except asyncio.CancelledError:
             reason = u.stop
             if u.stream is not None:
@@ -531,6 +510,25 @@ class Conversation:
                 u.stream.cancel()
             reason = "error"
         await self.finish(u, reason)
+
+    async def pump(self, u: Utterance) -> End:
+        """Send the frames of the piece in flight as they come; its End."""
+        index = len(u.line.pieces) - 1
+        while not isinstance(item := await u.stream.next(), End):
+            u.line.add(item.codes)
+            if u.line.pieces[index].frames == 1 and self.assistant is not None:
+                await self.assistant.piece_audio(u, index)
+            if item.pcm is not None:  # once handed to the socket, sent whole and counted
+                await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
+                u.words.audio(item.pcm)
+            if u.frames == 1:
+                await self.send(P.FirstAudio(id=u.id, utterance=u.index, ms=(time.perf_counter() - u.t0) * 1000))
+        u.line.end(item.reason)
+        if item.reason.complete:  # the piece's audio is whole: its words are timed
+            timed = u.words.done()
+            for event in word_events(u.id, u.index, timed) if u.timestamps else ():
+                await self.send(event)
+        return item
 
     async def finish(self, u: Utterance, reason: str) -> None:
         """Remember the line (cut where it stopped) and send its `done`, once, counting the rows
@@ -558,8 +556,10 @@ class Conversation:
         if u.pin is not None and u.frames and u.voice not in self.pinned_voices:
             self.pinned.append(u.pin)
             self.pinned_voices.append(u.voice)
+        if u.line.in_flight is not None:  # cut off (or never begun): the codes it got are what was spoken
+            u.line.end(EndReason.CANCELLED)
         rows = []
-        pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
+        pieces = list(u.line.spoken)
         if u.words.in_flight and pieces:
             heard = u.words.cut()
             line = " ".join(w.spoken for w in heard)
