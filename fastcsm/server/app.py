@@ -415,8 +415,7 @@ async def _audio(service: Service, line: Line, stream, enc, words: LineWords | N
     first byte), not a shorter file that looks complete."""
     n = len(line.texts)
     try:
-        head = enc.start()
-        if head:
+        if head := enc.start():
             yield head
         while True:
             if words is not None:
@@ -426,8 +425,7 @@ async def _audio(service: Service, line: Line, stream, enc, words: LineWords | N
                 if item.pcm is not None:
                     if words is not None:
                         words.audio(item.pcm)
-                    data = enc.write(item.pcm)
-                    if data:
+                    if data := enc.write(item.pcm):
                         yield data
             line.end(stream.end.reason)
             if not stream.end.reason.complete:
@@ -442,8 +440,7 @@ async def _audio(service: Service, line: Line, stream, enc, words: LineWords | N
                 stream = service.submit(planned.request, follow_on=True)
             except ApiError as e:
                 raise SpeechFailed(f"speech stopped before piece {index + 1} of {n}: {e.message}") from None
-        tail = enc.finish()
-        if tail:
+        if tail := enc.finish():
             yield tail
     finally:
         if stream.end is None:  # the client went away (or the server is stopping): free the slot

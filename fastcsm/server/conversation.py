@@ -1,7 +1,9 @@
 """One live conversation over a WebSocket: turns in, spoken lines out, barge-in.
 
-The session keeps the conversation as prompt rows: pinned voices, then every turn (the other
-party's text and audio, and each line spoken here with the audio generated for it). A line is
+The conversation itself (pinned voices, turns, each line spoken here with the audio generated
+for it, what fitting drops and unpins) is a `speech.conversation.ConversationState`, which knows
+nothing of sockets; this adapter parses messages, runs each piece of a line (`speech.line.Line`)
+on the scheduler, sends its audio, and turns the state's events into the protocol's. A line is
 spoken with `prefix_rows` = everything before it, so the engine keeps that prefix's KV and the
 next line reuses it and prefills only what was added since. When the window would overflow,
 the oldest turns are dropped for good (`context_dropped`), the new prefix no longer matches,
@@ -31,13 +33,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import resample
-from ..engine.engine import EndReason
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
 from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
-from ..model.context import ContextTooLong
-from ..model.prompt import Prompt, Segment, concat, segment_rows, text_rows
+from ..model.prompt import Prompt, Segment, segment_rows
+from ..speech.conversation import ContextDropped, ConversationState, Saying, VoiceUnpinned
 from ..speech.line import Line
-from ..speech.planner import spoken_rows
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
@@ -57,9 +57,7 @@ class Utterance:
 
     id: str | None
     index: int
-    line: Line
-    voice: str | None = None  # the registered voice it speaks in (kept pinned), if any
-    pin: Prompt | None = None  # that voice's rows when it is not pinned yet: pinned once the line is heard
+    said: Saying  # the line's driver, its voice and the rows to pin once it is heard
     fragments: int = 0  # append_text messages taken
     t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
@@ -71,6 +69,10 @@ class Utterance:
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
     words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
     timestamps: bool = False  # `word` events asked for
+
+    @property
+    def line(self) -> Line:
+        return self.said.line
 
     @property
     def more(self) -> bool:
@@ -91,10 +93,7 @@ class Conversation:
         self.ws = ws
         self.service = service
         self.config = P.Configure()
-        self.pinned: list[Prompt] = []
-        self.configured_pins: list[Prompt] = []  # the rows of `config.voices`, which `reset` pins again
-        self.pinned_voices: list[str] = []
-        self.turns: list[Prompt] = []
+        self.state = ConversationState(service.cfg)  # turns, pinned voices
         self.utterances = 0
         self.current: Utterance | None = None
         self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
@@ -178,9 +177,7 @@ class Conversation:
             if self.assistant is not None:
                 await self.assistant.reset()
             await self.stop_pump()
-            # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
-            self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
-            self.turns = []
+            self.state.reset()
             self.stop_listening()  # a turn being heard or transcribed belonged to the conversation forgotten
             self.listener = self.new_listener(self.config)
         elif isinstance(command, P.Configure):
@@ -191,9 +188,9 @@ class Conversation:
             self.assistant = AssistantLine(self, command) if command.assistant else None
             listener = self.new_listener(command)
             self.stop_listening()
-            self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
-            self.configured_pins, self.listener = list(pinned), listener
-            await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
+            self.config, self.listener = command, listener
+            self.state.configure(list(zip(command.voices, pinned, strict=True)))
+            await self.send(P.ConfiguredEvent(voices=self.state.pinned_voices, audio_format=command.audio_format,
                                               pinned_rows=sum(map(len, pinned)), input_audio=command.input_audio))
         elif isinstance(command, P.AddTurn):
             await self.add_turn(command)
@@ -242,17 +239,16 @@ class Conversation:
 
     async def append_turn(self, turn: Prompt, speaker: int, text: str | None = None) -> None:
         """Another party's turn joins the conversation (`text`: its transcript, when it was made here)."""
-        self.turns.append(turn)
-        await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=speaker, rows=len(turn),
-                                    conversation_rows=self.rows(), text=text))
-        # Turns that can never fit the window again are forgotten now, not kept in memory.
-        window, dropped, dropped_rows = self.service.cfg.max_seq_len, 0, 0
-        while len(self.turns) > 1 and self.rows() - len(self.turns[0]) >= window:
-            dropped_rows += len(self.turns.pop(0))
-            dropped += 1
-        if dropped:
-            await self.send(P.ContextDropped(dropped_turns=dropped, dropped_rows=dropped_rows,
-                                             remaining_rows=self.rows()))
+        index = self.state.add_turn(turn)
+        await self.send(P.TurnAdded(index=index, speaker=speaker, rows=len(turn), conversation_rows=self.state.rows(),
+                                    text=text))
+        self.state.forget_unfittable()  # turns that can never fit the window again are not kept in memory
+        await self.send_events()
+
+    async def send_events(self) -> None:
+        """What the conversation's state did (voices unpinned, turns dropped), as events."""
+        for e in self.state.take_events():
+            await self.send(_EVENTS[type(e)](**vars(e)))
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -339,9 +335,6 @@ class Conversation:
             task.cancel()
         self.hearing = []
 
-    def rows(self) -> int:
-        return sum(map(len, self.pinned)) + sum(map(len, self.turns))
-
     async def speak(self, m: P.Speak) -> None:
         svc = self.service
         svc.need_ready()
@@ -358,7 +351,7 @@ class Conversation:
             found = svc.lookup(m.voice)
             if not isinstance(found, int):
                 voice = m.voice
-                if voice not in self.pinned_voices:
+                if voice not in self.state.pinned_voices:
                     pin = svc.voice_rows(found)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
@@ -366,13 +359,13 @@ class Conversation:
         options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
-        line = Line(text, speaker, [], [], svc.generator.tokenizer, svc.cfg, options, m.seed, streamed=True,
-                    final=not m.more, limit_ms=svc.settings.max_audio_length_ms,
-                    check=lambda piece: svc.check_input(piece, "text"), forget_dropped=True)
-        u = Utterance(m.id, self.utterances, line, voice, pin, timestamps=m.timestamps)
+        said = self.state.say(text, speaker, svc.generator.tokenizer, options, m.seed, voice=voice, pin=pin,
+                              final=not m.more, limit_ms=svc.settings.max_audio_length_ms,
+                              check=lambda t: svc.check_input(t, "text"))
+        u = Utterance(m.id, self.utterances, said, timestamps=m.timestamps)
         self.mark(u, now)
         first = None
-        if line.texts:
+        if u.line.texts:
             first = await self.plan_piece(u)  # a line that cannot be spoken is an error here, not a `done`
         elif not u.more:
             raise ApiError(400, "text has no words to speak", param="text")
@@ -422,39 +415,17 @@ class Conversation:
             u.t0 = now
 
     async def plan_piece(self, u: Utterance):
-        """The line's next piece (None: none now), after the conversation and the pieces spoken
-        before it (with their audio), as `POST /v1/audio/speech` speaks long text. When the pinned
-        voices leave the piece no room, the oldest of them (never the line's own) are unpinned,
-        each with an event; the turns dropped to make room are dropped for good."""
-        line = u.line
-        while True:
-            line.pinned, line.context = self.pinned + ([u.pin] if u.pin is not None else []), self.turns
-            try:
-                planned = line.next()
-                break
-            except ContextTooLong as e:
-                if not await self.unpin_oldest(keep=u.voice):
-                    raise ApiError(400, str(e), param="text") from None
-            except ValueError as e:
-                raise ApiError(400, str(e), param="text") from None
-        if planned is None:
-            return None
-        u.words.start(planned.text.spoken.words)
-        trim = planned.trim
-        if trim.dropped:  # dropped for good: the oldest turns, then (a window smaller than the line) its oldest pieces
-            self.turns = self.turns[len(planned.dropped_context):]
-            await self.send(P.ContextDropped(dropped_turns=len(trim.dropped), dropped_rows=trim.dropped_rows,
-                                             remaining_rows=self.rows()))
+        """The line's next piece (None: none now), as `ConversationState.next_piece` plans it;
+        the voices it unpinned and the turns it dropped are said."""
+        try:
+            planned = self.state.next_piece(u.said)
+        except ValueError as e:  # ContextTooLong too
+            raise ApiError(400, str(e), param="text") from None
+        finally:
+            await self.send_events()
+        if planned is not None:
+            u.words.start(planned.text.spoken.words)
         return planned
-
-    async def unpin_oldest(self, keep: str | None) -> bool:
-        """Unpin the oldest pinned voice other than `keep` and say so; False when there is none."""
-        i = next((i for i, name in enumerate(self.pinned_voices) if name != keep), None)
-        if i is None:
-            return False
-        name, rows = self.pinned_voices.pop(i), self.pinned.pop(i)
-        await self.send(P.VoiceUnpinned(voice=name, rows=len(rows), pinned_rows=sum(map(len, self.pinned))))
-        return True
 
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
@@ -475,25 +446,12 @@ class Conversation:
                     end = await self.pump(u)
                     reason = P.done_reason(end.reason)
                     if not end.reason.complete:
-                        if end.reason in ("error", "deadline"):
-                            u.error = end.message or "generation failed"
-                        if end.reason == "error":
-                            await self.error(u.error, "internal", u.id)
                         break
-                idle = self.service.settings.line_idle_timeout_s
-                while u.line.waiting:
-                    u.wake.clear()
-                    try:
-                        await asyncio.wait_for(u.wake.wait(), idle)
-                    except TimeoutError:
-                        u.error = (f"no text came for this line in {idle:g} s, so it was ended (the server's "
-                                   "line_idle_timeout_s); complete a streamed line with an append_text of more: false")
-                        await self.error(u.error, "timeout", u.id)
-                        reason = "deadline"
-                        break
-                planned = None if u.line.waiting else await self.plan_piece(u)
-                if planned is None:
-                    if u.line.done and not u.line.pieces:
+                if not await self.text_for(u):
+                    reason = "deadline"
+                    break
+                if (planned := await self.plan_piece(u)) is None:  # the line is complete
+                    if not u.line.pieces:
                         await self.error("the line has no words to speak", "bad_request", u.id)
                     break
                 await self.start_piece(u, planned)
@@ -512,7 +470,7 @@ class Conversation:
         await self.finish(u, reason)
 
     async def pump(self, u: Utterance) -> End:
-        """Send the frames of the piece in flight as they come; its End."""
+        """Send the frames of the piece in flight as they come; its End (an error is said)."""
         index = len(u.line.pieces) - 1
         while not isinstance(item := await u.stream.next(), End):
             u.line.add(item.codes)
@@ -528,7 +486,26 @@ class Conversation:
             timed = u.words.done()
             for event in word_events(u.id, u.index, timed) if u.timestamps else ():
                 await self.send(event)
+        elif item.reason in ("error", "deadline"):
+            u.error = item.message or "generation failed"
+            if item.reason == "error":
+                await self.error(u.error, "internal", u.id)
         return item
+
+    async def text_for(self, u: Utterance) -> bool:
+        """Wait while the line needs more text; False when none came in `line_idle_timeout_s`
+        (an error event says so)."""
+        idle = self.service.settings.line_idle_timeout_s
+        while u.line.waiting:
+            u.wake.clear()
+            try:
+                await asyncio.wait_for(u.wake.wait(), idle)
+            except TimeoutError:
+                u.error = (f"no text came for this line in {idle:g} s, so it was ended (the server's "
+                           "line_idle_timeout_s); complete a streamed line with an append_text of more: false")
+                await self.error(u.error, "timeout", u.id)
+                return False
+        return True
 
     async def finish(self, u: Utterance, reason: str) -> None:
         """Remember the line (cut where it stopped) and send its `done`, once, counting the rows
@@ -549,26 +526,9 @@ class Conversation:
             pass
 
     def remember(self, u: Utterance) -> None:
-        """The pieces spoken (or begun), with the audio generated for them, join the conversation
-        as one turn (of a piece cut off, only the words whose audio was begun in what was sent); the
-        line's voice is pinned if it was heard."""
-        cfg = self.service.cfg
-        if u.pin is not None and u.frames and u.voice not in self.pinned_voices:
-            self.pinned.append(u.pin)
-            self.pinned_voices.append(u.voice)
-        if u.line.in_flight is not None:  # cut off (or never begun): the codes it got are what was spoken
-            u.line.end(EndReason.CANCELLED)
-        rows = []
-        pieces = list(u.line.spoken)
-        if u.words.in_flight and pieces:
-            heard = u.words.cut()
-            line = " ".join(w.spoken for w in heard)
-            pieces[-1:] = [(text_rows(self.service.generator.tokenizer, u.speaker, line, cfg), pieces[-1][1])] \
-                if heard else []
-        for line, codes in pieces:
-            rows.append(spoken_rows(line, codes, cfg) if codes else line)
-        if rows:
-            self.turns.append(concat(rows))
+        """The line joins the conversation (`ConversationState.remember`): of a piece cut off, only
+        the words whose audio was begun in what was sent."""
+        self.state.remember(u.said, u.words.cut() if u.words.in_flight else None)
 
     async def stop_pump(self, reason: str = "interrupted", error: str | None = None) -> None:
         """End the utterance in flight (waiting for text, queued, prefilling or running) and send its
@@ -589,6 +549,7 @@ class Conversation:
         await self.finish(u, reason)
 
 
+_EVENTS = {VoiceUnpinned: P.VoiceUnpinned, ContextDropped: P.ContextDropped}
 MAX_HEARD_TURNS = 4  # a socket's turns waiting for their transcript (each at most max_turn_s of audio)
 _COMMANDS = ("configure", "add_turn", "speak", "append_text", "interrupt", "reset")
 
