@@ -42,6 +42,8 @@ from .speech import Piece, SpeakOptions
 
 
 class Line:
+    """One line to speak: its pieces, handed out one at a time, and what was spoken of them."""
+
     def __init__(self, text: str, speaker: int, pinned: Sequence[Prompt], context: Sequence[Prompt],
                  tokenizer: TextTokenizer, cfg: CsmConfig, options: SpeakOptions, seed: int | None = None, *,
                  streamed: bool = False, final: bool = True, limit_ms: float | None = None,
