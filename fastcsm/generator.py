@@ -7,11 +7,11 @@
     codes = gen.generate_codes("Hello there.", speaker=0)
 
 Speaking (`speak`, `generate`, `stream`) checks the inputs, builds the rows of voices and
-context once, and lets `planner.py` split the text, bound each piece and fit each piece's prompt
-into the window, exactly as the server does. The pieces run one after the other on a one-slot
-`Engine` that decodes every frame to PCM inside its step; each piece keeps its codec state for
-the next (`keep_audio` / `audio_after`), so the audio is one seamless stream (docs/design.md,
-"One request, from text to PCM").
+context once, and drives a `speech.line.Line` (the loop the server runs too): it splits the
+text, bounds each piece, fits each piece's prompt into the window and chains each piece's audio
+to the next, exactly as the server does. The pieces run one after the other on a one-slot
+`Engine` that decodes every frame to PCM inside its step, so the audio is one seamless stream
+(docs/design.md, "One request, from text to PCM").
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -31,20 +31,13 @@ from .model.checkpoints import load_model, resolve
 from .model.context import check_fits
 from .model.network import CSM
 from .model.prompt import Prompt, Segment, TextTokenizer, build_prompt, check_speaker, check_text, segment_rows
-from .speech.planner import SpeechPlan, plan_speech, requested_frames
-from .speech.speech import AudioStream, Piece, SpeakOptions, Speech
+from .speech.line import Line
+from .speech.planner import requested_frames
+from .speech.speech import AudioStream, SpeakOptions, Speech
 from .speech.timestamps import word_times
 from .speech.watermark import Watermarker, resolve_watermark
 
 log = logging.getLogger("fastcsm")
-
-
-@dataclass
-class _Plan:
-    """A checked request to speak (the planner's plan) and the records of the pieces started."""
-
-    speech: SpeechPlan
-    pieces: list[Piece]
 
 
 def _as_voices(voice) -> list:
@@ -184,9 +177,9 @@ class Generator:
         options: sampling, the bound of each piece, splitting and fitting (`SpeakOptions`).
         """
         codec = self._need_codec()
-        plan = self._plan(text, speaker, context, voice, seed, options)
+        line = self._line(text, speaker, context, voice, seed, options)
         codes, audio, piece_audio = [], [], []
-        for frame in self._speak_frames(plan):
+        for frame in self._speak_frames(line):
             if frame is None:  # a piece ended: it is watermarked whole, as `stream` gives it
                 if piece_audio:
                     pcm = torch.cat(piece_audio)
@@ -197,7 +190,7 @@ class Generator:
                 piece_audio.append(frame.pcm)
         return Speech(torch.cat(audio) if audio else torch.zeros(0),
                       torch.stack(codes) if codes else torch.zeros(0, self.cfg.num_codebooks, dtype=torch.long),
-                      codec.sample_rate, plan.pieces)
+                      codec.sample_rate, line.pieces)
 
     def stream(
         self,
@@ -219,10 +212,9 @@ class Generator:
         codec = self._need_codec()
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
-        plan = self._plan(text, speaker, context, voice, seed, options)
-        pcm = (None if frame is None else frame.pcm for frame in self._speak_frames(plan))
-        return AudioStream(pcm, chunk_frames, codec.sample_rate, plan.pieces, len(plan.speech.pieces),
-                           self.watermarker)
+        line = self._line(text, speaker, context, voice, seed, options)
+        pcm = (None if frame is None else frame.pcm for frame in self._speak_frames(line))
+        return AudioStream(pcm, chunk_frames, codec.sample_rate, line.pieces, len(line.texts), self.watermarker)
 
     def _need_codec(self):
         if self.codec is None:
@@ -233,8 +225,8 @@ class Generator:
         return self.codec
 
     @torch.inference_mode()
-    def _plan(self, text, speaker, context, voice, seed, options) -> _Plan:
-        """Check every input, build the rows that stay fixed, and plan the pieces."""
+    def _line(self, text, speaker, context, voice, seed, options) -> Line:
+        """Check every input, build the rows that stay fixed, and cut the text into pieces."""
         options = options if options is not None else SpeakOptions()
         if not isinstance(options, SpeakOptions):
             raise TypeError(f"options must be a SpeakOptions, got {type(options).__name__}")
@@ -249,46 +241,33 @@ class Generator:
         encode = self.codec.encode_waveform if self.codec is not None else None
         pinned = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in pinned_segments]
         history = [segment_rows(s, self.tokenizer, self.cfg, encode) for s in context]
-        plan = plan_speech(check_text(text), speaker, pinned, history, self.tokenizer, self.cfg, options, seed)
-        return _Plan(plan, [])
+        return Line(check_text(text), speaker, pinned, history, self.tokenizer, self.cfg, options, seed)
 
     @torch.inference_mode()
-    def _speak_frames(self, plan: _Plan):
+    def _speak_frames(self, line: Line):
         """Yield each generated frame (an `Emitted`: codes [K] and PCM), and None at the end of
         every piece."""
-        cfg, speech = self.cfg, plan.speech
-        spoken: list[tuple[Prompt, list[torch.Tensor]]] = []
-        before = None
-        n = len(speech.pieces)
-        offset = 0  # samples of the line before this piece
-        for i, text in enumerate(speech.pieces):
-            planned = speech.piece(i, spoken, cfg, after=before)
-            request, trim = planned.request, planned.trim
-            piece = Piece(i, text.text, text.max_frames, len(request.prompt), trim, planned.dropped_context,
-                          planned.dropped_pieces, request.seed, spoken=text.spoken.text)
-            plan.pieces.append(piece)
-            if trim.dropped:
-                log.warning("piece %d/%d: dropped context segments %s and earlier pieces %s "
-                            "(%d rows) so that %d frames fit the %d-row window", i + 1, n,
-                            piece.dropped_context, piece.dropped_pieces, trim.dropped_rows, text.max_frames,
-                            cfg.max_seq_len)
-            got, pcm = [], []
-            for event in self._run(request):
+        rate, n, offset = self.codec.sample_rate, len(line.texts), 0  # offset: samples of the pieces before
+        while (planned := line.next()) is not None:
+            piece = line.pieces[-1]
+            if planned.trim.dropped:
+                log.warning("piece %d/%d: dropped context segments %s and earlier pieces %s (%d rows) so that %d "
+                            "frames fit the %d-row window", piece.index + 1, n, piece.dropped_context,
+                            piece.dropped_pieces, planned.trim.dropped_rows, piece.max_frames, self.cfg.max_seq_len)
+            pcm = []
+            for event in self._run(planned.request):
                 if event.ended:
-                    piece.reason = event.reason
+                    line.end(event.reason)
                 else:
-                    got.append(event.codes)
+                    line.add(event.codes)
                     pcm.append(event.pcm)
-                    piece.frames += 1
                     yield event
             if piece.reason is EndReason.LENGTH:
-                log.warning("piece %d/%d stopped at its bound of %d ms without an end frame",
-                            i + 1, n, text.max_frames * cfg.frame_ms)
+                log.warning("piece %d/%d stopped at its bound of %d ms without an end frame", piece.index + 1, n,
+                            piece.max_frames * self.cfg.frame_ms)
             audio = torch.cat(pcm) if pcm else torch.zeros(0)
-            piece.words = word_times(text.spoken.words, audio, self.codec.sample_rate, offset / self.codec.sample_rate)
+            piece.words = word_times(planned.text.spoken.words, audio, rate, offset / rate)
             offset += audio.numel()
-            spoken.append((text.line, got))
-            before = request
             yield None
 
     def _run(self, request: Request):

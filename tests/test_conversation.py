@@ -18,7 +18,9 @@ from fastcsm.model.config import tiny_config
 from fastcsm.model.prompt import Segment, TextTokenizer, segment_rows
 from fastcsm.server.conversation import Conversation, Utterance
 from fastcsm.server.scheduler import End, Frame
-from fastcsm.speech.planner import streamed_line
+from fastcsm.speech.conversation import Saying
+from fastcsm.speech.line import Line
+from fastcsm.speech.speech import SpeakOptions
 from fastcsm.testing import byte_tokenizer_json
 
 CFG = tiny_config()
@@ -65,11 +67,10 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         ws = SlowSocket()
         service = SimpleNamespace(settings=SimpleNamespace(max_input_chars=100, max_messages_per_s=500), cfg=CFG)
         conv = Conversation(ws, service)
-        line = segment_rows(Segment(0, "Hi."), TOK, CFG)
+        line = Line("Hi.", 0, [], [], TOK, CFG, SpeakOptions(), 0, streamed=True)
+        line.next()  # the piece in flight, submitted as `stream`
         stream = OneFrameStream()
-        u = Utterance("x", 0, 0, None, 0, streamed_line(), False, t0=time.perf_counter(), stream=stream,
-                      streams=[stream], line=line)
-        u.text.add("Hi.", final=True)
+        u = Utterance("x", 0, Saying(line), t0=time.perf_counter(), stream=stream, streams=[stream])
         conv.current = u
         u.task = asyncio.create_task(conv.play(u))
         while not ws.sent:  # the frame is written; its send waits in the drain
@@ -78,7 +79,7 @@ def test_a_frame_handed_to_the_socket_is_counted_when_the_line_is_interrupted():
         await asyncio.sleep(0.05)
         ws.drained.set()
         await stopping
-        return ws.sent, conv.turns
+        return ws.sent, conv.state.turns
 
     sent, turns = asyncio.run(main())
     audio = [m for m in sent if isinstance(m, bytes)]

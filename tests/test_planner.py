@@ -69,21 +69,26 @@ def test_a_piece_carries_the_pieces_before_it_and_chains_their_audio():
     opts = SpeakOptions(max_audio_length_ms=400, max_piece_chars=12)
     pinned = [audio_rows(torch.ones(3, K, dtype=torch.long), CFG)]
     context = [audio_rows(torch.full((5, K), 2), CFG)]
-    plan = planner.plan_speech("First one. Second one. Third.", 0, pinned, context, tok, CFG, opts, seed=10)
-    assert [p.text for p in plan.pieces] == ["First one.", "Second one.", "Third."]
-    assert [p.max_frames for p in plan.pieces] == [5, 5, 5]
-    first = plan.piece(0, [], CFG)
+    pieces = planner.whole_pieces("First one. Second one. Third.", 0, pinned, tok, CFG, opts)
+    assert [p.text for p in pieces] == ["First one.", "Second one.", "Third."]
+    assert [p.max_frames for p in pieces] == [5, 5, 5]
+
+    def plan(index, spoken, after=None):
+        return planner.plan_piece(CFG, pinned, context, spoken, pieces[index], opts.sampling, 10 + index, opts,
+                                  keep_audio=index + 1 < len(pieces), audio_after=after)
+
+    first = plan(0, [])
     assert first.request.keep_audio and first.request.audio_after is None and first.request.seed == 10
     assert first.request.prefix_rows == len(pinned[0]) + len(context[0])
     codes = [torch.full((K,), 7), torch.full((K,), 8)]
-    second = plan.piece(1, [(plan.pieces[0].line, codes)], CFG, after=first.request)
+    second = plan(1, [(pieces[0].line, codes)], after=first.request)
     assert second.request.audio_after is first.request and second.request.seed == 11
-    carried = concat([plan.pieces[0].line, audio_rows(torch.stack(codes), CFG)])
-    want = concat([*pinned, *context, carried, plan.pieces[1].line])
+    carried = concat([pieces[0].line, audio_rows(torch.stack(codes), CFG)])
+    want = concat([*pinned, *context, carried, pieces[1].line])
     assert torch.equal(second.request.prompt.tokens, want.tokens)
-    last = plan.piece(2, [(plan.pieces[0].line, codes), (plan.pieces[1].line, [])], CFG, after=second.request)
+    last = plan(2, [(pieces[0].line, codes), (pieces[1].line, [])], after=second.request)
     assert not last.request.keep_audio, "the last piece keeps no audio state"
-    assert len(last.request.prompt) == len(want) - len(plan.pieces[1].line) + len(plan.pieces[2].line)
+    assert len(last.request.prompt) == len(want) - len(pieces[1].line) + len(pieces[2].line)
 
 
 def test_a_small_window_drops_context_then_earlier_pieces():
@@ -92,12 +97,11 @@ def test_a_small_window_drops_context_then_earlier_pieces():
     line = planner.piece_text("Now.", 0, ByteTok(), cfg, SpeakOptions(max_audio_length_ms=400))
     context = [audio_rows(torch.ones(20, K, dtype=torch.long), cfg)]
     spoken = [(line.line, [torch.ones(K, dtype=torch.long)] * 30), (line.line, [torch.ones(K, dtype=torch.long)])]
-    got = planner.plan_piece(cfg, [], context, spoken, line.line, line.max_frames, SpeakOptions().sampling, 0,
-                             SpeakOptions())
+    got = planner.plan_piece(cfg, [], context, spoken, line, SpeakOptions().sampling, 0, SpeakOptions())
     assert got.dropped_context == [0] and got.dropped_pieces == [0]
     assert len(got.request.prompt) + line.max_frames <= 64
     with pytest.raises(ContextTooLong):
-        planner.plan_speech("word " * 40, 0, [], [], ByteTok(), cfg, SpeakOptions(max_piece_chars=None))
+        planner.whole_pieces("word " * 40, 0, [], ByteTok(), cfg, SpeakOptions(max_piece_chars=None))
 
 
 # -- one path: the library and the server agree ----------------------------------------------------

@@ -33,7 +33,7 @@ def spoken(monkeypatch):
     real = Conversation.remember
 
     def remember(self, u):
-        out.append([[c.tolist() for c in codes] for _, codes in u.spoken])
+        out.append([[c.tolist() for c in codes] for _, codes in u.line.spoken])
         return real(self, u)
 
     monkeypatch.setattr(Conversation, "remember", remember)

@@ -153,7 +153,7 @@ def test_an_interrupted_line_keeps_the_words_whose_audio_was_sent(server, monkey
 
     def remember(self, u):
         real(self, u)
-        turns.append(self.turns[-1] if self.turns else None)
+        turns.append(self.state.turns[-1] if self.state.turns else None)
 
     monkeypatch.setattr(Conversation, "remember", remember)
     line = ("We walked along the quiet river for hours and talked about everything that had happened "

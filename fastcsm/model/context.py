@@ -99,17 +99,19 @@ def fit(
     cfg: CsmConfig,
     older_audio: str = "full",
     keep_full_audio: int = 2,
+    checked: bool = False,
 ) -> tuple[Prompt, Trim]:
     """Build the prompt `pinned + context + line`, dropping the oldest `context` segments until
     it and `frames` generated rows fit `cfg.max_seq_len`.
 
     `older_audio="codebook0"` (experimental) keeps only codebook 0 of the audio of every kept
     context segment except the newest `keep_full_audio`. Raises `ContextTooLong` if pinned +
-    line + frames alone do not fit.
+    line + frames alone do not fit (`checked`: the caller has already checked that).
     """
     if older_audio not in OLDER_AUDIO_MODES:
         raise ValueError(f"older_audio must be one of {OLDER_AUDIO_MODES}, got {older_audio!r}")
-    check_line_fits(pinned, line, frames, cfg)
+    if not checked:
+        check_line_fits(pinned, line, frames, cfg)
     window = cfg.max_seq_len
     fixed = sum(len(p) for p in pinned) + len(line)
     rows = [len(p) for p in context]

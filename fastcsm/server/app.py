@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bounds import SPEAKER
+from ..speech.line import Line
 from . import protocol as P, transcriptions as T
 from .audio_out import available_formats, encoder
 from .conversation import Conversation
@@ -230,22 +231,21 @@ def create_app(settings: Settings | None = None, generator=None, runner=None) ->
                                 f"choose one of {', '.join(formats)}", param="response_format")
         service.need_ready()
 
-        def plan_first():  # building rows may encode audio: off the event loop
-            plan = service.speech_plan(req)
-            return plan, service.piece(plan, 0, [])
+        def first_piece():  # building rows may encode audio: off the event loop
+            line = service.speech_line(req)
+            return line, service.next_piece(line)
 
-        plan, first = await run_in_threadpool(plan_first)
+        line, first = await run_in_threadpool(first_piece)
         stream = service.submit(first.request)
         enc = encoder(req.response_format, P.SAMPLE_RATE, speed=req.speed)
-        headers = {"X-Fastcsm-Seed": str(plan.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
-                   "X-Fastcsm-Pieces": str(len(plan.pieces)), "Cache-Control": "no-store"}
+        headers = {"X-Fastcsm-Seed": str(line.seed), "X-Fastcsm-Sample-Rate": str(P.SAMPLE_RATE),
+                   "X-Fastcsm-Pieces": str(len(line.texts)), "Cache-Control": "no-store"}
         if first.dropped_context:
             headers["X-Fastcsm-Context-Dropped"] = str(len(first.dropped_context))
-        frames = [0]  # frames streamed so far, all pieces together
         words = LineWords(P.SAMPLE_RATE, req.speed) if req.timestamps or req.stream_format == "json" else None
-        body = _audio(service, plan, stream, enc, frames, words)
+        body = _audio(service, line, stream, enc, words)
         if req.stream_format == "sse":
-            return StreamingResponse(_sse(body, plan, frames, words), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_sse(body, line, words), media_type="text/event-stream", headers=headers)
         if req.stream_format == "json":
             return await _captioned(body, req.response_format, words, headers)
         return StreamingResponse(body, media_type=enc.media_type, headers=headers)
@@ -407,52 +407,47 @@ class SpeechFailed(RuntimeError):
     response is broken off without its last chunk, never finished as if the audio were whole."""
 
 
-async def _audio(service: Service, plan, stream, enc, frames: list[int], words: LineWords | None = None):
-    """The response body: encoded frames as they come, piece after piece, each piece's audio
-    continuing from the one before; the slot is freed if the client leaves. With `words`, each
+async def _audio(service: Service, line: Line, stream, enc, words: LineWords | None = None):
+    """The response body: the line's pieces (the first already submitted as `stream`), their
+    encoded frames as they come; the slot is freed if the client leaves. With `words`, each
     piece's word times (a list of `WordTime`) follow its audio. A stream that fails
     raises `SpeechFailed`, so the client sees a broken-off response (its status went out with the
     first byte), not a shorter file that looks complete."""
-    spoken = []  # (text rows, codes) of the pieces done
+    n = len(line.texts)
     try:
-        head = enc.start()
-        if head:
+        if head := enc.start():
             yield head
-        for index in range(len(plan.pieces)):
-            if index:
-                try:
-                    planned = service.piece(plan, index, spoken, after=stream.request)
-                    stream = service.submit(planned.request, follow_on=True)
-                except ApiError as e:
-                    raise SpeechFailed(f"speech stopped before piece {index + 1} of {len(plan.pieces)}: "
-                                       f"{e.message}") from None
-            codes = []
+        while True:
             if words is not None:
-                words.start(plan.pieces[index].spoken.words)
+                words.start(line.in_flight.text.spoken.words)
             while not isinstance(item := await stream.next(), End):
-                codes.append(item.codes)
-                frames[0] += 1
+                line.add(item.codes)
                 if item.pcm is not None:
                     if words is not None:
                         words.audio(item.pcm)
-                    data = enc.write(item.pcm)
-                    if data:
+                    if data := enc.write(item.pcm):
                         yield data
+            line.end(stream.end.reason)
             if not stream.end.reason.complete:
-                raise SpeechFailed(f"speech stopped in piece {index + 1} of {len(plan.pieces)}: {stream.end.reason}: "
+                raise SpeechFailed(f"speech stopped in piece {len(line.pieces)} of {n}: {stream.end.reason}: "
                                    f"{stream.end.message}")
-            spoken.append((plan.pieces[index].line, codes))
             if words is not None:
                 yield words.done()
-        tail = enc.finish()
-        if tail:
+            index = len(line.pieces)
+            try:
+                if (planned := service.next_piece(line)) is None:
+                    break
+                stream = service.submit(planned.request, follow_on=True)
+            except ApiError as e:
+                raise SpeechFailed(f"speech stopped before piece {index + 1} of {n}: {e.message}") from None
+        if tail := enc.finish():
             yield tail
     finally:
         if stream.end is None:  # the client went away (or the server is stopping): free the slot
             stream.cancel()
 
 
-async def _sse(audio, plan, frames: list[int], words: LineWords | None):
+async def _sse(audio, line: Line, words: LineWords | None):
     """The audio as OpenAI's speech events: deltas of base64 audio, then done with the usage; with
     `words`, a `speech.audio.word` event per written word after its piece's audio."""
     try:
@@ -462,9 +457,9 @@ async def _sse(audio, plan, frames: list[int], words: LineWords | None):
                     yield _event({"type": "speech.audio.word", "word": w.text, "start": w.start, "end": w.end})
             else:
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        rows = sum(len(p.line) for p in plan.pieces)
+        rows = line.text_rows
         done = {"type": "speech.audio.done",
-                "usage": {"input_tokens": rows, "output_tokens": frames[0], "total_tokens": rows + frames[0]}}
+                "usage": {"input_tokens": rows, "output_tokens": line.frames, "total_tokens": rows + line.frames}}
         if words is not None:
             done["timestamps"] = [_timestamp(w).model_dump() for w in words.words]
         yield _event(done)

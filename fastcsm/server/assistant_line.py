@@ -78,10 +78,11 @@ class AssistantLine:
         first, and its spoken rows go before the user's turn, where they were heard."""
         conv = self.conv
         if self.current is not None:
-            n = len(conv.turns)
+            turns = conv.state.turns
+            n = len(turns)
             await self.stop()
-            if n and len(conv.turns) == n + 1:
-                conv.turns[-2], conv.turns[-1] = conv.turns[-1], conv.turns[-2]
+            if n and len(turns) == n + 1:
+                turns[-2], turns[-1] = turns[-1], turns[-2]
         a = Answer(self.assistant.turn(transcript), time.perf_counter())
         a.task = asyncio.create_task(self._speak(a))
         self.current = a
@@ -110,7 +111,7 @@ class AssistantLine:
             return
         if a.first_audio_at is None:
             a.first_audio_at = time.perf_counter()
-        await self.conv.send(P.AssistantText(utterance=u.index, piece=index, text=u.text.pieces[index]))
+        await self.conv.send(P.AssistantText(utterance=u.index, piece=index, text=u.line.texts[index]))
 
     # -- the task -------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """One live conversation over a WebSocket: turns in, spoken lines out, barge-in.
 
-The session keeps the conversation as prompt rows: pinned voices, then every turn (the other
-party's text and audio, and each line spoken here with the audio generated for it). A line is
+The conversation itself (pinned voices, turns, each line spoken here with the audio generated
+for it, what fitting drops and unpins) is a `speech.conversation.ConversationState`, which knows
+nothing of sockets; this adapter parses messages, runs each piece of a line (`speech.line.Line`)
+on the scheduler, sends its audio, and turns the state's events into the protocol's. A line is
 spoken with `prefix_rows` = everything before it, so the engine keeps that prefix's KV and the
 next line reuses it and prefills only what was added since. When the window would overflow,
 the oldest turns are dropped for good (`context_dropped`), the new prefix no longer matches,
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -34,11 +35,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..audio import resample
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
 from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
-from ..model.context import ContextTooLong
-from ..model.prompt import Prompt, Segment, concat, segment_rows, text_rows
-from ..speech.planner import plan_piece, spoken_rows, streamed_line
-from ..speech.speech import SpeakOptions
-from ..speech.text import LinePieces
+from ..model.prompt import Prompt, Segment, segment_rows
+from ..speech.conversation import ContextDropped, ConversationState, Saying, VoiceUnpinned
+from ..speech.line import Line
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
@@ -53,18 +52,12 @@ _CLIENT = TypeAdapter(P.ClientMessage)
 
 @dataclass
 class Utterance:
-    """The line in flight: its text so far (as pieces), the streams submitted, the rows and codes
-    of the pieces spoken, the task pumping its frames."""
+    """The line in flight: its driver (the text so far, the pieces spoken and the one in flight),
+    the streams submitted, the task pumping its frames."""
 
     id: str | None
     index: int
-    speaker: int
-    options: SpeakOptions  # sampling and the bound of each piece
-    seed: int
-    text: LinePieces  # the line's pieces, kept up to date as its fragments arrive
-    more: bool  # more text may follow (append_text)
-    voice: str | None = None  # the registered voice it speaks in (kept pinned), if any
-    pin: Prompt | None = None  # that voice's rows when it is not pinned yet: pinned once the line is heard
+    said: Saying  # the line's driver, its voice and the rows to pin once it is heard
     fragments: int = 0  # append_text messages taken
     t0: float | None = None  # when the message that completed its first piece arrived
     task: asyncio.Task | None = None
@@ -72,14 +65,27 @@ class Utterance:
     streams: list = field(default_factory=list)  # one per piece started: its request, and the End `done` sums
     error: str | None = None  # why it stopped, when it did not end normally
     stop: str = "interrupted"  # the `done` reason when it is stopped from outside
-    line: Prompt | None = None  # text rows of the piece being generated
-    codes: list = field(default_factory=list)  # its frames so far
-    spoken: list = field(default_factory=list)  # (text rows, codes) of the pieces done
-    frames: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when text arrives
     finished: bool = False  # its `done` is decided (sent, or the socket is gone)
     words: LineWords = field(default_factory=lambda: LineWords(P.SAMPLE_RATE))  # word times, words heard
     timestamps: bool = False  # `word` events asked for
+
+    @property
+    def line(self) -> Line:
+        return self.said.line
+
+    @property
+    def more(self) -> bool:
+        """More text may follow (append_text)."""
+        return not self.line.final
+
+    @property
+    def frames(self) -> int:
+        return self.line.frames
+
+    @property
+    def speaker(self) -> int:
+        return self.line.speaker
 
 
 class Conversation:
@@ -87,10 +93,7 @@ class Conversation:
         self.ws = ws
         self.service = service
         self.config = P.Configure()
-        self.pinned: list[Prompt] = []
-        self.configured_pins: list[Prompt] = []  # the rows of `config.voices`, which `reset` pins again
-        self.pinned_voices: list[str] = []
-        self.turns: list[Prompt] = []
+        self.state = ConversationState(service.cfg)  # turns, pinned voices
         self.utterances = 0
         self.current: Utterance | None = None
         self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
@@ -174,9 +177,7 @@ class Conversation:
             if self.assistant is not None:
                 await self.assistant.reset()
             await self.stop_pump()
-            # Voices pinned by speaking go with the conversation; the configured ones are pinned again.
-            self.pinned, self.pinned_voices = list(self.configured_pins), list(self.config.voices)
-            self.turns = []
+            self.state.reset()
             self.stop_listening()  # a turn being heard or transcribed belonged to the conversation forgotten
             self.listener = self.new_listener(self.config)
         elif isinstance(command, P.Configure):
@@ -187,9 +188,9 @@ class Conversation:
             self.assistant = AssistantLine(self, command) if command.assistant else None
             listener = self.new_listener(command)
             self.stop_listening()
-            self.config, self.pinned, self.pinned_voices, self.turns = command, pinned, list(command.voices), []
-            self.configured_pins, self.listener = list(pinned), listener
-            await self.send(P.ConfiguredEvent(voices=self.pinned_voices, audio_format=command.audio_format,
+            self.config, self.listener = command, listener
+            self.state.configure(list(zip(command.voices, pinned, strict=True)))
+            await self.send(P.ConfiguredEvent(voices=self.state.pinned_voices, audio_format=command.audio_format,
                                               pinned_rows=sum(map(len, pinned)), input_audio=command.input_audio))
         elif isinstance(command, P.AddTurn):
             await self.add_turn(command)
@@ -238,17 +239,16 @@ class Conversation:
 
     async def append_turn(self, turn: Prompt, speaker: int, text: str | None = None) -> None:
         """Another party's turn joins the conversation (`text`: its transcript, when it was made here)."""
-        self.turns.append(turn)
-        await self.send(P.TurnAdded(index=len(self.turns) - 1, speaker=speaker, rows=len(turn),
-                                    conversation_rows=self.rows(), text=text))
-        # Turns that can never fit the window again are forgotten now, not kept in memory.
-        window, dropped, dropped_rows = self.service.cfg.max_seq_len, 0, 0
-        while len(self.turns) > 1 and self.rows() - len(self.turns[0]) >= window:
-            dropped_rows += len(self.turns.pop(0))
-            dropped += 1
-        if dropped:
-            await self.send(P.ContextDropped(dropped_turns=dropped, dropped_rows=dropped_rows,
-                                             remaining_rows=self.rows()))
+        index = self.state.add_turn(turn)
+        await self.send(P.TurnAdded(index=index, speaker=speaker, rows=len(turn), conversation_rows=self.state.rows(),
+                                    text=text))
+        self.state.forget_unfittable()  # turns that can never fit the window again are not kept in memory
+        await self.send_events()
+
+    async def send_events(self) -> None:
+        """What the conversation's state did (voices unpinned, turns dropped), as events."""
+        for e in self.state.take_events():
+            await self.send(_EVENTS[type(e)](**vars(e)))
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -335,9 +335,6 @@ class Conversation:
             task.cancel()
         self.hearing = []
 
-    def rows(self) -> int:
-        return sum(map(len, self.pinned)) + sum(map(len, self.turns))
-
     async def speak(self, m: P.Speak) -> None:
         svc = self.service
         svc.need_ready()
@@ -354,7 +351,7 @@ class Conversation:
             found = svc.lookup(m.voice)
             if not isinstance(found, int):
                 voice = m.voice
-                if voice not in self.pinned_voices:
+                if voice not in self.state.pinned_voices:
                     pin = svc.voice_rows(found)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config
@@ -362,14 +359,14 @@ class Conversation:
         options = svc.options(m.max_audio_length_ms if m.max_audio_length_ms is not None else c.max_audio_length_ms,
                               c.temperature if m.temperature is None else m.temperature,
                               c.topk if m.topk is None else m.topk, m.normalize, m.lexicon)
-        seed = secrets.randbits(62) if m.seed is None else m.seed
-        u = Utterance(m.id, self.utterances, speaker, options, seed, streamed_line(), m.more, voice, pin,
-                      timestamps=m.timestamps)
-        u.text.add(text, final=not m.more)
+        said = self.state.say(text, speaker, svc.generator.tokenizer, options, m.seed, voice=voice, pin=pin,
+                              final=not m.more, limit_ms=svc.settings.max_audio_length_ms,
+                              check=lambda t: svc.check_input(t, "text"))
+        u = Utterance(m.id, self.utterances, said, timestamps=m.timestamps)
         self.mark(u, now)
         first = None
-        if u.text.pieces:
-            first = await self.plan_piece(u, 0)  # a line that cannot be spoken is an error here, not a `done`
+        if u.line.texts:
+            first = await self.plan_piece(u)  # a line that cannot be spoken is an error here, not a `done`
         elif not u.more:
             raise ApiError(400, "text has no words to speak", param="text")
         # From here on the utterance is `current` before anything awaits, so an interrupt or a
@@ -398,11 +395,10 @@ class Conversation:
             await self.error(message, id=u.id)
             await self.stop_pump("error", message)
             return
-        self.check_length(u.text.length + len(m.text))
+        self.check_length(u.line.length + len(m.text))
         u.fragments += 1
-        u.more = m.more
+        u.line.append(m.text, final=not m.more)
         if m.text or not m.more:  # (an empty fragment brings nothing: it keeps no line alive)
-            u.text.add(m.text, final=not m.more)
             self.mark(u, time.perf_counter())
             u.wake.set()
 
@@ -415,49 +411,25 @@ class Conversation:
     @staticmethod
     def mark(u: Utterance, now: float) -> None:
         """First audio is timed from the message that completed the line's first piece."""
-        if u.t0 is None and u.text.pieces:
+        if u.t0 is None and u.line.texts:
             u.t0 = now
 
-    async def plan_piece(self, u: Utterance, index: int):
-        """Piece `index` of the line, after the conversation and the pieces spoken before it (with
-        their audio), as `POST /v1/audio/speech` speaks long text. When the pinned voices leave the
-        piece no room, the oldest of them (never the line's own) are unpinned, each with an event."""
-        svc, cfg = self.service, self.service.cfg
-        text = svc.check_input(u.text.pieces[index], "text")
-        piece = svc.piece_text(text, u.speaker, u.options)
-        u.words.start(piece.spoken.words)
-        while True:
-            pinned = self.pinned + ([u.pin] if u.pin is not None else [])
-            try:  # a later fragment may yet bring another piece: every piece keeps its audio state
-                planned = plan_piece(cfg, pinned, self.turns, u.spoken, piece.line, piece.max_frames,
-                                     u.options.sampling, u.seed + index, u.options, keep_audio=True,
-                                     audio_after=u.streams[-1].request if index and u.streams else None)
-                break
-            except ContextTooLong as e:
-                if not await self.unpin_oldest(keep=u.voice):
-                    raise ApiError(400, str(e), param="text") from None
-        trim = planned.trim
-        if trim.dropped:  # dropped for good: the oldest turns, then (a window smaller than the line) its oldest pieces
-            self.turns = self.turns[len(planned.dropped_context):]
-            if planned.dropped_pieces:
-                u.spoken = u.spoken[max(planned.dropped_pieces) + 1:]
-            await self.send(P.ContextDropped(dropped_turns=len(trim.dropped), dropped_rows=trim.dropped_rows,
-                                             remaining_rows=self.rows()))
+    async def plan_piece(self, u: Utterance):
+        """The line's next piece (None: none now), as `ConversationState.next_piece` plans it;
+        the voices it unpinned and the turns it dropped are said."""
+        try:
+            planned = self.state.next_piece(u.said)
+        except ValueError as e:  # ContextTooLong too
+            raise ApiError(400, str(e), param="text") from None
+        finally:
+            await self.send_events()
+        if planned is not None:
+            u.words.start(planned.text.spoken.words)
         return planned
-
-    async def unpin_oldest(self, keep: str | None) -> bool:
-        """Unpin the oldest pinned voice other than `keep` and say so; False when there is none."""
-        i = next((i for i, name in enumerate(self.pinned_voices) if name != keep), None)
-        if i is None:
-            return False
-        name, rows = self.pinned_voices.pop(i), self.pinned.pop(i)
-        await self.send(P.VoiceUnpinned(voice=name, rows=len(rows), pinned_rows=sum(map(len, self.pinned))))
-        return True
 
     async def start_piece(self, u: Utterance, planned) -> None:
         u.stream = self.service.submit(planned.request, follow_on=bool(u.streams))
         u.streams.append(u.stream)
-        u.line, u.codes = planned.line, []
         if len(u.streams) == 1:
             bound = planned.request.max_frames
             await self.send(P.Started(id=u.id, utterance=u.index, speaker=u.speaker,
@@ -469,55 +441,20 @@ class Conversation:
         ends with its `done`."""
         reason = "error"
         try:
-            index = len(u.streams) - 1
             while True:
-                if index >= 0:
-                    end = None
-                    while end is None:
-                        item = await u.stream.next()
-                        if isinstance(item, End):
-                            end = item
-                            break
-                        u.codes.append(item.codes)
-                        u.frames += 1
-                        if len(u.codes) == 1 and self.assistant is not None:
-                            await self.assistant.piece_audio(u, index)
-                        if item.pcm is not None:  # once handed to the socket, sent whole and counted
-                            await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
-                            u.words.audio(item.pcm)
-                        if u.frames == 1:
-                            await self.send(P.FirstAudio(id=u.id, utterance=u.index,
-                                                         ms=(time.perf_counter() - u.t0) * 1000))
-                    u.spoken.append((u.line, u.codes))
-                    u.line, u.codes = None, []
-                    if end.reason.complete:  # the piece's audio is whole: its words are timed
-                        timed = u.words.done()
-                        for event in word_events(u.id, u.index, timed) if u.timestamps else ():
-                            await self.send(event)
+                if u.line.in_flight is not None:
+                    end = await self.pump(u)
                     reason = P.done_reason(end.reason)
                     if not end.reason.complete:
-                        if end.reason in ("error", "deadline"):
-                            u.error = end.message or "generation failed"
-                        if end.reason == "error":
-                            await self.error(u.error, "internal", u.id)
                         break
-                index += 1
-                idle = self.service.settings.line_idle_timeout_s
-                while index >= len(u.text.pieces) and u.more:
-                    u.wake.clear()
-                    try:
-                        await asyncio.wait_for(u.wake.wait(), idle)
-                    except TimeoutError:
-                        u.error = (f"no text came for this line in {idle:g} s, so it was ended (the server's "
-                                   "line_idle_timeout_s); complete a streamed line with an append_text of more: false")
-                        await self.error(u.error, "timeout", u.id)
-                        reason = "deadline"
-                        break
-                if index >= len(u.text.pieces):
-                    if index == 0 and not u.more:
+                if not await self.text_for(u):
+                    reason = "deadline"
+                    break
+                if (planned := await self.plan_piece(u)) is None:  # the line is complete
+                    if not u.line.pieces:
                         await self.error("the line has no words to speak", "bad_request", u.id)
                     break
-                await self.start_piece(u, await self.plan_piece(u, index))
+                await self.start_piece(u, planned)
         except asyncio.CancelledError:
             reason = u.stop
             if u.stream is not None:
@@ -531,6 +468,44 @@ class Conversation:
                 u.stream.cancel()
             reason = "error"
         await self.finish(u, reason)
+
+    async def pump(self, u: Utterance) -> End:
+        """Send the frames of the piece in flight as they come; its End (an error is said)."""
+        index = len(u.line.pieces) - 1
+        while not isinstance(item := await u.stream.next(), End):
+            u.line.add(item.codes)
+            if u.line.pieces[index].frames == 1 and self.assistant is not None:
+                await self.assistant.piece_audio(u, index)
+            if item.pcm is not None:  # once handed to the socket, sent whole and counted
+                await asyncio.shield(self.send_audio(item.pcm))  # (an interrupt may come mid-drain)
+                u.words.audio(item.pcm)
+            if u.frames == 1:
+                await self.send(P.FirstAudio(id=u.id, utterance=u.index, ms=(time.perf_counter() - u.t0) * 1000))
+        u.line.end(item.reason)
+        if item.reason.complete:  # the piece's audio is whole: its words are timed
+            timed = u.words.done()
+            for event in word_events(u.id, u.index, timed) if u.timestamps else ():
+                await self.send(event)
+        elif item.reason in ("error", "deadline"):
+            u.error = item.message or "generation failed"
+            if item.reason == "error":
+                await self.error(u.error, "internal", u.id)
+        return item
+
+    async def text_for(self, u: Utterance) -> bool:
+        """Wait while the line needs more text; False when none came in `line_idle_timeout_s`
+        (an error event says so)."""
+        idle = self.service.settings.line_idle_timeout_s
+        while u.line.waiting:
+            u.wake.clear()
+            try:
+                await asyncio.wait_for(u.wake.wait(), idle)
+            except TimeoutError:
+                u.error = (f"no text came for this line in {idle:g} s, so it was ended (the server's "
+                           "line_idle_timeout_s); complete a streamed line with an append_text of more: false")
+                await self.error(u.error, "timeout", u.id)
+                return False
+        return True
 
     async def finish(self, u: Utterance, reason: str) -> None:
         """Remember the line (cut where it stopped) and send its `done`, once, counting the rows
@@ -551,24 +526,9 @@ class Conversation:
             pass
 
     def remember(self, u: Utterance) -> None:
-        """The pieces spoken (or begun), with the audio generated for them, join the conversation
-        as one turn (of a piece cut off, only the words whose audio was begun in what was sent); the
-        line's voice is pinned if it was heard."""
-        cfg = self.service.cfg
-        if u.pin is not None and u.frames and u.voice not in self.pinned_voices:
-            self.pinned.append(u.pin)
-            self.pinned_voices.append(u.voice)
-        rows = []
-        pieces = u.spoken + ([(u.line, u.codes)] if u.line is not None else [])
-        if u.words.in_flight and pieces:
-            heard = u.words.cut()
-            line = " ".join(w.spoken for w in heard)
-            pieces[-1:] = [(text_rows(self.service.generator.tokenizer, u.speaker, line, cfg), pieces[-1][1])] \
-                if heard else []
-        for line, codes in pieces:
-            rows.append(spoken_rows(line, codes, cfg) if codes else line)
-        if rows:
-            self.turns.append(concat(rows))
+        """The line joins the conversation (`ConversationState.remember`): of a piece cut off, only
+        the words whose audio was begun in what was sent."""
+        self.state.remember(u.said, u.words.cut() if u.words.in_flight else None)
 
     async def stop_pump(self, reason: str = "interrupted", error: str | None = None) -> None:
         """End the utterance in flight (waiting for text, queued, prefilling or running) and send its
@@ -589,6 +549,7 @@ class Conversation:
         await self.finish(u, reason)
 
 
+_EVENTS = {VoiceUnpinned: P.VoiceUnpinned, ContextDropped: P.ContextDropped}
 MAX_HEARD_TURNS = 4  # a socket's turns waiting for their transcript (each at most max_turn_s of audio)
 _COMMANDS = ("configure", "add_turn", "speak", "append_text", "interrupt", "reset")
 

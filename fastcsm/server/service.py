@@ -23,8 +23,9 @@ from ..engine.engine import Engine, Request
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError, AsrPool, UnknownLanguage, load_transcriber
 from ..model.prompt import Prompt, Segment, check_text, segment_rows
 from ..speech.lexicon import Lexicon, LexiconError
+from ..speech.line import Line
 from ..speech.normalize import NORMALIZE_BY_DEFAULT
-from ..speech.planner import PieceText, PlannedPiece, SpeechPlan, piece_text, plan_speech, requested_frames
+from ..speech.planner import PlannedPiece, requested_frames
 from ..speech.speech import SpeakOptions
 from ..speech.voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
 from ..speech.watermark import resolve_watermark
@@ -431,14 +432,6 @@ class Service:
             raise ApiError(400, str(e), param=param) from None
         return options
 
-    def piece_text(self, text: str, speaker: int, options: SpeakOptions, param: str = "text") -> PieceText:
-        """One piece's rows and frame bound (a piece of a line that streams in)."""
-        try:
-            return piece_text(text, speaker, self.generator.tokenizer, self.cfg, options,
-                              self.settings.max_audio_length_ms)
-        except ValueError as e:
-            raise ApiError(400, str(e), param=param) from None
-
     def check_input(self, text: str, param: str = "input") -> str:
         limit = self.settings.max_input_chars
         if len(text) > limit:
@@ -457,15 +450,15 @@ class Service:
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e), param=param) from None
 
-    def piece(self, plan: SpeechPlan, index: int, spoken: list, after: Request | None = None) -> PlannedPiece:
-        """Piece `index` of a speech request, after the pieces spoken so far (their rows and
-        codes), its audio continuing from `after`'s."""
+    def next_piece(self, line: Line, param: str = "input") -> PlannedPiece | None:
+        """The line's next piece (None: none now), after the pieces spoken so far; 400 (on
+        `param`) for one that cannot be spoken (too long for the window, say)."""
         try:
-            return plan.piece(index, spoken, self.cfg, after)
+            return line.next()
         except ValueError as e:  # ContextTooLong
-            raise ApiError(400, str(e), param="input") from None
+            raise ApiError(400, str(e), param=param) from None
 
-    def speech_plan(self, req: SpeechRequest) -> SpeechPlan:
+    def speech_line(self, req: SpeechRequest) -> Line:
         """A checked `POST /v1/audio/speech` (runs in a worker thread: it may encode audio)."""
         gen = self.need_ready()
         text = self.check_input(req.input)
@@ -488,8 +481,8 @@ class Service:
             except (AudioError, ValueError) as e:
                 raise ApiError(400, f"context[{i}]: {e}", param=f"context[{i}]") from None
         try:
-            return plan_speech(text, speaker, pinned, history, gen.tokenizer, self.cfg, options, req.seed,
-                               self.settings.max_audio_length_ms)
+            return Line(text, speaker, pinned, history, gen.tokenizer, self.cfg, options, req.seed,
+                        limit_ms=self.settings.max_audio_length_ms)
         except ValueError as e:  # ContextTooLong too
             raise ApiError(400, str(e), param="input") from None
 

@@ -21,21 +21,22 @@ bounds, prompts and requests on every path:
   line with the audio generated for it, then the piece's own text; `context.fit` drops the
   oldest context (then the oldest earlier pieces) until the prompt and its frames fit the window.
   The `Request` carries everything before the piece as `prefix_rows` (its KV is worth keeping)
-  and chains the audio: `keep_audio` when a piece follows, `audio_after` the piece before it.
+  and chains the audio as it is told (`keep_audio`, `audio_after`).
 
-Nothing here touches the engine or the codec: the functions are pure over prompts and options.
+Which piece comes next, what was spoken before it and whose audio it continues is the line
+driver's (line.py), the loop every way of speaking runs over these functions. Nothing here
+touches the engine or the codec: the functions are pure over prompts and options.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..bounds import MAX_AUDIO_LENGTH_MS, SEED
+from ..bounds import MAX_AUDIO_LENGTH_MS
 from ..engine.engine import Request
 from ..engine.sampling import SamplingParams
 from ..model.config import CsmConfig
@@ -92,34 +93,6 @@ def _stacked(codes) -> torch.Tensor:
 
 
 @dataclass
-class PlannedPiece:
-    """The request that speaks one piece, and what fitting its prompt did."""
-
-    request: Request
-    line: Prompt  # the piece's text rows (the prompt's tail)
-    trim: Trim
-    dropped_context: list[int]  # indices into the context given to `plan_piece`, oldest first
-    dropped_pieces: list[int]  # indices into `spoken`: earlier pieces no longer in the prompt
-
-
-def plan_piece(cfg: CsmConfig, pinned: list[Prompt], context: Sequence[Prompt],
-               spoken: Sequence[tuple[Prompt, Sequence]], line: Prompt, max_frames: int,
-               params: SamplingParams, seed: int, options: SpeakOptions,
-               keep_audio: bool = False, audio_after: Request | None = None) -> PlannedPiece:
-    """The request for the piece `line` after `pinned`, `context` and the pieces of the same line
-    already `spoken` ((text rows, its codes) each, oldest first). Raises
-    `context.ContextTooLong` when the piece cannot fit even with all of them dropped."""
-    carried = [i for i, (_, codes) in enumerate(spoken) if options.carry_pieces and len(codes)]
-    history = [*context, *(spoken_rows(spoken[i][0], spoken[i][1], cfg) for i in carried)]
-    prompt, trim = fit(pinned, history, line, max_frames, cfg, options.older_audio, options.keep_full_audio)
-    request = Request(prompt, max_frames, params, seed, prefix_rows=len(prompt) - len(line),
-                      keep_audio=keep_audio, audio_after=audio_after)
-    n = len(context)
-    return PlannedPiece(request, line, trim, [j for j in trim.dropped if j < n],
-                        [carried[j - n] for j in trim.dropped if j >= n])
-
-
-@dataclass
 class PieceText:
     text: str  # as written
     line: Prompt  # the rows of its spoken form under the speaker
@@ -137,39 +110,44 @@ def piece_text(text: str, speaker: int, tokenizer: TextTokenizer, cfg: CsmConfig
 
 
 @dataclass
-class SpeechPlan:
-    """A whole text to speak, checked: the rows that stay fixed and one entry per piece."""
+class PlannedPiece:
+    """The request that speaks one piece, and what fitting its prompt did."""
 
-    speaker: int
-    pinned: list[Prompt]
-    context: list[Prompt]
-    pieces: list[PieceText]
-    options: SpeakOptions
-    seed: int
-    params: SamplingParams = field(init=False)
+    request: Request
+    text: PieceText  # the piece's text, its rows (the prompt's tail) and its frame bound
+    trim: Trim
+    dropped_context: list[int]  # indices into the context given to `plan_piece`, oldest first
+    dropped_pieces: list[int]  # indices into `spoken`: earlier pieces no longer in the prompt
 
-    def __post_init__(self):
-        self.params = self.options.sampling
-
-    def piece(self, index: int, spoken: Sequence[tuple[Prompt, Sequence]], cfg: CsmConfig,
-              after: Request | None = None) -> PlannedPiece:
-        """Piece `index`, after the pieces spoken before it; its audio continues from `after`'s
-        (the request of the piece before), and it keeps its own when another piece follows."""
-        p = self.pieces[index]
-        return plan_piece(cfg, self.pinned, self.context, spoken, p.line, p.max_frames, self.params,
-                          self.seed + index, self.options, keep_audio=index + 1 < len(self.pieces),
-                          audio_after=after)
+    @property
+    def line(self) -> Prompt:
+        return self.text.line
 
 
-def plan_speech(text: str, speaker: int, pinned: list[Prompt], context: list[Prompt], tokenizer: TextTokenizer,
-                cfg: CsmConfig, options: SpeakOptions, seed: int | None = None,
-                limit_ms: float | None = None) -> SpeechPlan:
-    """Split `text`, bound every piece and check that each fits the window beside the pinned
-    rows alone (the context may be dropped later, the pinned rows never). `seed` None draws one;
-    piece i uses seed + i. Raises ValueError (or `ContextTooLong`) for what cannot be spoken."""
-    if seed is not None:
-        SEED.check(seed)
+def plan_piece(cfg: CsmConfig, pinned: list[Prompt], context: Sequence[Prompt],
+               spoken: Sequence[tuple[Prompt, Sequence]], piece: PieceText, params: SamplingParams, seed: int,
+               options: SpeakOptions, keep_audio: bool = False, audio_after: Request | None = None,
+               checked: bool = False) -> PlannedPiece:
+    """The request for `piece` after `pinned`, `context` and the pieces of the same line already
+    `spoken` ((text rows, its codes) each, oldest first). Raises `context.ContextTooLong` when the
+    piece cannot fit even with all of them dropped (`checked`: the caller has made sure it can)."""
+    carried = [i for i, (_, codes) in enumerate(spoken) if options.carry_pieces and len(codes)]
+    history = [*context, *(spoken_rows(spoken[i][0], spoken[i][1], cfg) for i in carried)]
+    line, max_frames = piece.line, piece.max_frames
+    prompt, trim = fit(pinned, history, line, max_frames, cfg, options.older_audio, options.keep_full_audio, checked)
+    request = Request(prompt, max_frames, params, seed, prefix_rows=len(prompt) - len(line),
+                      keep_audio=keep_audio, audio_after=audio_after)
+    n = len(context)
+    return PlannedPiece(request, piece, trim, [j for j in trim.dropped if j < n],
+                        [carried[j - n] for j in trim.dropped if j >= n])
+
+
+def whole_pieces(text: str, speaker: int, pinned: list[Prompt], tokenizer: TextTokenizer, cfg: CsmConfig,
+                 options: SpeakOptions, limit_ms: float | None = None) -> list[PieceText]:
+    """The pieces of a whole text, each bounded and checked to fit the window beside the pinned
+    rows alone (the context may be dropped later, the pinned rows never), so that a text that
+    cannot be spoken is refused before any of it is. Raises ValueError (or `ContextTooLong`)."""
     pieces = [piece_text(piece, speaker, tokenizer, cfg, options, limit_ms) for piece in split(text, options)]
     for p in pieces:
         check_line_fits(pinned, p.line, p.max_frames, cfg)
-    return SpeechPlan(speaker, pinned, context, pieces, options, secrets.randbits(62) if seed is None else seed)
+    return pieces
