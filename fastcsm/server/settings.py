@@ -175,6 +175,10 @@ class Settings(Table):
                                    at_most=END_SILENCE_MS[1])
     max_turn_s: float = setting(TurnConfig.max_turn_s, "longest spoken turn of a user; a longer one is cut there",
                                 "speech recognition", metavar="S", at_least=MAX_TURN_S[0], at_most=MAX_TURN_S[1])
+    transcribe_early: bool = setting(True, "transcribe a spoken turn as soon as the user pauses, so its transcript "
+                                           "is ready or under way when the pause ends the turn (the cost: one "
+                                           "transcription more for each pause the user speaks past)",
+                                     "speech recognition")
     voices_dir: str | None = setting(None, "where voices live (default: ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
