@@ -327,6 +327,8 @@ class Conversation:
         try:
             text = (await asyncio.wrap_future(future)).text.strip()
             if text and self.paused is not None and self.paused[1] is future:  # the turn's newest pause, going on
+                if self.assistant is not None and self.service.settings.preemptive_reply:
+                    await self.assistant.preempt(text)  # (before the event: a client that has it knows the ask is out)
                 await self.send(P.UserTranscriptPartial(text=text))
         except Exception:  # the turn's own transcription says what failed; a closed socket hears nothing
             pass

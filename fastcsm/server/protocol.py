@@ -141,7 +141,10 @@ or under way, when `user_speech_stopped` comes (the same text as transcribing it
 audio is the same; `--no-transcribe-early` turns this off). Each such transcript that is ready
 before the turn stops comes as `user_transcript_partial {text}`: the turn so far, a live
 transcript (the user may go on; the `user_turn` has the final text, the same when that pause
-ended the turn).
+ended the turn). In assistant mode with `--preemptive-reply`, the model is asked as soon as such a
+transcript is ready, before the silence has ended the turn: if the pause ends it, that reply is
+the answer (sooner by what of the model's time the silence covered); if the user goes on, the
+request is closed.
 Audio before such a `configure`, a rate outside 8-48 kHz, an odd byte count, a chunk over 5 s,
 audio more than 2 s ahead of real time, or more than 4 turns waiting for their transcript are
 each an `error` event; the chunk is dropped and the session goes on. `reset` and `configure` drop
@@ -660,7 +663,9 @@ class AssistantReply(BaseModel):
                     "failed (an `error` event said why)")
     text: str = Field(description="what the model will see of this reply: the pieces heard, and of an interrupted "
                                   "piece the words its frames cover, then a dash")
-    first_token_ms: float | None = Field(description="from the user turn to the model's first token")
+    first_token_ms: float | None = Field(description="from the user turn to the model's first token (negative when "
+                                                     "the reply was asked at the user's pause, preemptive_reply, "
+                                                     "and began before the turn ended)")
     first_piece_ms: float | None = Field(description="from the user turn to the first piece complete")
     first_audio_ms: float | None = Field(description="from the user turn to the reply's first frame leaving the server")
 

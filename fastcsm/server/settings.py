@@ -200,6 +200,10 @@ class Settings(Table):
                                          "else the turn ends with an error", "assistant", metavar="S", at_least=0.1)
     max_reply_chars: int = setting(1000, "a spoken reply ends at the first sentence end after N characters",
                                    "assistant", metavar="N", at_least=1)
+    preemptive_reply: bool = setting(False, "ask the model as soon as a spoken turn's transcript is ready at the "
+                                            "user's pause, before the silence has ended the turn; the reply is "
+                                            "spoken if the pause ends it, dropped if the user goes on (the cost: "
+                                            "a model request for each pause spoken past)", "assistant")
 
     def __post_init__(self):
         """Every check of the table, then those between settings: a `ValueError` naming the setting,
