@@ -44,10 +44,13 @@ chunks), what is left of pocketsphinx's transcription when the turn ends (`stop_
 and the Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
 when the user pauses (its audio is then the turn's, if the silence ends it), so at the end of the
 turn the transcript is ready or under way; --no-transcribe-early starts it only at the end of the
-turn, for comparison.
+turn, for comparison. With --preemptive the server asks the model as soon as that transcript is
+ready, if it is before the end of turn (`--preemptive-reply`): the model's time then overlaps the
+silence, and the total drops by as much (the share, counting the model's time as waited, drops too).
 
     python benchmarks/bench_loop.py [--turns 20] [--tokens-per-s 50] [--first-token-ms 200]
     python benchmarks/bench_loop.py --spoken [--turns 8] [--turn-silence-ms 500] [--no-transcribe-early]
+                                    [--preemptive]
 
 Prints a row per turn, p50/p90 per stage, and one line of JSON last.
 """
@@ -200,6 +203,7 @@ def start_server(args, llm_url: str) -> tuple[subprocess.Popen, str]:
     if args.spoken:
         cmd += ["--asr-model", "pocketsphinx", "--turn-silence-ms", str(args.turn_silence_ms),
                 "--transcribe-early" if args.transcribe_early else "--no-transcribe-early"]
+        cmd += ["--preemptive-reply"] if args.preemptive else []
     return launch(cmd, port, args.startup_timeout, env=env)
 
 
@@ -217,6 +221,8 @@ def main() -> None:
     ap.add_argument("--turn-silence-ms", type=int, default=500, help="--spoken: the server's end-of-turn silence")
     ap.add_argument("--transcribe-early", action=argparse.BooleanOptionalAction, default=True,
                     help="--spoken: the server transcribes a turn at the user's pause (off: at the end of the turn)")
+    ap.add_argument("--preemptive", action="store_true",
+                    help="--spoken: the server asks the model at the user's pause (--preemptive-reply)")
     args = ap.parse_args()
 
     llm = StandInLLM([Scripted(REPLY)], tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_ms / 1e3)
@@ -253,6 +259,7 @@ def main() -> None:
     print(json.dumps({"turns": len(rows), "device": args.device, "model": args.model or "tiny random checkpoint",
                       "spoken": args.spoken, "turn_silence_ms": args.turn_silence_ms if args.spoken else None,
                       "transcribe_early": args.transcribe_early if args.spoken else None,
+                      "preemptive_reply": args.preemptive if args.spoken else None,
                       "tokens_per_s": args.tokens_per_s, "first_token_ms": args.first_token_ms,
                       "model_first_sentence_ms": model_ms, origin: summary,
                       "mean_fastcsm_share_ms": statistics.mean(r["fastcsm_share"] for r in rows)}))
