@@ -349,6 +349,8 @@ class Conversation:
                                        frames=frames, cut=heard.cut, added=bool(text)))
             if text:
                 await self.on_user_turn(text)
+            elif self.assistant is not None:
+                await self.assistant.drop_asked()  # a reply asked at a pause of a turn with no words
         except asyncio.CancelledError:
             future.cancel()
             raise
