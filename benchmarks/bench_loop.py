@@ -37,11 +37,20 @@ is end of speech -> first audio frame received, and fastcsm's share is
     total - --turn-silence-ms (the VAD's end-of-turn silence, waited by design) - the model's time
     to its first sentence (as above)
 
-which holds, besides the typed turn's share, the VAD's own lag past that silence, pocketsphinx's
-transcription and the Mimi encoding of the turn not done while the user spoke.
+exactly: everything but the silence that ends the turn and the model's time to its first
+sentence. Besides the typed turn's share it holds the VAD's lag past that silence (`vad_lag`:
+Silero still hears speech for 90-140 ms after the sound ends, its 32 ms windows, the 20 ms
+chunks), what is left of pocketsphinx's transcription when the turn ends (`stop_to_transcript`)
+and the Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
+when the user pauses (its audio is then the turn's, if the silence ends it), so at the end of the
+turn the transcript is ready or under way; --no-transcribe-early starts it only at the end of the
+turn, for comparison. With --preemptive the server asks the model as soon as that transcript is
+ready, if it is before the end of turn (`--preemptive-reply`): the model's time then overlaps the
+silence, and the total drops by as much (the share, counting the model's time as waited, drops too).
 
     python benchmarks/bench_loop.py [--turns 20] [--tokens-per-s 50] [--first-token-ms 200]
-    python benchmarks/bench_loop.py --spoken [--turns 8] [--turn-silence-ms 500]
+    python benchmarks/bench_loop.py --spoken [--turns 8] [--turn-silence-ms 500] [--no-transcribe-early]
+                                    [--preemptive]
 
 Prints a row per turn, p50/p90 per stage, and one line of JSON last.
 """
@@ -192,7 +201,9 @@ def start_server(args, llm_url: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "fastcsm", "serve", "--model", model, "--device", args.device, "--host", "127.0.0.1",
            "--port", str(port), "--voices-dir", tempfile.mkdtemp(), "--llm-url", llm_url, "--llm-model", "stand-in"]
     if args.spoken:
-        cmd += ["--asr-model", "pocketsphinx", "--turn-silence-ms", str(args.turn_silence_ms)]
+        cmd += ["--asr-model", "pocketsphinx", "--turn-silence-ms", str(args.turn_silence_ms),
+                "--transcribe-early" if args.transcribe_early else "--no-transcribe-early"]
+        cmd += ["--preemptive-reply"] if args.preemptive else []
     return launch(cmd, port, args.startup_timeout, env=env)
 
 
@@ -208,6 +219,10 @@ def main() -> None:
     ap.add_argument("--spoken", action="store_true", help="spoken turns (espeak-ng, streamed in real time, "
                                                            "heard by pocketsphinx) instead of typed ones")
     ap.add_argument("--turn-silence-ms", type=int, default=500, help="--spoken: the server's end-of-turn silence")
+    ap.add_argument("--transcribe-early", action=argparse.BooleanOptionalAction, default=True,
+                    help="--spoken: the server transcribes a turn at the user's pause (off: at the end of the turn)")
+    ap.add_argument("--preemptive", action="store_true",
+                    help="--spoken: the server asks the model at the user's pause (--preemptive-reply)")
     args = ap.parse_args()
 
     llm = StandInLLM([Scripted(REPLY)], tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_ms / 1e3)
@@ -222,7 +237,11 @@ def main() -> None:
     for r in rows:
         r["fastcsm_share"] = r["first_audio_received"] - waited_ms
         r["piece_to_audio_sent"] = r["first_audio_sent"] - r["first_piece"]
-    keys = (SPOKEN_STAGES if args.spoken else STAGES) + ["piece_to_audio_sent", "fastcsm_share"]
+        if args.spoken:
+            r["vad_lag"] = r["user_speech_stopped"] - args.turn_silence_ms
+            r["stop_to_transcript"] = r["user_turn"] - r["user_speech_stopped"]
+    parts = ["vad_lag", "stop_to_transcript"] if args.spoken else []
+    keys = (SPOKEN_STAGES if args.spoken else STAGES) + parts + ["piece_to_audio_sent", "fastcsm_share"]
     print(f"{'turn':>4} " + " ".join(f"{k:>21}" for k in keys))
     for i, r in enumerate(rows):
         print(f"{i:>4} " + " ".join(f"{r[k]:21.1f}" for k in keys))
@@ -239,6 +258,8 @@ def main() -> None:
     origin = "ms_from_end_of_speech" if args.spoken else "ms_from_user_turn_sent"
     print(json.dumps({"turns": len(rows), "device": args.device, "model": args.model or "tiny random checkpoint",
                       "spoken": args.spoken, "turn_silence_ms": args.turn_silence_ms if args.spoken else None,
+                      "transcribe_early": args.transcribe_early if args.spoken else None,
+                      "preemptive_reply": args.preemptive if args.spoken else None,
                       "tokens_per_s": args.tokens_per_s, "first_token_ms": args.first_token_ms,
                       "model_first_sentence_ms": model_ms, origin: summary,
                       "mean_fastcsm_share_ms": statistics.mean(r["fastcsm_share"] for r in rows)}))

@@ -523,3 +523,36 @@ def test_turn_refuses_an_empty_transcript():
         await model.close()
 
     asyncio.run(run())
+
+
+def test_a_reply_asked_early_answers_only_the_turn_it_was_asked_for():
+    """`Assistant.ask` leaves the history alone; `turn(transcript, asked)` answers with that reply
+    when the turn gives the same messages, and asks anew when the words differ."""
+    answers = {"What time is it": "Asked early.", "What time": "Asked again.",
+               "What time is it in Paris": "Asked late."}
+    with StandInLLM(lambda messages: answers[messages[-1]["content"]], tokens_per_s=1000) as server:
+        async def run():
+            model = _model(server, system_prompt="Be brief.")
+            assistant = Assistant(model)
+            asked = assistant.ask("What time is it")
+            history_after_ask = assistant.history.messages()
+            turn = assistant.turn("What time is it", asked)
+            pieces = [p async for p in turn]
+            turn.finish()
+            went_on = assistant.ask("What time")
+            late = assistant.turn("What time is it in Paris", went_on)
+            await went_on.cancel()
+            late_pieces = [p async for p in late]
+            await model.close()
+            return history_after_ask, turn is asked, pieces, late is went_on, late_pieces
+
+        history_after_ask, same, pieces, reused, late_pieces = asyncio.run(run())
+    assert history_after_ask == [{"role": "system", "content": "Be brief."}]
+    assert same and pieces == ["Asked early."]
+    assert not reused and late_pieces == ["Asked late."]
+    # (the request cancelled may have been abandoned before it was sent)
+    said = [r["messages"][-1]["content"] for r in server.requests if r["messages"][-1]["content"] != "What time"]
+    assert said == ["What time is it", "What time is it in Paris"]
+    assert max(server.requests, key=lambda r: len(r["messages"]))["messages"][1:] == [
+        {"role": "user", "content": "What time is it"}, {"role": "assistant", "content": "Asked early."},
+        {"role": "user", "content": "What time is it in Paris"}]

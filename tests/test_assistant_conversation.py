@@ -12,7 +12,9 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from listen_audio import needs_espeak, overlap, pcm16, silence, spoken
 from server_harness import LiveServer
 
 from fastcsm.assistant.history import CUT
@@ -319,3 +321,48 @@ def test_fastcsm_serve_with_a_language_model_answers_in_text_and_audio(llm, tmp_
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@needs_espeak
+def test_a_reply_asked_at_the_users_pause_answers_the_turn_the_pause_ends():
+    """`preemptive_reply`: the model is asked as soon as the pause's transcript is ready. The turn
+    that pause ends is answered by that request alone; when the user goes on, that request is
+    closed and the whole turn is asked."""
+    pytest.importorskip("pocketsphinx")
+    rate, chunk = 16_000, 640
+
+    def stream(c: Client, wav) -> None:  # a little ahead of real time: 1.5 s at the end, within the server's 2 s
+        data = pcm16(wav)
+        for i in range(0, len(data), 2 * chunk):
+            c.ws.send(data[i: i + 2 * chunk])
+            time.sleep(0.8 * chunk / rate)
+
+    def last_words(request: dict) -> str:
+        return request["messages"][-1]["content"]
+
+    first, second, quiet = spoken("what time is it"), spoken("thank you very much"), silence
+    with StandInLLM([Scripted("It is noon.")] * 8, tokens_per_s=200) as llm, \
+            LiveServer(asr_model="pocketsphinx", llm_url=llm.url, llm_model="stand-in", preemptive_reply=True,
+                       turn_silence_ms=1000) as server:
+        c = Client(server)
+        c.send(type="configure", assistant=True, input_audio={"sample_rate": rate}, max_audio_length_ms=PIECE_MS)
+        assert c.until("configured")["input_audio"]["sample_rate"] == rate
+        # A sentence and a pause shorter than the 1 s that ends a turn: with no more audio the turn
+        # stays open, so the pause's transcript comes as a partial one, and the model is asked.
+        stream(c, np.concatenate([quiet(0.3), first, quiet(0.3)]))
+        partial = c.until("user_transcript_partial")["text"]
+        stream(c, quiet(0.9))
+        turn = c.until("user_turn")
+        reply = c.until("assistant_reply")
+        assert turn["added"] and turn["text"] == partial and reply["reason"] == "stop", (turn, reply)
+        assert [last_words(r) for r in llm.requests] == [partial]  # the turn took the reply asked at its pause
+        # The user goes on past a pause: the request of that pause is closed, the whole turn asked.
+        stream(c, np.concatenate([quiet(0.3), first, quiet(0.3)]))
+        went_on = c.until("user_transcript_partial")["text"]
+        stream(c, np.concatenate([second, quiet(1.1)]))
+        turn = c.until("user_turn")
+        assert c.until("assistant_reply")["reason"] == "stop"
+        assert overlap(went_on, "what time is it") >= 0.75, went_on
+        assert len(turn["text"].split()) > len(went_on.split()), (went_on, turn)
+        assert [last_words(r) for r in llm.requests[1:]] == [went_on, turn["text"]]
+        c.close()

@@ -73,9 +73,14 @@ def test_a_spoken_turn_joins_the_conversation_with_its_audio_and_text(server):
         assert configure(ws)["input_audio"] == {"sample_rate": RATE, "language": None}
         stream(ws, said("what time is it"))
         events = until(ws, "user_turn")
+        # The turn's one pause (the one that ended it) was transcribed early: its text, when it came
+        # before the stop, is the turn's.
+        partials = [e for e in events if e["type"] == "user_transcript_partial"]
+        events = [e for e in events if e["type"] != "user_transcript_partial"]
         kinds = [e["type"] for e in events]
         assert kinds == ["user_speech_started", "user_speech_stopped", "turn_added", "user_turn"], kinds
         added, turn = events[2], events[3]
+        assert all(p["text"] == turn["text"] for p in partials), (partials, turn)
         assert overlap(turn["text"], "what time is it") >= 0.75, turn
         assert added["text"] == turn["text"] and added["speaker"] == turn["speaker"] == 1
         assert turn["added"] and not turn["cut"] and not events[1]["cut"]
@@ -98,6 +103,23 @@ def test_other_rates_are_resampled(server):
         stream(ws, said("thank you very much", 48_000), 48_000)
         turn = until(ws, "user_turn")[-1]
         assert overlap(turn["text"], "thank you very much") >= 0.75 and turn["speaker"] == 3, turn
+
+
+def test_a_pause_the_user_speaks_past_comes_as_a_partial_transcript(server):
+    first, second = spoken("what time is it"), spoken("thank you very much")
+    with ws_connect(server) as ws:
+        configure(ws)
+        # The first sentence, espeak-ng's quiet after it (a pause, too short to end the turn), and
+        # the start of the second: the turn is open, so the pause's transcript is a partial one.
+        stream(ws, np.concatenate([silence(0.3), first, second[:RATE // 2]]))
+        events = until(ws, "user_transcript_partial")
+        assert [e["type"] for e in events] == ["user_speech_started", "user_transcript_partial"], events
+        assert overlap(events[-1]["text"], "what time is it") >= 0.75, events
+        stream(ws, np.concatenate([second[RATE // 2:], silence(0.9)]))
+        events = until(ws, "user_turn")
+        kinds = [e["type"] for e in events if e["type"] != "user_transcript_partial"]
+        assert kinds == ["user_speech_stopped", "turn_added", "user_turn"], kinds
+        assert overlap(events[-1]["text"], "what time is it thank you very much") >= 0.75, events[-1]
 
 
 def test_the_user_speaking_interrupts_the_line_unless_barge_in_is_off(server):

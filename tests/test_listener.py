@@ -14,6 +14,7 @@ from fastcsm.codec.codec import Codec
 from fastcsm.listen.listener import (
     Listener,
     ListenError,
+    SpeechPaused,
     SpeechStarted,
     SpeechStopped,
     UserTurn,
@@ -70,7 +71,7 @@ def make(rate: int, **kw) -> Listener:
 def test_turns_carry_text_audio_and_streamed_codes(rate):
     audio, spans = two_sentences(rate)
     events = listen(make(rate), chunks(audio, rate))
-    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, UserTurn] * 2
+    assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, SpeechStopped, UserTurn] * 2
     turns = [e for e in events if isinstance(e, UserTurn)]
     frame = codec().frame_size
     for turn, sentence, (a, b) in zip(turns, SENTENCES, spans, strict=False):
@@ -172,7 +173,43 @@ def test_a_stream_that_ends_mid_turn_still_makes_the_turn():
     rate = 16_000
     audio = np.concatenate([silence(0.5, rate), spoken(SENTENCES[3], rate)])
     events = listen(make(rate), chunks(audio, rate))
-    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped, UserTurn]
+    assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, SpeechStopped, UserTurn]  # (espeak's end)
     turn = events[-1]
     assert turn.heard.reason == "end" and overlap(turn.text, SENTENCES[3]) >= 0.5
     torch.testing.assert_close(turn.heard.codes, codec().encode_waveform(turn.heard.audio), rtol=0, atol=0)
+
+
+@needs_espeak
+def test_the_pause_that_ends_a_turn_holds_its_audio_and_its_transcript_is_the_turns():
+    """A turn transcribed at its pause (`listen(early=True)`) takes that transcript: the pause's
+    audio is exactly the turn's, so the text is what transcribing at the stop would give."""
+    audio, _ = two_sentences(16_000)
+    early = listen(make(16_000, codec=None), chunks(audio, 16_000), early=True)
+    pauses = [e for e in early if isinstance(e, SpeechPaused)]
+    stops = [e for e in early if isinstance(e, SpeechStopped)]
+    turns = [e for e in early if isinstance(e, UserTurn)]
+    assert len(pauses) == len(stops) == len(turns) == 2
+    for pause, stop, turn, sentence in zip(pauses, stops, turns, SENTENCES, strict=False):
+        assert pause.ends(stop.heard) and pause.heard_ms < stop.heard_ms
+        np.testing.assert_array_equal(pause.audio_16k, stop.heard.audio_16k)
+        assert turn.early and turn.timings["transcribe"] == 0.0
+        assert overlap(turn.text, sentence) >= 0.75, turn.text
+    late = [e for e in listen(make(16_000, codec=None), chunks(audio, 16_000)) if isinstance(e, UserTurn)]
+    assert not any(t.early for t in late) and all(t.timings["transcribe"] > 0 for t in late)
+
+
+@needs_espeak
+def test_a_pause_the_user_speaks_past_is_not_the_turn():
+    """Two sentences with espeak-ng's own quiet (360 ms) between them are one turn (the silence that
+    ends a turn is 500 ms): the first pause's audio is the start of the turn's, and the turn takes
+    the second pause's transcript."""
+    rate = 16_000
+    first, second = spoken(SENTENCES[2], rate), spoken(SENTENCES[3], rate)
+    audio = np.concatenate([silence(0.5, rate), first, second, silence(1.0, rate)])
+    events = listen(make(rate, codec=None), chunks(audio, rate), early=True)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, SpeechPaused, SpeechStopped, UserTurn]
+    _, went_on, last, stop, turn = events
+    assert not went_on.ends(stop.heard) and last.ends(stop.heard)
+    assert went_on.end_ms < last.end_ms
+    np.testing.assert_array_equal(went_on.audio_16k, stop.heard.audio_16k[:len(went_on.audio_16k)])
+    assert turn.early and overlap(turn.text, f"{SENTENCES[2]} {SENTENCES[3]}") >= 0.75, turn.text

@@ -7,6 +7,11 @@ complete, after the `Speakable` filter: the text to give the line (`append_text`
 time. Fed to a line, they are cut into the same pieces again (`" ".join(pieces)` splits into
 `pieces`), so the speaker can report what was heard of each piece by its index.
 
+Asked early: `Assistant.ask(transcript)` asks the model before the user's turn is known to have
+ended (at a pause), leaving the history as it is; `Assistant.turn(transcript, asked=that)` then
+adds the turn and answers with the reply already on its way when it was asked with exactly the
+messages the turn now gives (the same words after the same history), or asks anew.
+
 Barge-in: `await turn.cancel()` (from any task) closes the model's stream; iteration ends.
 Then `turn.finish(heard)` keeps in the history what was heard (`history.heard_text`: whole
 pieces played, and the words of the cut piece its frames cover); `finish()` without it keeps
@@ -63,9 +68,10 @@ class Turn:
     the model's token limit cut it), "interrupted" (`cancel`), "error" (`error` holds the fault);
     None while it runs. `first_token_at` and `first_piece_at` are `time.perf_counter()` stamps."""
 
-    def __init__(self, reply: Reply, history: History, max_chars: int | None):
+    def __init__(self, reply: Reply, history: History, max_chars: int | None, messages: list[dict] | None = None):
         self.reply = reply
         self.history = history
+        self.messages = messages  # what the model was asked
         self.speakable = Speakable(max_chars)
         self.cutter = PieceCutter(self.speakable)
         self.reason: str | None = None
@@ -150,11 +156,31 @@ class Assistant:
         self.max_reply_chars = max_reply_chars
         Speakable(max_reply_chars)  # refuses a bad bound here, not at the first turn
 
-    def turn(self, transcript: str) -> Turn:
+    def turn(self, transcript: str, asked: Turn | None = None) -> Turn:
         """Answer `transcript`: the user's turn joins the history and the model is asked now
-        (the request is on its way when this returns; call it inside a running event loop)."""
-        if not isinstance(transcript, str) or not transcript.strip():
-            raise ValueError("a user turn needs the words the user said (the transcript is empty)")
+        (the request is on its way when this returns; call it inside a running event loop), or
+        `asked` is the answer when it was asked with the same messages (see the module docstring;
+        otherwise the caller cancels it)."""
+        _check(transcript)
         asyncio.get_running_loop()
         self.history.user(transcript)
-        return Turn(self.model.reply(self.history.messages()), self.history, self.max_reply_chars)
+        messages = self.history.messages()
+        if asked is not None and asked.messages == messages and asked.reason is None:
+            return asked
+        return Turn(self.model.reply(messages), self.history, self.max_reply_chars, messages)
+
+    def ask(self, transcript: str) -> Turn:
+        """Ask the model about `transcript` now, as `turn` would, but leave the history as it is:
+        the user may not have finished. Pass the result to `turn` if they have; cancel it if not."""
+        _check(transcript)
+        asyncio.get_running_loop()
+        after = History(self.history.system_prompt, self.history.max_chars)
+        after.turns = [dict(t) for t in self.history.turns]
+        after.user(transcript)
+        messages = after.messages()
+        return Turn(self.model.reply(messages), self.history, self.max_reply_chars, messages)
+
+
+def _check(transcript: str) -> None:
+    if not isinstance(transcript, str) or not transcript.strip():
+        raise ValueError("a user turn needs the words the user said (the transcript is empty)")

@@ -6,8 +6,8 @@ audio into the user's turns.
 - `vad.py`: Silero's voice activity detector and the `TurnDetector` that says where a turn starts
   and stops in streamed audio;
 - `listener.py`: the `Listener`, fed 16-bit PCM chunks at any rate, emitting speech-started,
-  speech-stopped and turn events with the turn's Mimi codes (encoded as the audio arrives) and its
-  transcript.
+  speech-paused (the turn's audio so far, to transcribe early), speech-stopped and turn events
+  with the turn's Mimi codes (encoded as the audio arrives) and its transcript.
 
 This layer knows nothing of HTTP, sockets or the engine: it never imports `fastcsm.server`.
 """

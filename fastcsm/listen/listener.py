@@ -7,12 +7,22 @@ encoder frame by frame, so that when the speech stops nothing is left to encode 
 last frame. It returns events:
 
 - `SpeechStarted` when a turn begins (its start backdated to just before the speech);
+- `SpeechPaused` when the speech pauses in a turn (its padding of silence has passed), carrying
+  the turn's 16 kHz audio so far: exactly the audio of the turn if this silence ends it;
 - `SpeechStopped` when it ends (after `end_silence_ms` of silence, at the cap, or at the end of
   the stream), carrying the `Heard` turn: its 24 kHz audio, its Mimi codes, its 16 kHz audio.
 
 `transcribe(heard)` then makes the `UserTurn` (text, transcript and the same audio and codes).
 It is a separate call so that a server can run it in its recognition pool while `feed` goes on
 with the next audio; `listen` does both, in order, for tools and tests.
+
+Transcribing early: a pause is where a turn may end, and `end_silence_ms` later (500 ms by
+default) it has, or the user has gone on. A caller that transcribes a pause's audio at once
+(`SpeechPaused.audio_16k`) has the transcript ready, or under way, when the turn stops: when the
+stop's turn is the paused one (`SpeechPaused.ends(heard)`), `transcribe(heard, early=that
+transcript)` takes it instead of hearing the audio again; the text is the same, since the
+audio is. A pause the user speaks past costs one transcription that is not used (its text is
+still the turn so far: a partial transcript).
 
 Memory is bounded: a chunk holds at most `MAX_CHUNK_S` of audio, a turn at most `max_turn_s`
 (it is cut there, and says so), and between turns only the short pre-roll is kept. A listener
@@ -67,6 +77,18 @@ class Heard:
 
 
 @dataclass(frozen=True)
+class SpeechPaused:
+    start_ms: float  # the turn's start
+    end_ms: float  # where it ends if this pause ends it
+    heard_ms: float  # audio received when the pause was seen
+    audio_16k: np.ndarray  # [samples] float32: the turn's audio from start to end, what the recogniser hears
+
+    def ends(self, heard: Heard) -> bool:
+        """`heard` is the turn as it was at this pause (the pause ended it, with the same audio)."""
+        return heard.start_ms == self.start_ms and heard.end_ms == self.end_ms
+
+
+@dataclass(frozen=True)
 class SpeechStopped:
     at_ms: float  # where the turn ends in the stream
     heard_ms: float  # audio received when it was decided (at_ms + the end-of-turn silence, about)
@@ -78,10 +100,11 @@ class UserTurn:
     text: str
     transcript: Transcript | None
     heard: Heard
-    timings: dict[str, float]  # ms: tail_encode, transcribe
+    timings: dict[str, float]  # ms: tail_encode, transcribe (0 when transcribed early)
+    early: bool = False  # the transcript was made at the pause that ended the turn
 
 
-Event = SpeechStarted | SpeechStopped
+Event = SpeechStarted | SpeechPaused | SpeechStopped
 
 
 class Listener:
@@ -117,6 +140,7 @@ class Listener:
             self._encoder = MimiStreamingEncoder(codec.mimi, 1, ENCODE_CHUNK_FRAMES, codec.num_codebooks)
         self._codes: list[torch.Tensor] = []  # [n, K] pieces of the turn in progress
         self._encoded = 0  # 24 kHz samples of the turn encoded so far
+        self._paused_at: int | None = None  # the turn's end at its last `SpeechPaused`
 
     @property
     def in_turn(self) -> bool:
@@ -174,6 +198,11 @@ class Listener:
                 events.append(self._stopped(e))
         if self._start is not None:
             self._encode(self._a24.end)
+            end = self.detector.turn_end
+            if self.detector.paused and end != self._paused_at:
+                self._paused_at = end
+                events.append(SpeechPaused(_ms(self._start), _ms(end), _ms(self.detector.fed),
+                                           self._a16.get(self._start, end).copy()))
         else:  # between turns: keep only what the next turn may reach back to
             keep = max(0, self.detector.fed - self._lookback)
             self._a16.drop_before(keep)
@@ -183,7 +212,7 @@ class Listener:
     # -- turns ------------------------------------------------------------------------------------
 
     def _started(self, e: Started) -> SpeechStarted:
-        self._start, self._codes, self._encoded = e.at, [], 0
+        self._start, self._codes, self._encoded, self._paused_at = e.at, [], 0, None
         if self._encoder is not None:
             self._encoder.reset()
         return SpeechStarted(_ms(e.at), _ms(e.now))
@@ -225,24 +254,33 @@ class Listener:
 
     # -- text -------------------------------------------------------------------------------------
 
-    def transcribe(self, heard: Heard) -> UserTurn:
-        """The turn's text (empty without a transcriber)."""
+    def transcribe(self, heard: Heard, early: Transcript | None = None) -> UserTurn:
+        """The turn's text (empty without a transcriber); `early`: the transcript of the pause that
+        ended it (see the module's docstring), taken as it is."""
         if self.transcriber is None:
             return UserTurn("", None, heard, dict(heard.timings))
+        if early is not None:
+            return UserTurn(early.text, early, heard, {**heard.timings, "transcribe": 0.0}, early=True)
         t = time.perf_counter()
         transcript = self.transcriber.transcribe(heard.audio_16k, language=self.language)
         timings = {**heard.timings, "transcribe": round((time.perf_counter() - t) * 1000, 3)}
         return UserTurn(transcript.text, transcript, heard, timings)
 
 
-def listen(listener: Listener, chunks: Iterable[bytes]) -> list[SpeechStarted | SpeechStopped | UserTurn]:
-    """Every event of `chunks` (then the end of the stream), each stop followed by its `UserTurn`."""
+def listen(listener: Listener, chunks: Iterable[bytes], early: bool = False) -> list[Event | UserTurn]:
+    """Every event of `chunks` (then the end of the stream), each stop followed by its `UserTurn`;
+    with `early`, each pause is transcribed as it comes and a turn its pause ended takes that text."""
     out: list = []
+    paused: tuple[SpeechPaused, Transcript] | None = None
     for events in [*(listener.feed(c) for c in chunks), listener.finish()]:
         for e in events:
             out.append(e)
-            if isinstance(e, SpeechStopped):
-                out.append(listener.transcribe(e.heard))
+            if isinstance(e, SpeechPaused) and early and listener.transcriber is not None:
+                paused = e, listener.transcriber.transcribe(e.audio_16k, language=listener.language)
+            elif isinstance(e, SpeechStopped):
+                text = paused[1] if paused is not None and paused[0].ends(e.heard) else None
+                out.append(listener.transcribe(e.heard, early=text))
+                paused = None
     return out
 
 

@@ -137,6 +137,17 @@ class TurnDetector:
     def in_turn(self) -> bool:
         return self.start is not None
 
+    @property
+    def turn_end(self) -> int:
+        """Where the turn in progress would end if the speech stopped now: its last speech and padding."""
+        return min(self.fed, self._last_speech + self._pad)
+
+    @property
+    def paused(self) -> bool:
+        """A turn is in progress and its speech has paused past the padding: the turn's audio up to
+        `turn_end` is what it will be if this silence ends it."""
+        return self.start is not None and self.fed - self._last_speech >= self._pad
+
     def feed(self, samples: np.ndarray) -> list[Started | Stopped]:
         x = np.concatenate([self._pending, np.asarray(samples, np.float32)])
         whole = len(x) - len(x) % WINDOW

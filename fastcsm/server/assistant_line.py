@@ -7,6 +7,11 @@ piece, as soon as the model completed it, is a `speak` with `more: true`, each l
 (planning, the engine, frames, `done`, the CSM context) is the conversation's; this module only
 feeds it text and, as each piece's audio starts, tells the client its words (`assistant_text`).
 
+Asked early (`preempt`, with `preemptive_reply`): when a spoken turn's transcript is ready at the
+user's pause, before the silence has ended the turn, the model is asked at once; `answer` then
+speaks that reply if the turn ended there (the same words after the same history), and closes
+it otherwise, as it does when the user goes on (the next pause, `stop`, `reset`).
+
 Barge-in (`stop`): the model's stream is closed, the line is stopped as `interrupt` stops any,
 and the history keeps the written words the client got: those whose audio was sent, as the
 line's `done.text` counts them from word times, or those of the first `heard_ms` when the client
@@ -72,24 +77,43 @@ class AssistantLine:
         service.resolve_speaker(self.voice, self.speaker)  # an unknown voice is refused at `configure`
         self.user_speaker = config.user_speaker
         self.current: Answer | None = None
+        self.asked: Turn | None = None  # a reply asked for at the user's pause (`preempt`)
 
     async def answer(self, transcript: str) -> None:
         """Answer the user's turn (just added to the conversation): a reply in flight is stopped
         first, and its spoken rows go before the user's turn, where they were heard."""
         conv = self.conv
+        asked, self.asked = self.asked, None
         if self.current is not None:
             turns = conv.state.turns
             n = len(turns)
             await self.stop()
             if n and len(turns) == n + 1:
                 turns[-2], turns[-1] = turns[-1], turns[-2]
-        a = Answer(self.assistant.turn(transcript), time.perf_counter())
+        turn = self.assistant.turn(transcript, asked)
+        if asked is not None and asked is not turn:
+            await asked.cancel()
+        a = Answer(turn, time.perf_counter())
         a.task = asyncio.create_task(self._speak(a))
         self.current = a
+
+    async def preempt(self, transcript: str) -> None:
+        """The user paused and `transcript` is their turn so far: ask the model now (see the module
+        docstring). Not while a reply is in flight: answering the turn stops it, which changes the
+        history the model would have been asked with."""
+        await self.drop_asked()
+        if self.current is None and transcript.strip():
+            self.asked = self.assistant.ask(transcript)
+
+    async def drop_asked(self) -> None:
+        asked, self.asked = self.asked, None
+        if asked is not None:
+            await asked.cancel()
 
     async def stop(self, heard_ms: float | None = None) -> None:
         """Barge-in: close the model's stream, stop the line, keep what was heard; returns once
         the history has it (and `assistant_reply` was sent)."""
+        await self.drop_asked()
         a, self.current = self.current, None
         if a is None:
             return

@@ -22,6 +22,7 @@ End of a piece cut off mid-prefill or mid-line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import resample
 from ..listen.asr import SAMPLE_RATE as ASR_RATE, AsrBusy, AsrError
-from ..listen.listener import Heard, Listener, ListenError, SpeechStarted
+from ..listen.listener import Heard, Listener, ListenError, SpeechPaused, SpeechStarted
 from ..model.prompt import Prompt, Segment, segment_rows
 from ..speech.conversation import ContextDropped, ConversationState, Saying, VoiceUnpinned
 from ..speech.line import Line
@@ -103,6 +104,7 @@ class Conversation:
         self.pace = Pace(rate, max(1.0, rate / 5))
         self.listener: Listener | None = None  # the user's microphone stream, once configured
         self.hearing: list[asyncio.Task] = []  # turns heard, being transcribed and added, in order
+        self.paused: tuple | None = None  # the turn's last pause: (SpeechPaused, its transcript's future, a task)
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -277,6 +279,8 @@ class Conversation:
                 await self.send(P.UserSpeechStarted(at_ms=e.at_ms))
                 if self.config.barge_in:
                     await self.handle(P.Interrupt())  # exactly as `interrupt` (an assistant's reply too)
+            elif isinstance(e, SpeechPaused):
+                self.transcribe_pause(listener, e)
             else:
                 await self.send(P.UserSpeechStopped(at_ms=e.at_ms, cut=e.heard.cut))
                 await self.transcribe_turn(listener, e.heard)
@@ -289,18 +293,53 @@ class Conversation:
         if len(self.hearing) >= MAX_HEARD_TURNS:
             raise ApiError(503, f"{len(self.hearing)} of the user's turns are still being transcribed; this one "
                                 "was dropped")
-        try:
-            future = self.service.asr.submit(listener.transcribe, heard)
-        except AsrBusy as e:
-            raise ApiError(503, f"{e}; the user's turn was dropped") from None
+        paused, self.paused, made = self.paused, None, None
+        if paused is not None and paused[0].ends(heard):  # transcribed at the pause that ended it
+            future, made = paused[1], functools.partial(listener.transcribe, heard)
+        else:
+            self.drop_pause(paused)
+            try:
+                future = self.service.asr.submit(listener.transcribe, heard)
+            except AsrBusy as e:
+                raise ApiError(503, f"{e}; the user's turn was dropped") from None
         before = self.hearing[-1] if self.hearing else None
-        self.hearing.append(asyncio.create_task(self.user_turn(future, before)))
+        self.hearing.append(asyncio.create_task(self.user_turn(future, before, made)))
 
-    async def user_turn(self, future, before: asyncio.Task | None) -> None:
+    def transcribe_pause(self, listener: Listener, pause: SpeechPaused) -> None:
+        """Transcribe the turn as it is at a pause, in case the pause ends it (`transcribe_early`);
+        its text is sent as `user_transcript_partial` if it comes before the turn stops."""
+        if not self.service.settings.transcribe_early:
+            return
+        self.drop_pause(self.paused)
+        try:
+            future = self.service.asr.transcribe(pause.audio_16k, listener.language)
+        except AsrBusy:  # the turn is transcribed once it stops, as without early transcripts
+            self.paused = None
+            return
+        self.paused = (pause, future, asyncio.create_task(self.partial_transcript(future)))
+
+    @staticmethod
+    def drop_pause(paused) -> None:
+        if paused is not None:
+            paused[1].cancel()  # (not once it has begun: its text still comes as a partial transcript)
+
+    async def partial_transcript(self, future) -> None:
+        try:
+            text = (await asyncio.wrap_future(future)).text.strip()
+            if text and self.paused is not None and self.paused[1] is future:  # the turn's newest pause, going on
+                if self.assistant is not None and self.service.settings.preemptive_reply:
+                    await self.assistant.preempt(text)  # (before the event: a client that has it knows the ask is out)
+                await self.send(P.UserTranscriptPartial(text=text))
+        except Exception:  # the turn's own transcription says what failed; a closed socket hears nothing
+            pass
+
+    async def user_turn(self, future, before: asyncio.Task | None, made=None) -> None:
         try:
             if before is not None:
                 await asyncio.wait([before])
             turn = await asyncio.wrap_future(future)
+            if made is not None:  # the transcript of the pause that ended the turn
+                turn = made(turn)
             text, heard, speaker = turn.text.strip(), turn.heard, self.config.user_speaker
             if text:  # the codes encoded as the user spoke: the same rows as an add_turn with this audio
                 rows = await run_in_threadpool(self.turn_rows, Segment(speaker, text, codes=heard.codes))
@@ -310,6 +349,8 @@ class Conversation:
                                        frames=frames, cut=heard.cut, added=bool(text)))
             if text:
                 await self.on_user_turn(text)
+            elif self.assistant is not None:
+                await self.assistant.drop_asked()  # a reply asked at a pause of a turn with no words
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -334,6 +375,8 @@ class Conversation:
         for task in self.hearing:
             task.cancel()
         self.hearing = []
+        self.drop_pause(self.paused)
+        self.paused = None
 
     async def speak(self, m: P.Speak) -> None:
         svc = self.service

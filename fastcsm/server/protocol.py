@@ -72,16 +72,15 @@ the client's microphone: see Listening below). After the server's
 (a message of another `type` gets an `error` event that names these) and receives
 `ServerMessage`s: `ready`, `configured`, `turn_added`, `started`, `first_audio`, `done`,
 `context_dropped`, `voice_unpinned`, `error`, `word`, `user_speech_started`, `user_speech_stopped`,
-`user_turn`, `assistant_text` and `assistant_reply` (assistant mode, below); between `started` and
-`done` come binary
-messages, one per 80 ms frame (1920 samples), raw PCM in the configured format (`pcm_s16le` by
-default, or `pcm_f32le`). With `timestamps: true` in the `speak`, each written word of the line
-(as written, not its spoken form) comes as a `word` event, `{"type": "word", "utterance": 0,
-"word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds into the line's audio), once its piece
-has ended: after every binary message holding its audio, before `done`. An interrupted line's
-`done.text` holds the written words the client received audio of (those of its `word` events,
-and the words of the cut piece whose audio had begun, placed at the line's speaking rate),
-timestamps or not; only those words join the conversation.
+`user_transcript_partial`, `user_turn`, `assistant_text` and `assistant_reply` (assistant mode,
+below); between `started` and `done` come binary messages, one per 80 ms frame (1920 samples), raw
+PCM in the configured format (`pcm_s16le` by default, or `pcm_f32le`). With `timestamps: true` in
+the `speak`, each written word of the line (as written, not its spoken form) comes as a `word`
+event, `{"type": "word", "utterance": 0, "word": "10:30pm,", "start": 1.2, "end": 1.75}` (seconds
+into the line's audio), once its piece has ended: after every binary message holding its audio,
+before `done`. An interrupted line's `done.text` holds the written words the client received audio
+of (those of its `word` events, and the words of the cut piece whose audio had begun, placed at the
+line's speaking rate), timestamps or not; only those words join the conversation.
 After `interrupt`, no binary message of that utterance follows the `done` (reason `interrupted`).
 A socket that closes ends its utterance the same way (its slot is freed before the next frame
 step). The spoken line (with the audio generated for it, cut where it was
@@ -136,6 +135,16 @@ and its transcript) has joined the conversation as `user_speaker` (default 1), e
 `add_turn` with that audio and text would, so the next line hears the user's voice. A turn in
 which nothing was recognised is reported (`added: false`) and not added. With `barge_in` (on by
 default) the user starting to speak interrupts the line in flight exactly as `interrupt` does.
+A turn is transcribed early: when the user pauses (the turn's padding of silence has passed), the
+turn so far is transcribed at once, so that if the pause ends the turn its transcript is ready,
+or under way, when `user_speech_stopped` comes (the same text as transcribing it then, since the
+audio is the same; `--no-transcribe-early` turns this off). Each such transcript that is ready
+before the turn stops comes as `user_transcript_partial {text}`: the turn so far, a live
+transcript (the user may go on; the `user_turn` has the final text, the same when that pause
+ended the turn). In assistant mode with `--preemptive-reply`, the model is asked as soon as such a
+transcript is ready, before the silence has ended the turn: if the pause ends it, that reply is
+the answer (sooner by what of the model's time the silence covered); if the user goes on, the
+request is closed.
 Audio before such a `configure`, a rate outside 8-48 kHz, an odd byte count, a chunk over 5 s,
 audio more than 2 s ahead of real time, or more than 4 turns waiting for their transcript are
 each an `error` event; the chunk is dropped and the session goes on. `reset` and `configure` drop
@@ -556,6 +565,13 @@ class UserSpeechStopped(BaseModel):
                                          "after it starts the next turn)")
 
 
+class UserTranscriptPartial(BaseModel):
+    """The user's turn so far, transcribed at a pause before the turn stopped (it may go on)."""
+
+    type: Literal["user_transcript_partial"] = "user_transcript_partial"
+    text: str = Field(description="the recogniser's text of the turn up to the pause")
+
+
 class UserTurn(BaseModel):
     """A turn heard from the input audio, transcribed; with text it has joined the conversation
     (a `turn_added` came just before), with none (nothing recognised) it has not."""
@@ -661,7 +677,9 @@ class AssistantReply(BaseModel):
                     "failed (an `error` event said why)")
     text: str = Field(description="what the model will see of this reply: the pieces heard, and of an interrupted "
                                   "piece the words its frames cover, then a dash")
-    first_token_ms: float | None = Field(description="from the user turn to the model's first token")
+    first_token_ms: float | None = Field(description="from the user turn to the model's first token (negative when "
+                                                     "the reply was asked at the user's pause, preemptive_reply, "
+                                                     "and began before the turn ended)")
     first_piece_ms: float | None = Field(description="from the user turn to the first piece complete")
     first_audio_ms: float | None = Field(description="from the user turn to the reply's first frame leaving the server")
 
@@ -683,6 +701,7 @@ class ErrorEvent(BaseModel):
 
 ServerMessage = Annotated[
     ReadyEvent | ConfiguredEvent | TurnAdded | Started | FirstAudio | Done | ContextDropped | VoiceUnpinned
-    | ErrorEvent | WordEvent | UserSpeechStarted | UserSpeechStopped | UserTurn | AssistantText | AssistantReply,
+    | ErrorEvent | WordEvent | UserSpeechStarted | UserSpeechStopped | UserTranscriptPartial | UserTurn | AssistantText
+    | AssistantReply,
     Field(discriminator="type"),
 ]

@@ -175,6 +175,10 @@ class Settings(Table):
                                    at_most=END_SILENCE_MS[1])
     max_turn_s: float = setting(TurnConfig.max_turn_s, "longest spoken turn of a user; a longer one is cut there",
                                 "speech recognition", metavar="S", at_least=MAX_TURN_S[0], at_most=MAX_TURN_S[1])
+    transcribe_early: bool = setting(True, "transcribe a spoken turn as soon as the user pauses, so its transcript "
+                                           "is ready or under way when the pause ends the turn (the cost: one "
+                                           "transcription more for each pause the user speaks past)",
+                                     "speech recognition")
     voices_dir: str | None = setting(None, "where voices live (default: ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
     voice_map: str | None = setting(None, "what OpenAI's voice names stand for: name=target entries, e.g. "
@@ -196,6 +200,10 @@ class Settings(Table):
                                          "else the turn ends with an error", "assistant", metavar="S", at_least=0.1)
     max_reply_chars: int = setting(1000, "a spoken reply ends at the first sentence end after N characters",
                                    "assistant", metavar="N", at_least=1)
+    preemptive_reply: bool = setting(False, "ask the model as soon as a spoken turn's transcript is ready at the "
+                                            "user's pause, before the silence has ended the turn; the reply is "
+                                            "spoken if the pause ends it, dropped if the user goes on (the cost: "
+                                            "a model request for each pause spoken past)", "assistant")
 
     def __post_init__(self):
         """Every check of the table, then those between settings: a `ValueError` naming the setting,

@@ -568,6 +568,12 @@
         case "user_speech_stopped":
           setTalkState("transcribing…");
           break;
+        case "user_transcript_partial": {
+          // The turn so far, transcribed at a pause: shown until the turn's final text comes.
+          const li = this.hearing[this.hearing.length - 1];
+          if (li) li.lastChild.textContent = `${msg.text}…`;
+          break;
+        }
         case "user_turn": {
           (stats.conversation.userTurns = stats.conversation.userTurns || []).push(msg);
           const li = this.hearing.shift();
@@ -629,6 +635,7 @@
           break;
         case "user_speech_started":
         case "user_speech_stopped":
+        case "user_transcript_partial":
         case "user_turn":
           this.heard(msg);
           break;
