@@ -23,6 +23,11 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   it lasts, /healthz latency p99 / max and the longest gap in another client's speech stream,
   beside the same watch without the attack.
 
+Another client's stream is watched from processes of its own, two ways: the longest gap between
+its chunks (`other_stream_max_gap_ms`), and the most a chunk came after its time for a listener
+who plays the audio from the first chunk on (`other_stream_max_late_ms`: what that listener would
+hear as a stall; 0 while the server stays ahead of playback).
+
     python benchmarks/bench_attacks.py [CASE ...]
 
 Prints one JSON object on the last line of stdout.
@@ -143,6 +148,7 @@ class Watch:
         self.procs = [ctx.Process(target=watch, args=(kind, url, self.done, self.out)) for kind in ("poll", "listen")]
         self.healthz: list[float] = []
         self.gaps: list[float] = []
+        self.late: list[float] = []
 
     def __enter__(self) -> Watch:
         for p in self.procs:
@@ -154,22 +160,24 @@ class Watch:
     def __exit__(self, *exc) -> None:
         self.done.set()
         for _ in self.procs:
-            kind, values = self.out.get(timeout=120)
-            setattr(self, kind, values)
+            for name, values in self.out.get(timeout=120).items():
+                setattr(self, name, values)
         for p in self.procs:
             p.join()
 
     def report(self) -> dict:
         return {"healthz_polls": len(self.healthz), "healthz_p99_ms": pct(self.healthz, 99),
                 "healthz_max_ms": pct(self.healthz, 100), "other_stream_chunks": len(self.gaps) + 1,
-                "other_stream_max_gap_ms": pct(self.gaps, 100) if self.gaps else None}
+                "other_stream_max_gap_ms": pct(self.gaps, 100) if self.gaps else None,
+                "other_stream_max_late_ms": pct(self.late, 100) if self.late else None}
 
 
 def watch(kind: str, url: str, done, out) -> None:
     """One watcher of `Watch`, in its own process: `poll` times /healthz, `listen` notes the gaps
-    between the chunks of another client's speech stream. Says "watching" once its first answer
-    came, then, once `done`, ("healthz" | "gaps", ms)."""
-    values: list[float] = []
+    between the chunks of another client's speech stream, and how late each chunk came for a
+    listener who plays the audio from its first chunk on (0 while it came ahead of its time). Says
+    "watching" once its first answer came, then, once `done`, (name, ms) for each of its lists."""
+    found: dict[str, list[float]] = {"healthz": []} if kind == "poll" else {"gaps": [], "late": []}
     body = {"input": "Another client is listening to this line.", "voice": "1", "response_format": "pcm",
             "max_audio_length_ms": 4000}
     told = False
@@ -178,23 +186,26 @@ def watch(kind: str, url: str, done, out) -> None:
             if kind == "poll":
                 t0 = time.perf_counter()
                 http.get(url + "/healthz")
-                values.append((time.perf_counter() - t0) * 1000)
+                found["healthz"].append((time.perf_counter() - t0) * 1000)
                 time.sleep(0.005)
             else:
                 with http.stream("POST", url + "/v1/audio/speech", json=body) as r:
-                    last = None
-                    for _ in r.iter_raw():
+                    first = last = None
+                    played = 0.0  # seconds of audio before this chunk
+                    for chunk in r.iter_raw():
                         now = time.perf_counter()
                         if last is not None:
-                            values.append((now - last) * 1000)
-                        last = now
+                            found["gaps"].append((now - last) * 1000)
+                            found["late"].append(max(0.0, now - first - played) * 1000)
+                        first, last = first or now, now
+                        played += len(chunk) / (2 * 24_000)  # 16-bit mono PCM at 24 kHz
                         if not told:
                             out.put("watching")
                             told = True
             if not told:
                 out.put("watching")
                 told = True
-    out.put(("healthz" if kind == "poll" else "gaps", values))
+    out.put(found)
 
 
 def server_sockets(url: str) -> int:
