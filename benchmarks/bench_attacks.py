@@ -23,16 +23,23 @@ Starts `fastcsm serve` (the tiny random checkpoint, one torch thread) on loopbac
   it lasts, /healthz latency p99 / max and the longest gap in another client's speech stream,
   beside the same watch without the attack.
 
-    python benchmarks/bench_attacks.py
+Another client's stream is watched from processes of its own, two ways: the longest gap between
+its chunks (`other_stream_max_gap_ms`), and the most a chunk came after its time for a listener
+who plays the audio from the first chunk on (`other_stream_max_late_ms`: what that listener would
+hear as a stall; 0 while the server stays ahead of playback).
+
+    python benchmarks/bench_attacks.py [CASE ...]
 
 Prints one JSON object on the last line of stdout.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -131,49 +138,74 @@ def burst(url: str) -> dict:
 
 class Watch:
     """While an attack runs: /healthz polled, and another client's speech streamed again and again,
-    the gaps between its chunks noted."""
+    the gaps between its chunks noted. Each watcher is a process of its own, as another client
+    is: in the attacker's process it would share the attacker's GIL, and its gaps would be the
+    attacker's threads taking turns, not the server's."""
 
     def __init__(self, url: str):
-        self.url, self.done = url, threading.Event()
+        ctx = multiprocessing.get_context("spawn")  # the attacker's threads are not forked
+        self.done, self.out = ctx.Event(), ctx.Queue()
+        self.procs = [ctx.Process(target=watch, args=(kind, url, self.done, self.out)) for kind in ("poll", "listen")]
         self.healthz: list[float] = []
         self.gaps: list[float] = []
-        self.threads = [threading.Thread(target=self.poll), threading.Thread(target=self.listen)]
+        self.late: list[float] = []
 
     def __enter__(self) -> Watch:
-        for t in self.threads:
-            t.start()
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:  # each has made its first request: the watch is on
+            assert self.out.get(timeout=120) == "watching"
         return self
 
     def __exit__(self, *exc) -> None:
         self.done.set()
-        for t in self.threads:
-            t.join()
-
-    def poll(self) -> None:
-        with httpx.Client(timeout=60) as http:
-            while not self.done.is_set():
-                t0 = time.perf_counter()
-                http.get(self.url + "/healthz")
-                self.healthz.append((time.perf_counter() - t0) * 1000)
-                time.sleep(0.005)
-
-    def listen(self) -> None:
-        body = {"input": "Another client is listening to this line.", "voice": "1", "response_format": "pcm",
-                "max_audio_length_ms": 4000}
-        with httpx.Client(timeout=60) as http:
-            while not self.done.is_set():
-                with http.stream("POST", self.url + "/v1/audio/speech", json=body) as r:
-                    last = None
-                    for _ in r.iter_raw():
-                        now = time.perf_counter()
-                        if last is not None:
-                            self.gaps.append((now - last) * 1000)
-                        last = now
+        for _ in self.procs:
+            for name, values in self.out.get(timeout=120).items():
+                setattr(self, name, values)
+        for p in self.procs:
+            p.join()
 
     def report(self) -> dict:
         return {"healthz_polls": len(self.healthz), "healthz_p99_ms": pct(self.healthz, 99),
                 "healthz_max_ms": pct(self.healthz, 100), "other_stream_chunks": len(self.gaps) + 1,
-                "other_stream_max_gap_ms": pct(self.gaps, 100) if self.gaps else None}
+                "other_stream_max_gap_ms": pct(self.gaps, 100) if self.gaps else None,
+                "other_stream_max_late_ms": pct(self.late, 100) if self.late else None}
+
+
+def watch(kind: str, url: str, done, out) -> None:
+    """One watcher of `Watch`, in its own process: `poll` times /healthz, `listen` notes the gaps
+    between the chunks of another client's speech stream, and how late each chunk came for a
+    listener who plays the audio from its first chunk on (0 while it came ahead of its time). Says
+    "watching" once its first answer came, then, once `done`, (name, ms) for each of its lists."""
+    found: dict[str, list[float]] = {"healthz": []} if kind == "poll" else {"gaps": [], "late": []}
+    body = {"input": "Another client is listening to this line.", "voice": "1", "response_format": "pcm",
+            "max_audio_length_ms": 4000}
+    told = False
+    with httpx.Client(timeout=60) as http:
+        while not done.is_set():
+            if kind == "poll":
+                t0 = time.perf_counter()
+                http.get(url + "/healthz")
+                found["healthz"].append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.005)
+            else:
+                with http.stream("POST", url + "/v1/audio/speech", json=body) as r:
+                    first = last = None
+                    played = 0.0  # seconds of audio before this chunk
+                    for chunk in r.iter_raw():
+                        now = time.perf_counter()
+                        if last is not None:
+                            found["gaps"].append((now - last) * 1000)
+                            found["late"].append(max(0.0, now - first - played) * 1000)
+                        first, last = first or now, now
+                        played += len(chunk) / (2 * 24_000)  # 16-bit mono PCM at 24 kHz
+                        if not told:
+                            out.put("watching")
+                            told = True
+            if not told:
+                out.put("watching")
+                told = True
+    out.put(found)
 
 
 def server_sockets(url: str) -> int:
@@ -313,13 +345,21 @@ def append_text_flood(url: str, fragments: int = 6000) -> dict:
     return {"fragments": fragments, "done_ms": round(took, 1), **watch.report(), "without_attack": quiet.report()}
 
 
+CASES = {"big_body": big_body, "burst": burst, "wyoming_leak": wyoming_leak, "rebinding": rebinding,
+         "append_text_flood": append_text_flood}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="*", metavar="CASE",
+                        help=f"the cases to run (default: all, in this order): {', '.join(CASES)}")
+    cases = parser.parse_args().cases or list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"no case {unknown[0]!r}; the cases are {', '.join(CASES)}")
     proc, url = start()
     try:
-        result = {"big_body": big_body(url), "burst": burst(url)}
-        result["wyoming_leak"] = wyoming_leak(url)
-        result["rebinding"] = rebinding(url)
-        result["append_text_flood"] = append_text_flood(url)
+        result = {case: CASES[case](url) for case in CASES if case in cases}
     finally:
         stop(proc)
     print(json.dumps(result))

@@ -233,6 +233,17 @@ def test_client_disconnect_frees_its_slot_while_others_continue(server):
     assert server.metrics()["fastcsm_active_streams"] == 0
 
 
+def test_a_serving_process_hands_the_gil_to_the_engine_within_its_switch_interval(server):
+    """The scheduler's thread takes the GIL back after every torch call; with Python's 5 ms switch
+    interval a busy event loop kept it that long each time, and every stream stalled."""
+    import sys
+
+    from fastcsm import threads
+
+    assert threads.SWITCH_INTERVAL_S < 0.005
+    assert sys.getswitchinterval() == pytest.approx(threads.SWITCH_INTERVAL_S)
+
+
 # -- bad input: clear 4xx, and nobody else notices -------------------------------------------------
 
 def test_bad_requests_get_clear_4xx_while_streams_continue(server):

@@ -140,7 +140,9 @@ class Service:
 
     def load(self, generator=None, runner=None) -> None:
         """Load the model (or take `generator`), build the engine (over `runner`, if given) and
-        start the scheduler."""
+        start the scheduler, whose thread shares the GIL with the event loop (`threads.share_gil`)."""
+        from .. import threads
+
         s = self.settings
         self.load_asr()
         try:
@@ -150,6 +152,7 @@ class Service:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
         self.generator, self.loading = gen, None
+        threads.share_gil()
         self.scheduler = Scheduler(engine, max_queue=s.max_queue, timeout_s=s.request_timeout_s)
         log.info("fastcsm: %s loaded on %s, %d slots", s.model, gen.device, s.slots)
 
