@@ -39,6 +39,7 @@ from ..listen.listener import Heard, Listener, ListenError, SpeechPaused, Speech
 from ..model.prompt import Prompt, Segment, segment_rows
 from ..speech.conversation import ContextDropped, ConversationState, Saying, VoiceUnpinned
 from ..speech.line import Line
+from ..speech.voices import is_speaker_id
 from . import protocol as P
 from .assistant_line import AssistantLine
 from .audio_out import to_int16
@@ -387,7 +388,7 @@ class Conversation:
         text = m.text if m.more else svc.check_input(m.text, "text")
         self.check_length(len(text))
         voice, pin = None, None
-        if m.voice is not None and not (m.voice.isascii() and m.voice.isdigit()):
+        if m.voice is not None and not is_speaker_id(m.voice):
             # A voice not pinned yet joins the head of the conversation once the line is heard (the
             # next prefill is whole); a name of the voice map that stands for a bare speaker id has
             # nothing to pin.

@@ -27,7 +27,16 @@ from ..speech.line import Line
 from ..speech.normalize import NORMALIZE_BY_DEFAULT
 from ..speech.planner import PlannedPiece, requested_frames
 from ..speech.speech import SpeakOptions
-from ..speech.voices import Voice, VoiceError, VoiceExists, VoiceNotFound, VoiceStore, check_name, check_new_name
+from ..speech.voices import (
+    Voice,
+    VoiceError,
+    VoiceExists,
+    VoiceNotFound,
+    VoiceStore,
+    check_name,
+    check_new_name,
+    is_speaker_id,
+)
 from ..speech.watermark import resolve_watermark
 from .protocol import MAX_SPEAKER, SpeechRequest, VoiceAlias, VoiceInfo, VoiceRef
 from .scheduler import Scheduler, Stream, WatermarkedStream
@@ -407,7 +416,7 @@ class Service:
         name = voice.id if isinstance(voice, VoiceRef) else voice
         if name is None:
             return (speaker or 0), None
-        if name.isascii() and name.isdigit():
+        if is_speaker_id(name):
             if len(name.lstrip("0")) > 7 or int(name) > MAX_SPEAKER:  # (length first: int() of 10**6 digits)
                 raise ApiError(400, f"speaker id {name} is above {MAX_SPEAKER}", param="voice")
             return (int(name) if speaker is None else speaker), None

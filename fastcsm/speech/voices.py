@@ -189,11 +189,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def is_speaker_id(name: str) -> bool:
+    """Whether a voice as given (`"0"`, `"007"`) is a bare speaker id, read before any voice name."""
+    return name.isascii() and name.isdigit()
+
+
 def check_new_name(name: str) -> str:
     """A name to save a voice under: `check_name`'s rules, and not digits alone, which a
     request reads as a speaker id before any voice name (so "007" would never be this voice)."""
     check_name(name)
-    if name.isdigit():
+    if is_speaker_id(name):
         raise VoiceError(f"invalid voice name {name!r}: digits alone already mean that speaker id; "
                          "give the voice a name with a letter in it")
     return name
