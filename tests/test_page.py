@@ -628,6 +628,7 @@ def test_talk_mode_with_the_model_answering_shows_and_plays_its_reply(playwright
         assert page.console.errors == []
 
 
+@pytest.mark.slow  # a Chromium and a server of its own, ~20 s; CI runs it
 def test_talk_mode_speaking_over_the_reply_interrupts_it(playwright, tmp_path_factory):
     """Barge-in in Chromium: the fake microphone's sentence comes round again (the file loops) while
     the model's long reply plays; the page stops its audio and the server cuts the reply."""
@@ -644,6 +645,7 @@ def test_talk_mode_speaking_over_the_reply_interrupts_it(playwright, tmp_path_fa
         assert page.console.errors == []
 
 
+@pytest.mark.slow  # a Chromium and a server of its own, ~20 s; CI runs it
 def test_talk_mode_with_the_model_answering_on_a_server_without_one_says_why(playwright, tmp_path_factory):
     """"The model answers" on a server without --llm-url: the server's refusal of the configure is
     shown, and the microphone stops."""
