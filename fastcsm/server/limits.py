@@ -10,6 +10,10 @@ deadlines, API keys kept out of logs, and the uvicorn settings against slow clie
   state-changing requests and WebSocket handshakes whose `Origin` is present and not allowed get
   403 (allowed: the server's own page, by one of its names, loopback pages, and
   `--cors-origin`); `?api_key=` is taken out of the query string before anything logs it.
+  Refused requests (a 4xx other than 408, 409 and 429; a refused handshake) are answered at
+  `max_refusals_per_s` per client address after a burst (`Refusals`): the rest wait, unanswered,
+  so that one client's flood of bad requests, each cheap, cannot keep the engine's thread from
+  the GIL; a client that is refused nothing is never slowed.
 - `uvicorn_config`: h11 with a deadline for a request's head (`header_timeout_s`), the keep-alive
   timeout and the connection cap (`max_connections`).
 - `RedactKeys`: a logging filter that masks every configured key in any record, as a last line.
@@ -22,6 +26,7 @@ import logging
 import re
 import socket
 import time
+from collections import OrderedDict
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi.responses import JSONResponse
@@ -162,10 +167,12 @@ class Guard:
         self.body_timeout_s = settings.body_timeout_s
         self.origins = list(settings.cors_origins)
         self.hosts = HostNames(settings)
+        self.refusals = Refusals(settings.max_refusals_per_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        send = self.refusals.paced(scope, send)
         _take_key_from_query(scope)
         headers = dict(scope.get("headers") or [])
         host = headers[b"host"].decode("latin-1") if b"host" in headers else None
@@ -226,6 +233,47 @@ class Guard:
             pass
         if refused is not None and not started:
             await error_response(refused.status, refused.message, close=True)(scope, receive, send)
+
+
+REFUSED = frozenset(range(400, 500)) - {408, 409, 429}  # (timeouts, conflicts and "slow down" are no abuse)
+
+
+class Refusals:
+    """Per client address, a token bucket for refused requests: `rate` a second after a burst of
+    a fifth of a second's. A refusal past it waits for its answer until a token is free (waits queue up, so
+    a client's refusals are answered at `rate` however many connections it opens); nothing else
+    is ever delayed. At most `max_clients` addresses are remembered, the longest unseen dropped."""
+
+    def __init__(self, rate: float, clock=time.monotonic, sleep=asyncio.sleep, max_clients: int = 4096):
+        self.rate, self.burst = rate, max(1.0, rate / 5)
+        self.clock, self.sleep, self.max_clients = clock, sleep, max_clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, when)
+
+    async def wait(self, client: str) -> None:
+        now = self.clock()
+        tokens, last = self.buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate) - 1
+        self.buckets[client] = (tokens, now)
+        if len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        if tokens < 0:
+            await self.sleep(-tokens / self.rate)
+
+    def paced(self, scope, send):
+        """`send`, holding back the answer of a refused request (or handshake) as `wait` says."""
+        client = (scope.get("client") or ("?",))[0]
+        accepted = False  # a WebSocket closed after its handshake was not refused
+
+        async def paced_send(message):
+            nonlocal accepted
+            kind = message["type"]
+            accepted = accepted or kind == "websocket.accept"
+            if (kind == "http.response.start" and message["status"] in REFUSED) or \
+                    (kind == "websocket.close" and not accepted) or kind == "websocket.http.response.start":
+                await self.wait(client)
+            await send(message)
+
+        return paced_send
 
 
 async def _refuse(scope, receive, send, status: int, message: str) -> None:
