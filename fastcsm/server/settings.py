@@ -162,7 +162,8 @@ class Settings(Table):
     max_refusals_per_s: int = setting(100, "refused requests (4xx: a wrong Host, key, route or body) one client "
                                            "address is answered a second, after a burst of a fifth of a second's; "
                                            "the rest wait for their answer, so a flood of bad requests cannot "
-                                           "take the CPU from other streams", "security and limits", metavar="N", at_least=1)
+                                           "take the CPU from other streams", "security and limits",
+                                      metavar="N", at_least=1)
     lexicon: str | None = setting(None, "pronunciation lexicon: a file of word<TAB>respelling lines, or a .json "
                                         "object of word -> respelling (see README, \"Saying the text right\")",
                                   "speech", metavar="FILE")
