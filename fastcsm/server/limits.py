@@ -247,17 +247,16 @@ class Refusals:
     def __init__(self, rate: float, clock=time.monotonic, sleep=asyncio.sleep, max_clients: int = 4096):
         self.rate, self.burst = rate, max(1.0, rate / 5)
         self.clock, self.sleep, self.max_clients = clock, sleep, max_clients
-        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, when)
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # by address, the longest unseen first
 
     async def wait(self, client: str) -> None:
         now = self.clock()
-        tokens, last = self.buckets.pop(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate) - 1
-        self.buckets[client] = (tokens, now)
+        bucket = self.buckets.pop(client, None) or TokenBucket(self.rate, self.burst, now)
+        self.buckets[client] = bucket
         if len(self.buckets) > self.max_clients:
             self.buckets.popitem(last=False)
-        if tokens < 0:
-            await self.sleep(-tokens / self.rate)
+        if (delay := bucket.take(now)) > 0:
+            await self.sleep(delay)
 
     def paced(self, scope, send):
         """`send`, holding back the answer of a refused request (or handshake) as `wait` says."""
@@ -394,6 +393,21 @@ def uvicorn_config(app, settings: Settings, **overrides):
     return uvicorn.Config(app, **options)
 
 
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` held. `take(now)` spends one and says how long to
+    wait for it: 0 while the bucket holds one; past that the token is spent before it is there, so
+    the waits of callers that come together queue up instead of all ending at once."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.last = burst, now
+
+    def take(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate) - 1
+        self.last = now
+        return max(0.0, -self.tokens / self.rate)
+
+
 class Pace:
     """A token bucket for one client's messages: `rate` a second, `burst` at once. `wait()` returns
     at once while the bucket holds a token, else sleeps until it does. Handling a cheap message
@@ -402,16 +416,7 @@ class Pace:
     injected by tests)."""
 
     def __init__(self, rate: float, burst: float, clock=time.monotonic, sleep=asyncio.sleep):
-        self.rate, self.burst, self.clock, self.sleep = rate, burst, clock, sleep
-        self.tokens, self.last = burst, clock()
+        self.bucket, self.clock, self.sleep = TokenBucket(rate, burst, clock()), clock, sleep
 
     async def wait(self) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1:
-            await self.sleep((1 - self.tokens) / self.rate)
-            self.tokens, self.last = 1.0, self.clock()
-        else:
-            await self.sleep(0)  # a turn for every other task, even within the burst
-        self.tokens -= 1
+        await self.sleep(self.bucket.take(self.clock()))  # (0: a turn for every other task, even within the burst)
