@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,15 @@ from .words import LineWords, word_events
 
 log = logging.getLogger("fastcsm")
 _CLIENT = TypeAdapter(P.ClientMessage)
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The turn's last pause, transcribed in case it ends the turn (`transcribe_early`)."""
+
+    event: SpeechPaused
+    transcript: Future  # of its Transcript, on the recogniser's thread
+    partial: asyncio.Task  # sends the text as `user_transcript_partial`
 
 
 @dataclass
@@ -105,7 +115,7 @@ class Conversation:
         self.pace = Pace(rate, max(1.0, rate / 5))
         self.listener: Listener | None = None  # the user's microphone stream, once configured
         self.hearing: list[asyncio.Task] = []  # turns heard, being transcribed and added, in order
-        self.paused: tuple | None = None  # the turn's last pause: (SpeechPaused, its transcript's future, a task)
+        self.paused: Pause | None = None
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -295,8 +305,8 @@ class Conversation:
             raise ApiError(503, f"{len(self.hearing)} of the user's turns are still being transcribed; this one "
                                 "was dropped")
         paused, self.paused, made = self.paused, None, None
-        if paused is not None and paused[0].ends(heard):  # transcribed at the pause that ended it
-            future, made = paused[1], functools.partial(listener.transcribe, heard)
+        if paused is not None and paused.event.ends(heard):  # transcribed at the pause that ended it
+            future, made = paused.transcript, functools.partial(listener.transcribe, heard)
         else:
             self.drop_pause(paused)
             try:
@@ -317,17 +327,18 @@ class Conversation:
         except AsrBusy:  # the turn is transcribed once it stops, as without early transcripts
             self.paused = None
             return
-        self.paused = (pause, future, asyncio.create_task(self.partial_transcript(future)))
+        self.paused = Pause(pause, future, asyncio.create_task(self.partial_transcript(future)))
 
     @staticmethod
-    def drop_pause(paused) -> None:
+    def drop_pause(paused: Pause | None) -> None:
         if paused is not None:
-            paused[1].cancel()  # (not once it has begun: its text still comes as a partial transcript)
+            paused.transcript.cancel()  # (not once it has begun: its text still comes as a partial transcript)
 
     async def partial_transcript(self, future) -> None:
         try:
             text = (await asyncio.wrap_future(future)).text.strip()
-            if text and self.paused is not None and self.paused[1] is future:  # the turn's newest pause, going on
+            newest = self.paused is not None and self.paused.transcript is future  # the turn's pause, going on
+            if text and newest:
                 if self.assistant is not None and self.service.settings.preemptive_reply:
                     await self.assistant.preempt(text)  # (before the event: a client that has it knows the ask is out)
                 await self.send(P.UserTranscriptPartial(text=text))
