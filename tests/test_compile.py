@@ -5,6 +5,7 @@ warm-up says what it is doing. Inductor compiles are `slow` (minutes on a busy 2
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -57,13 +58,14 @@ def frames_compiled(model, slots, scripted=False) -> tuple[int, Engine]:
 def scripted_step(model, mimi, state, cache, decoder_cache, decoder_tables, codec_state, pcm, path):
     """A step that reads and writes per-row tensors of every kind the real one does."""
     state.codes.add_(state.pos[:, None] + (path.candidates or 0))
-    cache.kv.mul_(1)
-    decoder_cache.kv.mul_(1)
+    for t in cache.layers + decoder_cache.layers:
+        t.mul_(1)
 
 
 def scripted_prefill(model, tokens, mask, start, cache):
     """A prefill with prefill's inputs and output: the rows' count as every row's hidden state."""
-    cache.kv.mul_(1)
+    for t in cache.layers:
+        t.mul_(1)
     return (tokens * mask).sum(dim=(1, 2))[:, None].float().expand(-1, model.cfg.backbone.dim)
 
 
@@ -214,3 +216,50 @@ def test_readyz_says_what_start_up_is_doing():
                                                  "loading": "loading the model"}
     app.state.service.loading = str(Progress(2, 8, "step batch 2 top-64", 31.0))  # as a warm-up reports it
     assert client.get("/readyz").json()["loading"] == "building step batch 2 top-64 (3/8, 31 s so far)"
+
+
+def _loop_lengths(code: str) -> list[int]:
+    """The fixed trip counts of the loops in inductor's generated C++."""
+    return [int(n) for n in re.findall(r"<static_cast<int64_t>\((\d+)L\);", code)]
+
+
+@pytest.mark.slow
+def test_compiled_stacks_write_their_caches_in_place():
+    """Every layer's KV cache (and each of Mimi's rings) is a graph input of its own, written by an
+    indexed write, which inductor does in place. Written into a view of one stacked buffer, or
+    with a `scatter_`, the compiled code copied each layer's whole cache every frame; now no
+    kernel runs over as much as one head's keys."""
+    import dataclasses
+
+    from torch._inductor.utils import run_and_get_code
+
+    from fastcsm.codec.mimi import Mimi, mimi_preset
+
+    def compiled(fn, *args):
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            got, code = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
+        return got, max(_loop_lengths("\n".join(code)))
+
+    model, T, pos = tiny_model(), 1024, torch.tensor([[7]])
+    c = model.cfg.backbone
+    x = torch.randn(1, 1, c.dim)
+    cache, ref = model.backbone_cache(1, T), model.backbone_cache(1, T)
+    with torch.inference_mode():
+        want = model.backbone(x, pos, ref)
+    got, longest = compiled(model.backbone, x, pos, cache)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(cache.layers, ref.layers, strict=True):
+        torch.testing.assert_close(a, b)  # written in place, as eager writes them
+    assert longest < T * c.head_dim
+
+    mimi = Mimi(dataclasses.replace(mimi_preset("tiny"), sliding_window=512)).eval().requires_grad_(False)
+    stack, h = mimi.decoder_transformer, torch.randn(1, 1, mimi.config.dim)
+    state, ref = (stack.init_state(1, 1, "cpu", torch.float32) for _ in range(2))
+    with torch.inference_mode():
+        want = stack(h, ref)
+    got, longest = compiled(stack, h, state)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(state.layers, ref.layers, strict=True):
+        torch.testing.assert_close((a.k, a.v), (b.k, b.v))
+    assert longest < state.capacity * mimi.config.head_dim

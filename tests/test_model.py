@@ -235,7 +235,7 @@ def test_one_rope_pass_turns_q_and_k_and_writes_keys_and_values_exactly():
     cache = KVCache.allocate(c, B, T)
     t = stack.tables(pos, T, x.dtype)
     with torch.no_grad():
-        attn(x, t.cos, t.sin, t.index, t.mask, cache.kv[0])
+        attn(x, t, cache.layers[0])
         q, k, v = (p.view(B, S, -1, c.head_dim).transpose(1, 2)
                    for p in attn.qkv_proj(x).split(list(attn.fused["qkv_proj"].values()), dim=-1))
     H, G = c.num_heads, c.num_kv_heads
@@ -244,8 +244,8 @@ def test_one_rope_pass_turns_q_and_k_and_writes_keys_and_values_exactly():
     assert torch.equal(t.sin[:, H + G:], torch.zeros_like(t.sin[:, H + G:]))
     for b in range(B):
         at = pos[b]
-        assert torch.equal(cache.v[0, b][:, at], v[b])
-        assert torch.equal(cache.k[0, b][:, at], rope(k, cos, sin)[b])
+        assert torch.equal(cache.layers[0][b, G:][:, at], v[b])
+        assert torch.equal(cache.layers[0][b, :G][:, at], rope(k, cos, sin)[b])
     untouched = torch.ones(T, dtype=torch.bool)
     untouched[pos[0]] = False
-    assert not cache.kv[0, 0][:, untouched].any()
+    assert not cache.layers[0][0][:, untouched].any()

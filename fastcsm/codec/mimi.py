@@ -519,15 +519,17 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(c.dim, 3 * c.dim, bias=False)  # rows: q, then k, then v
         self.o_proj = nn.Linear(c.dim, c.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, ring: KVRing, slots: Tensor) -> Tensor:
-        # x: [B, S, D]; cos/sin: [B, 1, S, head_dim]; mask: [B, 1, S, capacity]; slots: [B, S] ring indices
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, ring: KVRing, rows: Tensor,
+                slots: Tensor) -> Tensor:
+        # x: [B, S, D]; cos/sin: [B, 1, S, head_dim]; mask: [B, 1, S, capacity]; rows: [B, 1] 0..B-1;
+        # slots: [B, S] ring indices
         B, S, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        index = slots[:, None, :, None].expand(B, self.num_heads, S, self.head_dim)
-        ring.k.scatter_(2, index, k)
-        ring.v.scatter_(2, index, v)
+        # Indexed writes, which a compiled step does in place (see `fastcsm.model.network.KVCache`).
+        ring.k[rows, :, slots] = k.transpose(1, 2)
+        ring.v[rows, :, slots] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, ring.k, ring.v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -542,8 +544,9 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(c.dim, c.intermediate_size)
         self.mlp_layer_scale = LayerScale(c.dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, ring: KVRing, slots: Tensor) -> Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, ring, slots))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, ring: KVRing, rows: Tensor,
+                slots: Tensor) -> Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, ring, rows, slots))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -576,14 +579,15 @@ class MimiTransformer(nn.Module):
         capacity = state.capacity
         qpos = state.pos[:, None] + torch.arange(S, device=x.device)  # [B, S]
         slots = qpos % capacity
-        state.key_pos.scatter_(1, slots, qpos)
+        rows = torch.arange(B, device=x.device)[:, None]
+        state.key_pos[rows, slots] = qpos
         delta = qpos[:, :, None] - state.key_pos[:, None, :]  # [B, S, capacity]
         mask = ((state.key_pos >= 0)[:, None, :] & (delta >= 0) & (delta < self.window))[:, None]
         freqs = qpos.to(torch.float32)[..., None] * self.inv_freq  # [B, S, head_dim / 2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer, ring in zip(self.layers, state.layers, strict=True):
-            x = layer(x, cos, sin, mask, ring, slots)
+            x = layer(x, cos, sin, mask, ring, rows, slots)
         state.pos.add_(S)
         return x
 

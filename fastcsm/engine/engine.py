@@ -160,7 +160,7 @@ class PrefixCache:
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self.entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()  # key -> KV rows [L, 2G, n, hd]
 
     @staticmethod
     def _rows(prompt: Prompt):
@@ -178,11 +178,11 @@ class PrefixCache:
         return None
 
     def longest(self, prompt: Prompt, rows: int):
-        """The longest stored prefix of `prompt`'s first `rows` rows: (n, k, v), or None.
+        """The longest stored prefix of `prompt`'s first `rows` rows: (n, its KV rows), or None.
 
         A conversation grows turn by turn: the prefix stored for one turn is a prefix of the next
         turn's, so the next turn prefills only the rows added since."""
-        lengths = sorted({k.shape[2] for k, _ in self.entries.values() if k.shape[2] <= rows})
+        lengths = sorted({kv.shape[2] for kv in self.entries.values() if kv.shape[2] <= rows})
         data, h, done, best = self._rows(prompt), hashlib.sha256(), 0, None
         for n in lengths:  # one pass over the rows, a digest at every stored length
             h.update(data[done:n].tobytes())
@@ -192,14 +192,14 @@ class PrefixCache:
                 best = key
         if best is None:
             return None
-        k, v = self.get(best)
-        return k.shape[2], k, v
+        kv = self.get(best)
+        return kv.shape[2], kv
 
-    def put(self, key: str, k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.nbytes + v.nbytes > self.budget:
+    def put(self, key: str, kv: torch.Tensor) -> None:
+        if kv.nbytes > self.budget:
             return
-        self.entries[key] = (k, v)
-        while sum(a.nbytes + b.nbytes for a, b in self.entries.values()) > self.budget:
+        self.entries[key] = kv
+        while sum(a.nbytes for a in self.entries.values()) > self.budget:
             self.entries.popitem(last=False)
 
 
@@ -442,10 +442,8 @@ class Engine:
     def _reuse_prefix(self, row: _Row) -> None:
         hit = self.prefix_cache.longest(row.request.prompt, row.prefix) if row.prefix > 0 else None
         if hit is not None:
-            n, k, v = hit
-            cache = self.buffers.cache
-            cache.k[:, row.slot, :, :n].copy_(k)
-            cache.v[:, row.slot, :, :n].copy_(v)
+            n, kv = hit
+            self.buffers.cache.write(row.slot, kv)
             row.prefilled = row.reused = n
             self.stats["reused_rows"] += n
 
@@ -463,9 +461,7 @@ class Engine:
         row.prefilled = stop
         self.stats["prefill_rows"] += stop - start
         if stop == P and row.reused < P:
-            cache = self.buffers.cache
-            key = PrefixCache.key(prompt, P)
-            self.prefix_cache.put(key, cache.k[:, slot, :, :P].clone(), cache.v[:, slot, :, :P].clone())
+            self.prefix_cache.put(PrefixCache.key(prompt, P), self.buffers.cache.read(slot, P))
         if row.ready:
             self._start(row, h[0])
         return stop - start

@@ -84,16 +84,15 @@ def preserved(*states):
 
 
 def mark_batch(args: tuple) -> None:
-    """Mark the batch dimension of every per-row tensor of `engine_step`'s args dynamic, so that
-    one compiled graph serves every bucket above 1. The KV caches [L, B, ...] have it second;
-    every other per-row tensor first. Where the step's code branches on the batch size, dynamo
-    keeps one graph per side of it (the sampler's whole-frame noise, up to B x K x 2048 = 2^20:
-    csm-1b's batches 2-16 and 17 up)."""
+    """Mark the batch dimension (every per-row tensor has it first) of `engine_step`'s args
+    dynamic, so that one compiled graph serves every bucket above 1. Where the step's code
+    branches on the batch size, dynamo keeps one graph per side of it (the sampler's whole-frame
+    noise, up to B x K x 2048 = 2^20: csm-1b's batches 2-16 and 17 up)."""
     _, _, state, cache, decoder_cache, tables, codec_state, pcm, _ = args
     if state.h.shape[0] < 2:
         return
-    for t, dim in [(cache.kv, 1), (decoder_cache.kv, 1), *((t, 0) for t in leaves((state, tables, codec_state, pcm)))]:
-        torch._dynamo.maybe_mark_dynamic(t, dim)
+    for t in leaves((state, cache.layers, decoder_cache.layers, tables, codec_state, pcm)):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def describe(path: SamplingPath) -> str:
@@ -219,10 +218,11 @@ class Runner:
         cache, slot = bufs.cache, bufs.cache.batch - 1
         start = cache.length - rows
         K = bufs.model.cfg.num_codebooks
-        tokens = torch.zeros(1, rows, K + 1, dtype=torch.long, device=cache.kv.device)
-        mask = torch.ones(1, rows, K + 1, dtype=torch.bool, device=cache.kv.device)
-        with preserved(cache.kv[:, slot, :, start:]):
-            self.prefill(bufs, slot, tokens, mask, torch.full((1,), start, device=cache.kv.device))
+        device = bufs.model.device
+        tokens = torch.zeros(1, rows, K + 1, dtype=torch.long, device=device)
+        mask = torch.ones(1, rows, K + 1, dtype=torch.bool, device=device)
+        with preserved([t[slot, :, start:] for t in cache.layers]):
+            self.prefill(bufs, slot, tokens, mask, torch.full((1,), start, device=device))
 
     def _capture(self, args: tuple) -> torch.cuda.CUDAGraph:
         graph = capture(lambda: self._run_step(args), self._pool)

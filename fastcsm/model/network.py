@@ -37,8 +37,13 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer of one stack, in one tensor kv [L, B, 2G, T, hd]:
-    a layer's G key heads, then its G value heads (`k` and `v` are views), so one scatter writes both.
+    """Preallocated keys and values, one tensor a layer: layers[i] [B, 2G, T, hd], the layer's G
+    key heads, then its G value heads, so one indexed write stores both.
+
+    Each layer's cache is a tensor of its own, not a view of one stacked buffer: a compiled step
+    then writes a graph input in place. (Writing into a view of an input made inductor copy the
+    whole layer's cache every frame, and a `scatter_` is not written in place at all: the write
+    is an indexed assignment, `index_put_`.)
 
     Row b of the batch is cache row b. `rows(start, stop)` is a view for a sub-range of rows
     (prefill of one new request into its slot writes through it). Stale entries beyond a
@@ -51,32 +56,22 @@ class KVCache:
     may still go anywhere in the cache. Compiled and captured steps keep static shapes: no window.
     """
 
-    def __init__(self, kv: torch.Tensor, window: int | None = None):
-        self.kv = kv
+    def __init__(self, layers: list[torch.Tensor], window: int | None = None):
+        self.layers = layers
         self.window = window
 
     @staticmethod
     def allocate(cfg: TransformerConfig, batch: int, length: int, device=None, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, 2 * cfg.num_kv_heads, length, cfg.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype))
-
-    @property
-    def k(self) -> torch.Tensor:
-        """[L, B, G, T, hd], a view."""
-        return self.kv[:, :, : self.kv.shape[2] // 2]
-
-    @property
-    def v(self) -> torch.Tensor:
-        """[L, B, G, T, hd], a view."""
-        return self.kv[:, :, self.kv.shape[2] // 2:]
+        shape = (batch, 2 * cfg.num_kv_heads, length, cfg.head_dim)
+        return KVCache([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)])
 
     @property
     def batch(self) -> int:
-        return self.kv.shape[1]
+        return self.layers[0].shape[0]
 
     @property
     def length(self) -> int:
-        return self.kv.shape[3]
+        return self.layers[0].shape[2]
 
     @property
     def attended(self) -> int:
@@ -84,12 +79,21 @@ class KVCache:
         return self.length if self.window is None else self.window
 
     def rows(self, start: int, stop: int) -> KVCache:
-        return KVCache(self.kv[:, start:stop])
+        return KVCache([t[start:stop] for t in self.layers])
 
     def within(self, window: int | None) -> KVCache:
         """The same cache, attention reading positions 0..window-1 (None or more than the
         length: all of it). Every row that attends must sit below the window."""
-        return KVCache(self.kv, None if window is None or window >= self.length else max(window, 1))
+        return KVCache(self.layers, None if window is None or window >= self.length else max(window, 1))
+
+    def read(self, row: int, n: int) -> torch.Tensor:
+        """A copy of row `row`'s first n positions in every layer: [L, 2G, n, hd]."""
+        return torch.stack([t[row, :, :n] for t in self.layers])
+
+    def write(self, row: int, kv: torch.Tensor) -> None:
+        """Put `read`'s [L, 2G, n, hd] into row `row`'s first n positions."""
+        for t, layer in zip(self.layers, kv, strict=True):
+            t[row, :, :layer.shape[1]].copy_(layer)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -210,31 +214,30 @@ class Attention(FusedLinears):
                                         "v_proj": cfg.num_kv_heads * hd})
         self.output_proj = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, index, mask, kv_cache):
-        # x: [B, S, D]; cos/sin: [B, H + 2G, S, hd] (sin signed, see `rope`); index: [B, 2G, S, hd] the
-        # cache positions of the new rows; mask: [B, 1, R*S, W] over the first W <= T positions (the cache's
-        # window, see KVCache); kv_cache: [B, 2G, T, hd], G key heads then G value heads
+    def forward(self, x: torch.Tensor, t: Tables, kv_cache: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, D]; t: the stack's tables for these rows (`Transformer.tables`); kv_cache:
+        # [B, 2G, T, hd], G key heads then G value heads
         B, S, _ = x.shape
         cfg = self.cfg
         H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v are heads of the one output: one RoPE pass turns q and k and leaves v as it is
         # (its tables hold cos 1 and sin 0 there), so the new keys and values come out adjacent and
-        # one scatter writes both at each row's own positions: [B, 2G, S, hd] -> cache[b, :, pos[b, s]].
-        qkv = rope(self.qkv_proj(x).view(B, S, H + 2 * G, hd).transpose(1, 2), cos, sin)  # [B, H + 2G, S, hd]
-        kv = qkv[:, H:]
+        # one write stores both at each row's own positions: [B, 2G, S, hd] -> cache[b, :, pos[b, s]].
+        qkv = rope(self.qkv_proj(x).view(B, S, H + 2 * G, hd).transpose(1, 2), t.cos, t.sin)  # [B, H + 2G, S, hd]
+        kv = qkv[:, H:].transpose(1, 2)  # [B, S, 2G, hd]: the order an indexed write over (row, :, pos) takes
         # (The casts are skipped, not called, where the dtypes agree: ~140 no-op calls a frame.)
         cast = kv_cache.dtype != qkv.dtype
-        kv_cache.scatter_(2, index, kv.to(kv_cache.dtype) if cast else kv)
+        kv_cache[t.rows, :, t.pos] = kv.to(kv_cache.dtype) if cast else kv
         # Grouped-query attention without copying keys: the R query heads that share a kv head
         # become R times as many query rows of that head (head h = g * R + r uses kv head g).
         R = H // G
         q = qkv[:, :H].reshape(B, G, R * S, hd)
-        keys, values, W = kv_cache[:, :G], kv_cache[:, G:], mask.shape[-1]
+        keys, values, W = kv_cache[:, :G], kv_cache[:, G:], t.mask.shape[-1]
         if W < keys.shape[2]:
             keys, values = keys[:, :, :W], values[:, :, :W]
         if cast:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=t.mask)
         out = out.reshape(B, G * R, S, hd)  # (a view on the CPU; CUDA kernels may lay out S>1 rows otherwise)
         return self.output_proj(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -263,8 +266,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, index, mask, kv_cache):
-        x = x + self.attn(self.sa_norm(x), cos, sin, index, mask, kv_cache)
+    def forward(self, x: torch.Tensor, t: Tables, kv_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.sa_norm(x), t, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -273,13 +276,15 @@ class Tables(NamedTuple):
 
     cos: torch.Tensor  # [B, H + 2G, S, hd]: q and k heads, then value heads (1)
     sin: torch.Tensor  # [B, H + 2G, S, hd], signed (see `rope`); 0 at the value heads
-    index: torch.Tensor  # [B, 2G, S, hd], the cache positions of the new rows (keys and values)
+    rows: torch.Tensor  # [B, 1] long, 0..B-1: the cache row each batch row writes
+    pos: torch.Tensor  # [B, S] long, the cache positions of the new rows (their keys and values)
     mask: torch.Tensor  # [B, 1, R*S, W] additive (0 or -inf) over the W positions attended (the cache's
     # length or its window); [B, 1, S, W] where that broadcasts the same
 
     def at(self, p: int) -> Tables:
         """The tables of the single position p of tables made for positions 0..S-1 (a one-row pass)."""
-        return Tables(*(t[:, :, p:p + 1] for t in self))
+        cos, sin, mask = (t[:, :, p:p + 1] for t in (self.cos, self.sin, self.mask))
+        return Tables(cos, sin, self.rows, self.pos[:, p:p + 1], mask)
 
 
 class DecoderTables(NamedTuple):
@@ -300,7 +305,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
 
     def tables(self, pos: torch.Tensor, length: int, dtype: torch.dtype, one_row: bool = False) -> Tables:
-        """RoPE tables, cache write index and mask for positions pos [B, S] over a cache of `length`.
+        """RoPE tables, cache write positions and mask for positions pos [B, S] over a cache of `length`.
         `one_row`: the rows will be used one at a time (`Tables.at`), so the mask is left per row."""
         cfg = self.cfg
         B, S = pos.shape
@@ -311,7 +316,6 @@ class Transformer(nn.Module):
         # One pass turns the q and k heads and passes the value heads through (cos 1, sin 0).
         cos = torch.cat((cos.expand(B, H + G, S, hd), torch.ones_like(cos).expand(B, G, S, hd)), dim=1)
         sin = torch.cat((sin.expand(B, H + G, S, hd), torch.zeros_like(sin).expand(B, G, S, hd)), dim=1)
-        index = pos[:, None, :, None].expand(B, 2 * G, S, hd)
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
         # R query heads of a kv head are R blocks of S query rows (see Attention), which a
         # one-row mask covers by broadcasting.
@@ -321,14 +325,14 @@ class Transformer(nn.Module):
         R = H // G
         if S > 1 and R > 1 and not one_row:
             mask = mask.expand(B, R, S, length).reshape(B, 1, R * S, length)
-        return Tables(cos, sin, index, mask)
+        return Tables(cos, sin, torch.arange(B, device=pos.device)[:, None], pos, mask)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
         # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position), or
         # the `tables` made for them. Everything the layers share is made once per stack.
         t = pos if isinstance(pos, Tables) else self.tables(pos, cache.attended, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, t.cos, t.sin, t.index, t.mask, cache.kv[i])
+            x = layer(x, t, cache.layers[i])
         return self.norm(x)
 
 
