@@ -207,9 +207,12 @@ def test_a_pause_the_user_speaks_past_is_not_the_turn():
     first, second = spoken(SENTENCES[2], rate), spoken(SENTENCES[3], rate)
     audio = np.concatenate([silence(0.5, rate), first, second, silence(1.0, rate)])
     events = listen(make(rate, codec=None), chunks(audio, rate), early=True)
-    assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, SpeechPaused, SpeechStopped, UserTurn]
-    _, went_on, last, stop, turn = events
-    assert not went_on.ends(stop.heard) and last.ends(stop.heard)
-    assert went_on.end_ms < last.end_ms
-    np.testing.assert_array_equal(went_on.audio_16k, stop.heard.audio_16k[:len(went_on.audio_16k)])
+    started, *pauses, stop, turn = events
+    assert (type(started), type(stop), type(turn)) == (SpeechStarted, SpeechStopped, UserTurn)
+    assert len(pauses) >= 2 and all(isinstance(p, SpeechPaused) for p in pauses)
+    *went_on, last = pauses
+    assert last.ends(stop.heard)
+    for pause in went_on:
+        assert not pause.ends(stop.heard) and pause.end_ms < last.end_ms
+        np.testing.assert_array_equal(pause.audio_16k, stop.heard.audio_16k[:len(pause.audio_16k)])
     assert turn.early and overlap(turn.text, f"{SENTENCES[2]} {SENTENCES[3]}") >= 0.75, turn.text

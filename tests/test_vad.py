@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from listen_audio import SENTENCES, needs_espeak, silence, speech_bounds, spoken
 
-from fastcsm.listen.vad import SileroVad, Started, Stopped, TurnConfig, TurnDetector
+from fastcsm.listen.vad import WINDOW, SileroVad, Started, Stopped, TurnConfig, TurnDetector
 
 pytest.importorskip("onnxruntime")
 RATE = 16_000
@@ -64,8 +64,9 @@ def test_turns_start_and_stop_where_the_speech_does():
 @needs_espeak
 def test_end_silence_is_configurable():
     audio, _ = conversation()
-    # 1.2 s between the sentences: a 1.5 s end-of-turn silence makes them one turn.
-    events = events_of(audio, end_silence_ms=1500)
+    # About 1.6 s of quiet between the sentences' sounds (1.2 s of silence and espeak-ng's own
+    # quiet at the end of the first): a 2 s end-of-turn silence makes them one turn.
+    events = events_of(audio, end_silence_ms=2000)
     assert [type(e) for e in events] == [Started, Stopped]
     assert events[1].reason in ("silence", "end")
 
@@ -109,3 +110,25 @@ def test_bad_settings_are_refused():
         TurnConfig(end_silence_ms=10)
     with pytest.raises(ValueError, match="max_turn_s"):
         TurnConfig(max_turn_s=0)
+
+
+@needs_espeak
+def test_a_turns_silence_counts_from_where_its_sound_stopped():
+    """Silero goes on hearing speech for 90-140 ms after the sound stops; the turn's speech ends at
+    its last loud window instead, so the turn ends end_silence_ms after the sound, within a window."""
+    audio, spans = conversation()
+    trimmed, silero = events_of(audio), events_of(audio, max_trim_ms=0)
+    for stop, late, (_, b) in zip(trimmed[1::2], silero[1::2], spans, strict=True):
+        assert b + 0.5 <= stop.now / RATE <= b + 0.5 + WINDOW / RATE
+        assert late.now - stop.now >= WINDOW  # Silero's own end: at least a window later
+        assert b <= stop.at / RATE  # the turn still holds all of its sound
+
+
+@needs_espeak
+def test_a_loud_background_leaves_the_end_of_speech_to_silero():
+    """Under noise as loud as a speech tail every window is loud: trimming changes nothing."""
+    audio, _ = conversation()
+    noisy = audio + np.random.default_rng(0).normal(0, 0.02, len(audio)).astype(np.float32)
+    trimmed = events_of(noisy)
+    assert [type(e) for e in trimmed] == [Started, Stopped] * 2
+    assert trimmed == events_of(noisy, max_trim_ms=0)
