@@ -39,9 +39,10 @@ is end of speech -> first audio frame received, and fastcsm's share is
 
 exactly: everything but the silence that ends the turn and the model's time to its first
 sentence. Besides the typed turn's share it holds the VAD's lag past that silence (`vad_lag`:
-Silero still hears speech for 90-140 ms after the sound ends, its 32 ms windows, the 20 ms
-chunks), what is left of pocketsphinx's transcription when the turn ends (`stop_to_transcript`)
-and the Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
+the detector's 32 ms windows and the 20 ms chunks, and what is left of Silero hearing speech for
+90-140 ms after the sound ends once the end of speech is taken back to the last loud window),
+what is left of pocketsphinx's transcription when the turn ends (`stop_to_transcript`) and the
+Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
 when the user pauses (its audio is then the turn's, if the silence ends it), so at the end of the
 turn the transcript is ready or under way; --no-transcribe-early starts it only at the end of the
 turn, for comparison. With --preemptive the server asks the model as soon as that transcript is
