@@ -204,7 +204,8 @@ class Conversation:
             self.config, self.listener = command, listener
             self.state.configure(list(zip(command.voices, pinned, strict=True)))
             await self.send(P.ConfiguredEvent(voices=self.state.pinned_voices, audio_format=command.audio_format,
-                                              pinned_rows=sum(map(len, pinned)), input_audio=command.input_audio))
+                                              pinned_rows=sum(map(len, self.state.pinned)),
+                                              input_audio=command.input_audio))
         elif isinstance(command, P.AddTurn):
             await self.add_turn(command)
             if self.assistant is not None and command.speaker == self.assistant.user_speaker:
@@ -406,7 +407,7 @@ class Conversation:
             found = svc.lookup(m.voice)
             if not isinstance(found, int):
                 voice = m.voice
-                if voice not in self.state.pinned_voices:
+                if voice not in self.state.pins:
                     pin = svc.voice_rows(found)
         speaker, _ = svc.resolve_speaker(m.voice, m.speaker)
         c = self.config

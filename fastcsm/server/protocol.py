@@ -193,7 +193,6 @@ from ..speech.normalize import NORMALIZE_BY_DEFAULT
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one Mimi frame, 80 ms
-SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 PCM_FORMATS = ("pcm_s16le", "pcm_f32le")
 # JSON numbers only: `true` is not 1, "1" is not 1, and NaN or infinity is no number at all.
 Int = Annotated[int, Strict()]

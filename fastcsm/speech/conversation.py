@@ -65,11 +65,18 @@ class Saying:
 class ConversationState:
     def __init__(self, cfg: CsmConfig):
         self.cfg = cfg
-        self.pinned: list[Prompt] = []
-        self.pinned_voices: list[str] = []  # their names, in the same order
+        self.pins: dict[str, Prompt] = {}  # voice name -> its rows, at the head of the conversation, oldest first
         self.turns: list[Prompt] = []
         self._configured: list[tuple[str, Prompt]] = []  # the voices `reset` pins again
         self._events: list = []
+
+    @property
+    def pinned(self) -> list[Prompt]:
+        return list(self.pins.values())
+
+    @property
+    def pinned_voices(self) -> list[str]:
+        return list(self.pins)
 
     def rows(self) -> int:
         return sum(map(len, self.pinned)) + sum(map(len, self.turns))
@@ -89,8 +96,7 @@ class ConversationState:
     def reset(self) -> None:
         """The conversation forgotten: no turns, and the configured voices pinned again (those
         pinned by speaking go with the conversation)."""
-        self.pinned_voices = [name for name, _ in self._configured]
-        self.pinned = [rows for _, rows in self._configured]
+        self.pins = dict(self._configured)
         self.turns = []
 
     def add_turn(self, turn: Prompt) -> int:
@@ -117,7 +123,7 @@ class ConversationState:
         conversation once the line is heard. `check` passes each piece's text (a server's rules)."""
         line = Line(text, speaker, [], [], tokenizer, self.cfg, options, seed, streamed=True, final=final,
                     limit_ms=limit_ms, check=check, forget_dropped=True)
-        return Saying(line, voice, None if voice in self.pinned_voices else pin)
+        return Saying(line, voice, None if voice in self.pins else pin)
 
     def next_piece(self, said: Saying) -> PlannedPiece | None:
         """The line's next piece (None: none now) after the conversation; raises `ContextTooLong`
@@ -138,11 +144,11 @@ class ConversationState:
         return planned
 
     def _unpin_oldest(self, keep: str | None) -> bool:
-        i = next((i for i, name in enumerate(self.pinned_voices) if name != keep), None)
-        if i is None:
+        name = next((name for name in self.pins if name != keep), None)
+        if name is None:
             return False
-        name, rows = self.pinned_voices.pop(i), self.pinned.pop(i)
-        self._events.append(VoiceUnpinned(name, len(rows), sum(map(len, self.pinned))))
+        rows = self.pins.pop(name)
+        self._events.append(VoiceUnpinned(name, len(rows), sum(map(len, self.pins.values()))))
         return True
 
     def remember(self, said: Saying, heard: Sequence | None = None) -> None:
@@ -153,9 +159,8 @@ class ConversationState:
         line = said.line
         if line.in_flight is not None:  # cut off (or never begun): the codes it got are what was spoken
             line.end(EndReason.CANCELLED)
-        if said.pin is not None and line.frames and said.voice not in self.pinned_voices:
-            self.pinned.append(said.pin)
-            self.pinned_voices.append(said.voice)
+        if said.pin is not None and line.frames and said.voice not in self.pins:
+            self.pins[said.voice] = said.pin
         pieces = list(line.spoken)
         if heard is not None and pieces:
             text = " ".join(w.spoken for w in heard)
