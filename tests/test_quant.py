@@ -139,6 +139,22 @@ def test_moving_an_int8_linear_drops_its_packed_weight():
         assert not torch.equal(lin(x), first)
 
 
+def test_a_model_built_on_the_meta_device_runs_fbgemm_on_the_cpu():
+    """Models are built under `torch.device("meta")`, where whether fbgemm runs is first asked: the
+    check must run on the CPU whatever the default device, or every CPU int8 linear would fall
+    back to the (20x slower) weight-only matmul without a word."""
+    if not quant._vnni() and not torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no quantized CPU engine")
+    quant.fbgemm_available.cache_clear()
+    try:
+        with torch.device("meta"):
+            lin = quant.QuantLinear(64, 40, "int8")
+        assert lin.fbgemm
+        assert all(pin.device.type == "cpu" for pin in quant._pins.values())
+    finally:
+        quant.fbgemm_available.cache_clear()
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 def test_what_is_quantized(model, int8):

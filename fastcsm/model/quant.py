@@ -9,7 +9,8 @@ its gate/up run as one linear each (`model.FusedLinears`), in 8 bits as in full 
 
 The kernel is chosen per device and mode, by measurement (docs/performance.md, "Eight-bit kernels"):
 - int8 on CPU: fbgemm's int8 GEMM (`quantized::linear_dynamic`, VNNI where the CPU has it)
-  behind a custom op, so `torch.compile(fullgraph=True)` keeps it as one opaque call. fbgemm
+  behind an op of its own (`fastcsm::fbgemm_rows`), so `torch.compile(fullgraph=True)` keeps the
+  GEMM as one opaque call and fuses the rows' quantization around it. fbgemm
   quantizes activations with one scale per call; each row is first divided by its own max|x|
   and a fixed row [1, -1, 0...] rides along, so every row is quantized on the same [-1, 1]
   grid and a request's result never depends on the other rows of its batch.
@@ -130,7 +131,7 @@ def _forget(key: int) -> None:
 
 
 def _pack(weight: torch.Tensor, scale: torch.Tensor, key: int):
-    zero = torch.zeros(weight.shape[0], dtype=torch.long)
+    zero = torch.zeros(weight.shape[0], dtype=torch.long, device="cpu")
     with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; `fbgemm_available` checks
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(weight.contiguous(), scale.double(), zero, 0)
@@ -141,7 +142,7 @@ def _pack(weight: torch.Tensor, scale: torch.Tensor, key: int):
 def _pin(width: int) -> torch.Tensor:
     pin = _pins.get(width)
     if pin is None:
-        pin = _pins[width] = torch.zeros(1, width)
+        pin = _pins[width] = torch.zeros(1, width, device="cpu")
         pin[0, 0], pin[0, -1] = 1.0, -1.0
     return pin
 
@@ -154,24 +155,46 @@ def _linear_dynamic_op():
     return getattr(packet, "_op", packet)
 
 
-def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T * scale [N] with one fbgemm call, each row of x quantized on its
-    own; `weight` is packed on first use and kept under `key`."""
+def _packed_for(weight: torch.Tensor, scale: torch.Tensor, key: int):
+    """The packed fbgemm weight of the linear `key`, packed on first use."""
     packed = _packed.get(key)
-    if packed is None:
-        packed = _pack(weight, scale, key)
-    return _run_packed(x, packed)
+    return packed if packed is not None else _pack(weight, scale, key)
 
 
-def _run_packed(x: torch.Tensor, packed) -> torch.Tensor:
+def _on_the_grid(x: torch.Tensor, gemm) -> torch.Tensor:
+    """x [..., K] @ W.T by `gemm` (fbgemm over rows [M + 1, K]), each row of x quantized on its own:
+    divided by its max|x|, behind the pinned row that fixes fbgemm's activation grid at [-1, 1]
+    whatever else the batch holds, and scaled back after."""
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     rows = rows if rows.dtype == torch.float32 else rows.float()  # (no-op calls cost, ~600 a frame)
     amax = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # (vector_norm(inf) is 10x slower here)
-    # The pinned row fixes the activation grid at [-1, 1] whatever else the batch holds.
-    y = _linear_dynamic(torch.cat([_pin(K), rows / amax]), packed, REDUCE_RANGE)[1:].mul_(amax)
+    pin = _pin(K) if not torch.compiler.is_compiling() else _pin_row(K, x.device)
+    y = gemm(torch.cat([pin, rows / amax]))[1:].mul_(amax)
     y = y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _run_packed(x: torch.Tensor, packed) -> torch.Tensor:
+    return _on_the_grid(x, lambda rows: _linear_dynamic(rows, packed, REDUCE_RANGE))
+
+
+def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T * scale [N] with one fbgemm call, each row of x quantized on its
+    own; `weight` is packed on first use and kept under `key`."""
+    return _run_packed(x, _packed_for(weight, scale, key))
+
+
+def _fbgemm_rows(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+    """fbgemm's call alone, over rows already on the grid (`_on_the_grid`)."""
+    return _linear_dynamic(rows, _packed_for(weight, scale, key), REDUCE_RANGE)
+
+
+def _pin_row(width: int, device) -> torch.Tensor:
+    """The pinned row [1, 0, ..., 0, -1], made inside a compiled graph (a constant there)."""
+    pin = torch.zeros(1, width, device=device)
+    pin[:, 0], pin[:, -1] = 1.0, -1.0
+    return pin
 
 
 def _packed_eager(key: int):
@@ -180,14 +203,18 @@ def _packed_eager(key: int):
     return None if torch.compiler.is_compiling() else _packed.get(key)
 
 
-# The op that compiled graphs keep as one opaque call; eager code calls the function itself,
-# sparing the custom-op dispatch (a tenth of a millisecond, hundreds of times a frame).
-int8_linear_cpu = torch.library.custom_op("fastcsm::int8_linear_cpu", _int8_linear_cpu, mutates_args=())
+# What compiled graphs keep as one opaque call: fbgemm's GEMM alone, so that inductor fuses the
+# rows' quantization around it (five small ops a linear, ~600 linears a frame). It is registered
+# with a CPU kernel of its own rather than through `custom_op`, whose Python dispatch cost 6-11 us
+# a call against 2.5-4 us. Eager code calls the functions themselves.
+_library = torch.library.Library("fastcsm", "FRAGMENT")
+_library.define("fbgemm_rows(Tensor rows, Tensor weight, Tensor scale, int key) -> Tensor")
+_library.impl("fbgemm_rows", _fbgemm_rows, "CPU")
 
 
-@int8_linear_cpu.register_fake
-def _(x, weight, scale, key):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+@torch.library.register_fake("fastcsm::fbgemm_rows", lib=_library)
+def _(rows, weight, scale, key):
+    return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 @functools.cache
@@ -195,10 +222,10 @@ def fbgemm_available() -> bool:
     """Whether this torch still has the quantized CPU ops (deprecated in 2.13); if not, CPU int8
     runs weight-only like CUDA."""
     global _linear_dynamic
-    try:  # explicit device: models are built under `torch.device("meta")`, where this is first asked
+    try:  # on the CPU: models are built under `torch.device("meta")`, where this is first asked
         _linear_dynamic = _linear_dynamic_op()
-        w = torch.ones(8, 8, dtype=torch.int8, device="cpu")
-        int8_linear_cpu(torch.ones(2, 8, device="cpu"), w, torch.ones(8, device="cpu"), -1)
+        with torch.device("cpu"):
+            _int8_linear_cpu(torch.ones(2, 8), torch.ones(8, 8, dtype=torch.int8), torch.ones(8), -1)
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -214,8 +241,9 @@ def _fbgemm(module, weight: torch.Tensor) -> bool:
 
 
 def _int8_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int):
-    op = int8_linear_cpu if torch.compiler.is_compiling() else _int8_linear_cpu
-    return op(x, weight, scale, key)
+    if torch.compiler.is_compiling():
+        return _on_the_grid(x, lambda rows: torch.ops.fastcsm.fbgemm_rows(rows, weight, scale, key))
+    return _int8_linear_cpu(x, weight, scale, key)
 
 
 def _linear(module, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
