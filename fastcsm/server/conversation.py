@@ -111,8 +111,7 @@ class Conversation:
         self.assistant: AssistantLine | None = None  # assistant mode: answers the user's turns
         self._send_lock = asyncio.Lock()
         self.max_values = max_message_values(service.settings)
-        rate = service.settings.max_messages_per_s
-        self.pace = Pace(rate, max(1.0, rate / 5))
+        self.pace = Pace(service.settings.max_messages_per_s)
         self.listener: Listener | None = None  # the user's microphone stream, once configured
         self.hearing: list[asyncio.Task] = []  # turns heard, being transcribed and added, in order
         self.paused: Pause | None = None

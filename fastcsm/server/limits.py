@@ -240,12 +240,12 @@ REFUSED = frozenset(range(400, 500)) - {408, 409, 429}  # (timeouts, conflicts a
 
 class Refusals:
     """Per client address, a token bucket for refused requests: `rate` a second after a burst of
-    a fifth of a second's. A refusal past it waits for its answer until a token is free (waits queue up, so
-    a client's refusals are answered at `rate` however many connections it opens); nothing else
-    is ever delayed. At most `max_clients` addresses are remembered, the longest unseen dropped."""
+    `burst_for(rate)`. A refusal past it waits for its answer until a token is free (waits queue
+    up, so a client's refusals are answered at `rate` however many connections it opens); nothing
+    else is ever delayed. At most `max_clients` addresses are remembered, the longest unseen dropped."""
 
     def __init__(self, rate: float, clock=time.monotonic, sleep=asyncio.sleep, max_clients: int = 4096):
-        self.rate, self.burst = rate, max(1.0, rate / 5)
+        self.rate, self.burst = rate, burst_for(rate)
         self.clock, self.sleep, self.max_clients = clock, sleep, max_clients
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # by address, the longest unseen first
 
@@ -393,6 +393,11 @@ def uvicorn_config(app, settings: Settings, **overrides):
     return uvicorn.Config(app, **options)
 
 
+def burst_for(rate: float) -> float:
+    """The burst a pace of `rate` a second allows: a fifth of a second's, at least one."""
+    return max(1.0, rate / 5)
+
+
 class TokenBucket:
     """`rate` tokens a second, at most `burst` held. `take(now)` spends one and says how long to
     wait for it: 0 while the bucket holds one; past that the token is spent before it is there, so
@@ -409,13 +414,15 @@ class TokenBucket:
 
 
 class Pace:
-    """A token bucket for one client's messages: `rate` a second, `burst` at once. `wait()` returns
+    """A token bucket for one client's messages: `rate` a second, `burst` (default `burst_for(rate)`)
+    at once. `wait()` returns
     at once while the bucket holds a token, else sleeps until it does. Handling a cheap message
     takes the GIL from the engine's thread as surely as an expensive one, so a socket sending
     thousands of tiny messages must wait between them, not merely yield (`clock` and `sleep` are
     injected by tests)."""
 
-    def __init__(self, rate: float, burst: float, clock=time.monotonic, sleep=asyncio.sleep):
+    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic, sleep=asyncio.sleep):
+        burst = burst_for(rate) if burst is None else burst
         self.bucket, self.clock, self.sleep = TokenBucket(rate, burst, clock()), clock, sleep
 
     async def wait(self) -> None:
