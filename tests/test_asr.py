@@ -91,3 +91,31 @@ def test_missing_models_are_named(tmp_path):
         load_transcriber(tiny_whisper_dir(), device="mps")
     with pytest.raises(AsrError, match="empty"):
         load_transcriber(" ")
+
+
+def test_a_killed_server_leaves_no_recogniser_behind():
+    """pocketsphinx runs in a child process: when its parent dies without closing it (kill -9, an
+    interpreter that exits first), the child goes too instead of waiting for work forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys\nfrom fastcsm.listen.asr import SphinxTranscriber\nt = SphinxTranscriber()\n"
+            "print(t._pool.submit(os.getpid).result(), flush=True)\nsys.stdin.read()\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the recogniser's child process outlived its killed parent")

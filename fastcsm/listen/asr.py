@@ -19,6 +19,7 @@ import atexit
 import importlib.util
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +199,17 @@ def _sphinx_start() -> None:
     global _decoder
     from pocketsphinx import Decoder
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End the child process once its parent is gone: a server that is killed, or one whose
+    interpreter exits before the pool's shutdown reaches the child, must not leave it behind
+    (it holds its queue's pipe open itself, so it would wait for work forever)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _sphinx_frame_rate() -> int:
