@@ -45,12 +45,15 @@ what is left of pocketsphinx's transcription when the turn ends (`stop_to_transc
 Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
 when the user pauses (its audio is then the turn's, if the silence ends it), so at the end of the
 turn the transcript is ready or under way; --no-transcribe-early starts it only at the end of the
-turn, for comparison. With --preemptive the server asks the model as soon as that transcript is
+turn, for comparison. --transcribe-live has the server decode each turn while it is spoken
+(`--transcribe-live`, from the conversation's second turn), leaving only the end of the search
+at the pause. With --preemptive the server asks the model as soon as that transcript is
 ready, if it is before the end of turn (`--preemptive-reply`): the model's time then overlaps the
 silence, and the total drops by as much (the share, counting the model's time as waited, drops too).
 
     python benchmarks/bench_loop.py [--turns 20] [--tokens-per-s 50] [--first-token-ms 200]
     python benchmarks/bench_loop.py --spoken [--turns 8] [--turn-silence-ms 500] [--no-transcribe-early]
+                                    [--transcribe-live]
                                     [--preemptive]
 
 Prints a row per turn, p50/p90 per stage, and one line of JSON last.
@@ -203,7 +206,8 @@ def start_server(args, llm_url: str) -> tuple[subprocess.Popen, str]:
            "--port", str(port), "--voices-dir", tempfile.mkdtemp(), "--llm-url", llm_url, "--llm-model", "stand-in"]
     if args.spoken:
         cmd += ["--asr-model", "pocketsphinx", "--turn-silence-ms", str(args.turn_silence_ms),
-                "--transcribe-early" if args.transcribe_early else "--no-transcribe-early"]
+                "--transcribe-early" if args.transcribe_early else "--no-transcribe-early",
+                "--transcribe-live" if args.transcribe_live else "--no-transcribe-live"]
         cmd += ["--preemptive-reply"] if args.preemptive else []
     return launch(cmd, port, args.startup_timeout, env=env)
 
@@ -222,6 +226,9 @@ def main() -> None:
     ap.add_argument("--turn-silence-ms", type=int, default=500, help="--spoken: the server's end-of-turn silence")
     ap.add_argument("--transcribe-early", action=argparse.BooleanOptionalAction, default=True,
                     help="--spoken: the server transcribes a turn at the user's pause (off: at the end of the turn)")
+    ap.add_argument("--transcribe-live", action=argparse.BooleanOptionalAction, default=False,
+                    help="--spoken: the server decodes a turn as it is spoken, from the conversation's second turn "
+                         "(--transcribe-live)")
     ap.add_argument("--preemptive", action="store_true",
                     help="--spoken: the server asks the model at the user's pause (--preemptive-reply)")
     args = ap.parse_args()
@@ -260,6 +267,7 @@ def main() -> None:
     print(json.dumps({"turns": len(rows), "device": args.device, "model": args.model or "tiny random checkpoint",
                       "spoken": args.spoken, "turn_silence_ms": args.turn_silence_ms if args.spoken else None,
                       "transcribe_early": args.transcribe_early if args.spoken else None,
+                      "transcribe_live": args.transcribe_live if args.spoken else None,
                       "preemptive_reply": args.preemptive if args.spoken else None,
                       "tokens_per_s": args.tokens_per_s, "first_token_ms": args.first_token_ms,
                       "model_first_sentence_ms": model_ms, origin: summary,

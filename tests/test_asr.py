@@ -119,3 +119,64 @@ def test_a_killed_server_leaves_no_recogniser_behind():
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the recogniser's child process outlived its killed parent")
+
+
+@needs_espeak
+def test_a_live_transcription_is_fed_in_pieces_and_starts_over_when_asked():
+    """Decoding as the audio comes (`live`) gives the same words however the audio is cut into
+    pieces, and `restart` starts the search over (a turn that went on after a pause)."""
+    t = sphinx()
+    first = t.transcribe(np.concatenate([silence(0.2), spoken(SENTENCES[2]), silence(0.2)]))
+    assert first.adapted and t.live(None) is None
+    audio = np.concatenate([silence(0.2), spoken(SENTENCES[3]), silence(0.2)])
+    texts = []
+    for piece in (len(audio), 1600, 333):
+        live = t.live(first.adapted)
+        try:
+            for i in range(0, len(audio), piece):
+                live.feed(audio[i: i + piece])
+            heard = live.finish().result(timeout=30)
+        finally:
+            live.close()
+        assert heard.duration == round(len(audio) / 16_000, 3) and heard.adapted
+        assert all(0 <= w.start < w.end <= heard.duration for w in heard.words)
+        texts.append(heard.text)
+    assert texts[0] and texts == [texts[0]] * 3
+    live = t.live(first.adapted)
+    try:
+        live.feed(audio[: len(audio) // 2])
+        half = live.finish().result(timeout=30)
+        live.restart(audio[: len(audio) // 2])
+        live.feed(audio[len(audio) // 2:])
+        assert live.finish().result(timeout=30).text == texts[0] and half.duration < heard.duration
+    finally:
+        live.close()
+
+
+@needs_espeak
+def test_a_live_transcription_given_up_is_decoded_whole(monkeypatch):
+    """A live transcription whose calls pile up (a busy recogniser) is given up; its `finish`
+    decodes the audio fed whole, as `transcribe` does. At most `MAX_LIVE` are open at once."""
+    import fastcsm.listen.asr as asr
+
+    t = sphinx()
+    adapted = t.transcribe(spoken(SENTENCES[2])).adapted
+    audio = np.concatenate([silence(0.2), spoken(SENTENCES[0]), silence(0.2)])
+    monkeypatch.setattr(asr, "MAX_BACKLOG", 0)
+    live = t.live(adapted)
+    try:
+        live.feed(audio)
+        assert live.failed
+        heard = live.finish().result(timeout=30)
+    finally:
+        live.close()
+    whole = t.transcribe(audio)
+    assert heard.text == whole.text and heard.adapted
+    monkeypatch.setattr(asr, "MAX_LIVE", 2)
+    opened = [t.live(adapted), t.live(adapted)]
+    assert all(opened) and t.live(adapted) is None
+    opened[0].close()
+    again = t.live(adapted)
+    assert again is not None
+    for live in (opened[1], again):
+        live.close()

@@ -208,3 +208,20 @@ def test_listening_needs_speech_recognition():
         assert "configure" in next_event(ws)["message"]
         ws.send(json.dumps({"type": "add_turn", "speaker": 1, "audio": "AAAA"}))
         assert "no speech recognition" in next_event(ws)["message"]
+
+
+def test_with_live_transcription_later_turns_are_decoded_as_spoken():
+    """`transcribe_live`: the stream's first turn is decoded whole, later ones as they are spoken,
+    starting from what the recogniser adapted to, which a `reset` keeps (same microphone, same voice)."""
+    with LiveServer(slots=1, asr_model="pocketsphinx", transcribe_live=True) as server, ws_connect(server) as ws:
+        sphinx, opened = server.service.asr.transcriber, []
+        live = sphinx.live
+        sphinx.live = lambda adapted: opened.append(adapted) or live(adapted)
+        configure(ws)
+        texts = []
+        for _ in range(2):
+            stream(ws, said("what time is it"))
+            texts.append(until(ws, "user_turn")[-1]["text"])
+            ws.send(json.dumps({"type": "reset"}))  # (answered by no event)
+        assert all(overlap(text, "what time is it") >= 0.75 for text in texts), texts
+        assert opened[0] is None and opened[1], opened

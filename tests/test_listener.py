@@ -216,3 +216,43 @@ def test_a_pause_the_user_speaks_past_is_not_the_turn():
         assert not pause.ends(stop.heard) and pause.end_ms < last.end_ms
         np.testing.assert_array_equal(pause.audio_16k, stop.heard.audio_16k[:len(pause.audio_16k)])
     assert turn.early and overlap(turn.text, f"{SENTENCES[2]} {SENTENCES[3]}") >= 0.75, turn.text
+
+
+@needs_espeak
+def test_live_turns_are_decoded_from_exactly_their_audio():
+    """With `live=True` the first turn is decoded whole (and the listener adapts to it); later turns
+    are decoded as they are spoken, their pauses and stop carrying the transcript: the same words
+    as one live decode of the turn's audio, so nothing was fed twice or left out, also when the
+    user speaks past a pause and the search starts over."""
+    rate = 16_000
+    audio = np.concatenate([silence(0.5, rate), spoken(SENTENCES[0], rate), silence(1.0, rate),
+                            spoken(SENTENCES[2], rate), spoken(SENTENCES[3], rate), silence(1.0, rate)])
+    listener, t = make(rate, codec=None, live=True), sphinx()
+    adapted, pauses, turns = [], [], []
+    for chunk in chunks(audio, rate):
+        for e in listener.feed(chunk):
+            if isinstance(e, SpeechStarted):
+                adapted.append(listener.adapted)
+            elif isinstance(e, SpeechPaused):
+                pauses.append(e)
+            elif isinstance(e, SpeechStopped):
+                last = pauses[-1]
+                assert last.ends(e.heard) and e.heard.live is last.live
+                early = last.live.result(timeout=30) if last.live is not None else t.transcribe(last.audio_16k)
+                turns.append(listener.transcribe(e.heard, early=early))
+    assert len(turns) == 2 and adapted[0] is None and adapted[1]
+    first, second = turns
+    assert first.heard.live is None and first.transcript.adapted == adapted[1]
+    assert overlap(first.text, SENTENCES[0]) >= 0.75, first.text
+    went_on = [p for p in pauses if p.start_ms == second.heard.start_ms][:-1]
+    assert went_on and all(p.live is not None for p in went_on)
+    live = t.live(adapted[1])
+    try:
+        live.feed(second.heard.audio_16k)
+        alone = live.finish().result(timeout=30)
+    finally:
+        live.close()
+    assert second.text == alone.text and second.transcript.duration == alone.duration
+    # (a live decode this early in a stream, not yet adapted to the voice, mishears part of it)
+    assert overlap(second.text, f"{SENTENCES[2]} {SENTENCES[3]}") >= 0.25, second.text
+    assert listener.adapted == second.transcript.adapted != adapted[1]

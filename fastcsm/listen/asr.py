@@ -20,7 +20,7 @@ import importlib.util
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +62,9 @@ class Transcript:
     language: str
     duration: float  # seconds of audio heard
     segments: tuple[Segment, ...]
+    # What the recogniser adapted to in this audio, for a live transcription of the same voice to
+    # start from (pocketsphinx: the cepstral mean of a whole-recording decode); None: nothing.
+    adapted: str | None = None
 
     @property
     def words(self) -> list[Word]:
@@ -170,6 +173,8 @@ class SphinxTranscriber:
         atexit.register(self._pool.shutdown)  # before the interpreter tears down what the pool's cleanup uses
         self.frames_per_second = self._pool.submit(_sphinx_frame_rate).result()
         self._lock = threading.Lock()
+        self._live_lock = threading.Lock()  # (not `_lock`, held through a whole decode)
+        self._live_open = self._live_ids = 0
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
         audio = check_audio(audio)
@@ -178,18 +183,130 @@ class SphinxTranscriber:
         duration = len(audio) / SAMPLE_RATE
         if not len(audio):
             return _nothing(language)
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
         with self._lock:
-            seg = self._pool.submit(_sphinx_decode, pcm).result()
+            seg, cmn = self._pool.submit(_sphinx_decode, _pcm(audio)).result()
+        return self._transcript(seg, duration, cmn)
+
+    def _transcript(self, seg: list[tuple[str, int, int]], duration: float, adapted: str | None) -> Transcript:
         fps = self.frames_per_second
         words = tuple(Word(w.split("(")[0], _clamp(a / fps, duration), _clamp((b + 1) / fps, duration))
                       for w, a, b in seg if not (w.startswith(("<", "[")) or w.endswith("]")))
         text = " ".join(w.text for w in words)
         segments = (Segment(text, words[0].start, words[-1].end, words),) if words else ()
-        return Transcript(text, "en", round(duration, 3), segments)
+        return Transcript(text, "en", round(duration, 3), segments, adapted)
+
+    def live(self, adapted: str | None) -> SphinxLive | None:
+        """A transcription fed as the audio comes (see `SphinxLive`), starting from `adapted` (a
+        `Transcript.adapted` of the same voice); None without one, or while `MAX_LIVE` are open."""
+        if not adapted:
+            return None
+        with self._live_lock:
+            if self._live_open >= MAX_LIVE:
+                return None
+            self._live_open += 1
+            self._live_ids += 1
+            return SphinxLive(self, self._live_ids, adapted)
+
+    def _live_closed(self) -> None:
+        with self._live_lock:
+            self._live_open -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+MAX_LIVE = 4  # live pocketsphinx transcriptions open at once (each holds a decoder of ~90 MB)
+MAX_BACKLOG = 50  # pieces of audio a live transcription may have waiting before it gives up
+
+
+class SphinxLive:
+    """One turn transcribed while it is spoken: pocketsphinx decodes each piece as it is fed, so
+    that when the turn ends only the end of the search (~0.1 s) is left, against ~0.3 s for every
+    second of audio decoded whole. A live decoder cannot take the whole recording's cepstral mean
+    (it has not heard it yet), so it starts from an earlier turn's of the same voice (`adapted`)
+    and moves it toward this turn's as it goes (its `Transcript.adapted`, for the turn after); a
+    stream's first turn is decoded whole. On the listening tests' turns the words come out right
+    as often as when each turn is decoded whole (12-13 of 16 against 13, whichever turn is first).
+
+    `feed(audio)` adds 16 kHz audio; `finish()` is a `Future` of the `Transcript` of everything fed;
+    `restart(audio)` starts over with `audio` (the turn went on after a `finish`); `close()`. Calls
+    are queued to the recogniser's process in order and never wait. `failed` says the transcription
+    was given up (an error, or more than `MAX_BACKLOG` pieces waiting); a `finish` then decodes
+    what was fed whole instead (kept for that: at most a turn, ~1 MB for 30 s)."""
+
+    def __init__(self, owner: SphinxTranscriber, sid: int, adapted: str):
+        self.owner, self.sid, self.adapted = owner, sid, adapted
+        self.pieces: list[bytes] = []  # 16-bit PCM fed since the start
+        self.samples = 0
+        self.failed = False
+        self.closed = False
+        self._waiting = 0  # calls queued and not done
+        self._count = threading.Lock()
+        self._submit(_live_start, sid, adapted, b"")
+
+    def _submit(self, fn, *args) -> Future | None:
+        if self.failed or self.closed:
+            return None
+        with self._count:
+            if self._waiting >= MAX_BACKLOG:
+                self.failed = True
+                return None
+            self._waiting += 1
+        try:
+            future = self.owner._pool.submit(fn, *args)
+        except Exception:  # the pool is shut down or broken
+            self.failed = True
+            return None
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future) -> None:
+        with self._count:
+            self._waiting -= 1
+        if future.cancelled() or future.exception() is not None:
+            self.failed = True
+
+    def feed(self, audio: np.ndarray) -> None:
+        if len(audio):
+            pcm = _pcm(audio)
+            self.pieces.append(pcm)
+            self.samples += len(audio)
+            self._submit(_live_feed, self.sid, pcm)
+
+    def restart(self, audio: np.ndarray) -> None:
+        pcm = _pcm(audio)
+        self.pieces, self.samples = [pcm], len(audio)
+        self._submit(_live_start, self.sid, self.adapted, pcm)
+
+    def finish(self) -> Future:
+        out: Future = Future()
+        duration, pcm = self.samples / SAMPLE_RATE, b"".join(self.pieces)
+        live = self._submit(_live_finish, self.sid)
+
+        def done(f: Future | None) -> None:
+            if f is None or f.cancelled() or f.exception() is not None or self.failed:
+                try:  # decoded whole: the live search missed a piece, or gave up
+                    whole = self.owner._pool.submit(_sphinx_decode, pcm)
+                except Exception as e:
+                    return _set(out, exception=AsrError(f"speech recognition failed ({type(e).__name__}: {e})"))
+                whole.add_done_callback(lambda w: _set(out, w, lambda r: self.owner._transcript(r[0], duration, r[1])))
+            else:
+                _set(out, f, lambda r: self.owner._transcript(r[0], duration, r[1]))
+
+        if live is None:
+            done(None)
+        else:
+            live.add_done_callback(done)
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.owner._pool.submit(_live_close, self.sid)
+            except Exception:
+                pass
+            self.closed = True
+            self.owner._live_closed()
 
 
 _decoder = None  # the child process's pocketsphinx decoder
@@ -216,12 +333,76 @@ def _sphinx_frame_rate() -> int:
     return int(_decoder.config["frate"])
 
 
-def _sphinx_decode(pcm: bytes) -> list[tuple[str, int, int]]:
-    """(word, first frame, last frame) of 16-bit 16 kHz PCM, in the child process."""
+def _set(out: Future, f: Future | None = None, make=None, exception: BaseException | None = None) -> None:
+    """Settle `out` from the recogniser's future `f` (its result through `make`), or with `exception`;
+    nothing if `out` was cancelled meanwhile."""
+    try:
+        if f is not None and (f.cancelled() or f.exception() is not None):
+            why = "cancelled" if f.cancelled() else f"{type(f.exception()).__name__}: {f.exception()}"
+            exception = AsrError(f"speech recognition failed ({why})")
+        if exception is not None:
+            out.set_exception(exception)
+        else:
+            out.set_result(make(f.result()))
+    except InvalidStateError:
+        pass
+
+
+def _sphinx_decode(pcm: bytes) -> tuple[list[tuple[str, int, int]], str]:
+    """(word, first frame, last frame) of 16-bit 16 kHz PCM, and the recording's cepstral mean, in
+    the child process."""
     _decoder.start_utt()
     _decoder.process_raw(pcm, full_utt=True)
     _decoder.end_utt()
-    return [(s.word, s.start_frame, s.end_frame) for s in _decoder.seg()]
+    return _words(_decoder), _decoder.get_cmn()
+
+
+def _words(decoder) -> list[tuple[str, int, int]]:
+    return [(s.word, s.start_frame, s.end_frame) for s in decoder.seg()]
+
+
+_live: dict[int, object] = {}  # the child's live decoders by transcription, and spare ones
+_spare: list = []
+_in_utt: dict[int, bool] = {}  # a live decoder is in an utterance
+
+
+def _live_start(sid: int, cmn: str, pcm: bytes) -> None:
+    from pocketsphinx import Decoder
+
+    decoder = _live.get(sid)
+    if decoder is None:
+        decoder = _live[sid] = _spare.pop() if _spare else Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+    elif _in_utt.get(sid):
+        decoder.end_utt()
+    decoder.set_cmn(cmn)
+    decoder.start_utt()
+    _in_utt[sid] = True
+    if pcm:
+        decoder.process_raw(pcm)
+
+
+def _live_feed(sid: int, pcm: bytes) -> None:
+    _live[sid].process_raw(pcm)
+
+
+def _live_finish(sid: int) -> tuple[list[tuple[str, int, int]], str]:
+    """The words, and the cepstral mean moved toward this audio's (what the next turn starts from)."""
+    decoder = _live[sid]
+    decoder.end_utt()
+    _in_utt[sid] = False
+    return _words(decoder), decoder.get_cmn()
+
+
+def _live_close(sid: int) -> None:
+    decoder = _live.pop(sid, None)
+    if decoder is not None:
+        if _in_utt.pop(sid, False):
+            decoder.end_utt()
+        _spare.append(decoder)
+
+
+def _pcm(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 def _device(device: str | None) -> tuple[str, int]:

@@ -24,6 +24,14 @@ transcript)` takes it instead of hearing the audio again; the text is the same, 
 audio is. A pause the user speaks past costs one transcription that is not used (its text is
 still the turn so far: a partial transcript).
 
+Transcribing live (`live=True`): a recogniser that can decode as the audio comes (pocketsphinx:
+`live`) is fed the turn while it is spoken, up to the detector's `turn_end` (audio before it is in
+the turn however it ends), so a pause or a stop leaves only the end of the search. Its transcript
+is then `SpeechPaused.live` or `Heard.live`, a `Future`, instead of a transcription to start. A
+live decoder starts from what the recogniser adapted to in this stream's last turn
+(`Transcript.adapted`, kept in `adapted`), so the stream's first turn is decoded whole. It is off
+by default: until it has adapted to the voice it mishears more than a whole decode.
+
 Memory is bounded: a chunk holds at most `MAX_CHUNK_S` of audio, a turn at most `max_turn_s`
 (it is cut there, and says so), and between turns only the short pre-roll is kept. A listener
 knows nothing of sockets; its errors (`ListenError`) say what the client sent wrong.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +55,7 @@ MIN_RATE, MAX_RATE = 8_000, 48_000  # what a microphone stream may declare
 MAX_CHUNK_S = 5.0  # audio in one chunk; a client sends far smaller ones (20-100 ms)
 ENCODE_CHUNK_FRAMES = 4  # Mimi frames encoded per step while the user speaks
 MIMI_RATE = 24_000
+_LIVE_PIECE = ASR_RATE // 10  # 16 kHz samples fed to a live transcription at a time, at least
 
 
 class ListenError(ValueError):
@@ -70,6 +80,7 @@ class Heard:
     reason: str  # "silence", "max_length" (cut at the cap) or "end" (the stream ended)
     tail_frames: int = 0  # frames left to encode when the turn stopped (the rest were encoded as they came)
     timings: dict[str, float] = field(default_factory=dict)  # ms: tail_encode
+    live: Future | None = None  # of its Transcript, decoded as it was spoken (see the module's docstring)
 
     @property
     def cut(self) -> bool:
@@ -82,6 +93,7 @@ class SpeechPaused:
     end_ms: float  # where it ends if this pause ends it
     heard_ms: float  # audio received when the pause was seen
     audio_16k: np.ndarray  # [samples] float32: the turn's audio from start to end, what the recogniser hears
+    live: Future | None = None  # of the Transcript of that audio, decoded as it was spoken
 
     def ends(self, heard: Heard) -> bool:
         """`heard` is the turn as it was at this pause (the pause ended it, with the same audio)."""
@@ -101,7 +113,7 @@ class UserTurn:
     transcript: Transcript | None
     heard: Heard
     timings: dict[str, float]  # ms: tail_encode, transcribe (0 when transcribed early)
-    early: bool = False  # the transcript was made at the pause that ended the turn
+    early: bool = False  # the transcript was made before the turn stopped (at its pause, or live)
 
 
 Event = SpeechStarted | SpeechPaused | SpeechStopped
@@ -114,7 +126,7 @@ class Listener:
 
     def __init__(self, vad: SileroVad, rate: int, codec=None, transcriber: Transcriber | None = None,
                  config: TurnConfig | None = None, language: str | None = None, max_ahead_s: float | None = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, live: bool = False):
         if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
             raise ListenError(f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}")
         self.rate, self.codec, self.transcriber, self.language = rate, codec, transcriber, language
@@ -141,6 +153,15 @@ class Listener:
         self._codes: list[torch.Tensor] = []  # [n, K] pieces of the turn in progress
         self._encoded = 0  # 24 kHz samples of the turn encoded so far
         self._paused_at: int | None = None  # the turn's end at its last `SpeechPaused`
+        # Live transcription (see the module's docstring): the turn's, what it was fed up to (16 kHz),
+        # where it was finished and its transcript (None while it goes on), and what it starts from
+        # (`adapted`: a new listener of the same microphone may be given the old one's).
+        self.live = live
+        self._live = None
+        self._pushed = 0
+        self._live_end: int | None = None
+        self._live_text: Future | None = None
+        self.adapted: str | None = None
 
     @property
     def in_turn(self) -> bool:
@@ -199,10 +220,11 @@ class Listener:
         if self._start is not None:
             self._encode(self._a24.end)
             end = self.detector.turn_end
+            self._feed_live(end)
             if self.detector.paused and end != self._paused_at:
                 self._paused_at = end
                 events.append(SpeechPaused(_ms(self._start), _ms(end), _ms(self.detector.fed),
-                                           self._a16.get(self._start, end).copy()))
+                                           self._a16.get(self._start, end).copy(), self._finish_live(end)))
         else:  # between turns: keep only what the next turn may reach back to
             keep = max(0, self.detector.fed - self._lookback)
             self._a16.drop_before(keep)
@@ -215,6 +237,11 @@ class Listener:
         self._start, self._codes, self._encoded, self._paused_at = e.at, [], 0, None
         if self._encoder is not None:
             self._encoder.reset()
+        self._close_live()
+        live = getattr(self.transcriber, "live", None) if self.live else None
+        if live is not None and self.language in (None, "en"):
+            self._live = live(self.adapted)
+        self._pushed, self._live_end, self._live_text = e.at, None, None
         return SpeechStarted(_ms(e.at), _ms(e.now))
 
     def _stopped(self, e: Stopped) -> SpeechStopped:
@@ -227,12 +254,47 @@ class Listener:
         self._encode(end24, last=True)
         tail_ms = (time.perf_counter() - t) * 1000
         codes = torch.cat(self._codes)[:frames] if self._codes else None
+        live = self._finish_live(e.at)
+        self._close_live()
         heard = Heard(audio=torch.from_numpy(self._a24.get(start24, end24).copy()), codes=codes,
                       audio_16k=self._a16.get(self._start, e.at).copy(), start_ms=_ms(self._start),
                       end_ms=_ms(e.at), reason=e.reason, tail_frames=max(0, frames - before),
-                      timings={"tail_encode": round(tail_ms, 3)})
+                      timings={"tail_encode": round(tail_ms, 3)}, live=live)
         self._start, self._codes, self._encoded = None, [], 0
         return SpeechStopped(_ms(e.at), _ms(e.now), heard)
+
+    # -- live transcription -----------------------------------------------------------------------
+
+    def _feed_live(self, until: int, force: bool = False) -> None:
+        """Feed the live transcription the turn's audio up to `until` (16 kHz), in pieces of at
+        least `LIVE_PIECE_S` unless `force`; after a finish the turn went on: start it over."""
+        live = self._live
+        if live is None:
+            return
+        if live.failed or until < self._pushed:  # decoded whole instead
+            self._close_live()
+            return
+        if self._live_end is not None:
+            if until > self._live_end and (force or until - self._live_end >= _LIVE_PIECE):
+                live.restart(self._a16.get(self._start, until))
+                self._pushed, self._live_end, self._live_text = until, None, None
+        elif until > self._pushed and (force or until - self._pushed >= _LIVE_PIECE):
+            live.feed(self._a16.get(self._pushed, until))
+            self._pushed = until
+
+    def _finish_live(self, end: int) -> Future | None:
+        """The live transcript of the turn's audio up to `end`; None without one."""
+        self._feed_live(end, force=True)
+        if self._live is None or self._live.failed:
+            return None
+        if self._live_end != end:
+            self._live_end, self._live_text = end, self._live.finish()
+        return self._live_text
+
+    def _close_live(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
 
     def _encode(self, until24: int, last: bool = False) -> None:
         """Encode the turn's audio up to `until24` (whole frames, and the partial last one if `last`)."""
@@ -260,11 +322,23 @@ class Listener:
         if self.transcriber is None:
             return UserTurn("", None, heard, dict(heard.timings))
         if early is not None:
+            self._adapt(early)
             return UserTurn(early.text, early, heard, {**heard.timings, "transcribe": 0.0}, early=True)
         t = time.perf_counter()
-        transcript = self.transcriber.transcribe(heard.audio_16k, language=self.language)
+        transcript = self.hear(heard.audio_16k, heard.live)
+        self._adapt(transcript)
         timings = {**heard.timings, "transcribe": round((time.perf_counter() - t) * 1000, 3)}
         return UserTurn(transcript.text, transcript, heard, timings)
+
+    def hear(self, audio_16k: np.ndarray, live: Future | None = None) -> Transcript:
+        """The transcript of a turn's (or a pause's) audio: its live one when there is one."""
+        if live is not None:
+            return live.result()
+        return self.transcriber.transcribe(audio_16k, language=self.language)
+
+    def _adapt(self, transcript: Transcript) -> None:
+        if transcript.adapted is not None:
+            self.adapted = transcript.adapted
 
 
 def listen(listener: Listener, chunks: Iterable[bytes], early: bool = False) -> list[Event | UserTurn]:
@@ -276,7 +350,7 @@ def listen(listener: Listener, chunks: Iterable[bytes], early: bool = False) -> 
         for e in events:
             out.append(e)
             if isinstance(e, SpeechPaused) and early and listener.transcriber is not None:
-                paused = e, listener.transcriber.transcribe(e.audio_16k, language=listener.language)
+                paused = e, listener.hear(e.audio_16k, e.live)
             elif isinstance(e, SpeechStopped):
                 text = paused[1] if paused is not None and paused[0].ends(e.heard) else None
                 out.append(listener.transcribe(e.heard, early=text))

@@ -266,9 +266,15 @@ class Conversation:
     # -- listening ------------------------------------------------------------------------------
 
     def new_listener(self, config: P.Configure) -> Listener | None:
-        """The microphone stream `config.input_audio` declares (None: the client sends no audio)."""
+        """The microphone stream `config.input_audio` declares (None: the client sends no audio). It
+        keeps what the recogniser adapted to in the one before: the microphone and voice are the same."""
         audio = config.input_audio
-        return None if audio is None else self.service.listener(audio.sample_rate, audio.language)
+        if audio is None:
+            return None
+        listener = self.service.listener(audio.sample_rate, audio.language)
+        if self.listener is not None:
+            listener.adapted = self.listener.adapted
+        return listener
 
     async def hear(self, pcm: bytes) -> None:
         """A binary message: the next chunk of the user's microphone audio. The listener runs off
@@ -307,6 +313,9 @@ class Conversation:
         paused, self.paused, made = self.paused, None, None
         if paused is not None and paused.event.ends(heard):  # transcribed at the pause that ended it
             future, made = paused.transcript, functools.partial(listener.transcribe, heard)
+        elif heard.live is not None:  # transcribed as it was spoken
+            self.drop_pause(paused)
+            future, made = heard.live, functools.partial(listener.transcribe, heard)
         else:
             self.drop_pause(paused)
             try:
@@ -323,7 +332,7 @@ class Conversation:
             return
         self.drop_pause(self.paused)
         try:
-            future = self.service.asr.transcribe(pause.audio_16k, listener.language)
+            future = pause.live or self.service.asr.transcribe(pause.audio_16k, listener.language)
         except AsrBusy:  # the turn is transcribed once it stops, as without early transcripts
             self.paused = None
             return

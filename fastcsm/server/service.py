@@ -212,7 +212,8 @@ class Service:
         s = self.settings
         try:
             return Listener(self._vad, rate, codec=gen.codec, transcriber=asr.transcriber, language=language,
-                            config=TurnConfig(end_silence_ms=s.turn_silence_ms, max_turn_s=s.max_turn_s))
+                            config=TurnConfig(end_silence_ms=s.turn_silence_ms, max_turn_s=s.max_turn_s),
+                            live=s.transcribe_live)
         except ListenError as e:
             raise ApiError(400, str(e), param="input_audio") from None
 
