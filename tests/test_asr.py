@@ -130,12 +130,13 @@ def test_a_live_transcription_is_fed_in_pieces_and_starts_over_when_asked():
     assert first.adapted and t.live(None) is None
     audio = np.concatenate([silence(0.2), spoken(SENTENCES[3]), silence(0.2)])
     texts = []
-    for piece in (len(audio), 1600, 333):
+    for piece in (len(audio), 1600, 4001):  # (fewer pieces than MAX_BACKLOG: fed at once, they queue)
         live = t.live(first.adapted)
         try:
             for i in range(0, len(audio), piece):
                 live.feed(audio[i: i + piece])
             heard = live.finish().result(timeout=30)
+            assert not live.failed  # (else `finish` decoded it whole)
         finally:
             live.close()
         assert heard.duration == round(len(audio) / 16_000, 3) and heard.adapted
