@@ -102,16 +102,22 @@ def test_warmup_reports_each_build_with_its_bucket_variant_and_time(model):
 @pytest.mark.slow
 def test_tiny_preset_compiles_a_bounded_number_of_graphs_and_equals_eager():
     """The real step of the tiny preset (4 codebooks keep the trace short): as many graphs for 8
-    buckets as for 3, and the engine compiled with aot_eager, Mimi in the step, gives the eager
-    codes for requests at batches 1 to 3."""
+    buckets as for 3, whatever window the frames attend over, and the engine compiled with
+    aot_eager, Mimi in the step, gives the eager codes for requests at batches 1 to 3."""
     from fastcsm.codec.codec import Codec
     from fastcsm.codec.mimi import tiny_mimi_config
     from fastcsm.testing import random_mimi
 
     m = tiny_model()
     few, _ = frames_compiled(m, 4)
-    many, _ = frames_compiled(m, 128)
+    many, engine = frames_compiled(m, 128)
     assert few == many == 2 * 2 + 2
+    # Frames attend over their window as a span of dynamic length: any window, no new graph.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for batch in engine.buckets[:3]:
+        for window in (5, 97, 400, 2000, None):
+            engine.runner.step(engine.buffers, batch, SamplingPath(64, False, False, True), window)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     codec = Codec(random_mimi(tiny_mimi_config(num_codebooks=4)))
     for n in (1, 3):
         torch._dynamo.reset()

@@ -83,6 +83,12 @@ def preserved(*states):
             t.copy_(copy)
 
 
+# Compiled frames attend over their window rounded up to a multiple of this. Not a power of two:
+# dynamo gives dynamic sizes that are equal when first traced one symbol, and a window equal to a
+# batch size (a power of two) would tie the two, to recompile when they part.
+SPAN_STEP = 96
+
+
 def mark_batch(args: tuple) -> None:
     """Mark the batch dimension (every per-row tensor has it first) of `engine_step`'s args
     dynamic, so that one compiled graph serves every bucket above 1. Where the step's code
@@ -163,7 +169,8 @@ class Runner:
 
     def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
-        many positions only; a compiled or captured one keeps its static shapes (the whole cache)."""
+        many positions only, a compiled one over a span of about that many (`_step_args`); a
+        captured one keeps its static shapes (the whole cache)."""
         self.bind(bufs)
         key = self.variant(batch, path)
         batch, path = key
@@ -173,8 +180,20 @@ class Runner:
             self._graphs[key].replay()
             return
         with torch.inference_mode():
-            self._run_step(bufs.step_args(batch, path, None if self.compiled else window))
+            self._run_step(self._step_args(bufs, batch, path, window))
         self.built.add(key)
+
+    def _step_args(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None) -> tuple:
+        """Eager: attention over `window`. Compiled (not captured): over `window` rounded up to a
+        multiple of `SPAN_STEP`, as a span of dynamic length, so one graph serves every window
+        (the rounding only spares making a new span tensor every frame)."""
+        if not self.compiled:
+            return bufs.step_args(batch, path, window)
+        # At most the cache's length less its parking position (see `Buffers.allocate`): a span of
+        # the whole length makes the keys' view contiguous, which the graph holds a guard against.
+        last = bufs.cache.length - 1
+        window = last if window is None else min(-(-window // SPAN_STEP) * SPAN_STEP, last)
+        return bufs.step_args(batch, path, window, span=True)
 
     def _run_step(self, args: tuple) -> None:
         if self.compiled:
@@ -204,7 +223,8 @@ class Runner:
 
     def _build(self, bufs: Buffers, batch: int, path: SamplingPath) -> None:
         self.bind(bufs)
-        args = bufs.step_args(batch, path)
+        # (Compiled: traced with a short span, as most frames have.)
+        args = bufs.step_args(batch, path) if self.cuda_graphs else self._step_args(bufs, batch, path, 1)
         with preserved(bufs.state, bufs.codec_state), torch.inference_mode():
             if self.cuda_graphs:
                 self._graphs[(batch, path)] = self._capture(args)

@@ -75,16 +75,18 @@ class Buffers:
         return Buffers(
             model=model, mimi=mimi,
             state=SlotState.allocate(slots, cfg.backbone.dim, cfg.num_codebooks, model.device, model.dtype),
-            cache=model.backbone_cache(slots, seq_len), decoder_cache=model.decoder_cache(slots),
+            # One position more than a stream may reach: where inactive rows write (`frame_step`).
+            cache=model.backbone_cache(slots, seq_len + 1), decoder_cache=model.decoder_cache(slots),
             decoder_tables=model.decoder_tables(slots),
             codec_state=mimi.init_decoder_state(slots, 1) if mimi is not None else None,
             pcm=torch.zeros(slots, mimi.config.frame_size, device=model.device) if mimi is not None else None,
         )
 
-    def step_args(self, batch: int, path: SamplingPath, window: int | None = None) -> tuple:
+    def step_args(self, batch: int, path: SamplingPath, window: int | None = None, span: bool = False) -> tuple:
         """`engine_step`'s arguments for rows 0..batch-1; `window`: the backbone attends over
-        positions 0..window-1 only (every active row sits below it; see `KVCache.within`)."""
-        return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch).within(window),
+        positions 0..window-1 only (every active row sits below it; see `KVCache.within`, and
+        for `span` too)."""
+        return (self.model, self.mimi, self.state.rows(batch), self.cache.rows(0, batch).within(window, span),
                 self.decoder_cache.rows(0, batch), first_rows(self.decoder_tables, batch),
                 first_rows(self.codec_state, batch), first_rows(self.pcm, batch), path)
 
@@ -122,8 +124,8 @@ def frame_step(model: CSM, state: SlotState, cache: KVCache, decoder_cache: KVCa
     """Advance every active row by one frame, in place. Inactive rows compute and keep nothing."""
     codes = sample_frame(model, state, decoder_cache, decoder_tables, path)
     active = state.active
-    # Inactive rows (free, or a prompt being prefilled) write at the window's last position: a
-    # request writes that position itself, if it ever gets there, before reading it.
+    # Inactive rows (free, or a prompt being prefilled) write at the cache's last position, one
+    # past any a request reaches (`Buffers.allocate`), which no active row attends to.
     pos = torch.where(active, state.pos, cache.length - 1)
     h = model.run_backbone(model.embed_frame(codes), pos[:, None], cache)[:, 0]
     state.codes.copy_(codes)

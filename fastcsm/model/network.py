@@ -53,12 +53,16 @@ class KVCache:
     A caller that knows every row's position (the engine does, on the host) gives the live
     window, so a frame early in a 2048-position cache does not attend over 2048 masked keys
     (on a 2-core CPU: 0.4 ms a backbone layer against 0.04 ms for 100 live positions). Writes
-    may still go anywhere in the cache. Compiled and captured steps keep static shapes: no window.
+    may still go anywhere in the cache. A captured step keeps static shapes: no window. A compiled
+    one that is not captured gets its window as `span`, the positions 0..W-1 as a tensor whose
+    length dynamo is told is dynamic (`within(window, span=True)`), so one compiled graph serves
+    every window instead of one a value.
     """
 
-    def __init__(self, layers: list[torch.Tensor], window: int | None = None):
+    def __init__(self, layers: list[torch.Tensor], window: int | None = None, span: torch.Tensor | None = None):
         self.layers = layers
         self.window = window
+        self.span = span  # [W] long, 0..W-1: the positions attended (a window as a tensor), or None
 
     @staticmethod
     def allocate(cfg: TransformerConfig, batch: int, length: int, device=None, dtype=None) -> KVCache:
@@ -75,15 +79,24 @@ class KVCache:
 
     @property
     def attended(self) -> int:
-        """How many positions attention reads: the window, or the whole cache."""
+        """How many positions attention reads: the window (or span), or the whole cache."""
+        if self.span is not None:
+            return self.span.shape[0]
         return self.length if self.window is None else self.window
 
     def rows(self, start: int, stop: int) -> KVCache:
         return KVCache([t[start:stop] for t in self.layers])
 
-    def within(self, window: int | None) -> KVCache:
+    def within(self, window: int | None, span: bool = False) -> KVCache:
         """The same cache, attention reading positions 0..window-1 (None or more than the
-        length: all of it). Every row that attends must sit below the window."""
+        length: all of it). Every row that attends must sit below the window. `span`: give the
+        window as a tensor of its positions (`span`, dim 0 marked dynamic), even the whole cache."""
+        if span:
+            W = self.length if window is None else min(max(window, 2), self.length)
+            with torch.inference_mode():  # (as every frame makes it: a tensor of another kind is a recompile)
+                positions = torch.arange(W, device=self.layers[0].device)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            return KVCache(self.layers, span=positions)
         return KVCache(self.layers, None if window is None or window >= self.length else max(window, 1))
 
     def read(self, row: int, n: int) -> torch.Tensor:
@@ -232,9 +245,11 @@ class Attention(FusedLinears):
         # become R times as many query rows of that head (head h = g * R + r uses kv head g).
         R = H // G
         q = qkv[:, :H].reshape(B, G, R * S, hd)
-        keys, values, W = kv_cache[:, :G], kv_cache[:, G:], t.mask.shape[-1]
-        if W < keys.shape[2]:
-            keys, values = keys[:, :, :W], values[:, :, :W]
+        # The W positions attended (a window, or the whole cache: then the slices are the whole).
+        # No branch on W: with a span, W is dynamic, and a test of it would be a guard to recompile on.
+        # (`narrow`, not a slice: a slice's end may pass the size, which a dynamic W would guard on.)
+        W = t.mask.shape[-1]
+        keys, values = kv_cache[:, :G].narrow(2, 0, W), kv_cache[:, G:].narrow(2, 0, W)
         if cast:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=t.mask)
@@ -304,9 +319,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
 
-    def tables(self, pos: torch.Tensor, length: int, dtype: torch.dtype, one_row: bool = False) -> Tables:
-        """RoPE tables, cache write positions and mask for positions pos [B, S] over a cache of `length`.
-        `one_row`: the rows will be used one at a time (`Tables.at`), so the mask is left per row."""
+    def tables(self, pos: torch.Tensor, length: int, dtype: torch.dtype, one_row: bool = False,
+               span: torch.Tensor | None = None) -> Tables:
+        """RoPE tables, cache write positions and mask for positions pos [B, S] over a cache of `length`
+        (or over the positions `span`, `KVCache.span`). `one_row`: the rows will be used one at a
+        time (`Tables.at`), so the mask is left per row."""
         cfg = self.cfg
         B, S = pos.shape
         H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -319,7 +336,11 @@ class Transformer(nn.Module):
         # Causal by position: a query at position p sees cache entries 0..p of its own row; the
         # R query heads of a kv head are R blocks of S query rows (see Attention), which a
         # one-row mask covers by broadcasting.
-        seen = torch.arange(length, device=pos.device) <= pos[:, None, :, None]  # [B, 1, S, T]
+        if span is None:
+            span = torch.arange(length, device=pos.device)
+        else:
+            length = span.shape[0]
+        seen = span <= pos[:, None, :, None]  # [B, 1, S, T]
         # Additive, as attention would turn a boolean mask into in every layer.
         mask = torch.where(seen, 0.0, float("-inf")).to(dtype)
         R = H // G
@@ -330,7 +351,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor | Tables, cache: KVCache) -> torch.Tensor:
         # x: [B, S, D]; pos: [B, S] absolute positions (each row may be at its own position), or
         # the `tables` made for them. Everything the layers share is made once per stack.
-        t = pos if isinstance(pos, Tables) else self.tables(pos, cache.attended, x.dtype)
+        t = pos if isinstance(pos, Tables) else self.tables(pos, cache.attended, x.dtype, span=cache.span)
         for i, layer in enumerate(self.layers):
             x = layer(x, t, cache.layers[i])
         return self.norm(x)
