@@ -269,3 +269,27 @@ def test_compiled_stacks_write_their_caches_in_place():
     for a, b in zip(state.layers, ref.layers, strict=True):
         torch.testing.assert_close((a.k, a.v), (b.k, b.v))
     assert longest < state.capacity * mimi.config.head_dim
+
+
+@pytest.mark.slow
+def test_inductor_frames_over_any_window_reuse_the_warm_up_graph(tmp_path):
+    """Compiled by inductor (whose graphs hold guards dynamo's own trace does not, e.g. on a view
+    being contiguous), frames over windows from 5 positions to the cache's whole reach run on the
+    warm-up's graph, and equal eager frames over the same windows."""
+    from torch._dynamo.utils import counters
+
+    m = tiny_model()
+    torch._dynamo.reset()
+    path = SamplingPath.of([SamplingParams()], 64)
+    compiled = Engine(m, max_slots=1, compile=True, compile_cache=str(tmp_path), sample_candidates=64)
+    eager = Engine(m, max_slots=1, sample_candidates=64)
+    compiled.runner.warmup(compiled.buffers, [(1, path)])
+    graphs = counters["stats"]["unique_graphs"]
+    for engine in (compiled, eager):
+        engine.buffers.state.active.fill_(True)
+    for window in (5, 97, 1000, compiled.max_seq_len, None):
+        for engine in (compiled, eager):
+            engine.buffers.state.pos.fill_(min(window or compiled.max_seq_len, compiled.max_seq_len) - 1)
+            engine.runner.step(engine.buffers, 1, path, window)
+        assert torch.equal(compiled.buffers.state.codes, eager.buffers.state.codes), window
+    assert counters["stats"]["unique_graphs"] == graphs
