@@ -19,7 +19,6 @@ import atexit
 import importlib.util
 import os
 import threading
-import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,16 +316,18 @@ def _sphinx_start() -> None:
     global _decoder
     from pocketsphinx import Decoder
 
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with_parent() -> None:
     """End the child process once its parent is gone: a server that is killed, or one whose
     interpreter exits before the pool's shutdown reaches the child, must not leave it behind
-    (it holds its queue's pipe open itself, so it would wait for work forever)."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
+    (it holds its queue's pipe open itself, so it would wait for work forever). The parent's
+    sentinel is readable once the parent has exited."""
+    import multiprocessing.connection
+
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
     os._exit(0)
 
 
