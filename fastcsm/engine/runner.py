@@ -186,7 +186,7 @@ class Runner:
     def _step_args(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None) -> tuple:
         """Eager: attention over `window`. Compiled (not captured): over `window` rounded up to a
         multiple of `SPAN_STEP`, as a span of dynamic length, so one graph serves every window
-        (the rounding only spares making a new span tensor every frame)."""
+        (the warm-up traces with the first multiple, whose length no batch size shares)."""
         if not self.compiled:
             return bufs.step_args(batch, path, window)
         # At most the cache's length less its parking position (see `Buffers.allocate`): a span of

@@ -267,7 +267,7 @@ class Listener:
 
     def _feed_live(self, until: int, force: bool = False) -> None:
         """Feed the live transcription the turn's audio up to `until` (16 kHz), in pieces of at
-        least `LIVE_PIECE_S` unless `force`; after a finish the turn went on: start it over."""
+        least `_LIVE_PIECE` samples unless `force`; after a finish the turn went on: start it over."""
         live = self._live
         if live is None:
             return

@@ -142,8 +142,7 @@ def _pack(weight: torch.Tensor, scale: torch.Tensor, key: int):
 def _pin(width: int) -> torch.Tensor:
     pin = _pins.get(width)
     if pin is None:
-        pin = _pins[width] = torch.zeros(1, width, device="cpu")
-        pin[0, 0], pin[0, -1] = 1.0, -1.0
+        pin = _pins[width] = _pin_row(width, "cpu")
     return pin
 
 
@@ -191,7 +190,8 @@ def _fbgemm_rows(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 
 def _pin_row(width: int, device) -> torch.Tensor:
-    """The pinned row [1, 0, ..., 0, -1], made inside a compiled graph (a constant there)."""
+    """The pinned row [1, 0, ..., 0, -1]: kept per width by `_pin` for eager code, made inside a
+    compiled graph (a constant there)."""
     pin = torch.zeros(1, width, device=device)
     pin[:, 0], pin[:, -1] = 1.0, -1.0
     return pin

@@ -415,11 +415,10 @@ class TokenBucket:
 
 class Pace:
     """A token bucket for one client's messages: `rate` a second, `burst` (default `burst_for(rate)`)
-    at once. `wait()` returns
-    at once while the bucket holds a token, else sleeps until it does. Handling a cheap message
-    takes the GIL from the engine's thread as surely as an expensive one, so a socket sending
-    thousands of tiny messages must wait between them, not merely yield (`clock` and `sleep` are
-    injected by tests)."""
+    at once. `wait()` returns at once while the bucket holds a token, else sleeps until it does.
+    Handling a cheap message takes the GIL from the engine's thread as surely as an expensive one,
+    so a socket sending thousands of tiny messages must wait between them, not merely yield
+    (`clock` and `sleep` are injected by tests)."""
 
     def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic, sleep=asyncio.sleep):
         burst = burst_for(rate) if burst is None else burst
