@@ -94,8 +94,9 @@ def test_missing_models_are_named(tmp_path):
 
 
 def test_a_killed_server_leaves_no_recogniser_behind():
-    """pocketsphinx runs in a child process: when its parent dies without closing it (kill -9, an
-    interpreter that exits first), the child goes too instead of waiting for work forever."""
+    """pocketsphinx runs in child processes (whole decodes, live ones): when their parent dies
+    without closing them (kill -9, an interpreter that exits first), they go too instead of
+    waiting for work forever."""
     import os
     import signal
     import subprocess
@@ -103,22 +104,27 @@ def test_a_killed_server_leaves_no_recogniser_behind():
     import time
 
     code = ("import os, sys\nfrom fastcsm.listen.asr import SphinxTranscriber\nt = SphinxTranscriber()\n"
-            "print(t._pool.submit(os.getpid).result(), flush=True)\nsys.stdin.read()\n")
+            "live = t.live('40,3,-1')\n"
+            "print(t._pool.submit(os.getpid).result(), t._live_pool.submit(os.getpid).result(), flush=True)\n"
+            "sys.stdin.read()\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        child = int(parent.stdout.readline())
+        children = [int(pid) for pid in parent.stdout.readline().split()]
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
+    assert len(set(children)) == 2  # a whole decode and a live one never wait for each other
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
+    while children and time.monotonic() < deadline:
+        for child in list(children):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                children.remove(child)
         time.sleep(0.1)
-    os.kill(child, signal.SIGKILL)
-    raise AssertionError("the recogniser's child process outlived its killed parent")
+    for child in children:
+        os.kill(child, signal.SIGKILL)
+    assert not children, "a recogniser's child process outlived its killed parent"
 
 
 @needs_espeak

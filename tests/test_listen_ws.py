@@ -210,6 +210,36 @@ def test_listening_needs_speech_recognition():
         assert "no speech recognition" in next_event(ws)["message"]
 
 
+def test_a_paused_turn_takes_the_whole_decode_when_it_is_ready_else_the_live_one():
+    """With live transcription a pause is decoded both ways; the turn it ends takes the whole
+    decode if it is done (it hears better), else the live one, ready soon after the pause."""
+    from concurrent.futures import Future
+
+    from fastcsm.server.conversation import Pause
+
+    def futures(whole_state: str | None) -> tuple[Future | None, Future]:
+        whole = None if whole_state is None else Future()
+        if whole_state == "done":
+            whole.set_result("whole")
+        elif whole_state == "failed":
+            whole.set_exception(RuntimeError("the recogniser broke"))
+        elif whole_state == "cancelled":
+            whole.cancel()
+        live = Future()
+        return whole, live
+
+    for state, taken in [("done", "whole"), ("running", "live"), ("failed", "live"), ("cancelled", "live"),
+                         (None, "live")]:
+        whole, live = futures(state)
+        pause = Pause(None, whole, live, None)
+        assert pause.transcript() is (whole if taken == "whole" else live), state
+    whole = Future()
+    assert Pause(None, whole, None, None).transcript() is whole  # (no live transcription)
+    pause = Pause(None, *futures("running"), None)
+    pause.cancel()
+    assert pause.whole.cancelled() and pause.live.cancelled()
+
+
 def test_with_live_transcription_later_turns_are_decoded_as_spoken():
     """`transcribe_live`: the stream's first turn is decoded whole, later ones as they are spoken,
     starting from what the recogniser adapted to, which a `reset` keeps (same microphone, same voice)."""

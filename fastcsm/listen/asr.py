@@ -156,24 +156,21 @@ class WhisperTranscriber:
 class SphinxTranscriber:
     """pocketsphinx with the US English model its wheel bundles. Its decoder holds the GIL for
     the whole utterance (a server's event loop and engine thread would stall meanwhile), so it
-    runs in a child process of its own, one recording at a time. Fillers (`<s>`, `<sil>`,
-    `[NOISE]`) are dropped and `word(2)` read as `word`."""
+    runs in a child process of its own, one recording at a time; live transcriptions (`live`)
+    have a second process, so that a whole decode and a live one never wait for each other.
+    Fillers (`<s>`, `<sil>`, `[NOISE]`) are dropped and `word(2)` read as `word`."""
 
     name = f"{POCKETSPHINX}:en-us"
 
     def __init__(self):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         if importlib.util.find_spec("pocketsphinx") is None:
             raise AsrError(f"asr_model {POCKETSPHINX!r} needs pocketsphinx, which is not installed: {INSTALL}")
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_sphinx_start)
-        atexit.register(self._pool.shutdown)  # before the interpreter tears down what the pool's cleanup uses
+        self._pool = _sphinx_pool(_sphinx_start)
         self.frames_per_second = self._pool.submit(_sphinx_frame_rate).result()
         self._lock = threading.Lock()
         self._live_lock = threading.Lock()  # (not `_lock`, held through a whole decode)
         self._live_open = self._live_ids = 0
+        self._live_pool = None  # live decoders' process, started with the first (see `SphinxLive`)
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str | None = None) -> Transcript:
         audio = check_audio(audio)
@@ -202,6 +199,8 @@ class SphinxTranscriber:
         with self._live_lock:
             if self._live_open >= MAX_LIVE:
                 return None
+            if self._live_pool is None:
+                self._live_pool = _sphinx_pool(_sphinx_watch)
             self._live_open += 1
             self._live_ids += 1
             return SphinxLive(self, self._live_ids, adapted)
@@ -211,7 +210,19 @@ class SphinxTranscriber:
             self._live_open -= 1
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._live_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _sphinx_pool(initializer):
+    """A child process of its own (pocketsphinx holds the GIL while it decodes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=initializer)
+    atexit.register(pool.shutdown)  # before the interpreter tears down what the pool's cleanup uses
+    return pool
 
 
 MAX_LIVE = 4  # live pocketsphinx transcriptions open at once (each holds a decoder of ~90 MB)
@@ -220,19 +231,19 @@ MAX_BACKLOG = 50  # pieces of audio a live transcription may have waiting before
 
 class SphinxLive:
     """One turn transcribed while it is spoken: pocketsphinx decodes each piece as it is fed, so
-    that when the turn ends only the end of the search (~0.1 s) is left, against ~0.3 s for every
+    that when the turn ends only the end of the search (~0.1 s) is left, against ~0.2 s for every
     second of audio decoded whole. A live decoder cannot take the whole recording's cepstral mean
     (it has not heard it yet), so it starts from an earlier turn's of the same voice (`adapted`)
     and moves it toward this turn's as it goes (its `Transcript.adapted`, for the turn after); a
-    stream's first turn is decoded whole. Until it has adapted to the voice it mishears more than
-    a whole decode: over 16 espeak-ng turns, 12-13 right against 13 whole; in the loop
-    benchmark's 12 turns, 7 against 12.
+    stream's first turn is decoded whole. Over 31 espeak-ng turns after the first it heard 17
+    exactly right against 15 for whole decodes, and 80% of the words against 81%
+    (`benchmarks/bench_hearing.py`).
 
     `feed(audio)` adds 16 kHz audio; `finish()` is a `Future` of the `Transcript` of everything fed;
     `restart(audio)` starts over with `audio` (the turn went on after a `finish`); `close()`. Calls
-    are queued to the recogniser's process in order and never wait. `failed` says the transcription
-    was given up (an error, or more than `MAX_BACKLOG` pieces waiting); a `finish` then decodes
-    what was fed whole instead (kept for that: at most a turn, ~1 MB for 30 s)."""
+    are queued to the live decoders' process in order and never wait. `failed` says the
+    transcription was given up (an error, or more than `MAX_BACKLOG` pieces waiting); a `finish`
+    then decodes what was fed whole instead (kept for that: at most a turn, ~1 MB for 30 s)."""
 
     def __init__(self, owner: SphinxTranscriber, sid: int, adapted: str):
         self.owner, self.sid, self.adapted = owner, sid, adapted
@@ -253,7 +264,7 @@ class SphinxLive:
                 return None
             self._waiting += 1
         try:
-            future = self.owner._pool.submit(fn, *args)
+            future = self.owner._live_pool.submit(fn, *args)
         except Exception:  # the pool is shut down or broken
             self.failed = True
             return None
@@ -302,7 +313,7 @@ class SphinxLive:
     def close(self) -> None:
         if not self.closed:
             try:
-                self.owner._pool.submit(_live_close, self.sid)
+                self.owner._live_pool.submit(_live_close, self.sid)
             except Exception:
                 pass
             self.closed = True
@@ -316,8 +327,12 @@ def _sphinx_start() -> None:
     global _decoder
     from pocketsphinx import Decoder
 
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    _sphinx_watch()
     _decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def _sphinx_watch() -> None:
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
 
 
 def _exit_with_parent() -> None:

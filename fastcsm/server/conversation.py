@@ -55,11 +55,27 @@ _CLIENT = TypeAdapter(P.ClientMessage)
 
 @dataclass(frozen=True)
 class Pause:
-    """The turn's last pause, transcribed in case it ends the turn (`transcribe_early`)."""
+    """The turn's last pause, transcribed in case it ends the turn (`transcribe_early`): decoded
+    whole, and live when the turn was transcribed as it was spoken (`transcribe_live`)."""
 
     event: SpeechPaused
-    transcript: Future  # of its Transcript, on the recogniser's thread
-    partial: asyncio.Task  # sends the text as `user_transcript_partial`
+    whole: Future | None  # of its Transcript, on the recogniser's thread
+    live: Future | None  # of its live Transcript
+    partial: asyncio.Task  # sends the soonest text as `user_transcript_partial`
+
+    def transcript(self) -> Future:
+        """The turn's transcript when this pause has ended it: the whole decode if it is already
+        done (it hears better), else the live one, ready since soon after the pause."""
+        whole = self.whole
+        if self.live is None or (whole is not None and whole.done() and not whole.cancelled()
+                                 and whole.exception() is None):
+            return whole
+        return self.live
+
+    def cancel(self) -> None:
+        for future in (self.whole, self.live):
+            if future is not None:
+                future.cancel()  # (not once it has begun: its text still comes as a partial transcript)
 
 
 @dataclass
@@ -312,7 +328,7 @@ class Conversation:
                                 "was dropped")
         paused, self.paused, made = self.paused, None, None
         if paused is not None and paused.event.ends(heard):  # transcribed at the pause that ended it
-            future, made = paused.transcript, functools.partial(listener.transcribe, heard)
+            future, made = paused.transcript(), functools.partial(listener.transcribe, heard)
         elif heard.live is not None:  # transcribed as it was spoken
             self.drop_pause(paused)
             future, made = heard.live, functools.partial(listener.transcribe, heard)
@@ -331,22 +347,24 @@ class Conversation:
         if not self.service.settings.transcribe_early:
             return
         self.drop_pause(self.paused)
+        self.paused = None
         try:
-            future = pause.live or self.service.asr.transcribe(pause.audio_16k, listener.language)
-        except AsrBusy:  # the turn is transcribed once it stops, as without early transcripts
-            self.paused = None
-            return
-        self.paused = Pause(pause, future, asyncio.create_task(self.partial_transcript(future)))
+            whole = self.service.asr.transcribe(pause.audio_16k, listener.language)
+        except AsrBusy:  # the turn is transcribed once it stops (or live), as without early transcripts
+            whole = None
+        soonest = pause.live or whole
+        if soonest is not None:
+            self.paused = Pause(pause, whole, pause.live, asyncio.create_task(self.partial_transcript(pause, soonest)))
 
     @staticmethod
     def drop_pause(paused: Pause | None) -> None:
         if paused is not None:
-            paused.transcript.cancel()  # (not once it has begun: its text still comes as a partial transcript)
+            paused.cancel()
 
-    async def partial_transcript(self, future) -> None:
+    async def partial_transcript(self, pause: SpeechPaused, future) -> None:
         try:
             text = (await asyncio.wrap_future(future)).text.strip()
-            newest = self.paused is not None and self.paused.transcript is future  # the turn's pause, going on
+            newest = self.paused is not None and self.paused.event is pause  # the turn's pause, going on
             if text and newest:
                 if self.assistant is not None and self.service.settings.preemptive_reply:
                     await self.assistant.preempt(text)  # (before the event: a client that has it knows the ask is out)
@@ -629,3 +647,4 @@ def _describe(e: ValidationError) -> str:
         if err.get("type") == "union_tag_not_found":
             return f'the message needs a "type": one of {", ".join(_COMMANDS)}'
     return "invalid message: " + invalid_fields(errors, skip=_COMMANDS, limit=3)[0]
+
