@@ -45,16 +45,17 @@ what is left of pocketsphinx's transcription when the turn ends (`stop_to_transc
 Mimi encoding of the turn not done while the user spoke. The server transcribes a turn
 when the user pauses (its audio is then the turn's, if the silence ends it), so at the end of the
 turn the transcript is ready or under way; --no-transcribe-early starts it only at the end of the
-turn, for comparison. --transcribe-live has the server decode each turn while it is spoken
-(`--transcribe-live`, from the conversation's second turn), leaving only the end of the search
-at the pause. With --preemptive the server asks the model as soon as that transcript is
-ready, if it is before the end of turn (`--preemptive-reply`): the model's time then overlaps the
-silence, and the total drops by as much (the share, counting the model's time as waited, drops too).
+turn, for comparison. The server also decodes each turn while it is spoken (`--transcribe-live`,
+its default, from the conversation's second turn), leaving only the end of that search at the
+pause; the turn takes the whole decode if it is done when the turn ends, else the live one;
+--no-transcribe-live measures whole decodes alone. With --preemptive the server asks the model
+as soon as a transcript is ready, if it is before the end of turn (`--preemptive-reply`): the
+model's time then overlaps the silence, and the total drops by as much (the share, counting the
+model's time as waited, drops too). Each turn's words are checked against the sentence said.
 
     python benchmarks/bench_loop.py [--turns 20] [--tokens-per-s 50] [--first-token-ms 200]
     python benchmarks/bench_loop.py --spoken [--turns 8] [--turn-silence-ms 500] [--no-transcribe-early]
-                                    [--transcribe-live]
-                                    [--preemptive]
+                                    [--no-transcribe-live] [--preemptive]
 
 Prints a row per turn, p50/p90 per stage, and one line of JSON last.
 """
@@ -162,7 +163,7 @@ async def one_turn(ws, source: TypedTurns | SpokenTurns) -> dict:
             if event["type"] in ("user_speech_stopped", "user_turn"):
                 row[event["type"]] = since = (time.perf_counter() - t0) * 1e3
             if event["type"] == "user_turn":
-                row["heard"] = event["text"]
+                row["heard"], row["said"] = event["text"], source.said
                 if not event["added"]:
                     raise RuntimeError(f"nothing was recognised in {source.said!r}")
             if event["type"] == "assistant_reply":
@@ -226,9 +227,9 @@ def main() -> None:
     ap.add_argument("--turn-silence-ms", type=int, default=500, help="--spoken: the server's end-of-turn silence")
     ap.add_argument("--transcribe-early", action=argparse.BooleanOptionalAction, default=True,
                     help="--spoken: the server transcribes a turn at the user's pause (off: at the end of the turn)")
-    ap.add_argument("--transcribe-live", action=argparse.BooleanOptionalAction, default=False,
-                    help="--spoken: the server decodes a turn as it is spoken, from the conversation's second turn "
-                         "(--transcribe-live)")
+    ap.add_argument("--transcribe-live", action=argparse.BooleanOptionalAction, default=True,
+                    help="--spoken: the server also decodes a turn as it is spoken, from the conversation's second "
+                         "turn (--transcribe-live, the default; off: whole decodes only)")
     ap.add_argument("--preemptive", action="store_true",
                     help="--spoken: the server asks the model at the user's pause (--preemptive-reply)")
     args = ap.parse_args()
@@ -256,9 +257,11 @@ def main() -> None:
     summary = {k: {"p50": pct([r[k] for r in rows], 50), "p90": pct([r[k] for r in rows], 90)} for k in keys}
     for k in keys:
         print(f"{k:>21}: p50 {summary[k]['p50']:7.1f} ms  p90 {summary[k]['p90']:7.1f} ms")
+    right = sum(r["heard"] == r["said"] for r in rows) if args.spoken else None
     if args.spoken:
         for i, r in enumerate(rows):
             print(f"turn {i} heard: {r['heard']!r}")
+        print(f"heard exactly right: {right} of {len(rows)} turns")
     silence_note = f" less the end-of-turn silence {args.turn_silence_ms} ms" if args.spoken else ""
     print(f"the model's own time to its first sentence: {model_ms:.1f} ms (first token {args.first_token_ms:g} ms, "
           f"{args.tokens_per_s:g} tokens/s); fastcsm's share (the total less that{silence_note}) "
@@ -270,7 +273,7 @@ def main() -> None:
                       "transcribe_live": args.transcribe_live if args.spoken else None,
                       "preemptive_reply": args.preemptive if args.spoken else None,
                       "tokens_per_s": args.tokens_per_s, "first_token_ms": args.first_token_ms,
-                      "model_first_sentence_ms": model_ms, origin: summary,
+                      "model_first_sentence_ms": model_ms, "heard_right": right, origin: summary,
                       "mean_fastcsm_share_ms": statistics.mean(r["fastcsm_share"] for r in rows)}))
 
 

@@ -29,8 +29,9 @@ Transcribing live (`live=True`): a recogniser that can decode as the audio comes
 the turn however it ends), so a pause or a stop leaves only the end of the search. Its transcript
 is then `SpeechPaused.live` or `Heard.live`, a `Future`, instead of a transcription to start. A
 live decoder starts from what the recogniser adapted to in this stream's last turn
-(`Transcript.adapted`, kept in `adapted`), so the stream's first turn is decoded whole. It is off
-by default: until it has adapted to the voice it mishears more than a whole decode.
+(`Transcript.adapted`, kept in `adapted`), so the stream's first turn is decoded whole. Which
+transcript a turn takes is the caller's choice: a server decodes the pause's audio whole as well
+and takes that one if it is done when the turn ends (it hears a little better).
 
 Memory is bounded: a chunk holds at most `MAX_CHUNK_S` of audio, a turn at most `max_turn_s`
 (it is cut there, and says so), and between turns only the short pre-roll is kept. A listener

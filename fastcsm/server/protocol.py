@@ -135,16 +135,18 @@ and its transcript) has joined the conversation as `user_speaker` (default 1), e
 `add_turn` with that audio and text would, so the next line hears the user's voice. A turn in
 which nothing was recognised is reported (`added: false`) and not added. With `barge_in` (on by
 default) the user starting to speak interrupts the line in flight exactly as `interrupt` does.
-A turn is transcribed early: when the user pauses (the turn's padding of silence has passed), the
-turn so far is transcribed at once, so that if the pause ends the turn its transcript is ready,
-or under way, when `user_speech_stopped` comes (the same text as transcribing it then, since the
-audio is the same; `--no-transcribe-early` turns this off). Each such transcript that is ready
-before the turn stops comes as `user_transcript_partial {text}`: the turn so far, a live
-transcript (the user may go on; the `user_turn` has the final text, the same when that pause
-ended the turn). In assistant mode with `--preemptive-reply`, the model is asked as soon as such a
-transcript is ready, before the silence has ended the turn: if the pause ends it, that reply is
-the answer (sooner by what of the model's time the silence covered); if the user goes on, the
-request is closed.
+A turn is transcribed early: when the user pauses (the turn's padding of silence has passed),
+the turn so far is transcribed at once, so that if the pause ends the turn its transcript is
+ready, or under way, when `user_speech_stopped` comes (the same text as transcribing it then,
+since the audio is the same; `--no-transcribe-early` turns this off). Each such transcript that
+is ready before the turn stops comes as `user_transcript_partial {text}`: the turn so far, a
+live transcript (the user may go on; the `user_turn` has the final text). With pocketsphinx, a
+stream's later turns are also decoded as they are spoken (`--transcribe-live`, on by default),
+so a pause's transcript is ready ~0.1 s after it; the turn takes the pause's whole decode if
+that is done when the turn ends, else the live one. In assistant mode with `--preemptive-reply`,
+the model is asked as soon as such a transcript is ready, before the silence has ended the turn:
+if the pause ends it, that reply is the answer (sooner by what of the model's time the silence
+covered); if the user goes on, the request is closed.
 Audio before such a `configure`, a rate outside 8-48 kHz, an odd byte count, a chunk over 5 s,
 audio more than 2 s ahead of real time, or more than 4 turns waiting for their transcript are
 each an `error` event; the chunk is dropped and the session goes on. `reset` and `configure` drop

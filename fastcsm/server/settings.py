@@ -184,11 +184,10 @@ class Settings(Table):
                                            "is ready or under way when the pause ends the turn (the cost: one "
                                            "transcription more for each pause the user speaks past)",
                                      "speech recognition")
-    transcribe_live: bool = setting(False, "with a recogniser that can (pocketsphinx), decode a spoken turn while "
-                                           "the user speaks, so that its end leaves only the end of the search "
-                                           "(~0.1 s, against ~0.3 s a second of speech); from the stream's second "
-                                           "turn, adapted to the voice as it goes; it mishears more than a turn "
-                                           "decoded whole until it has adapted",
+    transcribe_live: bool = setting(True, "with a recogniser that can (pocketsphinx), also decode a spoken turn "
+                                          "while the user speaks, from the stream's second turn: the turn takes "
+                                          "the whole decode begun at the pause if it is done when the turn ends, "
+                                          "else the live one, ready ~0.1 s after the pause",
                                     "speech recognition")
     voices_dir: str | None = setting(None, "where voices live (default: ~/.cache/fastcsm/voices)",
                                      "voices", metavar="DIR", env_fallback="FASTCSM_VOICES")
