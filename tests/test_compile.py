@@ -130,7 +130,8 @@ def test_tiny_preset_compiles_a_bounded_number_of_graphs_and_equals_eager():
 
 @pytest.mark.slow
 def test_inductor_with_the_compile_cache_equals_eager(tmp_path):
-    """Inductor, batch dynamic, through the engine's loop: the eager codes, and the cache entry made."""
+    """Inductor, batch dynamic, through the engine's loop: the eager codes, and the cache entry made,
+    from which a start with compile unset compiles."""
     m = tiny_model(codebooks=2)
     torch._dynamo.reset()
     engine = Engine(m, max_slots=2, compile=True, compile_cache=tmp_path)  # buckets 1 and 2: each builds C++
@@ -142,6 +143,13 @@ def test_inductor_with_the_compile_cache_equals_eager(tmp_path):
     entry = engine.runner.cache_entry
     assert entry.parent == tmp_path and any((entry / "inductor").rglob("*"))
     assert json.loads((entry / compile_cache.KEY_FILE).read_text())["torch"] == torch.__version__
+    # A start with compile unset ("auto") finds that finished build and compiles from it.
+    torch._dynamo.reset()
+    auto = Engine(m, max_slots=2, compile="auto", compile_cache=tmp_path)
+    auto.warmup()
+    assert auto.runner.compiled and auto.runner.cache_entry == entry
+    for a, b in zip(run_together(auto, requests(m.cfg, 2)), eager, strict=True):
+        assert torch.equal(a, b)
 
 
 # -- the compile cache --------------------------------------------------------------------------
@@ -197,6 +205,48 @@ def test_a_damaged_cache_entry_is_cleared_not_trusted(model, tmp_path, caplog, i
     assert "cleared, compiling afresh" in caplog.text
     assert not (entry / "inductor" / "kernel").exists()
     assert json.loads(key_file.read_text()) == json.loads(json.dumps(key_of(model)))
+
+
+def test_unset_compile_compiles_only_from_a_finished_build_in_the_cache(model, tmp_path, caplog, inductor_dir,
+                                                                       monkeypatch):
+    """compile="auto" (a server's default): without a finished build of its warm-up's variants in
+    the compile cache the engine runs eagerly and writes nothing there; once a compiled warm-up of
+    them has finished in its entry (built.json), it compiles from that entry, and equals eager.
+    (Inductor is stood in for by dynamo's counting backend: the decision is what is tested.)"""
+    caplog.set_level(logging.INFO, "fastcsm")
+    counter, real = CompileCounter(), Runner._compile
+
+    def counted(self, backend):
+        real(self, counter)
+        self.backend = backend
+
+    monkeypatch.setattr(Runner, "_compile", counted)
+    torch._dynamo.reset()
+
+    def auto(slots: int) -> Engine:
+        engine = Engine(model, max_slots=slots, compile="auto", compile_cache=tmp_path)
+        assert engine.runner.auto and not engine.runner.compiled
+        engine.warmup()
+        assert not engine.runner.auto
+        return engine
+
+    assert not auto(2).runner.compiled and not any(tmp_path.iterdir())
+    assert "running the step eagerly" in caplog.text
+    key = Engine(model, max_slots=2, compile="auto", compile_cache=tmp_path).runner.cache_key
+    entry = compile_cache.open_entry(tmp_path, key)  # a compile that never finished
+    assert not auto(2).runner.compiled
+    built = Engine(model, max_slots=2, compile=True, compile_cache=tmp_path)
+    built.warmup()
+    assert built.runner.cache_entry == entry and (entry / compile_cache.BUILT_FILE).is_file()
+    torch._dynamo.reset()  # (else the same code, guards and all, is not traced again)
+    frames = counter.frame_count
+    engine = auto(2)
+    assert engine.runner.compiled and engine.runner.cache_entry == entry and counter.frame_count > frames
+    assert "compiling from it" in caplog.text
+    for a, b in zip(run_together(engine, requests(model.cfg, 2)), run_together(Engine(model, max_slots=2),
+                                                                                requests(model.cfg, 2)), strict=True):
+        assert torch.equal(a, b)
+    assert not auto(4).runner.compiled  # bucket 4 was never built
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

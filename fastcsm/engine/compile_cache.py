@@ -9,6 +9,9 @@ holds one entry per key, a folder named by the key's hash:
                              dtype, quantization, codec shapes, cache length
     <dir>/<hash>/inductor/   TORCHINDUCTOR_CACHE_DIR: inductor's FX-graph, AOTAutograd and
                              autotuning caches and its compiled kernels
+    <dir>/<hash>/built.json  the step variants (batch bucket, sampling) whose warm-up, prefill's
+                             included, has finished: what a start with `compile="auto"` needs
+                             to find to compile from the cache (`holds`)
 
 A process uses the entry of its own key only: entries built for another torch, device or model are
 left alone and named in a log line. An entry whose key.json cannot be read or names another key is
@@ -35,6 +38,7 @@ import torch
 log = logging.getLogger("fastcsm")
 
 KEY_FILE = "key.json"
+BUILT_FILE = "built.json"
 
 
 def default_dir() -> Path:
@@ -132,7 +136,30 @@ def open_entry(root: str | Path, key: dict) -> Path:
 
 def _write_key(entry: Path, key: dict) -> None:
     entry.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=entry, prefix=".key-")
+    _write(entry / KEY_FILE, key)
+
+
+def _write(path: Path, value) -> None:
+    """`value` as JSON at `path`, by rename: a reader sees the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
     with os.fdopen(fd, "w") as f:
-        json.dump(key, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, entry / KEY_FILE)
+        json.dump(value, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _built(entry: Path) -> set[str]:
+    names = _read_key(entry / BUILT_FILE)
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def mark_built(entry: Path, names) -> None:
+    """The warm-up of the step variants `names` finished in `entry` (added to those already there)."""
+    _write(entry / BUILT_FILE, sorted(_built(entry) | set(names)))
+
+
+def holds(root: str | Path, key: dict, names) -> bool:
+    """`root` has an entry for `key` (its key.json says so) whose finished warm-ups include every
+    step variant of `names`: a start compiling them loads them instead of compiling."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    entry = Path(root).expanduser() / key_hash(key)
+    return _read_key(entry / KEY_FILE) == key and set(names) <= _built(entry)

@@ -220,7 +220,8 @@ class Engine:
       a model loaded with `quantize=` is already quantized (`self.quantization` says which).
     runner: how the step and prefill run (`runner.Runner`); by default one built from
       compile (wrap the step and prefill in `torch.compile`, batch dynamic: one compile for every
-      bucket), compile_cache (the directory that keeps what inductor compiled, see
+      bucket; "auto": only if the compile cache holds a finished build of them, decided by
+      `warmup`), compile_cache (the directory that keeps what inductor compiled, see
       `compile_cache`; default ~/.cache/fastcsm/compile) and cuda_graphs (capture one graph per
       batch bucket and sampling path; default: on when the model is on CUDA).
     """
@@ -232,7 +233,7 @@ class Engine:
         codec: Codec | None = None,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
-        compile: bool = False,
+        compile: bool | str = False,
         cuda_graphs: bool | None = None,
         prefix_cache_bytes: int = 256 << 20,
         sample_candidates: int = 64,

@@ -101,6 +101,16 @@ def mark_batch(args: tuple) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+def compiled_variant(batch: int, path: SamplingPath) -> tuple[int, SamplingPath]:
+    """The variant a compiled runner runs `path` at `batch` as (see `Runner.variant`)."""
+    return batch, SamplingPath(path.candidates if path.sampled else None)
+
+
+def variant_name(batch: int, path: SamplingPath) -> str:
+    """A step variant as the compile cache's `built.json` lists it."""
+    return f"step batch {batch} {describe(path)}"
+
+
 def describe(path: SamplingPath) -> str:
     """A sampling variant in a few words, for progress lines."""
     if not path.sampled:
@@ -110,24 +120,24 @@ def describe(path: SamplingPath) -> str:
 
 class Runner:
     """step: the frame step, called as `engine_step` is; prefill: as `step.prefill`.
-    compile: False, True (inductor) or a `torch.compile` backend (a name or a callable), for the
-      step and prefill. cache_dir: where inductor's output is kept (`compile_cache`; default
-      `compile_cache.default_dir()`). cuda_graphs: capture one graph per variant (CUDA only)."""
+    compile: False, True (inductor), a `torch.compile` backend (a name or a callable), for the
+      step and prefill, or "auto": inductor if the compile cache holds a finished build of every
+      variant the warm-up asks for (`compile_cache.holds`: a `fastcsm compile`, or an earlier
+      compiled start, made it), so that it loads in seconds instead of compiling for minutes;
+      else eager. Decided by the first `warmup`. cache_dir: where inductor's output is kept
+      (`compile_cache`; default `compile_cache.default_dir()`). cuda_graphs: capture one graph
+      per variant (CUDA only)."""
 
     def __init__(self, step=engine_step, prefill=prefill, compile: bool | str | Callable = False,
                  cuda_graphs: bool = False, cache_dir: str | Path | None = None):
-        self.backend = ("inductor" if compile is True else compile) or None
-        if self.backend is not None:
-            # Two graphs a sampling variant plus prefill's, and a test or a second engine may compile
-            # more in one process: past dynamo's recompile limit (8) fullgraph=True fails.
-            for name in ("recompile_limit", "accumulated_recompile_limit"):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
-            step = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend)
-            prefill = torch.compile(prefill, fullgraph=True, dynamic=False, backend=self.backend)
-        self._step, self._prefill = step, prefill
-        self.compiled = self.backend is not None
+        self.auto = compile == "auto"  # until the first warm-up decides
+        self.backend: str | Callable | None = None
+        self._step, self._prefill = self._eager = step, prefill
+        if compile and not self.auto:
+            self._compile("inductor" if compile is True else compile)
         self.cuda_graphs = cuda_graphs
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else compile_cache.default_dir()
+        self.cache_key: dict | None = None  # what inductor's output is kept under (inductor or "auto")
         self.cache_entry: Path | None = None  # the compile cache's entry in use (inductor only)
         self.built: set[tuple[int, SamplingPath]] = set()  # variants compiled / captured / run so far
         self._graphs: dict[tuple[int, SamplingPath], torch.cuda.CUDAGraph] = {}
@@ -135,13 +145,27 @@ class Runner:
         self._buffers: Buffers | None = None  # the engine's, which its graphs read and write
         self._prefill_built = False  # compiled: both prefill graphs were built by a warm-up
 
+    @property
+    def compiled(self) -> bool:
+        return self.backend is not None
+
+    def _compile(self, backend: str | Callable) -> None:
+        # Two graphs a sampling variant plus prefill's, and a test or a second engine may compile
+        # more in one process: past dynamo's recompile limit (8) fullgraph=True fails.
+        for name in ("recompile_limit", "accumulated_recompile_limit"):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 1024))
+        self.backend = backend
+        self._step, self._prefill = (torch.compile(f, fullgraph=True, dynamic=False, backend=backend)
+                                     for f in self._eager)
+
     def bind(self, bufs: Buffers) -> None:
         """Serve the engine of `bufs` (and only it); compiled with inductor, open its compile cache entry."""
         if self._buffers is None:
             self._buffers = bufs
-            if self.backend == "inductor":  # the model's shapes are known now: open their cache entry
-                key = compile_cache.cache_key(bufs.model, bufs.mimi, bufs.cache.length)
-                self.cache_entry = compile_cache.open_entry(self.cache_dir, key)
+            if self.backend == "inductor" or self.auto:  # the model's shapes are known now
+                self.cache_key = compile_cache.cache_key(bufs.model, bufs.mimi, bufs.cache.length)
+            if self.backend == "inductor":
+                self.cache_entry = compile_cache.open_entry(self.cache_dir, self.cache_key)
         elif bufs is not self._buffers:
             raise ValueError("this Runner already serves another engine; give each engine its own")
 
@@ -163,9 +187,7 @@ class Runner:
     def variant(self, batch: int, path: SamplingPath) -> tuple[int, SamplingPath]:
         """The variant that runs `path` at `batch`: itself, or when compiled the path with every
         filter and the same candidates (a greedy-only path: the full sort), which picks the same."""
-        if self.compiled:
-            path = SamplingPath(path.candidates if path.sampled else None)
-        return batch, path
+        return compiled_variant(batch, path) if self.compiled else (batch, path)
 
     def step(self, bufs: Buffers, batch: int, path: SamplingPath, window: int | None = None) -> None:
         """`window`: every active row's position is below it. An eager step attends over that
@@ -202,15 +224,18 @@ class Runner:
 
     def warmup(self, bufs: Buffers, variants, progress: Callable[[Progress], None] | None = None) -> None:
         """Build every variant not built yet (and, compiled, both prefill graphs), without advancing
-        any stream. `progress` hears of each build before it starts."""
+        any stream. `progress` hears of each build before it starts. With `compile="auto"` the
+        first warm-up decides first whether to compile (see the class's docstring)."""
         self.bind(bufs)
+        variants = list(variants)
+        if self.auto and not self._decide(variants) and not self.cuda_graphs:
+            return  # eager: nothing to build that the first frames would not
         todo = [("step", k) for k in dict.fromkeys(self.variant(*v) for v in variants) if k not in self.built]
         if self.compiled and not self._prefill_built:
             todo += [("prefill", rows) for rows in (1, 2)]
         start = time.perf_counter()
         for done, (kind, what) in enumerate(todo):
-            words = (f"step batch {what[0]} {describe(what[1])}" if kind == "step"
-                     else f"prefill rows {what}{'+' if what > 1 else ''}")
+            words = variant_name(*what) if kind == "step" else f"prefill rows {what}{'+' if what > 1 else ''}"
             report = Progress(done, len(todo), words, time.perf_counter() - start)
             log.info("fastcsm: %s", report)
             if progress is not None:
@@ -220,6 +245,23 @@ class Runner:
             else:
                 self._build_prefill(bufs, what)
         self._prefill_built = self._prefill_built or self.compiled
+        if self.cache_entry is not None:  # a later start with compile="auto" may load them
+            compile_cache.mark_built(self.cache_entry, [variant_name(*self.variant(*v)) for v in variants])
+
+    def _decide(self, variants: list) -> bool:
+        """compile="auto": inductor if the compile cache holds a finished build of `variants`."""
+        self.auto = False
+        names = [variant_name(*compiled_variant(*v)) for v in variants]
+        if compile_cache.holds(self.cache_dir, self.cache_key, names):
+            log.info("fastcsm: the compile cache %s holds this model's compiled step for every batch bucket: "
+                     "compiling from it", self.cache_dir)
+            self._compile("inductor")
+            self.cache_entry = compile_cache.open_entry(self.cache_dir, self.cache_key)
+            return True
+        log.info("fastcsm: running the step eagerly: the compile cache %s holds no finished build of it for "
+                 "this model, device and batch buckets (`fastcsm compile` with the same model flags and --slots "
+                 "makes one, in minutes; later starts then compile from it in seconds)", self.cache_dir)
+        return False
 
     def _build(self, bufs: Buffers, batch: int, path: SamplingPath) -> None:
         self.bind(bufs)
