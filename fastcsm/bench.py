@@ -300,6 +300,7 @@ def run(args) -> dict:
 
     for name, value in values_from_args(args, SETTINGS).items():
         setattr(args, name, value)
+    args.compile = bool(args.compile)  # (the bench measures what it is told: unset is eager)
     check_plot_available(args.plot)
     quiet_other_libraries()
     device, dtype = resolve_device_dtype(args.device, args.dtype)

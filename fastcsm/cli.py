@@ -718,12 +718,14 @@ def run_quantize(args) -> int:
 
 def add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile the step for every batch bucket into the compile cache, ahead of "
-                                       "`fastcsm serve --compile`",
+                                       "`fastcsm serve`",
                        description="Build what `fastcsm serve --compile` with the same model flags and --slots "
                                    "would compile at start-up (the frame step, once for every batch bucket, and "
                                    "prefill), and keep it in the compile cache, e.g. while building an image or "
                                    "in an init container. Servers and Ray replicas given the same cache "
-                                   "directory then load it instead of compiling.")
+                                   "directory then load it instead of compiling, and compile by default: "
+                                   "`fastcsm serve` without --compile / --no-compile compiles when the cache "
+                                   "holds such a finished build.")
     _add_settings(p, MODEL_SETTINGS + ("compile_cache", "slots"))
     p.set_defaults(func=run_compile)
 
@@ -742,7 +744,8 @@ def run_compile(args) -> int:
     t = time.perf_counter()
     _, engine = bootstrap(s, generator)
     print(f"compiled the step for batches {', '.join(map(str, engine.buckets))} on {engine.device} in "
-          f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry}")
+          f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry} (`fastcsm serve` with the same "
+          f"model flags and --slots {s.slots} now starts compiled from it)")
     return EXIT_OK
 
 

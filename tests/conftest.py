@@ -1,14 +1,21 @@
-"""Test-wide settings: tiny models run fastest on one thread (no pool wake-ups per small op).
+"""Test-wide settings: tiny models run fastest on one thread (no pool wake-ups per small op), and
+the compile cache is a folder of this run's own (a server compiles by default when the cache holds
+a finished build for its model: one left in the user's cache must not change what a test runs).
 Tests marked `slow` (compiles, the interpreted kernels, whole servers started as commands:
 ten seconds to minutes each on a CPU) run only with FASTCSM_SLOW_TESTS=1, which CI sets;
 otherwise each is reported as skipped."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ["FASTCSM_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fastcsm-test-compile-")
+atexit.register(shutil.rmtree, os.environ["FASTCSM_COMPILE_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -334,11 +334,13 @@ def test_killing_a_replica_closes_its_conversations_ends_its_streams_and_ray_rep
 
 def test_replicas_share_one_compile_cache(tmp_path, monkeypatch):
     """The driver resolves the compile cache, so every replica (and node, given a shared volume)
-    loads and fills the same one."""
+    loads and fills the same one, compiling or looking for a finished build (compile unset)."""
     monkeypatch.delenv("FASTCSM_COMPILE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     settings, _ = parse_args({"model": "/m", "compile": "true"}, environ={})
     assert settings.compile_cache == str(tmp_path / "fastcsm" / "compile")
     settings, _ = parse_args({"model": "/m", "compile": True, "compile_cache": "~/shared/compile"}, environ={})
     assert settings.compile_cache == os.path.expanduser("~/shared/compile")
-    assert parse_args({"model": "/m"}, environ={})[0].compile_cache is None
+    # Unset, replicas compile when that cache holds a finished build: the driver's cache all the same.
+    assert parse_args({"model": "/m"}, environ={})[0].compile_cache == str(tmp_path / "fastcsm" / "compile")
+    assert parse_args({"model": "/m", "compile": False}, environ={})[0].compile_cache is None

@@ -137,7 +137,7 @@ def parse_args(args: dict[str, Any] | None = None, environ=None) -> tuple[Settin
     settings = Settings.from_env(environ, **typed)  # checked as `fastcsm serve` checks them
     if settings.voices_dir:
         settings.voices_dir = os.path.abspath(os.path.expanduser(settings.voices_dir))
-    if settings.compile:  # one cache that every replica loads and fills: the first start compiles, later ones load
+    if settings.compile is not False:  # one cache that every replica loads (and fills, compiling): the driver's
         from ..engine.compile_cache import default_dir
 
         settings.compile_cache = os.path.abspath(os.path.expanduser(settings.compile_cache or default_dir()))

@@ -101,11 +101,14 @@ def start_engine(gen, s: Settings, progress=None, runner=None) -> Engine:
     """The engine `s` asks for over `gen`'s model, every step variant built (compiled: from the
     compile cache where it has them; `progress` hears of each build). `runner` (its step and
     prefill) replaces the one the settings' compile flags would build."""
-    compiled = {} if runner is not None else {"compile": s.compile, "compile_cache": s.compile_cache}
+    compile = "auto" if s.compile is None else s.compile
+    compiled = {} if runner is not None else {"compile": compile, "compile_cache": s.compile_cache}
     engine = Engine(gen.model, max_slots=s.slots, codec=gen.codec, prefill_chunk=s.prefill_chunk, runner=runner,
                     **compiled)
-    if engine.cuda_graphs or engine.runner.compiled:
-        log.info("fastcsm: compiled / captured every batch bucket in %.1f s", engine.warmup(progress))
+    if engine.cuda_graphs or engine.runner.compiled or engine.runner.auto:
+        took = engine.warmup(progress)
+        if engine.cuda_graphs or engine.runner.compiled:
+            log.info("fastcsm: compiled / captured every batch bucket in %.1f s", took)
     return engine
 
 

@@ -85,9 +85,12 @@ class Settings(Table):
     quantize: str | None = setting(None, "8-bit linears (int8 anywhere, fp8 on GPUs of compute capability 8.9+), "
                                          "quantized while loading (default: the checkpoint's own precision)",
                                    "model", choices=("none", "int8", "fp8"))
-    compile: bool = setting(False, "torch.compile the frame step and prefill (one compile for every batch "
-                                   "bucket, kept in --compile-cache): faster frames after minutes of warm-up on "
-                                   "the first start, far less from the cache", "model")
+    compile: bool | None = setting(None, "torch.compile the frame step and prefill (one compile for every batch "
+                                          "bucket, kept in --compile-cache): faster frames after minutes of warm-up "
+                                          "on the first start, seconds from the cache; unset: compiled when the "
+                                          "cache holds a finished build for this model, device and --slots (from "
+                                          "`fastcsm compile` or an earlier --compile start), else eager",
+                                   "model", shown="auto")
     compile_cache: str | None = setting(None, "where compiled code is kept and shared by every process and Ray "
                                               "replica (default: ~/.cache/fastcsm/compile; fill it ahead with "
                                               "`fastcsm compile`)", "model", metavar="DIR")
