@@ -235,8 +235,8 @@ class SphinxLive:
     second of audio decoded whole. A live decoder cannot take the whole recording's cepstral mean
     (it has not heard it yet), so it starts from an earlier turn's of the same voice (`adapted`)
     and moves it toward this turn's as it goes (its `Transcript.adapted`, for the turn after); a
-    stream's first turn is decoded whole. Over 31 espeak-ng turns after the first it heard 17
-    exactly right against 15 for whole decodes, and 80% of the words against 81%
+    stream's first turn is decoded whole. Over 31 espeak-ng turns after the first it heard 18
+    exactly right, as many as whole decodes did, and 82% of the words against their 86%
     (`benchmarks/bench_hearing.py`).
 
     `feed(audio)` adds 16 kHz audio; `finish()` is a `Future` of the `Transcript` of everything fed;

@@ -647,4 +647,3 @@ def _describe(e: ValidationError) -> str:
         if err.get("type") == "union_tag_not_found":
             return f'the message needs a "type": one of {", ".join(_COMMANDS)}'
     return "invalid message: " + invalid_fields(errors, skip=_COMMANDS, limit=3)[0]
-
