@@ -744,8 +744,8 @@ def run_compile(args) -> int:
     t = time.perf_counter()
     _, engine = bootstrap(s, generator)
     print(f"compiled the step for batches {', '.join(map(str, engine.buckets))} on {engine.device} in "
-          f"{time.perf_counter() - t:.1f} s; cache: {engine.runner.cache_entry} (`fastcsm serve` with the same "
-          f"model flags and --slots {s.slots} now starts compiled from it)")
+          f"{time.perf_counter() - t:.1f} s (`fastcsm serve` with the same model flags and --slots {s.slots} now "
+          f"starts compiled from it); cache: {engine.runner.cache_entry}")
     return EXIT_OK
 
 

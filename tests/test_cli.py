@@ -210,6 +210,7 @@ def test_compile_fills_the_cache_and_says_where(tmp_path, tiny_csm_dir, capsys):
     assert rc == 0 and "batches 1 on cpu" in out  # one bucket: each is a C++ build of minutes on a CPU
     entry = out.strip().rsplit("cache: ", 1)[1]
     assert entry.startswith(str(cache)) and any((cache / entry.rsplit("/", 1)[1] / "inductor").rglob("*"))
+    assert (cache / entry.rsplit("/", 1)[1] / "built.json").is_file()  # what a later serve compiles from
 
 
 def test_the_output_extension_picks_the_encoder(tmp_path, tiny_csm_dir, capsys):
