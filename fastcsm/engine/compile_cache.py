@@ -82,6 +82,11 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _as_stored(key: dict) -> dict:
+    """`key` as key.json reads back (tuples as lists, other values as their text)."""
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
 def _read_key(path: Path):
     try:
         return json.loads(path.read_text())
@@ -101,7 +106,7 @@ def _summary(key) -> str:
 
 def open_entry(root: str | Path, key: dict) -> Path:
     """Make `root`'s entry for `key` inductor's cache (process-wide) and return the entry's folder."""
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))  # as key.json will read back
+    key = _as_stored(key)
     root = Path(root).expanduser()
     entry = root / key_hash(key)
     # An entry without key.json is one another process is making right now: its key is ours.
@@ -160,6 +165,6 @@ def mark_built(entry: Path, names) -> None:
 def holds(root: str | Path, key: dict, names) -> bool:
     """`root` has an entry for `key` (its key.json says so) whose finished warm-ups include every
     step variant of `names`: a start compiling them loads them instead of compiling."""
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    key = _as_stored(key)
     entry = Path(root).expanduser() / key_hash(key)
     return _read_key(entry / KEY_FILE) == key and set(names) <= _built(entry)
