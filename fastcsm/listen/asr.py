@@ -294,15 +294,18 @@ class SphinxLive:
         duration, pcm = self.samples / SAMPLE_RATE, b"".join(self.pieces)
         live = self._submit(_live_finish, self.sid)
 
+        def make(result: tuple) -> Transcript:  # (words, cepstral mean), live or whole
+            return self.owner._transcript(result[0], duration, result[1])
+
         def done(f: Future | None) -> None:
             if f is None or f.cancelled() or f.exception() is not None or self.failed:
                 try:  # decoded whole: the live search missed a piece, or gave up
                     whole = self.owner._pool.submit(_sphinx_decode, pcm)
                 except Exception as e:
                     return _set(out, exception=AsrError(f"speech recognition failed ({type(e).__name__}: {e})"))
-                whole.add_done_callback(lambda w: _set(out, w, lambda r: self.owner._transcript(r[0], duration, r[1])))
+                whole.add_done_callback(lambda w: _set(out, w, make))
             else:
-                _set(out, f, lambda r: self.owner._transcript(r[0], duration, r[1]))
+                _set(out, f, make)
 
         if live is None:
             done(None)
