@@ -11,7 +11,7 @@ from fastcsm.engine.engine import Request
 from fastcsm.engine.sampling import SamplingParams
 from fastcsm.model import checkpoints, quant
 from fastcsm.model.config import tiny_config
-from fastcsm.model.network import CSM, FusedState
+from fastcsm.model.network import CSM, FusedState, Linear, linear
 from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
 from fastcsm.testing import assert_compiled_step_equals_eager, byte_tokenizer_json, randomize_, run_alone
 
@@ -95,6 +95,25 @@ def test_fused_outputs_equal_the_separate_linears(model):
             assert torch.allclose(y, x @ w(name).T, rtol=1e-6, atol=1e-6)
         ref = (torch.nn.functional.silu(x @ w("mlp.w1").T) * (x @ w("mlp.w3").T)) @ w("mlp.w2").T
         assert torch.allclose(layer.mlp(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 1, 64), (4, 5, 64), (8, 1, 64), (40, 64)])
+def test_the_linear_equals_f_linear_in_fp32_and_is_f_linear_in_bf16(shape):
+    """`linear` computes fp32 CPU rows as weight @ rows.T: the same products, summed in another
+    order; in bf16 it is F.linear itself."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(*shape, generator=g), torch.randn(96, 64, generator=g) / 8
+    y = linear(x, w)
+    assert y.shape == (*shape[:-1], 96) and y.is_contiguous()
+    assert torch.allclose(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(linear(xb, wb), torch.nn.functional.linear(xb, wb))
+
+
+def test_every_full_precision_linear_runs_as_the_linear(model):
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Linear and m.bias is None for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quant.quantized_copy(model, "int8").modules())
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "fp8"])

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model.network import linear
 from ..nested import leaves
 
 # Whole-sequence encode/decode work through the streaming path this many frames at a time.
@@ -491,18 +492,6 @@ class LayerScale(nn.Module):
         return self.scale * x
 
 
-def _linear(x: Tensor, weight: Tensor) -> Tensor:
-    """`F.linear(x, weight)` without bias. On the CPU it is computed as `weight @ rows.T`: with the
-    weight as the left operand the matmul streams it once, where `F.linear` of the 2 rows of a
-    streamed frame first packs it, at a fifth of the speed (a 2048 x 512 weight out of cache on a
-    2-core CPU: 151 against 735 us; from 16 to 512 rows, 5-15% faster). The sums are the same
-    products in another order: equal to float rounding."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -510,7 +499,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _linear(F.gelu(_linear(x, self.fc1.weight)), self.fc2.weight)
+        return linear(F.gelu(linear(x, self.fc1.weight)), self.fc2.weight)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -536,14 +525,14 @@ class Attention(nn.Module):
         # x: [B, S, D]; cos/sin: [B, 1, S, head_dim]; mask: [B, 1, S, capacity]; rows: [B, 1] 0..B-1;
         # slots: [B, S] ring indices
         B, S, _ = x.shape
-        q, k, v = _linear(x, self.qkv_proj.weight).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, self.qkv_proj.weight).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         # Indexed writes, which a compiled step does in place (see `fastcsm.model.network.KVCache`).
         ring.k[rows, :, slots] = k.transpose(1, 2)
         ring.v[rows, :, slots] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, ring.k, ring.v, attn_mask=mask)
-        return _linear(out.transpose(1, 2).reshape(B, S, -1), self.o_proj.weight)
+        return linear(out.transpose(1, 2).reshape(B, S, -1), self.o_proj.weight)
 
 
 class TransformerLayer(nn.Module):
