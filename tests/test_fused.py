@@ -9,7 +9,7 @@ import torch
 from fastcsm import bench
 from fastcsm.engine.engine import Request
 from fastcsm.engine.sampling import SamplingParams
-from fastcsm.model import checkpoints, quant
+from fastcsm.model import checkpoints, network, quant
 from fastcsm.model.config import tiny_config
 from fastcsm.model.network import CSM, FusedState, Linear, linear
 from fastcsm.model.prompt import Segment, TextTokenizer, build_prompt
@@ -97,15 +97,18 @@ def test_fused_outputs_equal_the_separate_linears(model):
         assert torch.allclose(layer.mlp(x), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 1, 64), (4, 5, 64), (8, 1, 64), (40, 64)])
-def test_the_linear_equals_f_linear_in_fp32_and_is_f_linear_in_bf16(shape):
-    """`linear` computes fp32 CPU rows as weight @ rows.T: the same products, summed in another
-    order; in bf16 it is F.linear itself."""
+@pytest.mark.parametrize("shape", [(1, 512), (2, 512), (3, 1, 512), (4, 5, 512), (8, 1, 512), (40, 512)])
+def test_the_linear_equals_f_linear(shape):
+    """`linear` runs a large fp32 weight on the CPU through oneDNN: the same products, summed in
+    another order; a small weight, and bf16, through F.linear itself."""
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(*shape, generator=g), torch.randn(96, 64, generator=g) / 8
+    x, w = torch.randn(*shape, generator=g), torch.randn(600, 512, generator=g) / 16
+    assert w.numel() >= network.ONEDNN_MIN
     y = linear(x, w)
-    assert y.shape == (*shape[:-1], 96) and y.is_contiguous()
+    assert y.shape == (*shape[:-1], 600) and y.is_contiguous()
     assert torch.allclose(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    small = w[:100]
+    assert torch.equal(linear(x, small), torch.nn.functional.linear(x, small))
     xb, wb = x.bfloat16(), w.bfloat16()
     assert torch.equal(linear(xb, wb), torch.nn.functional.linear(xb, wb))
 
@@ -189,10 +192,16 @@ def test_write_quantized_then_load_keeps_names_and_outputs(model, tmp_path, mode
     assert_same_outputs(full, model)
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["f_linear", "onednn"])
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_fused_step_compiles_fullgraph_and_equals_eager(backend):
+def test_fused_step_compiles_fullgraph_and_equals_eager(backend, onednn, monkeypatch):
     """The fused full-precision frame step is one graph and gives the eager codes (the 8-bit ones:
-    test_quant.py)."""
+    test_quant.py), with the tiny model's linears through F.linear, and through oneDNN as a large
+    model's are on the CPU (an opaque op in the graph)."""
+    if onednn:
+        if not network.ONEDNN:
+            pytest.skip("this torch has no oneDNN")
+        monkeypatch.setattr(network, "ONEDNN_MIN", 0)
     cfg = tiny_config(num_codebooks=2)
     m = CSM(cfg)
     randomize_(m, seed=1)

@@ -24,19 +24,40 @@ import torch.nn.functional as F
 
 from .config import CsmConfig, TransformerConfig
 
+# Full-precision linears on the CPU run as oneDNN's matmul (`mkldnn::_linear_pointwise`, over the
+# weight as it is stored). From memory it reads a weight at about twice the speed of `F.linear`'s
+# MKL GEMM for one row, and 2-4x for 2 to 32 rows (`benchmarks/bench_linears.py`): a csm-1b fp32
+# frame on 2 cores takes 681 ms instead of 1249 at batch 1, 1501 instead of 2844 at batch 8. Its
+# fixed cost (~20 us a call) makes it slower for small weights, which stay with `F.linear`, and so
+# do bf16 (where `F.linear` already goes to oneDNN) and every other device.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN = 1 << 18  # elements of a weight from which the CPU runs it with oneDNN (512 x 512)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` without bias. In fp32 on the CPU it is computed as `weight @ rows.T`:
-    with the weight as the left operand the matmul streams it once, where `F.linear` of a few rows
-    first packs it. On a 2-core CPU, csm-1b's fp32 frame steps took 912 / 1553 / 2236 ms at
-    batch 2 / 4 / 8 this way against 2394 / 2740 / 2702 ms with `F.linear`, and the same at batch
-    1; Mimi's streamed frame, 2 rows a linear, 21 ms against 31. In bf16 `F.linear` is the faster
-    form, and elsewhere it is kept. The sums are the same products in another order: equal to
-    float rounding. No branch on shapes, so a compiled step's graphs are the same for any batch."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    """`F.linear(x, weight)` without bias; fp32 on the CPU through oneDNN (see `ONEDNN`). The sums
+    are the same products in another order: equal to float rounding. Compiled graphs keep the call
+    opaque (`fastcsm::onednn_linear`): inductor's own lowering of the op needs frozen weights."""
+    if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.numel() >= ONEDNN_MIN):
         return F.linear(x, weight)
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcsm.onednn_linear(x, weight)
+    return _onednn_linear(x, weight)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+_library = torch.library.Library("fastcsm", "FRAGMENT")
+_library.define("onednn_linear(Tensor x, Tensor weight) -> Tensor")
+_library.impl("onednn_linear", _onednn_linear, "CPU")
+
+
+@torch.library.register_fake("fastcsm::onednn_linear", lib=_library)
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class Linear(nn.Linear):
