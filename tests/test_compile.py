@@ -184,10 +184,28 @@ def test_a_cache_for_another_torch_device_or_model_is_ignored_with_a_log_line(mo
     caplog.clear()
     mine = compile_cache.open_entry(tmp_path, key_of(model))
     assert mine != other and not any((mine / "inductor").iterdir())
-    assert "ignoring 1 entries built for: torch 1.0.0, cuda Some GPU sm_90" in caplog.text
+    code = compile_cache.code_hash()
+    assert f"ignoring 1 entries built for: torch 1.0.0, code {code}, cuda Some GPU sm_90" in caplog.text
+    older = compile_cache.open_entry(tmp_path, key_of(model, code="0" * 12))  # another fastcsm's graphs
+    assert older not in (mine, other)
     assert (other / "inductor" / "kernel").read_text() == "theirs"  # left alone
     bigger = compile_cache.open_entry(tmp_path, compile_cache.cache_key(tiny_model(codebooks=8), None, 64))
     assert bigger not in (mine, other)
+
+
+def test_the_key_names_the_source_that_compiled_graphs_are_traced_from(tmp_path):
+    """An edit or another release of the compiled layers makes another key; other files do not."""
+    for d in ("model", "engine", "codec"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "model" / "network.py").write_text("x = 1\n")
+    (tmp_path / "nested.py").write_text("")
+    (tmp_path / "server.py").write_text("a = 1\n")
+    first = compile_cache.code_hash.__wrapped__(tmp_path)
+    (tmp_path / "server.py").write_text("a = 2\n")
+    assert compile_cache.code_hash.__wrapped__(tmp_path) == first
+    (tmp_path / "model" / "network.py").write_text("x = 2\n")
+    assert compile_cache.code_hash.__wrapped__(tmp_path) != first
+    assert len(compile_cache.code_hash()) == 12 and compile_cache.code_hash() == compile_cache.code_hash()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "another key"])

@@ -100,7 +100,7 @@ def test_fused_outputs_equal_the_separate_linears(model):
 @pytest.mark.parametrize("shape", [(1, 512), (2, 512), (3, 1, 512), (4, 5, 512), (8, 1, 512), (40, 512)])
 def test_the_linear_equals_f_linear(shape):
     """`linear` runs a large fp32 weight on the CPU through oneDNN: the same products, summed in
-    another order; a small weight, and bf16, through F.linear itself."""
+    another order; a small weight, more than ONEDNN_MAX_ROWS rows, and bf16 through F.linear itself."""
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(*shape, generator=g), torch.randn(600, 512, generator=g) / 16
     assert w.numel() >= network.ONEDNN_MIN
@@ -109,6 +109,8 @@ def test_the_linear_equals_f_linear(shape):
     assert torch.allclose(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
     small = w[:100]
     assert torch.equal(linear(x, small), torch.nn.functional.linear(x, small))
+    many = torch.randn(network.ONEDNN_MAX_ROWS + 1, 512, generator=g)  # oneDNN keeps a primitive a row count
+    assert torch.equal(linear(many, w), torch.nn.functional.linear(many, w))
     xb, wb = x.bfloat16(), w.bfloat16()
     assert torch.equal(linear(xb, wb), torch.nn.functional.linear(xb, wb))
 

@@ -4,7 +4,8 @@ built instead of compiling again (minutes a graph for csm-1b).
 A cache directory (`--compile-cache`, FASTCSM_COMPILE_CACHE, default ~/.cache/fastcsm/compile)
 holds one entry per key, a folder named by the key's hash:
 
-    <dir>/<hash>/key.json    what the compiled code was built for: torch version, device (GPU name
+    <dir>/<hash>/key.json    what the compiled code was built for: torch version, fastcsm's
+                             compiled code (a hash of its source, `code_hash`), device (GPU name
                              and compute capability, or CPU model and vector ISA), model shapes,
                              dtype, quantization, codec shapes, cache length
     <dir>/<hash>/inductor/   TORCHINDUCTOR_CACHE_DIR: inductor's FX-graph, AOTAutograd and
@@ -13,9 +14,10 @@ holds one entry per key, a folder named by the key's hash:
                              included, has finished: what a start with `compile="auto"` needs
                              to find to compile from the cache (`holds`)
 
-A process uses the entry of its own key only: entries built for another torch, device or model are
-left alone and named in a log line. An entry whose key.json cannot be read or names another key is
-cleared and rebuilt, never trusted; inductor itself logs and recompiles a graph it cannot load.
+A process uses the entry of its own key only: entries built for another torch, device or model, or
+by another version of fastcsm's code, are left alone and named in a log line. An entry whose
+key.json cannot be read or names another key is cleared and rebuilt, never trusted; inductor
+itself logs and recompiles a graph it cannot load.
 Processes share a directory safely: inductor writes its files by rename, and so is key.json.
 The inductor directory is a process-wide setting (the environment variable): the last entry
 opened serves every compile of the process.
@@ -24,6 +26,7 @@ opened serves every compile of the process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -63,12 +66,33 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} {cpu} {torch.backends.cpu.get_cpu_capability()}"
 
 
+COMPILED_CODE = ("model", "engine", "codec", "nested.py")  # what a compiled step and prefill trace
+
+
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def code_hash(root: Path = PACKAGE) -> str:
+    """A hash of the source of fastcsm's code that compiled graphs are traced from (`COMPILED_CODE`
+    under the package `root`). Another release, or an edit, may trace other graphs: its entry is
+    another, so a start from the cache never finds a build that does not hold its graphs (and
+    compiles for minutes where `built.json` promised seconds)."""
+    h = hashlib.sha256()
+    for part in COMPILED_CODE:
+        path = root / part
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def cache_key(model, mimi=None, cache_length: int | None = None) -> dict:
     """The key of the compiled step and prefill of `model` (a `CSM`, quantized or not) with `mimi`."""
     from ..model.quant import mode_of
 
     return {
         "torch": torch.__version__,
+        "code": code_hash(),
         "device": device_name(model.device),
         "model": dataclasses.asdict(model.cfg),
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -99,7 +123,7 @@ def _summary(key) -> str:
         return "unreadable key"
     model = key.get("model") or {}
     backbone = model.get("backbone", {}) if isinstance(model, dict) else {}
-    return (f"torch {key.get('torch')}, {key.get('device')}, {key.get('dtype')}"
+    return (f"torch {key.get('torch')}, code {key.get('code')}, {key.get('device')}, {key.get('dtype')}"
             f"{'/' + key['quantization'] if key.get('quantization') else ''}, "
             f"backbone dim {backbone.get('dim') if isinstance(backbone, dict) else '?'}")
 

@@ -24,20 +24,28 @@ import torch.nn.functional as F
 
 from .config import CsmConfig, TransformerConfig
 
-# Full-precision linears on the CPU run as oneDNN's matmul (`mkldnn::_linear_pointwise`, over the
-# weight as it is stored). From memory it reads a weight at about twice the speed of `F.linear`'s
-# MKL GEMM for one row, and 2-4x for 2 to 32 rows (`benchmarks/bench_linears.py`): a csm-1b fp32
-# frame on 2 cores takes 681 ms instead of 1249 at batch 1, 1501 instead of 2844 at batch 8. Its
-# fixed cost (~20 us a call) makes it slower for small weights, which stay with `F.linear`, and so
-# do bf16 (where `F.linear` already goes to oneDNN) and every other device.
+# Full-precision linears of a few rows on the CPU run as oneDNN's matmul (`mkldnn::_linear_pointwise`,
+# over the weight as it is stored). From memory it reads a weight at about twice the speed of
+# `F.linear`'s MKL GEMM for one row, and 2-4x for 2 to 32 rows (`benchmarks/bench_linears.py`): a
+# csm-1b fp32 frame on 2 cores takes 681 ms instead of 1249 at batch 1, 1501 instead of 2844 at
+# batch 8. Its fixed cost (~20 us a call) makes it slower for small weights, which stay with
+# `F.linear`, and so do bf16 (where `F.linear` already goes to oneDNN) and every other device.
+#
+# oneDNN keeps a primitive, with memory of its own (~0.6-3 MB), for every weight shape and number of
+# rows it has run. So it gets at most `ONEDNN_MAX_ROWS` rows, the rows of a frame step up to batch 32
+# (and of Mimi's streamed frames up to batch 16): csm-1b's and Mimi's 14 shapes at every count from
+# 1 to 32 hold ~280 MB. Prompts of every length through it grew a process by 3.3 GB for 200 lengths,
+# and 6.8 GB after a second pass. More rows go to `F.linear`, within 1.2-2x of oneDNN there.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MIN = 1 << 18  # elements of a weight from which the CPU runs it with oneDNN (512 x 512)
+ONEDNN_MAX_ROWS = 32  # the most rows a call runs with oneDNN
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` without bias; fp32 on the CPU through oneDNN (see `ONEDNN`). The sums
     are the same products in another order: equal to float rounding. Compiled graphs keep the call
-    opaque (`fastcsm::onednn_linear`): inductor's own lowering of the op needs frozen weights."""
+    opaque (`fastcsm::onednn_linear`), with no branch on the rows: inductor's own lowering of the op
+    needs frozen weights."""
     if not (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and weight.numel() >= ONEDNN_MIN):
         return F.linear(x, weight)
@@ -47,6 +55,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not 0 < x.numel() // x.shape[-1] <= ONEDNN_MAX_ROWS:
+        return F.linear(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
