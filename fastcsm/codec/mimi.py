@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.network import linear
+from ..model.network import Linear
 from ..nested import leaves
 
 # Whole-sequence encode/decode work through the streaming path this many frames at a time.
@@ -495,11 +495,11 @@ class LayerScale(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(F.gelu(linear(x, self.fc1.weight)), self.fc2.weight)
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -517,22 +517,22 @@ class Attention(nn.Module):
     def __init__(self, c: MimiConfig):
         super().__init__()
         self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.qkv_proj = nn.Linear(c.dim, 3 * c.dim, bias=False)  # rows: q, then k, then v
-        self.o_proj = nn.Linear(c.dim, c.dim, bias=False)
+        self.qkv_proj = Linear(c.dim, 3 * c.dim)  # rows: q, then k, then v
+        self.o_proj = Linear(c.dim, c.dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, ring: KVRing, rows: Tensor,
                 slots: Tensor) -> Tensor:
         # x: [B, S, D]; cos/sin: [B, 1, S, head_dim]; mask: [B, 1, S, capacity]; rows: [B, 1] 0..B-1;
         # slots: [B, S] ring indices
         B, S, _ = x.shape
-        q, k, v = linear(x, self.qkv_proj.weight).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv_proj(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         # Indexed writes, which a compiled step does in place (see `fastcsm.model.network.KVCache`).
         ring.k[rows, :, slots] = k.transpose(1, 2)
         ring.v[rows, :, slots] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, ring.k, ring.v, attn_mask=mask)
-        return linear(out.transpose(1, 2).reshape(B, S, -1), self.o_proj.weight)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class TransformerLayer(nn.Module):

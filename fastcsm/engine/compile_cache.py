@@ -66,10 +66,8 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} {cpu} {torch.backends.cpu.get_cpu_capability()}"
 
 
-COMPILED_CODE = ("model", "engine", "codec", "nested.py")  # what a compiled step and prefill trace
-
-
 PACKAGE = Path(__file__).resolve().parent.parent
+COMPILED_CODE = ("model", "engine", "codec", "nested.py")  # under PACKAGE: what a compiled step and prefill trace
 
 
 @functools.cache
